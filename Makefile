@@ -1,0 +1,33 @@
+# The newcomer's three commands: make setup, make run, make test.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
+	redis-server postgresql \
+	libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-daemon-driver-storage-iscsi-direct \
+	libvirt-clients libvirt-dev libxml2-utils \
+	qemu-system-x86 qemu-utils qemu-block-extra \
+	tgt lvm2 thin-provisioning-tools xfsprogs btrfs-progs e2fsprogs fdisk parted \
+	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux \
+	openssh-server openssh-client zstd
+
+.PHONY: setup run test test-fast bench
+
+setup:
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+
+run:
+	$(VENV)/bin/laxcluster run
+
+test:
+	$(VENV)/bin/pytest -ra
+
+test-fast:
+	$(VENV)/bin/pytest -ra -m "not integration"
+
+bench:
+	$(PY) bench/jobs.py

@@ -1,0 +1,149 @@
+"""LaxCluster's configuration: one TOML file plus LAXCLUSTER_* environment overrides.
+
+The file is `$LAXCLUSTER_CONFIG`, else `./laxcluster.toml`, else the packaged defaults (the
+embedded setup: SQLite under var/, a local Redis, the lab cluster). A scalar in a section is
+overridden by `LAXCLUSTER_<SECTION>_<KEY>` (`LAXCLUSTER_API_PORT=8081`), a top-level scalar by
+`LAXCLUSTER_<KEY>` (`LAXCLUSTER_VAR_DIR=/srv/lax`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from config.units import parse_size
+
+DEFAULTS = Path(__file__).with_name("defaults.toml")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str
+    uri: str
+    initiator: str
+    memory_limit: int | None = None
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    servers: list[ServerConfig]
+
+
+@dataclass(frozen=True)
+class SanConfig:
+    name: str
+    backend: str
+    pool_path: Path
+    pool_size: int
+    portal: str
+    addresses: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    sans: list[SanConfig]
+    clusters: list[ClusterConfig]
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    raw: dict[str, Any]
+    var_dir: Path
+    sites: list[SiteConfig]
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.raw.get(name, {})
+
+    @property
+    def redis_url(self) -> str:
+        redis = self.section("redis")
+        return f"redis://{redis['host']}:{redis['port']}/{redis.get('db', 0)}"
+
+    @property
+    def db_url(self) -> str:
+        return self.section("db").get("url") or f"sqlite:///{(self.var_dir / 'laxcluster.db').resolve()}"
+
+    def servers(self) -> list[tuple[SiteConfig, ClusterConfig, ServerConfig]]:
+        return [(site, cluster, server) for site in self.sites for cluster in site.clusters for server in cluster.servers]
+
+    def sans(self) -> list[tuple[SiteConfig, SanConfig]]:
+        return [(site, san) for site in self.sites for san in site.sans]
+
+
+def config_path() -> Path:
+    if os.environ.get("LAXCLUSTER_CONFIG"):
+        return Path(os.environ["LAXCLUSTER_CONFIG"])
+    local = Path("laxcluster.toml")
+    return local if local.exists() else DEFAULTS
+
+
+def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Read the config file and apply the environment overrides."""
+    path = path or config_path()
+    raw = tomllib.loads(path.read_text())
+    _apply_overrides(raw, os.environ if environ is None else environ)
+    var_dir = Path(raw.get("var_dir", "var"))
+    return Config(path=path, raw=raw, var_dir=var_dir, sites=[_site(s) for s in raw.get("sites", [])])
+
+
+def _apply_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ) -> None:
+    for key, value in environ.items():
+        if not key.startswith("LAXCLUSTER_") or key == "LAXCLUSTER_CONFIG":
+            continue
+        name = key.removeprefix("LAXCLUSTER_").lower()
+        if name in raw and not isinstance(raw[name], (dict, list)):
+            raw[name] = _coerce(raw[name], value)
+            continue
+        for section, table in raw.items():
+            if isinstance(table, dict) and name.startswith(section + "_"):
+                option = name.removeprefix(section + "_")
+                if option in table and not isinstance(table[option], (dict, list)):
+                    table[option] = _coerce(table[option], value)
+
+
+def _coerce(current: Any, value: str) -> Any:
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
+
+
+def _site(raw: dict[str, Any]) -> SiteConfig:
+    sans = [
+        SanConfig(
+            name=s["name"],
+            backend=s.get("backend", "reflink"),
+            pool_path=Path(s["pool_path"]),
+            pool_size=parse_size(s.get("pool_size", "20G")),
+            portal=s["portal"],
+            addresses=dict(s.get("addresses", {})),
+        )
+        for s in raw.get("sans", [])
+    ]
+    clusters = [
+        ClusterConfig(
+            name=c["name"],
+            servers=[
+                ServerConfig(
+                    name=v["name"],
+                    uri=v["uri"],
+                    initiator=v["initiator"],
+                    memory_limit=parse_size(v["memory_limit"]) if v.get("memory_limit") else None,
+                    addresses=dict(v.get("addresses", {})),
+                )
+                for v in c.get("servers", [])
+            ],
+        )
+        for c in raw.get("clusters", [])
+    ]
+    return SiteConfig(name=raw["name"], sans=sans, clusters=clusters)

@@ -1,0 +1,36 @@
+"""Who may do what (API tokens) and who did what (the audit trail)."""
+
+from datetime import datetime
+
+from sqlalchemy import String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, utcnow
+
+ROLES = ("viewer", "operator", "admin")
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    role: Mapped[str] = mapped_column(String(15))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked: Mapped[bool] = mapped_column(default=False)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(127))
+    action: Mapped[str] = mapped_column(String(127))
+    target: Mapped[str] = mapped_column(String(255), default="")
+    source_ip: Mapped[str | None] = mapped_column(String(45))
+    details: Mapped[dict] = mapped_column(default=dict)

@@ -1,0 +1,62 @@
+"""What the cluster runs: templates, virtual machines and their volumes."""
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, ForeignKey, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from models.base import Base, utcnow
+
+
+class Template(Base):
+    """A read-only volume on a SAN that new VMs are cloned from."""
+
+    __tablename__ = "templates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    os: Mapped[str] = mapped_column(String(63), default="linux")
+    default_size_bytes: Mapped[int] = mapped_column(BigInteger)
+    customization: Mapped[str] = mapped_column(String(31), default="nocloud")
+    san_id: Mapped[int | None] = mapped_column(ForeignKey("sans.id"))
+    backend_handle: Mapped[str | None] = mapped_column(String(1023))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VirtualMachine(Base):
+    __tablename__ = "virtual_machines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id"))
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"))
+    server_id: Mapped[int | None] = mapped_column(ForeignKey("cluster_servers.id"))
+    memory_bytes: Mapped[int] = mapped_column(BigInteger)
+    vcpus: Mapped[int]
+    hypervisor: Mapped[str] = mapped_column(String(15), default="qemu")
+    state: Mapped[str] = mapped_column(String(31), default="defining")
+    desired_state: Mapped[str] = mapped_column(String(31), default="running")
+    ssh_keys: Mapped[list] = mapped_column(default=list)
+    tags: Mapped[list] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    volumes: Mapped[list["Volume"]] = relationship(back_populates="vm")
+
+
+class Volume(Base):
+    """A disk on a SAN, exported as an iSCSI LUN."""
+
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("san_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(127))
+    san_id: Mapped[int] = mapped_column(ForeignKey("sans.id"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"))
+    vm: Mapped[VirtualMachine | None] = relationship(back_populates="volumes")
+    role: Mapped[str] = mapped_column(String(15), default="disk")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    backend_handle: Mapped[str] = mapped_column(String(1023))
+    iscsi_target: Mapped[str | None] = mapped_column(String(223))
+    iscsi_lun: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

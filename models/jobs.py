@@ -1,0 +1,55 @@
+"""Jobs: the durable record of every state-changing request, and the per-target locks."""
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Float, ForeignKey, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from models.base import Base, new_id, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(31), index=True)
+    target: Mapped[str] = mapped_column(String(127), index=True)
+    params: Mapped[dict] = mapped_column(default=dict)
+    queue: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(15), default=QUEUED, index=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    phase: Mapped[str] = mapped_column(String(127), default="")
+    bytes_done: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)
+    rate_bps: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict] = mapped_column(default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(63))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str] = mapped_column(String(127), default="system")
+    idempotency_key: Mapped[str | None] = mapped_column(String(127), unique=True)
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    attempt: Mapped[int] = mapped_column(default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class JobLock(Base):
+    """One row per locked target; the primary key makes a second claim fail atomically."""
+
+    __tablename__ = "job_locks"
+
+    target: Mapped[str] = mapped_column(String(127), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
