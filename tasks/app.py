@@ -1,0 +1,46 @@
+"""The Celery app: broker, reliability settings, queues and the beat schedule.
+
+Workers start with `celery -A tasks.app worker -Q <queue>`; the launcher does that per queue.
+"""
+
+from celery import Celery
+
+from config import Config
+from tasks import runtime
+from tasks.queues import CONTROL
+
+WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers"]
+
+
+def make_celery(config: Config) -> Celery:
+    jobs = config.section("jobs")
+    app = Celery("laxcluster", broker=config.redis_url, backend=config.redis_url, include=WORKFLOW_MODULES)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=CONTROL,
+        task_create_missing_queues=True,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        # Above the longest job, so Redis does not hand a running job to a second worker;
+        # a crashed worker's job is found by the reconciler instead (heartbeat keys).
+        broker_transport_options={"visibility_timeout": jobs["visibility_timeout_s"]},
+        result_backend_transport_options={"visibility_timeout": jobs["visibility_timeout_s"]},
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        beat_schedule={
+            "reconcile-jobs": {
+                "task": "laxcluster.reconcile",
+                "schedule": float(jobs["reconcile_every_s"]),
+                "options": {"queue": CONTROL, "expires": float(jobs["reconcile_every_s"])},
+            },
+        },
+    )
+    return app
+
+
+app = make_celery(runtime.current().config)

@@ -1,0 +1,35 @@
+"""Bringing the inventory in line with the configuration: sites, clusters, servers and SANs."""
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config import Config
+from models import Cluster, ClusterServer, San, Site
+
+
+def sync_from_config(session: Session, config: Config) -> None:
+    """Create or update the Site, Cluster, ClusterServer and San rows the config describes."""
+    for site_config in config.sites:
+        site = _named(session, Site, site_config.name) or Site(name=site_config.name)
+        session.add(site)
+        for san_config in site_config.sans:
+            san = _named(session, San, san_config.name) or San(name=san_config.name, site=site)
+            san.site, san.backend, san.portal = site, san_config.backend, san_config.portal
+            san.pool_path = str(san_config.pool_path)
+            session.add(san)
+        for cluster_config in site_config.clusters:
+            cluster = _named(session, Cluster, cluster_config.name) or Cluster(name=cluster_config.name, site=site)
+            cluster.site = site
+            session.add(cluster)
+            for server_config in cluster_config.servers:
+                server = _named(session, ClusterServer, server_config.name) or ClusterServer(name=server_config.name)
+                server.cluster = cluster
+                server.libvirt_uri = server_config.uri
+                server.initiator_iqn = server_config.initiator
+                server.memory_limit_bytes = server_config.memory_limit
+                session.add(server)
+    session.flush()
+
+
+def _named(session: Session, model: type, name: str):
+    return session.scalar(select(model).where(model.name == name))

@@ -1,0 +1,121 @@
+"""The life of a job in the DB: submit (with its lock), claim, finish, cancel.
+
+The DB is the source of truth; Celery only carries `(job_id, attempt)`. A worker claims a job by
+moving its `attempt` forward atomically, so a stale or duplicate message can never run it twice.
+A job holds a lock on its target from submission to its final state.
+"""
+
+from typing import Any
+
+import redis
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from models import CANCELLED, FINAL_STATES, QUEUED, RUNNING, Job, JobLock, utcnow
+from tasks.dispatch import cancel_key
+from workers.errors import Conflict, LaxError, NotFound
+
+
+class TargetBusy(Conflict):
+    code = "TargetBusy"
+
+
+class JobNotFound(NotFound):
+    code = "JobNotFound"
+
+
+class JobFinished(Conflict):
+    code = "JobFinished"
+
+
+class JobCancelled(Exception):
+    """Raised inside a workflow at a cancel check; the runner cleans up and ends the job `cancelled`."""
+
+
+class WorkerLost(LaxError):
+    code = "WorkerLost"
+
+
+class ChildrenTimedOut(LaxError):
+    code = "ChildrenTimedOut"
+    http_status = 504
+
+
+def submit(session: Session, *, kind: str, target: str, queue: str, params: dict[str, Any] | None = None,
+           requested_by: str = "system", idempotency_key: str | None = None, parent_id: str | None = None) -> tuple[Job, bool]:
+    """Record a new queued job holding the lock on `target`; return (job, created).
+
+    The same idempotency key returns the job it first made (created=False) and runs nothing new.
+    A target locked by an unfinished job raises TargetBusy naming that job. The caller commits,
+    then calls `dispatch`.
+    """
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            return existing, False
+    job = Job(kind=kind, target=target, queue=queue, params=params or {}, requested_by=requested_by,
+              idempotency_key=idempotency_key, parent_id=parent_id, state=QUEUED)
+    session.add(job)
+    try:
+        with session.begin_nested():
+            session.add(JobLock(target=target, job_id=job.id))
+            session.flush()
+    except IntegrityError:
+        holder = session.scalar(select(JobLock.job_id).where(JobLock.target == target))
+        raise TargetBusy(f"{target} is busy with job {holder}", job_id=holder, target=target) from None
+    return job, True
+
+
+def holder_of(session: Session, target: str) -> str | None:
+    return session.scalar(select(JobLock.job_id).where(JobLock.target == target))
+
+
+def get(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}", job_id=job_id)
+    return job
+
+
+def claim(session: Session, job_id: str, attempt: int, worker: str) -> Job | None:
+    """Start (or, after a crash, restart) a job if `attempt` is still current; None if the message is stale."""
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state.in_((QUEUED, RUNNING)))
+        .values(state=RUNNING, attempt=Job.attempt + 1, worker=worker, started_at=utcnow(), updated_at=utcnow())
+    ).rowcount
+    return session.get(Job, job_id, populate_existing=True) if claimed else None
+
+
+def finish(session: Session, job: Job, state: str, *, result: dict[str, Any] | None = None,
+           error: LaxError | None = None) -> Job:
+    """Put a job into a final state and release its lock, in the caller's transaction."""
+    job.state = state
+    job.finished_at = job.updated_at = utcnow()
+    if result is not None:
+        job.result = result
+    if state != CANCELLED and error is None:
+        job.progress = 100.0
+    if error is not None:
+        job.error_code, job.error_message = error.code, error.message
+    session.execute(delete(JobLock).where(JobLock.job_id == job.id))
+    return job
+
+
+def request_cancel(session: Session, client: redis.Redis, job_id: str) -> Job:
+    """Cancel a job: a queued one ends `cancelled` now; a running one is flagged and stops at its next check."""
+    job = get(session, job_id)
+    if job.state in FINAL_STATES:
+        raise JobFinished(f"job {job_id} already {job.state}", job_id=job_id, state=job.state)
+    client.set(cancel_key(job_id), 1, ex=7 * 24 * 3600)
+    still_queued = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == QUEUED)
+        .values(state=CANCELLED, cancel_requested=True, finished_at=utcnow(), updated_at=utcnow())
+    ).rowcount
+    if still_queued:
+        session.execute(delete(JobLock).where(JobLock.job_id == job_id))
+    else:
+        session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+    return session.get(Job, job_id, populate_existing=True)

@@ -1,0 +1,121 @@
+"""The job progress reporter: Redis at any rate, the DB about once a second and on every state change.
+
+Redis keys of a job:
+  job:<id>          hash with the latest state, phase, progress, bytes and rate
+  job:<id>:log      list of every event (JSON), the history an SSE client gets first
+  job:<id>:events   pub/sub channel the same events are published on, live
+  job:<id>:seq      event counter, so a client can join history and live without gaps
+"""
+
+import json
+import time
+from typing import Any
+
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from models import FINAL_STATES, Job, utcnow
+
+HISTORY_LIMIT = 1000
+KEY_TTL_S = 7 * 24 * 3600
+
+
+def hash_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def log_key(job_id: str) -> str:
+    return f"job:{job_id}:log"
+
+
+def channel(job_id: str) -> str:
+    return f"job:{job_id}:events"
+
+
+def job_snapshot(job: Job) -> dict[str, Any]:
+    """The fields of a job that its events carry."""
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "phase": job.phase,
+        "progress": round(job.progress, 2),
+        "bytes_done": job.bytes_done,
+        "bytes_total": job.bytes_total,
+        "rate_bps": job.rate_bps,
+        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
+    }
+
+
+def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Record one event for a job in Redis (hash, history, channel) and return it with its seq."""
+    event = {**fields, "seq": client.incr(f"job:{job_id}:seq"), "at": time.time()}
+    payload = json.dumps(event, default=str)
+    flat = {k: json.dumps(v, default=str) for k, v in event.items()}
+    with client.pipeline() as pipe:
+        pipe.hset(hash_key(job_id), mapping=flat)
+        pipe.rpush(log_key(job_id), payload)
+        pipe.ltrim(log_key(job_id), -HISTORY_LIMIT, -1)
+        for key in (hash_key(job_id), log_key(job_id), f"job:{job_id}:seq"):
+            pipe.expire(key, KEY_TTL_S)
+        pipe.publish(channel(job_id), payload)
+        pipe.execute()
+    return event
+
+
+class Reporter:
+    """Progress of one running job. Cheap to call often: the DB is written at most every `db_interval`s."""
+
+    def __init__(self, job_id: str, sessions: sessionmaker[Session], client: redis.Redis, db_interval: float = 1.0) -> None:
+        self.job_id = job_id
+        self._sessions = sessions
+        self._redis = client
+        self._db_interval = db_interval
+        self._last_db_write = 0.0
+        self._state: dict[str, Any] = {"phase": "", "progress": 0.0, "bytes_done": None, "bytes_total": None, "rate_bps": None}
+        self._rate_mark: tuple[float, int] | None = None
+
+    def update(self, *, phase: str | None = None, progress: float | None = None,
+               bytes_done: int | None = None, bytes_total: int | None = None, message: str | None = None) -> None:
+        """Report the job's phase, percent (0-100) and, where data moves, bytes and rate."""
+        if phase is not None:
+            self._state["phase"] = phase
+        if progress is not None:
+            self._state["progress"] = max(0.0, min(100.0, float(progress)))
+        if bytes_total is not None:
+            self._state["bytes_total"] = bytes_total
+        if bytes_done is not None:
+            self._state["rate_bps"] = self._rate(bytes_done)
+            self._state["bytes_done"] = bytes_done
+        event = {"job_id": self.job_id, "state": "running", **self._state}
+        if message:
+            event["message"] = message
+        publish(self._redis, self.job_id, event)
+        if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the latest progress to the DB now."""
+        self._last_db_write = time.monotonic()
+        with self._sessions() as session, session.begin():
+            job = session.get(Job, self.job_id)
+            if job is None or job.state in FINAL_STATES:
+                return
+            for name, value in self._state.items():
+                setattr(job, name, value)
+            job.updated_at = utcnow()
+
+    def _rate(self, bytes_done: int) -> float | None:
+        now = time.monotonic()
+        if self._rate_mark is None:
+            self._rate_mark = (now, bytes_done)
+            return None
+        since, then = self._rate_mark
+        if now - since < 0.5:
+            return self._state["rate_bps"]
+        self._rate_mark = (now, bytes_done)
+        return (bytes_done - then) / (now - since)
+
+
+def announce(client: redis.Redis, job: Job) -> dict[str, Any]:
+    """Publish a job's state change (queued, running, final) as an event."""
+    return publish(client, job.id, job_snapshot(job))

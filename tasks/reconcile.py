@@ -1,0 +1,51 @@
+"""The reconciler: finds jobs whose worker died and runs them again or rolls them back.
+
+A running job keeps `job:<id>:alive` fresh (tasks.runner.Heartbeat). When that key is gone, the
+worker died mid-job: the job is dispatched again for its current attempt (its steps are
+idempotent), or, after `max_attempts` or for kinds that must not re-run, dispatched to run its
+cleanup only and end `failed` with WorkerLost.
+"""
+
+from datetime import timedelta
+
+from celery.signals import worker_ready
+from sqlalchemy import select
+
+from models import RUNNING, Job, utcnow
+from models.db import transaction
+from tasks import runtime
+from tasks.app import app
+from tasks.dispatch import alive_key, dispatch
+from tasks.queues import CONTROL
+from tasks.runtime import Runtime
+from tasks.workflow import lookup
+
+
+@app.task(name="laxcluster.reconcile")
+def reconcile() -> dict[str, list[str]]:
+    return reconcile_jobs(runtime.current())
+
+
+def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
+    """Re-dispatch or roll back every running job without a live worker; return what was done."""
+    settings = rt.config.section("jobs")
+    ttl = int(settings["heartbeat_ttl_s"])
+    grace = utcnow() - timedelta(seconds=ttl)
+    done: dict[str, list[str]] = {"rerun": [], "rollback": []}
+    with transaction(rt.sessions) as session:
+        orphans = [job for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.updated_at < grace))
+                   if not rt.redis.exists(alive_key(job.id))]
+    for job in orphans:
+        # Claim the re-dispatch for one heartbeat period, so the next tick does not send it again.
+        if not rt.redis.set(alive_key(job.id), "requeued", ex=ttl * 2, nx=True):
+            continue
+        rerun = lookup(job.kind).rerun_after_crash and job.attempt < int(settings["max_attempts"])
+        dispatch(app, job, rollback=not rerun)
+        done["rerun" if rerun else "rollback"].append(job.id)
+    return done
+
+
+@worker_ready.connect
+def reconcile_when_a_worker_starts(sender, **_: object) -> None:
+    """A worker coming back is the moment its predecessor's jobs are likely orphaned."""
+    app.send_task("laxcluster.reconcile", queue=CONTROL, expires=60)

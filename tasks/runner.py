@@ -1,0 +1,102 @@
+"""The one Celery task that runs every job: claim, heartbeat, run the workflow, clean up, finish."""
+
+import logging
+import socket
+import threading
+from typing import Any
+
+from models import CANCELLED, FAILED, SUCCEEDED, Job
+from models.db import transaction
+from tasks import jobs, runtime
+from tasks.app import app
+from tasks.context import JobContext
+from tasks.dispatch import RUN_JOB, alive_key
+from tasks.progress import Reporter, announce
+from tasks.runtime import Runtime
+from tasks.workflow import Workflow, lookup
+from workers.errors import LaxError
+
+log = logging.getLogger(__name__)
+
+
+class InternalError(LaxError):
+    code = "InternalError"
+
+
+class CleanupFailed(LaxError):
+    code = "CleanupFailed"
+
+
+@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str, attempt: int, rollback: bool = False) -> str:
+    """Run (or, with `rollback`, only undo) attempt `attempt` of a job; a stale message does nothing."""
+    rt = runtime.current()
+    with transaction(rt.sessions) as session:
+        job = jobs.claim(session, job_id, attempt, worker=f"{socket.gethostname()}:{threading.get_native_id()}")
+    if job is None:
+        return "stale"
+    announce(rt.redis, job)
+    with Heartbeat(rt, job.id):
+        return execute(rt, job, lookup(job.kind), rollback=rollback)
+
+
+def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) -> str:
+    ctx = JobContext(rt, app, job, Reporter(job.id, rt.sessions, rt.redis, rt.config.section("jobs")["db_write_interval_s"]))
+    try:
+        if rollback:
+            raise jobs.WorkerLost(f"the worker running job {job.id} died; its work was rolled back")
+        ctx.check_cancel()
+        result = flow.run(ctx) or {}
+    except jobs.JobCancelled:
+        return _end(rt, ctx, flow, CANCELLED, error=None)
+    except LaxError as error:
+        return _end(rt, ctx, flow, FAILED, error=error)
+    except Exception as error:
+        log.exception("job %s (%s) crashed", job.id, job.kind)
+        return _end(rt, ctx, flow, FAILED, error=InternalError(f"{type(error).__name__}: {error}"))
+    return _finish(rt, job.id, SUCCEEDED, result=result)
+
+
+def _end(rt: Runtime, ctx: JobContext, flow: Workflow, state: str, error: LaxError | None) -> str:
+    """Undo the job's half-done work, then record how it ended."""
+    if flow.cleanup is not None:
+        ctx.report.update(phase="cleanup")
+        try:
+            flow.cleanup(ctx)
+        except Exception as cleanup_error:
+            log.exception("cleanup of job %s failed", ctx.job_id)
+            reason = f"; first: {error.message}" if error else ""
+            return _finish(rt, ctx.job_id, FAILED, error=CleanupFailed(f"cleanup failed: {cleanup_error}{reason}"))
+    return _finish(rt, ctx.job_id, state, error=error)
+
+
+def _finish(rt: Runtime, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: LaxError | None = None) -> str:
+    with transaction(rt.sessions) as session:
+        job = jobs.finish(session, jobs.get(session, job_id), state, result=result, error=error)
+    announce(rt.redis, job)
+    return state
+
+
+class Heartbeat:
+    """Keeps `job:<id>:alive` fresh while the job runs; the reconciler treats its absence as a dead worker."""
+
+    def __init__(self, rt: Runtime, job_id: str) -> None:
+        self._redis = rt.redis
+        self._key = alive_key(job_id)
+        self._ttl = int(rt.config.section("jobs")["heartbeat_ttl_s"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._redis.set(self._key, "running", ex=self._ttl)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._redis.delete(self._key)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self._ttl / 4, 0.5)):
+            self._redis.set(self._key, "running", ex=self._ttl)

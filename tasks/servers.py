@@ -1,0 +1,73 @@
+"""Server workflows: refreshing every cluster server's facts through its own node queue."""
+
+from typing import Any
+
+from sqlalchemy import select
+
+from models import SUCCEEDED, ClusterServer, utcnow
+from tasks.context import JobContext
+from tasks.jobs import TargetBusy
+from tasks.queues import node_queue
+from tasks.workflow import workflow
+from workers.errors import LaxError
+from workers.node.host import read_facts
+
+REFRESH_TIMEOUT_S = 120
+
+
+class RefreshFailed(LaxError):
+    code = "RefreshFailed"
+    http_status = 502
+
+
+def server_target(name: str) -> str:
+    return f"server/{name}"
+
+
+@workflow("refresh-servers")
+def refresh_servers(ctx: JobContext) -> dict[str, Any]:
+    """Fan out one refresh-server child job per server, on that server's queue, and wait for all."""
+    ctx.phase("dispatch", progress=0)
+    with ctx.session() as session:
+        names = list(session.scalars(select(ClusterServer.name).order_by(ClusterServer.name)))
+    children, busy = {}, []
+    for name in names:
+        try:
+            children[name] = ctx.spawn("refresh-server", server_target(name), node_queue(name))
+        except TargetBusy as error:
+            busy.append({"server": name, "job_id": error.extra["job_id"]})
+    ctx.phase("refresh", progress=5)
+    finished = ctx.wait_for_children(list(children.values()), REFRESH_TIMEOUT_S, start=5, end=100)
+    by_id = {job.id: job for job in finished}
+    outcome = {name: by_id[job_id].state for name, job_id in children.items()}
+    failed = [name for name, state in outcome.items() if state != SUCCEEDED]
+    if failed:
+        raise RefreshFailed(f"could not refresh: {', '.join(failed)}", servers=outcome)
+    return {"servers": outcome, "skipped_busy": busy}
+
+
+@workflow("refresh-server")
+def refresh_server(ctx: JobContext) -> dict[str, Any]:
+    """Read this server's facts through libvirt and store them on its row."""
+    name = ctx.target.removeprefix("server/")
+    with ctx.session() as session:
+        uri = session.scalar(select(ClusterServer.libvirt_uri).where(ClusterServer.name == name))
+    ctx.phase("read facts", progress=10)
+    try:
+        facts = read_facts(uri)
+    except LaxError:
+        _mark_reachable(ctx, name, False)
+        raise
+    ctx.phase("store facts", progress=90)
+    with ctx.session() as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+        for field, value in facts.as_dict().items():
+            setattr(server, field, value)
+        server.reachable, server.facts_updated_at = True, utcnow()
+    return facts.as_dict()
+
+
+def _mark_reachable(ctx: JobContext, name: str, reachable: bool) -> None:
+    with ctx.session() as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+        server.reachable = reachable

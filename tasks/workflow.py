@@ -1,0 +1,37 @@
+"""The registry of job kinds: what runs for a kind, and how its half-done work is undone."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tasks.context import JobContext
+
+Run = Callable[["JobContext"], dict[str, Any] | None]
+Cleanup = Callable[["JobContext"], None]
+
+
+@dataclass(frozen=True)
+class Workflow:
+    kind: str
+    run: Run
+    cleanup: Cleanup | None = None
+    # Steps are idempotent, so a job whose worker died is run again from the start.
+    rerun_after_crash: bool = True
+
+
+WORKFLOWS: dict[str, Workflow] = {}
+
+
+def workflow(kind: str, *, cleanup: Cleanup | None = None, rerun_after_crash: bool = True) -> Callable[[Run], Run]:
+    """Register the decorated function as the workflow of job kind `kind`."""
+
+    def register(run: Run) -> Run:
+        WORKFLOWS[kind] = Workflow(kind, run, cleanup, rerun_after_crash)
+        return run
+
+    return register
+
+
+def lookup(kind: str) -> Workflow:
+    return WORKFLOWS[kind]
