@@ -1,0 +1,208 @@
+"""Shared fixtures: a real Redis, a real DB (SQLite and PostgreSQL), real Celery workers."""
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import config
+from models.db import migrate
+from tasks.runtime import Runtime, make_runtime
+from tests.support import free_port, missing, need_binary, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_JOB_SETTINGS = {
+    "LAXCLUSTER_JOBS_HEARTBEAT_TTL_S": "3",
+    "LAXCLUSTER_JOBS_RECONCILE_EVERY_S": "2",
+    "LAXCLUSTER_JOBS_DB_WRITE_INTERVAL_S": "0.2",
+}
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A redis-server of our own on a free loopback port, stopped by PID at the end."""
+    need_binary("redis-server")
+    port, workdir = free_port(), tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        wait_for(lambda: _pings(client), 10, "redis-server to answer")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client) -> bool:
+    import redis
+
+    try:
+        return client.ping()
+    except redis.ConnectionError:
+        return False
+
+
+@dataclass
+class Postgres:
+    url: str
+    database: str
+    role: str
+    started_by_us: bool
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """PostgreSQL 15 (started with pg_ctlcluster if it is down) and a throwaway database and role."""
+    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql/15/main").exists():
+        missing("PostgreSQL 15 is not installed (apt package postgresql; make setup installs it)")
+    status = subprocess.run(["pg_ctlcluster", "15", "main", "status"], capture_output=True)
+    started = status.returncode != 0
+    if started:
+        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=True)
+    suffix = secrets.token_hex(4)
+    role, database, password = f"lxtest_{suffix}", f"lxtest_{suffix}", secrets.token_hex(12)
+    _psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    _psql(f"CREATE DATABASE {database} OWNER {role}")
+    try:
+        yield Postgres(f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/{database}", database, role, started)
+    finally:
+        _psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        _psql(f"DROP ROLE IF EXISTS {role}")
+        if started:
+            subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False)
+
+
+def _psql(statement: str) -> None:
+    # Names and password are generated above from hex digits only, never from outside input.
+    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A freshly migrated inventory DB: a SQLite file, then PostgreSQL (a new schema each test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'inventory.db'}"
+        migrate(url)
+        yield url
+        return
+    pg: Postgres = request.getfixturevalue("postgres")
+    _reset_schema(pg.url)
+    migrate(pg.url)
+    yield pg.url
+
+
+def _reset_schema(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def lax_env(db_url: str, redis_port: int, tmp_path: Path) -> dict[str, str]:
+    """LAXCLUSTER_* variables pointing a process at this test's DB and Redis (own Redis db index per test)."""
+    return {
+        "LAXCLUSTER_DB_URL": db_url,
+        "LAXCLUSTER_REDIS_PORT": str(redis_port),
+        "LAXCLUSTER_REDIS_DB": str(int.from_bytes(os.urandom(1), "big") % 15 + 1),
+        "LAXCLUSTER_VAR_DIR": str(tmp_path / "var"),
+        **TEST_JOB_SETTINGS,
+    }
+
+
+@pytest.fixture
+def rt(lax_env: dict[str, str]) -> Iterator[Runtime]:
+    """A Runtime (config, DB sessions, Redis) like the API and workers build, for this test."""
+    runtime = make_runtime(config.load(environ=lax_env))
+    runtime.redis.flushdb()
+    yield runtime
+    runtime.redis.flushdb()
+    runtime.redis.close()
+    runtime.engine.dispose()
+
+
+@pytest.fixture
+def celery_app(rt: Runtime):
+    """A Celery app talking to this test's broker, for sending work like the API does."""
+    from tasks.app import make_celery
+
+    app = make_celery(rt.config)
+    yield app
+    app.close()
+
+
+@dataclass
+class Worker:
+    """A real `celery worker` subprocess in its own process group."""
+
+    proc: subprocess.Popen
+    log: Path
+    queues: list[str] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"celery worker exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        return " ready." in self.log.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children, as a crash would."""
+        _signal_group(self.proc, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture
+def celery_worker(lax_env: dict[str, str], tmp_path: Path):
+    """Factory: start a real Celery worker on `queues` (optionally with embedded beat); all stopped at the end."""
+    started: list[Worker] = []
+
+    def start(queues: list[str], *, beat: bool = False, concurrency: int = 2) -> Worker:
+        index = len(started)
+        log = tmp_path / f"worker-{index}.log"
+        argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", ",".join(queues),
+                "-n", f"test{index}-{secrets.token_hex(3)}@%h", "-c", str(concurrency), "--loglevel", "INFO",
+                "--logfile", str(log)]
+        if beat:
+            argv += ["-B", "-s", str(tmp_path / f"beat-{index}.schedule")]
+        env = {**os.environ, **lax_env}
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        worker = Worker(proc, log, queues)
+        started.append(worker)
+        log.touch()
+        wait_for(worker.ready, 60, f"celery worker on {queues} to be ready")
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
