@@ -1,0 +1,101 @@
+"""A domain's serial console through a libvirt stream, so it works on remote servers too."""
+
+import re
+import time
+from types import TracebackType
+
+import libvirt
+
+from workers.errors import LaxError
+
+POLL_INTERVAL = 0.05
+CHUNK = 4096
+# How much of the console's past output an error message and `text` keep.
+KEEP = 64 * 1024
+
+
+class ConsoleTimeout(LaxError):
+    """The console did not show what was awaited in time; `extra['tail']` has its last output."""
+
+    code = "ConsoleTimeout"
+    http_status = 504
+
+
+class ConsoleClosed(LaxError):
+    code = "ConsoleClosed"
+    http_status = 502
+
+
+class SerialConsole:
+    """The serial console of a running (or paused) domain, read and written as bytes.
+
+    Only output produced after opening is seen: to catch a boot message, start the domain
+    paused (VIR_DOMAIN_START_PAUSED), open its console, then resume it.
+    """
+
+    def __init__(self, domain: libvirt.virDomain) -> None:
+        self.stream = domain.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
+        # FORCE takes the console over from a session someone left open.
+        domain.openConsole(None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        self.text = ""
+        self.closed = False
+
+    def read_available(self) -> bool:
+        """Append whatever output is waiting to `text`; False once the console has closed."""
+        while not self.closed:
+            data = self.stream.recv(CHUNK)
+            if data == -2:
+                return True
+            if not data:
+                self.closed = True
+                break
+            self.text = (self.text + data.decode(errors="replace"))[-KEEP:]
+        return False
+
+    def read_until(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+        """Read until `pattern` matches the output seen since opening; return the match.
+
+        Raises ConsoleTimeout after `timeout` seconds, ConsoleClosed if the console ends first.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            open_ = self.read_available()
+            match = regex.search(self.text)
+            if match:
+                return match
+            if not open_:
+                raise ConsoleClosed(f"console closed before {regex.pattern!r} appeared", tail=self.text[-2000:])
+            if time.monotonic() > deadline:
+                raise ConsoleTimeout(
+                    f"no {regex.pattern!r} on the console within {timeout:g}s", tail=self.text[-2000:]
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def write(self, data: bytes) -> None:
+        """Send `data` to the console (keystrokes for the guest's shell)."""
+        sent = 0
+        while sent < len(data):
+            n = self.stream.send(data[sent:])
+            if n == -2:
+                time.sleep(POLL_INTERVAL)
+                continue
+            sent += n
+
+    def close(self) -> None:
+        try:
+            self.stream.abort()
+        except libvirt.libvirtError:
+            pass  # the domain (and with it the stream) may already be gone
+
+    def __enter__(self) -> "SerialConsole":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def wait_for_console(domain: libvirt.virDomain, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
+    """Open the console of `domain`, read until `pattern` matches (see SerialConsole.read_until), close it."""
+    with SerialConsole(domain) as console:
+        return console.read_until(pattern, timeout)
