@@ -1,0 +1,41 @@
+"""The LaxCluster HTTP API: a thin Flask layer over the inventory DB and the job queue.
+
+`create_app()` builds the app; `waitress` (see `laxcluster run`) serves it. Every route needs a
+bearer token except `GET /health`; errors are problem+json; `GET /openapi.json` describes it all.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flask import Flask
+
+from api import auth, health, jobs, openapi, problems, servers, topology
+from api.context import EXTENSION
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from tasks.runtime import Runtime
+
+BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
+              topology.sites, topology.clusters, topology.sans)
+
+
+def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:
+    """The API app on runtime `rt` (default: this process's) sending jobs through `celery` (default: tasks.app)."""
+    if rt is None:
+        from tasks.runtime import current
+
+        rt = current()
+    if celery is None:
+        from tasks.app import app as celery
+    app = Flask(__name__, static_folder=None)
+    app.config.update(SSE_KEEPALIVE_S=15.0)
+    app.json.sort_keys = False
+    app.extensions[EXTENSION] = {"runtime": rt, "celery": celery}
+    for blueprint in BLUEPRINTS:
+        app.register_blueprint(blueprint)
+    problems.register(app)
+    auth.register(app)
+    return app

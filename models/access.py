@@ -1,5 +1,6 @@
 """Who may do what (API tokens) and who did what (the audit trail)."""
 
+import hashlib
 from datetime import datetime
 
 from sqlalchemy import String
@@ -22,6 +23,11 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None]
     revoked: Mapped[bool] = mapped_column(default=False)
+
+    @staticmethod
+    def digest(secret: str) -> str:
+        """The stored form of a bearer token: its SHA-256, hex."""
+        return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class AuditEvent(Base):

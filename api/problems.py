@@ -1,0 +1,81 @@
+"""The error model: every error leaves the API as application/problem+json with a stable `code`.
+
+LaxErrors carry their own code, status and details; werkzeug's HTTP errors (404, 405, 400 …)
+get a code from their name; anything else is a 500 InternalError whose detail hides internals.
+"""
+
+import logging
+import re
+from typing import Any
+
+from flask import Flask, Response, json
+from werkzeug.exceptions import HTTPException
+
+from workers.errors import LaxError
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+# Fields of the problem itself; details from an error's `extra` never overwrite them.
+RESERVED = frozenset({"type", "title", "status", "detail", "code", "instance"})
+
+
+class Unauthorized(LaxError):
+    code = "Unauthorized"
+    http_status = 401
+
+
+class Forbidden(LaxError):
+    code = "Forbidden"
+    http_status = 403
+
+
+class ServiceUnavailable(LaxError):
+    code = "ServiceUnavailable"
+    http_status = 503
+
+
+def problem(status: int, code: str, detail: str, **extra: Any) -> Response:
+    """A problem+json response (RFC 9457) with LaxCluster's stable `code` member."""
+    body = {
+        "type": f"urn:laxcluster:problem:{code}",
+        "title": _title(code),
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **{key: value for key, value in extra.items() if key not in RESERVED},
+    }
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="laxcluster"'
+    return response
+
+
+def register(app: Flask) -> None:
+    """Route every error the app can raise through `problem`."""
+    app.register_error_handler(LaxError, _from_lax_error)
+    app.register_error_handler(HTTPException, _from_http_exception)
+    app.register_error_handler(Exception, _from_crash)
+
+
+def _from_lax_error(error: LaxError) -> Response:
+    status = error.http_status if 400 <= error.http_status < 600 else 500
+    return problem(status, error.code, error.message, **error.extra)
+
+
+def _from_http_exception(error: HTTPException) -> Response:
+    status = error.code or 500
+    code = re.sub(r"[^A-Za-z0-9]", "", error.name) or "HTTPError"
+    response = problem(status, code, error.description or error.name)
+    if status == 405 and error.valid_methods:
+        response.headers["Allow"] = ", ".join(error.valid_methods)
+    return response
+
+
+def _from_crash(error: Exception) -> Response:
+    log.exception("unhandled error in a request")
+    return problem(500, "InternalError", "the server failed to handle this request; see its log")
+
+
+def _title(code: str) -> str:
+    words = re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+", code)
+    return " ".join(words).capitalize() if words else code

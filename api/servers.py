@@ -1,0 +1,49 @@
+"""The HTTP face of cluster servers: their facts, and the job that refreshes them."""
+
+from flask import Blueprint, jsonify
+from sqlalchemy import select
+from sqlalchemy.orm import joinedload
+
+from api import context, validation
+from api.changes import submit_job
+from api.openapi import list_of, operation, ref
+from api.representations import server_json
+from models import Cluster, ClusterServer
+from tasks.queues import CONTROL
+from workers.errors import NotFound
+
+blueprint = Blueprint("servers", __name__)
+REFRESH_TARGET = "servers"
+
+
+class ServerNotFound(NotFound):
+    code = "ServerNotFound"
+
+
+def _servers():
+    return select(ClusterServer).options(joinedload(ClusterServer.cluster).joinedload(Cluster.site)).order_by(ClusterServer.name)
+
+
+@blueprint.get("/servers")
+@operation("List cluster servers with their last known facts (memory in bytes, CPU in MHz)", response=list_of("Server"))
+def index():
+    with context.session() as db:
+        return jsonify(items=[server_json(server) for server in db.scalars(_servers())])
+
+
+@blueprint.get("/servers/<name>")
+@operation("Show one cluster server", response=ref("Server"))
+def show(name: str):
+    validation.name(name, "name")
+    with context.session() as db:
+        server = db.scalar(_servers().where(ClusterServer.name == name))
+        if server is None:
+            raise ServerNotFound(f"no cluster server {name}", name=name)
+        return jsonify(server_json(server))
+
+
+@blueprint.post("/servers/refresh")
+@operation("Refresh every server's facts through libvirt, one child job per server", status=202, response=ref("Job"))
+def refresh():
+    validation.reject_unknown(validation.json_body(), set())
+    return submit_job(kind="refresh-servers", target=REFRESH_TARGET, queue=CONTROL, action="servers.refresh")

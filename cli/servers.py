@@ -1,0 +1,49 @@
+"""`laxcluster servers list|refresh`: the cluster servers and their facts."""
+
+import click
+
+from cli.client import api
+from cli.output import json_option, print_json, print_table
+from cli.watch import human_bytes, watch_job
+
+COLUMNS = (
+    ("name", lambda s: s["name"]),
+    ("cluster", lambda s: s["cluster"]),
+    ("reachable", lambda s: {True: "yes", False: "no", None: "?"}[s["reachable"]]),
+    ("cpus", lambda s: s["cpu_count"]),
+    ("cpu model", lambda s: s["cpu_model"]),
+    ("MHz", lambda s: s["cpu_mhz"]),
+    ("memory", lambda s: s["memory_total_bytes"] and human_bytes(s["memory_total_bytes"])),
+    ("free", lambda s: s["memory_free_bytes"] and human_bytes(s["memory_free_bytes"])),
+    ("hypervisor", lambda s: s["hypervisor_type"] and f"{s['hypervisor_type']} {s['hypervisor_version'] or ''}".strip()),
+    ("facts from", lambda s: s["facts_updated_at"]),
+)
+
+
+@click.group("servers")
+def servers() -> None:
+    """Cluster servers (hypervisor hosts)."""
+
+
+@servers.command("list")
+@json_option
+def list_servers(as_json: bool) -> None:
+    """List cluster servers with their last known facts."""
+    items = api().get("/servers")["items"]
+    if as_json:
+        print_json(items)
+    else:
+        print_table(items, COLUMNS)
+
+
+@servers.command("refresh")
+@click.option("--watch", is_flag=True, help="follow the job live; exit non-zero unless it succeeds")
+@click.option("--idempotency-key", help="retrying with the same key returns the same job instead of a second one")
+def refresh(watch: bool, idempotency_key: str | None) -> None:
+    """Read every server's facts (CPU, memory, hypervisor) through libvirt, as a job."""
+    client = api()
+    job = client.post("/servers/refresh", idempotency_key=idempotency_key)
+    click.echo(f"job {job['id']}: {job['state']}")
+    if watch:
+        final = watch_job(client, job["id"])
+        click.echo(f"job {job['id']}: {final['state']}")
