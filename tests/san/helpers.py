@@ -3,6 +3,7 @@
 import secrets
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.support import free_port, need_binary, need_root, wait_for
@@ -93,3 +94,17 @@ def unused_control_port() -> int:
         port = secrets.randbelow(30000) + 1000  # tgtd accepts control ports up to 32767
         if not list(Path("/var/run/tgtd").glob(f"socket.{port}*")):
             return port
+
+
+@contextmanager
+def loop_mounted(image: Path, mountpoint: Path, *, offset: int = 0, length: int | None = None,
+                 readonly: bool = False) -> Iterator[Path]:
+    """Mount the filesystem at byte `offset` of `image`; unmount and detach whatever happens."""
+    options = [f"loop,offset={offset}", *([f"sizelimit={length}"] if length else []), *(["ro"] if readonly else [])]
+    mountpoint.mkdir(exist_ok=True)
+    try:
+        subprocess.run(["mount", "-o", ",".join(options), str(image), str(mountpoint)], check=True, capture_output=True)
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
+        detach_all(image)
