@@ -1,0 +1,173 @@
+"""The API's outer surface: who may call what, how errors look, what the OpenAPI document says."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from api import create_app, validation
+from api.openapi import ANYONE, document, openapi_path, operation
+from models import ApiToken
+from models.db import transaction
+from tests.api.conftest import bearer
+from workers.errors import InvalidInput
+
+DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1"}
+
+
+def every_route(app):
+    """(method, url) for every rule and method of the app, path arguments filled with harmless values."""
+    for rule in app.url_map.iter_rules():
+        url = rule.rule
+        for argument in rule.arguments:
+            url = url.replace(f"<{argument}>", DUMMY_ARGUMENTS[argument])
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            yield method, url
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json(force=True)
+    assert body["status"] == status and body["code"] == code
+    assert body["title"] and body["detail"] and body["type"].endswith(code)
+    return body
+
+
+def test_every_route_but_health_needs_a_token(app, client, tokens):
+    routes = list(every_route(app))
+    assert len(routes) >= 12
+    for method, url in routes:
+        anonymous = client.open(url, method=method)
+        forged = client.open(url, method=method, headers=bearer("lax_not-a-real-token"))
+        if (method, url) == ("GET", "/health"):
+            assert anonymous.status_code == 200
+            continue
+        assert_problem(anonymous, 401, "Unauthorized")
+        assert anonymous.headers["WWW-Authenticate"].startswith("Bearer")
+        assert_problem(forged, 401, "Unauthorized")
+
+
+def test_a_revoked_token_is_refused(rt, client, tokens):
+    with transaction(rt.sessions) as session:
+        session.execute(update(ApiToken).where(ApiToken.name == "test-admin").values(revoked=True))
+    assert_problem(client.get("/jobs", headers=bearer(tokens["admin"])), 401, "Unauthorized")
+    assert client.get("/jobs", headers=bearer(tokens["viewer"])).status_code == 200
+
+
+def test_roles_are_ordered_viewer_operator_admin(app, client, tokens):
+    posts = [url for method, url in every_route(app) if method == "POST"]
+    assert "/servers/refresh" in posts and "/jobs/noop" in posts
+    for url in posts:
+        body = assert_problem(client.post(url, headers=bearer(tokens["viewer"])), 403, "Forbidden")
+        assert body["required_role"] in ("operator", "admin")
+    assert_problem(client.post("/jobs/noop", json={}, headers=bearer(tokens["operator"])), 403, "Forbidden")
+    assert client.post("/jobs/noop", json={}, headers=bearer(tokens["admin"])).status_code == 202
+    for _, url in (route for route in every_route(app) if route[0] == "GET" and "<" not in route[1]):
+        if "/events" not in url:
+            assert client.get(url, headers=bearer(tokens["viewer"])).status_code in (200, 404), url
+
+
+def test_last_used_is_written_at_most_once_a_minute(rt, client, tokens):
+    def last_used():
+        with rt.sessions() as session:
+            return session.scalar(select(ApiToken.last_used_at).where(ApiToken.name == "test-viewer"))
+
+    assert last_used() is None
+    client.get("/jobs", headers=bearer(tokens["viewer"]))
+    first = last_used()
+    client.get("/jobs", headers=bearer(tokens["viewer"]))
+    assert first is not None and last_used() == first
+    with transaction(rt.sessions) as session:
+        session.execute(update(ApiToken).where(ApiToken.name == "test-viewer").values(last_used_at=first - timedelta(minutes=2)))
+    client.get("/jobs", headers=bearer(tokens["viewer"]))
+    assert last_used() > first - timedelta(minutes=2)
+
+
+def test_errors_are_problem_json_with_stable_codes(client, tokens):
+    auth = bearer(tokens["admin"])
+    assert_problem(client.get("/no/such/thing", headers=auth), 404, "NotFound")
+    not_allowed = assert_problem(client.delete("/jobs", headers=auth), 405, "MethodNotAllowed")
+    assert not_allowed["detail"]
+    assert_problem(client.get(f"/jobs/{DUMMY_ARGUMENTS['job_id']}", headers=auth), 404, "JobNotFound")
+    assert_problem(client.get("/servers/nope", headers=auth), 404, "ServerNotFound")
+    assert_problem(client.get("/servers/Bad_Name", headers=auth), 422, "InvalidInput")
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"seconds": -1}, "seconds"),
+    ({"seconds": "ten"}, "seconds"),
+    ({"steps": 0}, "steps"),
+    ({"steps": True}, "steps"),
+    ({"target": "Not OK"}, "target"),
+    ({"colour": "red"}, "colour"),
+    ([1, 2], "body"),
+])
+def test_input_is_validated_at_the_edge(client, tokens, body, field):
+    response = client.post("/jobs/noop", json=body, headers=bearer(tokens["admin"]))
+    assert assert_problem(response, 422, "InvalidInput")["field"] == field
+
+
+def test_query_parameters_are_validated(client, tokens):
+    auth = bearer(tokens["viewer"])
+    assert assert_problem(client.get("/jobs?limit=0", headers=auth), 422, "InvalidInput")["field"] == "limit"
+    assert assert_problem(client.get("/jobs?state=sleeping", headers=auth), 422, "InvalidInput")["field"] == "state"
+    key = "not a key!"
+    response = client.post("/jobs/noop", json={}, headers={**bearer(tokens["admin"]), "Idempotency-Key": key})
+    assert assert_problem(response, 422, "InvalidInput")["field"] == "Idempotency-Key"
+
+
+def test_sizes_take_units_and_bounds():
+    assert validation.size("512M", "memory", 1, 1 << 40) == 512 << 20
+    assert validation.size(4096, "memory", 1, 1 << 40) == 4096
+    for bad in ("20X", "-1G", True, None, "2T"):
+        with pytest.raises(InvalidInput) as error:
+            validation.size(bad, "memory", 1 << 20, 1 << 40)
+        assert error.value.extra["field"] == "memory"
+
+
+def test_a_crash_is_a_500_problem_without_internals(rt, celery_app):
+    app = create_app(rt, celery_app)
+
+    @operation("fails on purpose", role=ANYONE)
+    def crash():
+        raise RuntimeError("secret internals")
+
+    app.add_url_rule("/crash", view_func=crash)
+    body = assert_problem(app.test_client().get("/crash"), 500, "InternalError")
+    assert "secret" not in body["detail"]
+
+
+def test_health_reports_db_and_redis(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok", "checks": {"db": "ok", "redis": "ok"}}
+
+
+def test_health_is_503_when_redis_is_gone(rt, celery_app):
+    import redis
+
+    from tasks.runtime import Runtime
+    from tests.support import free_port
+
+    cut_off = Runtime(rt.config, rt.engine, rt.sessions, redis.Redis(port=free_port(), socket_connect_timeout=1))
+    response = create_app(cut_off, celery_app).test_client().get("/health")
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["db"] == "ok"
+    assert response.get_json()["checks"]["redis"].startswith("error")
+
+
+def test_openapi_describes_every_route(app, client, tokens):
+    spec = client.get("/openapi.json", headers=bearer(tokens["viewer"])).get_json()
+    assert spec["openapi"].startswith("3.1")
+    for rule in app.url_map.iter_rules():
+        path = spec["paths"][openapi_path(rule)]
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            described = path[method.lower()]
+            assert described["summary"] != rule.endpoint, f"{rule} has no operation() description"
+            assert described["responses"]
+    assert spec["paths"]["/health"]["get"]["security"] == []
+    assert spec["paths"]["/jobs/noop"]["post"]["x-required-role"] == "admin"
+    assert spec["paths"]["/servers/refresh"]["post"]["x-required-role"] == "operator"
+    assert {p["name"] for p in spec["paths"]["/jobs/{job_id}"]["get"]["parameters"]} == {"job_id"}
+    assert spec == document(app)
