@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from flask import Flask, g, request
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from api import context
 from api.openapi import ANYONE, described, required_role
@@ -61,7 +62,7 @@ def current_caller() -> Caller:
     return g.caller
 
 
-def _touch(db, token: ApiToken) -> None:
+def _touch(db: Session, token: ApiToken) -> None:
     # At most one write a minute per token, so reads do not turn into DB writes.
     now = utcnow()
     if token.last_used_at is None or now - token.last_used_at >= TOUCH_INTERVAL:

@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from redis.client import PubSub
+
 from models import FINAL_STATES
 from models.db import transaction
 from tasks import jobs
@@ -19,11 +21,17 @@ POLL_S = 1.0
 
 
 def job_events(rt: Runtime, job_id: str, after_seq: int = 0, keepalive_s: float = 15.0) -> Iterator[str]:
-    """SSE frames for job `job_id` with seq > `after_seq`, until the job is final; a comment every `keepalive_s`."""
+    """SSE frames for job `job_id` with seq > `after_seq`, until the job is final; a comment every `keepalive_s`.
+
+    Subscribes right away, so a Redis outage is an error before the stream starts, not a broken stream.
+    """
     pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(channel(job_id))
+    return _frames(rt, job_id, pubsub, _Stream(after_seq), keepalive_s)
+
+
+def _frames(rt: Runtime, job_id: str, pubsub: PubSub, stream: "_Stream", keepalive_s: float) -> Iterator[str]:
     try:
-        stream = _Stream(after_seq)
         yield "retry: 3000\n\n"
         yield from stream.send(_history(rt, job_id))
         if not stream.ended:

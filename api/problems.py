@@ -8,7 +8,9 @@ import logging
 import re
 from typing import Any
 
+import redis
 from flask import Flask, Response, json
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from workers.errors import LaxError
@@ -54,6 +56,8 @@ def register(app: Flask) -> None:
     """Route every error the app can raise through `problem`."""
     app.register_error_handler(LaxError, _from_lax_error)
     app.register_error_handler(HTTPException, _from_http_exception)
+    app.register_error_handler(redis.ConnectionError, _from_backend_outage)
+    app.register_error_handler(OperationalError, _from_backend_outage)
     app.register_error_handler(Exception, _from_crash)
 
 
@@ -69,6 +73,12 @@ def _from_http_exception(error: HTTPException) -> Response:
     if status == 405 and error.valid_methods:
         response.headers["Allow"] = ", ".join(error.valid_methods)
     return response
+
+
+def _from_backend_outage(error: Exception) -> Response:
+    log.warning("a backend is unavailable: %s", error)
+    outage = ServiceUnavailable(f"the inventory DB or Redis is unavailable ({type(error).__name__}); try again shortly")
+    return _from_lax_error(outage)
 
 
 def _from_crash(error: Exception) -> Response:
