@@ -25,7 +25,6 @@ from workers.san.backend import (
 )
 
 EXT_TYPES = {"ext2", "ext3", "ext4"}
-GPT_TAIL = 33 * SECTOR  # backup partition entries (32 sectors) + backup header at the end of a GPT disk
 DOS_EXTENDED_TYPES = {"5", "f", "85"}
 E2FSCK_CLEAN_OR_FIXED = {0, 1, 2}
 
@@ -39,13 +38,15 @@ class FilesystemDamaged(LaxError):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where the ext filesystem lives: the whole volume (`table` None) or partition `node` of a table."""
+    """Where the ext filesystem lives: the whole volume (`table` None) or partition `node` of a table;
+    `tail` is what the table keeps at the end of the disk (GPT's backup)."""
 
     fstype: str
     offset: int
     length: int
     table: str | None = None
     node: str | None = None
+    tail: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,22 @@ def probe(path: str, offset: int = 0) -> dict[str, str]:
     return dict(line.split("=", 1) for line in proc.stdout.decode().splitlines() if "=" in line)
 
 
-def detect_layout(path: str) -> Layout:
-    """Find the ext filesystem a shrink would work on; raise UnknownFilesystem for anything else."""
+def detect_layout(path: str, size: int) -> Layout:
+    """Find the ext filesystem a shrink would work on in the `size`-byte file or device at `path`;
+    raise UnknownFilesystem for anything else."""
     found = probe(path)
-    size = os.path.getsize(path)
     if found.get("TYPE") in EXT_TYPES:
         return Layout(found["TYPE"], 0, size)
     if found.get("PTTYPE") in ("gpt", "dos"):
-        return partition_layout(path, found["PTTYPE"])
+        return partition_layout(path, found["PTTYPE"], size)
     what = found.get("TYPE") or found.get("PTTYPE") or "no recognisable filesystem"
     raise UnknownFilesystem(f"cannot shrink {os.path.basename(path)}: it holds {what}, not ext2/3/4", found=what)
 
 
-def partition_layout(path: str, table: str) -> Layout:
-    partitions = json.loads(output(["sfdisk", "--json", path]))["partitiontable"].get("partitions", [])
+def partition_layout(path: str, table: str, size: int) -> Layout:
+    described = json.loads(output(["sfdisk", "--json", path]))["partitiontable"]
+    partitions = described.get("partitions", [])
+    tail = size - (described["lastlba"] + 1) * SECTOR if "lastlba" in described else 0
     if not partitions:
         raise UnknownFilesystem("the partition table has no partitions", table=table)
     if table == "dos" and any(p["type"].lower() in DOS_EXTENDED_TYPES for p in partitions):
@@ -89,7 +92,7 @@ def partition_layout(path: str, table: str) -> Layout:
     if fstype not in EXT_TYPES:
         raise UnknownFilesystem(f"the last partition holds {fstype or 'nothing recognisable'}, not ext2/3/4",
                                 table=table, found=fstype)
-    return Layout(fstype, offset, length, table, last["node"])
+    return Layout(fstype, offset, length, table, last["node"], tail)
 
 
 @contextmanager
@@ -130,8 +133,7 @@ def minimum_blocks(device: str) -> int:
 
 def filesystem_room(layout: Layout, new_size: int) -> int:
     """Bytes the filesystem may occupy once the volume is `new_size` bytes (never more than it has now)."""
-    tail = GPT_TAIL if layout.table == "gpt" else 0
-    return max(min(new_size - tail - layout.offset, layout.length), 0)
+    return max(min(new_size - layout.tail - layout.offset, layout.length), 0)
 
 
 def rewrite_partition_table(path: str, layout: Layout, fs_bytes: int) -> None:
@@ -150,7 +152,7 @@ def rewrite_partition_table(path: str, layout: Layout, fs_bytes: int) -> None:
 def require_fit(device: str, layout: Layout, room_blocks: int, fs_block: int, handle: str, new_size: int) -> int:
     """The smallest volume size the filesystem fits in; raise DataWouldNotFit if `room_blocks` is less."""
     needed_blocks = minimum_blocks(device)
-    minimum = needed_blocks * fs_block + layout.offset + (GPT_TAIL if layout.table == "gpt" else 0)
+    minimum = needed_blocks * fs_block + layout.offset + layout.tail
     if room_blocks < needed_blocks:
         raise DataWouldNotFit(f"{handle} needs at least {minimum} bytes; {new_size} is too small",
                               minimum_bytes=minimum, requested=new_size)
@@ -166,7 +168,7 @@ def safe_shrink(backend: VolumeBackend, handle: str, new_size: int) -> ShrinkRes
     if new_size > old_size:
         raise InvalidSize(f"{new_size} is larger than the volume ({old_size}); grow with resize", size=new_size)
     path = backend.path_for_export(handle)
-    layout = detect_layout(path)
+    layout = detect_layout(path, old_size)
     with filesystem_device(path, layout) as device:
         fs_block = block_size(device)
         room_blocks = filesystem_room(layout, new_size) // fs_block
