@@ -35,7 +35,7 @@ def authorize() -> None:
     """Stop the request with 401/403 unless its token carries the role the route needs."""
     if request.endpoint is None:
         return  # no such route: routing answers 404/405 itself
-    needed = required_role(described(context.current_app_view()), request.method)
+    needed = required_role(described(context.routed_view()), request.method)
     if needed == ANYONE:
         return
     caller = authenticate(request.headers.get("Authorization", ""))

@@ -1,7 +1,8 @@
 """What a request handler reaches through the app: the runtime (DB, Redis, config) and Celery."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from celery import Celery
 from flask import current_app, request
@@ -28,6 +29,6 @@ def session() -> Iterator[Session]:
         yield db
 
 
-def current_app_view():
+def routed_view() -> Callable[..., Any]:
     """The view function the current request was routed to."""
     return current_app.view_functions[request.endpoint]

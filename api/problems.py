@@ -4,12 +4,13 @@ LaxErrors carry their own code, status and details; werkzeug's HTTP errors (404,
 get a code from their name; anything else is a 500 InternalError whose detail hides internals.
 """
 
+import json
 import logging
 import re
 from typing import Any
 
 import redis
-from flask import Flask, Response, json
+from flask import Flask, Response
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -46,7 +47,7 @@ def problem(status: int, code: str, detail: str, **extra: Any) -> Response:
         "code": code,
         **{key: value for key, value in extra.items() if key not in RESERVED},
     }
-    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    response = Response(json.dumps(body, default=str), status=status, mimetype=PROBLEM_JSON)
     if status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="laxcluster"'
     return response

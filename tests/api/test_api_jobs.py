@@ -5,7 +5,9 @@ import json
 from sqlalchemy import func, select
 
 from api import create_app
-from models import AuditEvent, Job, JobLock
+from models import FAILED, AuditEvent, Job, JobLock
+from models.db import transaction
+from tasks import jobs
 from tasks.app import make_celery
 from tasks.queues import CONTROL
 from tests.api.conftest import bearer
@@ -132,6 +134,21 @@ def test_events_of_a_finished_job_without_history_come_from_the_db(rt, client, t
     rt.redis.delete(f"job:{job['id']}:log")
     events = sse_events(client.get(f"/jobs/{job['id']}/events", headers=bearer(tokens["viewer"])))
     assert len(events) == 1 and events[0]["state"] == "cancelled" and events[0]["source"] == "db"
+
+
+def test_a_quiet_stream_keeps_alive_and_notices_an_end_only_the_db_knows(rt, client, tokens):
+    job = post_noop(client, tokens["admin"]).get_json()
+    response = client.get(f"/jobs/{job['id']}/events", headers=bearer(tokens["viewer"]))
+    chunks = iter(response.response)
+    received = [next(chunks).decode() for _ in range(2)]
+    assert received[0].startswith("retry:") and '"state": "queued"' in received[1]
+    assert next(chunks).decode() == ": keep-alive\n\n"
+    with transaction(rt.sessions) as session:  # ended without an event, as a reconciler might
+        jobs.finish(session, jobs.get(session, job["id"]), FAILED, error=jobs.WorkerLost("gone"))
+    rest = "".join(chunk.decode() for chunk in chunks)
+    final = json.loads(rest.split("data: ")[-1])
+    assert (final["state"], final["error"]["code"], final["source"]) == ("failed", "WorkerLost", "db")
+    response.close()
 
 
 def test_jobs_list_filters(client, tokens):
