@@ -42,6 +42,10 @@ class SanConfig:
     pool_size: int
     portal: str
     addresses: dict[str, str] = field(default_factory=dict)
+    # tgtd's control port (`tgtadm -C N`); None is tgtd's default, one tgtd per host.
+    tgt_control_port: int | None = None
+    # The `lvm` backend's volume group (its thin pool is called "pool").
+    volume_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,13 @@ class Config:
 
     def sans(self) -> list[tuple[SiteConfig, SanConfig]]:
         return [(site, san) for site in self.sites for san in site.sans]
+
+    def san(self, name: str) -> tuple[SiteConfig, SanConfig]:
+        """The SAN called `name` and its site; KeyError if the config has none."""
+        for site, san in self.sans():
+            if san.name == name:
+                return site, san
+        raise KeyError(f"no SAN named {name} in {self.path}")
 
 
 def config_path() -> Path:
@@ -123,10 +134,12 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
         SanConfig(
             name=s["name"],
             backend=s.get("backend", "reflink"),
-            pool_path=Path(s["pool_path"]),
+            pool_path=Path(s.get("pool_path", "")),
             pool_size=parse_size(s.get("pool_size", "20G")),
             portal=s["portal"],
             addresses=dict(s.get("addresses", {})),
+            tgt_control_port=s.get("tgt_control_port"),
+            volume_group=s.get("volume_group"),
         )
         for s in raw.get("sans", [])
     ]

@@ -5,21 +5,27 @@ from datetime import datetime
 from sqlalchemy import BigInteger, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from models.base import Base, utcnow
+from models.base import Base, new_id, utcnow
 
 
 class Template(Base):
-    """A read-only volume on a SAN that new VMs are cloned from."""
+    """A read-only volume on a SAN that new VMs are cloned from.
+
+    `boot` is empty for templates that boot from their own disk; for direct-boot templates
+    (the lab's `tiny`) it holds the kernel, initrd and cmdline paths on the cluster servers.
+    """
 
     __tablename__ = "templates"
+    __table_args__ = (UniqueConstraint("name", "san_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(String(63))
     os: Mapped[str] = mapped_column(String(63), default="linux")
     default_size_bytes: Mapped[int] = mapped_column(BigInteger)
     customization: Mapped[str] = mapped_column(String(31), default="nocloud")
     san_id: Mapped[int | None] = mapped_column(ForeignKey("sans.id"))
     backend_handle: Mapped[str | None] = mapped_column(String(1023))
+    boot: Mapped[dict] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -28,6 +34,7 @@ class VirtualMachine(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
+    uuid: Mapped[str] = mapped_column(String(36), default=new_id, unique=True)
     description: Mapped[str] = mapped_column(Text, default="")
     template_id: Mapped[int | None] = mapped_column(ForeignKey("templates.id"))
     cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"))
@@ -35,7 +42,10 @@ class VirtualMachine(Base):
     memory_bytes: Mapped[int] = mapped_column(BigInteger)
     vcpus: Mapped[int]
     hypervisor: Mapped[str] = mapped_column(String(15), default="qemu")
-    state: Mapped[str] = mapped_column(String(31), default="defining")
+    state: Mapped[str] = mapped_column(String(31), default="defining", index=True)
+    domain_id: Mapped[int | None]
+    cpu_time_ns: Mapped[int | None] = mapped_column(BigInteger)
+    state_updated_at: Mapped[datetime | None]
     desired_state: Mapped[str] = mapped_column(String(31), default="running")
     ssh_keys: Mapped[list] = mapped_column(default=list)
     tags: Mapped[list] = mapped_column(default=list)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 07:50:51.026802
+Create Date: 2026-11-25
 """
 
 from alembic import op
@@ -175,14 +175,16 @@ def upgrade() -> None:
     sa.Column('customization', sa.String(length=31), nullable=False),
     sa.Column('san_id', sa.Integer(), nullable=True),
     sa.Column('backend_handle', sa.String(length=1023), nullable=True),
+    sa.Column('boot', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(), nullable=False),
     sa.ForeignKeyConstraint(['san_id'], ['sans.id'], name=op.f('fk_templates_san_id_sans')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_templates')),
-    sa.UniqueConstraint('name', name=op.f('uq_templates_name'))
+    sa.UniqueConstraint('name', 'san_id', name=op.f('uq_templates_name'))
     )
     op.create_table('virtual_machines',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=63), nullable=False),
+    sa.Column('uuid', sa.String(length=36), nullable=False),
     sa.Column('description', sa.Text(), nullable=False),
     sa.Column('template_id', sa.Integer(), nullable=True),
     sa.Column('cluster_id', sa.Integer(), nullable=True),
@@ -191,6 +193,9 @@ def upgrade() -> None:
     sa.Column('vcpus', sa.Integer(), nullable=False),
     sa.Column('hypervisor', sa.String(length=15), nullable=False),
     sa.Column('state', sa.String(length=31), nullable=False),
+    sa.Column('domain_id', sa.Integer(), nullable=True),
+    sa.Column('cpu_time_ns', sa.BigInteger(), nullable=True),
+    sa.Column('state_updated_at', sa.DateTime(), nullable=True),
     sa.Column('desired_state', sa.String(length=31), nullable=False),
     sa.Column('ssh_keys', sa.JSON(), nullable=False),
     sa.Column('tags', sa.JSON(), nullable=False),
@@ -199,8 +204,12 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['server_id'], ['cluster_servers.id'], name=op.f('fk_virtual_machines_server_id_cluster_servers')),
     sa.ForeignKeyConstraint(['template_id'], ['templates.id'], name=op.f('fk_virtual_machines_template_id_templates')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_virtual_machines')),
-    sa.UniqueConstraint('name', name=op.f('uq_virtual_machines_name'))
+    sa.UniqueConstraint('name', name=op.f('uq_virtual_machines_name')),
+    sa.UniqueConstraint('uuid', name=op.f('uq_virtual_machines_uuid'))
     )
+    with op.batch_alter_table('virtual_machines', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_virtual_machines_state'), ['state'], unique=False)
+
     op.create_table('leases',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('subnet_id', sa.Integer(), nullable=False),
@@ -272,6 +281,9 @@ def downgrade() -> None:
     op.drop_table('backups')
     op.drop_table('volumes')
     op.drop_table('leases')
+    with op.batch_alter_table('virtual_machines', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_virtual_machines_state'))
+
     op.drop_table('virtual_machines')
     op.drop_table('templates')
     op.drop_table('cluster_servers')

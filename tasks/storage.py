@@ -1,0 +1,37 @@
+"""The SAN's drivers for a configured SAN: its volume backend and its tgt iSCSI target."""
+
+from config import Config, SanConfig, SiteConfig
+from workers.san.backend import VolumeBackend
+from workers.san.lvm import LvmThinBackend
+from workers.san.reflink import ReflinkBackend
+from workers.san.tgt import Tgt
+from workers.errors import InvalidInput
+
+
+class UnknownBackend(InvalidInput):
+    code = "UnknownBackend"
+
+
+def backend_for(san: SanConfig) -> VolumeBackend:
+    """The volume backend the config chose for `san` (`reflink`: a pool directory; `lvm`: a volume group)."""
+    if san.backend == "reflink":
+        return ReflinkBackend(str(san.pool_path.resolve()))
+    if san.backend == "lvm" and san.volume_group:
+        return LvmThinBackend(san.volume_group)
+    raise UnknownBackend(f"SAN {san.name}: unknown backend {san.backend!r} (reflink with pool_path, or lvm with volume_group)", san=san.name)
+
+
+def target_for(san: SanConfig) -> Tgt:
+    return Tgt(control_port=san.tgt_control_port)
+
+
+def site_initiators(site: SiteConfig) -> tuple[str, ...]:
+    """The initiator names allowed to log in to this site's targets: its cluster servers'."""
+    return tuple(server.initiator for cluster in site.clusters for server in cluster.servers)
+
+
+def san_of_site(config: Config, site_name: str) -> SanConfig:
+    for site, san in config.sans():
+        if site.name == site_name:
+            return san
+    raise KeyError(f"site {site_name} has no SAN")
