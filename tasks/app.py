@@ -9,7 +9,8 @@ from config import Config
 from tasks import runtime
 from tasks.queues import CONTROL
 
-WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers"]
+WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers", "tasks.volumes",
+                    "tasks.domains", "tasks.vms"]
 
 
 def make_celery(config: Config) -> Celery:

@@ -9,7 +9,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import FINAL_STATES, Job
+from models import FINAL_STATES, SUCCEEDED, Job
 from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import cancel_key, dispatch
@@ -54,7 +54,24 @@ class JobContext:
         dispatch(self.app, child)
         return child.id
 
-    def wait_for_children(self, child_ids: list[str], timeout: float, start: float = 0.0, end: float = 100.0) -> list[Job]:
+    def run_child(self, kind: str, target: str, queue: str, params: dict[str, Any], *, timeout: float,
+                  start: float, end: float, cancellable: bool = True) -> dict[str, Any]:
+        """Run one child job on `queue` to its end and return its result; its failure becomes ours.
+
+        Cleanup paths pass `cancellable=False`: undoing work must finish even when the job was cancelled.
+        """
+        child_id = self.spawn(kind, target, queue, params)
+        (child,) = self.wait_for_children([child_id], timeout, start, end, cancellable=cancellable)
+        if child.state != SUCCEEDED:
+            error = jobs.ChildFailed(f"{kind} on {queue} {child.state}: {child.error_message or 'cancelled'}",
+                                     child_job=child.id)
+            # The child's own code says what went wrong (NoSpace, DomainFailed ...), so it is ours too.
+            error.code = child.error_code or error.code
+            raise error
+        return dict(child.result)
+
+    def wait_for_children(self, child_ids: list[str], timeout: float, start: float = 0.0, end: float = 100.0,
+                          *, cancellable: bool = True) -> list[Job]:
         """Wait until every child job is final, mapping their mean progress onto [start, end].
 
         A cancel of this job cancels the children still running and raises JobCancelled.
@@ -67,7 +84,7 @@ class JobContext:
                 return children
             mean = sum(100.0 if c.state in FINAL_STATES else c.progress for c in children) / max(len(children), 1)
             self.report.update(progress=start + (end - start) * mean / 100.0)
-            if self.rt.redis.exists(cancel_key(self.job_id)):
+            if cancellable and self.rt.redis.exists(cancel_key(self.job_id)):
                 self._cancel_children(child_ids)
                 raise jobs.JobCancelled(self.job_id)
             if time.monotonic() > deadline:

@@ -38,6 +38,13 @@ class WorkerLost(LaxError):
     code = "WorkerLost"
 
 
+class ChildFailed(LaxError):
+    """A child job did not succeed; `extra` names it and its error code."""
+
+    code = "ChildFailed"
+    http_status = 502
+
+
 class ChildrenTimedOut(LaxError):
     code = "ChildrenTimedOut"
     http_status = 504

@@ -1,0 +1,109 @@
+"""Node-side work, run on the `node.<server>` queue: a VM's domain on that server."""
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config import Config
+from models import ClusterServer, Lease, San, Template, VirtualMachine, Volume, utcnow
+from tasks.context import JobContext
+from tasks.workflow import workflow
+from workers.node import domains
+from workers.node.domain_xml import DirectBoot, DomainSpec, IscsiDisk, Nic, domain_xml
+
+ISCSI_PORT = 3260
+
+
+def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> DomainSpec:
+    """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC and boot."""
+    volumes = {v.role: v for v in session.scalars(select(Volume).where(Volume.vm_id == vm.id))}
+    template = session.get(Template, vm.template_id) if vm.template_id else None
+    lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
+
+    def lun(volume: Volume) -> IscsiDisk:
+        host, _, port = session.get(San, volume.san_id).portal.rpartition(":")
+        return IscsiDisk(volume.iscsi_target, volume.iscsi_lun, host, int(port or ISCSI_PORT), server.initiator_iqn)
+
+    boot = template.boot if template and template.boot else None
+    return DomainSpec(
+        name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=vm.hypervisor,
+        disks=(lun(volumes["disk"]),),
+        seed=lun(volumes["seed"]) if "seed" in volumes else None,
+        nics=(Nic(lease.mac),) if lease else (),
+        boot=DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, boot["cmdline"]) if boot else None,
+    )
+
+
+def vm_and_server(session: Session, vm_name: str, server_name: str) -> tuple[VirtualMachine, ClusterServer]:
+    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm_name))
+    server = session.scalar(select(ClusterServer).where(ClusterServer.name == server_name))
+    return vm, server
+
+
+def record_state(session: Session, vm: VirtualMachine, state: domains.DomainState | None) -> None:
+    vm.state = state.state if state else "undefined"
+    vm.domain_id = state.domain_id if state else None
+    vm.cpu_time_ns = state.cpu_time_ns if state else None
+    vm.state_updated_at = utcnow()
+
+
+@workflow("start-domain")
+def start_domain(ctx: JobContext) -> dict[str, Any]:
+    """Define the VM's domain on this server from the inventory and start it."""
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+        xml = domain_xml(domain_spec(session, vm, server))
+    ctx.phase("define", progress=20)
+    domains.define(server.libvirt_uri, xml)
+    ctx.phase("start", progress=60)
+    state = domains.start(server.libvirt_uri, vm.name)
+    with ctx.session() as session:
+        vm = session.get(VirtualMachine, vm.id)
+        vm.server_id = server.id
+        record_state(session, vm, state)
+    return {"state": state.state, "domain_id": state.domain_id}
+
+
+@workflow("power-domain")
+def power_domain(ctx: JobContext) -> dict[str, Any]:
+    """Shut down (ACPI, with a deadline), reboot or destroy the VM's domain on this server."""
+    action = ctx.params["action"]
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+    ctx.phase(action, progress=20)
+    if action == "shutdown":
+        domains.shutdown(server.libvirt_uri, vm.name, float(ctx.params.get("timeout_s", 60)))
+    elif action == "reboot":
+        domains.reboot(server.libvirt_uri, vm.name)
+    else:
+        domains.destroy(server.libvirt_uri, vm.name)
+    state = domains.domain_state(server.libvirt_uri, vm.name)
+    with ctx.session() as session:
+        record_state(session, session.get(VirtualMachine, vm.id), state)
+    return {"state": state.state if state else "undefined"}
+
+
+@workflow("remove-domain")
+def remove_domain(ctx: JobContext) -> dict[str, Any]:
+    """Destroy and undefine the VM's domain on this server (nothing to do if it is not there)."""
+    with ctx.session() as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == ctx.params["server"]))
+    domains.undefine(server.libvirt_uri, ctx.params["vm"])
+    return {"undefined": ctx.params["vm"], "server": server.name}
+
+
+def sync_states(config: Config, session: Session, server: ClusterServer) -> dict[str, str]:
+    """Make the DB's VM states on `server` match what its libvirt says; return the VMs that changed."""
+    live = {state.name: state for state in domains.states(server.libvirt_uri)}
+    changed = {}
+    for vm in session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)):
+        state = live.get(vm.name)
+        before = vm.state
+        if before in ("installing", "deleting"):
+            continue
+        record_state(session, vm, state)
+        if vm.state != before:
+            changed[vm.name] = f"{before} -> {vm.state}"
+    return changed

@@ -1,0 +1,57 @@
+"""Choosing a cluster server for a VM: enough allocatable memory and vCPUs, not in maintenance."""
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from config import Config, parse_size
+from models import ClusterServer, VirtualMachine
+from workers.errors import LaxError
+
+
+class NoCapacity(LaxError):
+    code = "NoCapacity"
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class Capacity:
+    server: str
+    memory_bytes: int
+    vcpus: int
+
+    def fits(self, memory_bytes: int, vcpus: int) -> bool:
+        return memory_bytes <= self.memory_bytes and vcpus <= self.vcpus
+
+
+def capacity(session: Session, config: Config, server: ClusterServer, *, exclude_vm: int | None = None) -> Capacity:
+    """What `server` can still take, from its last facts and the VMs the DB places on it."""
+    settings = config.section("placement")
+    placed = select(func.coalesce(func.sum(VirtualMachine.memory_bytes), 0), func.coalesce(func.sum(VirtualMachine.vcpus), 0))
+    placed = placed.where(VirtualMachine.server_id == server.id)
+    if exclude_vm is not None:
+        placed = placed.where(VirtualMachine.id != exclude_vm)
+    used_memory, used_vcpus = session.execute(placed).one()
+    total = server.memory_total_bytes or 0
+    ceiling = min(server.memory_limit_bytes or total, total) * float(settings["memory_overcommit"])
+    free_now = (server.memory_free_bytes or 0) - parse_size(settings["memory_reserve"])
+    memory = int(max(0, min(free_now, ceiling - used_memory)))
+    vcpus = int(max(0, (server.cpu_count or 0) * float(settings["cpu_overcommit"]) - used_vcpus))
+    return Capacity(server.name, memory, vcpus)
+
+
+def place(session: Session, config: Config, candidates: list[ClusterServer], memory_bytes: int, vcpus: int,
+          *, exclude_vm: int | None = None) -> ClusterServer:
+    """The candidate with the most allocatable memory that fits; NoCapacity listing every server's numbers."""
+    usable = [s for s in candidates if not s.maintenance and s.reachable is not False]
+    room = {s.name: capacity(session, config, s, exclude_vm=exclude_vm) for s in usable}
+    fitting = [s for s in usable if room[s.name].fits(memory_bytes, vcpus)]
+    if not fitting:
+        numbers = "; ".join(f"{name}: {c.memory_bytes // 2**20} MiB, {c.vcpus} vCPUs free" for name, c in room.items())
+        raise NoCapacity(
+            f"no server can take {memory_bytes // 2**20} MiB and {vcpus} vCPUs ({numbers or 'no usable server'})",
+            memory_bytes=memory_bytes, vcpus=vcpus,
+            servers={name: {"memory_bytes": c.memory_bytes, "vcpus": c.vcpus} for name, c in room.items()},
+        )
+    return max(fitting, key=lambda s: room[s.name].memory_bytes)

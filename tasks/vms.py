@@ -1,0 +1,222 @@
+"""VM workflows on the control queue: install, power actions and delete, each fanning out to the
+SAN (`san.<site>`) and the VM's server (`node.<server>`) as child jobs.
+
+A workflow reads as its phases; its cleanup undoes them in reverse, so a failed or cancelled
+install leaves no volume, target, lease, domain or VM row behind.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config import Config
+from models import Cluster, ClusterServer, San, Site, Template, VirtualMachine
+from tasks import ipam
+from tasks.context import JobContext
+from tasks.placement import place
+from tasks.queues import node_queue, san_queue
+from tasks.workflow import workflow
+from workers.errors import Conflict, InvalidInput, NotFound
+from workers.san.backend import validate_name
+
+SAN_TIMEOUT_S = 600
+NODE_TIMEOUT_S = 300
+MAX_VM_NAME = 57  # room for the "-disk"/"-seed" volume suffixes within 63 characters
+
+
+class VmExists(Conflict):
+    code = "VmExists"
+
+
+class VmNotFound(NotFound):
+    code = "VmNotFound"
+
+
+class TemplateNotFound(NotFound):
+    code = "TemplateNotFound"
+    http_status = 422
+
+
+class ServerNotFound(NotFound):
+    code = "ServerNotFound"
+    http_status = 422
+
+
+class VmNotPlaced(Conflict):
+    code = "VmNotPlaced"
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    name: str
+    template: str
+    memory_bytes: int
+    vcpus: int
+    disk_bytes: int
+    subnet: str | None = None
+    server: str | None = None
+    ssh_keys: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def reserve_vm(session: Session, config: Config, request: InstallRequest) -> VirtualMachine:
+    """Make the VM row (state `installing`) and its lease in the caller's transaction."""
+    validate_name(request.name)
+    if len(request.name) > MAX_VM_NAME:
+        raise InvalidInput(f"VM names are at most {MAX_VM_NAME} characters", field="name")
+    if session.scalar(select(VirtualMachine.id).where(VirtualMachine.name == request.name)) is not None:
+        raise VmExists(f"a VM named {request.name} exists", field="name", vm=request.name)
+    template = session.scalar(select(Template).where(Template.name == request.template).order_by(Template.id))
+    if template is None:
+        raise TemplateNotFound(f"no template {request.template}", field="template")
+    server = _asked_server(session, request.server)
+    cluster_id = server.cluster_id if server else _cluster_of_san(session, template.san_id)
+    vm = VirtualMachine(name=request.name, template_id=template.id, cluster_id=cluster_id,
+                        memory_bytes=request.memory_bytes, vcpus=request.vcpus, state="installing",
+                        desired_state="running", ssh_keys=list(request.ssh_keys), description=request.description)
+    session.add(vm)
+    session.flush()
+    if request.subnet:
+        ipam.allocate_lease(session, ipam.find_subnet(session, request.subnet), vm)
+    return vm
+
+
+def _asked_server(session: Session, name: str | None) -> ClusterServer | None:
+    if name is None:
+        return None
+    server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+    if server is None:
+        raise ServerNotFound(f"no cluster server {name}", field="server")
+    return server
+
+
+def _cluster_of_san(session: Session, san_id: int) -> int | None:
+    site_id = session.get(San, san_id).site_id
+    return session.scalar(select(Cluster.id).where(Cluster.site_id == site_id).order_by(Cluster.id))
+
+
+def _find_vm(session: Session, name: str) -> VirtualMachine:
+    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+    if vm is None:
+        raise VmNotFound(f"no VM {name}", vm=name)
+    return vm
+
+
+def _site_and_san(session: Session, vm: VirtualMachine) -> tuple[str, str]:
+    san = session.get(San, session.get(Template, vm.template_id).san_id)
+    return session.get(Site, san.site_id).name, san.name
+
+
+# -- install ------------------------------------------------------------------------------------
+
+def undo_install(ctx: JobContext) -> None:
+    """Remove the domain, the disks and export, the lease and the VM row: whatever the install made."""
+    remove_vm_everywhere(ctx, progress_from=0)
+    with ctx.session() as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params["vm"]))
+        if vm is not None:
+            ipam.release(session, vm.id)
+            session.delete(vm)
+
+
+@workflow("install-vm", cleanup=undo_install)
+def install_vm(ctx: JobContext) -> dict[str, Any]:
+    """Place the reserved VM, prepare its disks on the SAN, define and start it on its server."""
+    name = ctx.params["vm"]
+    ctx.phase("place", progress=2)
+    server_name = choose_server(ctx, name, ctx.params.get("server"))
+    with ctx.session() as session:
+        vm = _find_vm(session, name)
+        site, _ = _site_and_san(session, vm)
+        template_size = session.get(Template, vm.template_id).default_size_bytes
+    ctx.phase("prepare disks", progress=10)
+    disk_bytes = ctx.params.get("disk_bytes") or template_size
+    disks = ctx.run_child("prepare-vm-disks", f"disks/{name}", san_queue(site),
+                          {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S, start=10, end=60)
+    ctx.phase("define and start", progress=60)
+    started = ctx.run_child("start-domain", f"domain/{name}", node_queue(server_name), {"vm": name, "server": server_name},
+                            timeout=NODE_TIMEOUT_S, start=60, end=98)
+    return {"vm": name, "server": server_name, "target": disks["target"], "state": started["state"]}
+
+
+def choose_server(ctx: JobContext, name: str, asked: str | None) -> str:
+    """Pick (and record on the VM) the server: the one asked for if it has room, else the roomiest."""
+    with ctx.session() as session:
+        vm = _find_vm(session, name)
+        query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
+        if asked:
+            query = select(ClusterServer).where(ClusterServer.name == asked)
+        server = place(session, ctx.rt.config, list(session.scalars(query)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+        vm.server_id = server.id
+        return server.name
+
+
+# -- power actions and delete ----------------------------------------------------------------------
+
+@workflow("start")
+def start_vm(ctx: JobContext) -> dict[str, Any]:
+    """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
+    name = ctx.params["vm"]
+    with ctx.session() as session:
+        vm = _find_vm(session, name)
+        server = _placed_on(session, vm)
+        site, _ = _site_and_san(session, vm)
+    ctx.phase("refresh LUNs", progress=10)
+    ctx.run_child("refresh-luns", f"disks/{name}", san_queue(site), {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
+    ctx.phase("start", progress=30)
+    return ctx.run_child("start-domain", f"domain/{name}", node_queue(server), {"vm": name, "server": server},
+                         timeout=NODE_TIMEOUT_S, start=30, end=98)
+
+
+def _power(action: str):
+    def run(ctx: JobContext) -> dict[str, Any]:
+        name = ctx.params["vm"]
+        with ctx.session() as session:
+            server = _placed_on(session, _find_vm(session, name))
+        ctx.phase(action, progress=5)
+        params = {"vm": name, "server": server, "action": action, **({"timeout_s": ctx.params["timeout_s"]} if "timeout_s" in ctx.params else {})}
+        return ctx.run_child("power-domain", f"domain/{name}", node_queue(server), params,
+                             timeout=NODE_TIMEOUT_S, start=5, end=98)
+
+    run.__doc__ = f"{action.capitalize()} a VM on its server."
+    return run
+
+
+for _action in ("shutdown", "reboot", "destroy"):
+    workflow(_action)(_power(_action))
+
+
+def _placed_on(session: Session, vm: VirtualMachine) -> str:
+    if vm.server_id is None:
+        raise VmNotPlaced(f"{vm.name} is not placed on a server", vm=vm.name)
+    return session.get(ClusterServer, vm.server_id).name
+
+
+@workflow("delete-vm")
+def delete_vm(ctx: JobContext) -> dict[str, Any]:
+    """Stop and undefine the domain, unexport and delete the volumes, release the lease, drop the VM."""
+    with ctx.session() as session:
+        _find_vm(session, ctx.params["vm"]).state = "deleting"
+    undo_install(ctx)
+    return {"deleted": ctx.params["vm"]}
+
+
+def remove_vm_everywhere(ctx: JobContext, progress_from: float) -> None:
+    """Undefine the VM's domain on its server and remove its disks on the SAN (each idempotent)."""
+    name = ctx.params["vm"]
+    with ctx.session() as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+        if vm is None:
+            return
+        server = session.get(ClusterServer, vm.server_id).name if vm.server_id else None
+        site, san = _site_and_san(session, vm)
+    # Cleanup reports without ctx.phase: that checks for cancel, and undoing must not be cancelled.
+    if server:
+        ctx.report.update(phase="remove domain", progress=progress_from)
+        ctx.run_child("remove-domain", f"domain/{name}", node_queue(server), {"vm": name, "server": server},
+                      timeout=NODE_TIMEOUT_S, start=progress_from, end=50, cancellable=False)
+    ctx.report.update(phase="remove disks", progress=50)
+    ctx.run_child("remove-vm-disks", f"disks/{name}", san_queue(site), {"vm": name, "san": san},
+                  timeout=SAN_TIMEOUT_S, start=50, end=95, cancellable=False)

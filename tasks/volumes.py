@@ -1,0 +1,225 @@
+"""SAN-side work, run on the `san.<site>` queue: VM disks and seeds, their iSCSI export, templates, resize, facts.
+
+Volume names: `<vm>-disk` and `<vm>-seed` for a VM, `tpl-<template>` for a template. Every step
+is idempotent (an existing volume or export is kept), so a re-run after a crash converges.
+"""
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from config import Config, SanConfig, SiteConfig
+from models import Lease, San, Subnet, Template, VirtualMachine, Volume
+from tasks.context import JobContext
+from tasks.storage import backend_for, site_initiators, target_for
+from tasks.workflow import workflow
+from workers.command import output, run
+from workers.errors import Conflict, NotFound
+from workers.node.seed import make_seed
+from workers.san.backend import VolumeBackend
+from workers.san.shrink import safe_shrink
+from workers.san.tgt import validate_iqn
+
+DISK_LUN, SEED_LUN = 1, 2
+SECTOR = 512
+
+
+class TemplateNotFound(NotFound):
+    code = "TemplateNotFound"
+    http_status = 422
+
+
+class VolumeBusy(Conflict):
+    code = "VolumeBusy"
+
+
+@dataclass(frozen=True)
+class SanPlace:
+    site: SiteConfig
+    san: SanConfig
+    backend: VolumeBackend
+
+
+def san_place(config: Config, san_name: str) -> SanPlace:
+    site, san = config.san(san_name)
+    return SanPlace(site, san, backend_for(san))
+
+
+def vm_target_iqn(config: Config, site: str, vm: str) -> str:
+    return validate_iqn(f"{config.raw['iqn_prefix']}:{site}.{vm}")
+
+
+def write_image(backend: VolumeBackend, name: str, source: Path) -> str:
+    """Create volume `name` holding the raw or qcow2 image `source` (converted by qemu-img)."""
+    info = json.loads(output(["qemu-img", "info", "--output=json", str(source)]))
+    size = -(-int(info["virtual-size"]) // SECTOR) * SECTOR
+    handle = name if backend.exists(name) else backend.create(name, size)
+    run(["qemu-img", "convert", "-n", "-f", info["format"], "-O", "raw", str(source), backend.path_for_export(handle)])
+    return handle
+
+
+# -- VM disks -------------------------------------------------------------------------------------
+
+@workflow("prepare-vm-disks")
+def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
+    """Clone the template to the VM's disk, grow it, write its NoCloud seed and export both to the site."""
+    with ctx.session() as session:
+        vm, template, lease, subnet = _vm_parts(session, ctx.params["vm"])
+        san = session.get(San, template.san_id)
+        place = san_place(ctx.rt.config, san.name)
+    ctx.phase("clone template", progress=10)
+    disk = f"{vm.name}-disk"
+    if not place.backend.exists(disk):
+        place.backend.clone(template.backend_handle, disk)
+    size = int(ctx.params["disk_bytes"])
+    if place.backend.size(disk) < size:
+        ctx.phase("grow disk", progress=40)
+        place.backend.resize(disk, size)
+    ctx.phase("write seed", progress=60)
+    seed = _write_seed(place.backend, vm, lease, subnet)
+    ctx.phase("export", progress=80)
+    iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm.name)
+    _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
+    with ctx.session() as session:
+        _record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
+        _record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
+    return {"target": iqn, "disk": disk, "seed": seed}
+
+
+@workflow("remove-vm-disks")
+def remove_vm_disks(ctx: JobContext) -> dict[str, Any]:
+    """Unexport the VM's target and delete its disk and seed volumes (whatever of them exists)."""
+    name = ctx.params["vm"]
+    place = san_place(ctx.rt.config, ctx.params["san"])
+    ctx.phase("unexport", progress=20)
+    target_for(place.san).unexport(vm_target_iqn(ctx.rt.config, place.site.name, name), force=True)
+    ctx.phase("delete volumes", progress=60)
+    for volume in (f"{name}-disk", f"{name}-seed"):
+        place.backend.delete(volume)
+    with ctx.session() as session:
+        for volume in session.scalars(select(Volume).join(San).where(San.name == place.san.name,
+                                                                     Volume.name.in_([f"{name}-disk", f"{name}-seed"]))):
+            session.delete(volume)
+    return {"deleted": [f"{name}-disk", f"{name}-seed"]}
+
+
+def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Lease | None, Subnet | None]:
+    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+    if vm is None:
+        raise NotFound(f"no VM {name}", vm=name)
+    template = session.get(Template, vm.template_id)
+    lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
+    subnet = session.get(Subnet, lease.subnet_id) if lease else None
+    return vm, template, lease, subnet
+
+
+def _write_seed(backend: VolumeBackend, vm: VirtualMachine, lease: Lease | None, subnet: Subnet | None) -> str:
+    prefix = subnet.cidr.split("/")[1] if subnet else None
+    with tempfile.TemporaryDirectory() as scratch:
+        image = make_seed(Path(scratch) / "seed.img", hostname=vm.name, mac=lease.mac if lease else None,
+                          ip_cidr=f"{lease.ip}/{prefix}" if lease else None,
+                          gateway=subnet.gateway if subnet else None, ssh_keys=list(vm.ssh_keys))
+        return write_image(backend, f"{vm.name}-seed", image)
+
+
+def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:
+    tgt = target_for(place.san)
+    tgt.ensure_target(iqn)
+    for lun, handle in luns.items():
+        tgt.export_lun(iqn, lun, place.backend.path_for_export(handle))
+    tgt.bind_initiators(iqn, site_initiators(place.site))
+
+
+def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int) -> None:
+    volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == name))
+    if volume is None:
+        volume = Volume(san_id=san_id, name=name, backend_handle=name)
+        session.add(volume)
+    volume.vm_id, volume.role, volume.size_bytes, volume.iscsi_target, volume.iscsi_lun = vm_id, role, size, iqn, lun
+
+
+# -- templates, resize, facts -------------------------------------------------------------------------
+
+@workflow("import-template")
+def import_template(ctx: JobContext) -> dict[str, Any]:
+    """Convert an image file on the SAN host into the template volume `tpl-<name>` and register it."""
+    name, source = ctx.params["name"], Path(ctx.params["source_path"])
+    place = san_place(ctx.rt.config, ctx.params["san"])
+    ctx.phase("convert image", progress=10)
+    handle = write_image(place.backend, f"tpl-{name}", source)
+    size = place.backend.size(handle)
+    with ctx.session() as session:
+        san = session.scalar(select(San).where(San.name == place.san.name))
+        template = session.scalar(select(Template).where(Template.name == name, Template.san_id == san.id))
+        if template is None:
+            template = Template(name=name, san_id=san.id)
+            session.add(template)
+        template.backend_handle, template.os = handle, ctx.params.get("os", "linux")
+        template.default_size_bytes = int(ctx.params.get("default_size_bytes") or size)
+        template.boot = ctx.params.get("boot") or {}
+    return {"template": name, "san": place.san.name, "size_bytes": size}
+
+
+@workflow("resize-volume")
+def resize_volume(ctx: JobContext) -> dict[str, Any]:
+    """Grow a volume any time, shrink one only while its VM is stopped (filesystem first, then the volume)."""
+    new_size = int(ctx.params["size_bytes"])
+    with ctx.session() as session:
+        volume = session.get(Volume, int(ctx.params["volume_id"]))
+        if volume is None:
+            raise NotFound(f"no volume {ctx.params['volume_id']}")
+        vm = session.get(VirtualMachine, volume.vm_id) if volume.vm_id else None
+        place = san_place(ctx.rt.config, session.get(San, volume.san_id).name)
+    running = vm is not None and vm.state == "running"
+    old_size = place.backend.size(volume.backend_handle)
+    if new_size < old_size:
+        if running:
+            raise VolumeBusy(f"{volume.name} belongs to running VM {vm.name}: shut it down to shrink", vm=vm.name)
+        ctx.phase("check and shrink filesystem", progress=20)
+        safe_shrink(place.backend, volume.backend_handle, new_size)
+    elif new_size > old_size:
+        ctx.phase("grow", progress=20)
+        place.backend.resize(volume.backend_handle, new_size)
+    note = _refresh_lun(place, volume, running)
+    with ctx.session() as session:
+        session.get(Volume, volume.id).size_bytes = new_size
+    return {"old_size_bytes": old_size, "size_bytes": new_size, "note": note}
+
+
+def _refresh_lun(place: SanPlace, volume: Volume, vm_running: bool) -> str:
+    """tgt fixes a LUN's size when it is created: re-create it so initiators see the new size."""
+    if volume.iscsi_target is None:
+        return "not exported"
+    if vm_running:
+        return ("tgt cannot resize a LUN in use: the VM sees the new size after its next stop and start "
+                "(the LUN is re-created when the VM starts)")
+    tgt = target_for(place.san)
+    tgt.unexport_lun(volume.iscsi_target, volume.iscsi_lun)
+    tgt.export_lun(volume.iscsi_target, volume.iscsi_lun, place.backend.path_for_export(volume.backend_handle))
+    return "LUN re-created with the new size"
+
+
+@workflow("refresh-luns")
+def refresh_luns(ctx: JobContext) -> dict[str, Any]:
+    """Re-create a stopped VM's LUNs so a grown volume shows its new size at the next start."""
+    with ctx.session() as session:
+        volumes = session.scalars(select(Volume).join(VirtualMachine).where(VirtualMachine.name == ctx.params["vm"])).all()
+        san_names = {v.id: session.get(San, v.san_id).name for v in volumes}
+    for volume in volumes:
+        _refresh_lun(san_place(ctx.rt.config, san_names[volume.id]), volume, vm_running=False)
+    return {"luns": len(volumes)}
+
+
+@workflow("refresh-san")
+def refresh_san(ctx: JobContext) -> dict[str, Any]:
+    """Read the SAN's backend facts (size, free, reflink) and store them on its row."""
+    place = san_place(ctx.rt.config, ctx.params["san"])
+    facts = place.backend.facts()
+    with ctx.session() as session:
+        session.scalar(select(San).where(San.name == place.san.name)).facts = facts
+    return facts

@@ -1,0 +1,159 @@
+"""Domains on one cluster server through libvirt-python: define, start, stop, undefine, state.
+
+Every call is idempotent where a workflow step needs it (undefining a missing domain, destroying a
+stopped one, defining the same XML again), so a job re-run after a crash converges.
+"""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import libvirt
+
+from workers.errors import LaxError, NotFound
+from workers.node.host import connect
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
+}
+POLL_S = 0.2
+
+
+class DomainNotFound(NotFound):
+    code = "DomainNotFound"
+
+
+class DomainFailed(LaxError):
+    code = "DomainFailed"
+    http_status = 502
+
+
+class ShutdownTimedOut(LaxError):
+    code = "ShutdownTimedOut"
+    http_status = 504
+
+
+@dataclass(frozen=True)
+class DomainState:
+    name: str
+    state: str
+    domain_id: int | None
+    cpu_time_ns: int
+    memory_bytes: int
+    vcpus: int
+
+
+@contextmanager
+def session(uri: str) -> Iterator[libvirt.virConnect]:
+    conn = connect(uri)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as error:
+        if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
+
+
+def require(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    domain = lookup(conn, name)
+    if domain is None:
+        raise DomainNotFound(f"no domain {name} on {conn.getHostname()}", domain=name)
+    return domain
+
+
+def state_of(domain: libvirt.virDomain) -> DomainState:
+    code, max_kib, _kib, vcpus, cpu_time = domain.info()
+    domain_id = domain.ID()
+    return DomainState(domain.name(), STATE_NAMES.get(code, "unknown"), domain_id if domain_id >= 0 else None,
+                       cpu_time, max_kib * 1024, vcpus)
+
+
+def define(uri: str, xml: str) -> None:
+    """Define (or redefine) a persistent domain from `xml`."""
+    with session(uri) as conn:
+        _call(conn.defineXML, xml)
+
+
+def start(uri: str, name: str) -> DomainState:
+    """Start a defined domain; already running is fine."""
+    with session(uri) as conn:
+        domain = require(conn, name)
+        if not domain.isActive():
+            _call(domain.create)
+        return state_of(domain)
+
+
+def destroy(uri: str, name: str) -> None:
+    """Power a domain off at once; a missing or stopped domain is fine."""
+    with session(uri) as conn:
+        domain = lookup(conn, name)
+        if domain is not None and domain.isActive():
+            _call(domain.destroy)
+
+
+def shutdown(uri: str, name: str, timeout: float) -> DomainState:
+    """Ask the guest to power off (ACPI) and wait up to `timeout` seconds until it has."""
+    with session(uri) as conn:
+        domain = require(conn, name)
+        if domain.isActive():
+            _call(domain.shutdown)
+        deadline = time.monotonic() + timeout
+        while domain.isActive():
+            if time.monotonic() > deadline:
+                raise ShutdownTimedOut(f"{name} did not power off within {timeout:.0f} s; destroy forces it off",
+                                       domain=name)
+            time.sleep(POLL_S)
+        return state_of(domain)
+
+
+def reboot(uri: str, name: str) -> DomainState:
+    """Reset a running domain (a hardware reset, which every guest obeys)."""
+    with session(uri) as conn:
+        domain = require(conn, name)
+        _call(domain.reset, 0)
+        return state_of(domain)
+
+
+def undefine(uri: str, name: str) -> None:
+    """Stop and remove a domain's definition; a missing domain is fine."""
+    with session(uri) as conn:
+        domain = lookup(conn, name)
+        if domain is None:
+            return
+        if domain.isActive():
+            _call(domain.destroy)
+        _call(domain.undefine)
+
+
+def states(uri: str) -> list[DomainState]:
+    """Every domain this server knows, running or defined."""
+    with session(uri) as conn:
+        return [state_of(domain) for domain in conn.listAllDomains()]
+
+
+def domain_state(uri: str, name: str) -> DomainState | None:
+    with session(uri) as conn:
+        domain = lookup(conn, name)
+        return None if domain is None else state_of(domain)
+
+
+def _call(method, *args):
+    try:
+        return method(*args)
+    except libvirt.libvirtError as error:
+        raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
