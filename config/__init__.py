@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,23 +89,25 @@ class Config:
         raise KeyError(f"no SAN named {name} in {self.path}")
 
 
-def config_path() -> Path:
-    if os.environ.get("LAXCLUSTER_CONFIG"):
-        return Path(os.environ["LAXCLUSTER_CONFIG"])
+def config_path(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    if environ.get("LAXCLUSTER_CONFIG"):
+        return Path(environ["LAXCLUSTER_CONFIG"])
     local = Path("laxcluster.toml")
     return local if local.exists() else DEFAULTS
 
 
-def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Read the config file and apply the environment overrides."""
-    path = path or config_path()
+    environ = os.environ if environ is None else environ
+    path = path or config_path(environ)
     raw = tomllib.loads(path.read_text())
-    _apply_overrides(raw, os.environ if environ is None else environ)
+    _apply_overrides(raw, environ)
     var_dir = Path(raw.get("var_dir", "var"))
     return Config(path=path, raw=raw, var_dir=var_dir, sites=[_site(s) for s in raw.get("sites", [])])
 
 
-def _apply_overrides(raw: dict[str, Any], environ: dict[str, str] | os._Environ) -> None:
+def _apply_overrides(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
     for key, value in environ.items():
         if not key.startswith("LAXCLUSTER_") or key == "LAXCLUSTER_CONFIG":
             continue

@@ -15,7 +15,7 @@ import pytest
 import config
 from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
-from tests.support import free_port, missing, need_binary, wait_for
+from tests.support import free_port, missing, need_binary, need_root, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_JOB_SETTINGS = {
@@ -90,9 +90,16 @@ def _psql(statement: str) -> None:
                    check=True, capture_output=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Model and job tests run on SQLite and PostgreSQL; lab tests (slow, driving daemons) on SQLite."""
+    if "db_url" in metafunc.fixturenames:
+        kinds = ["sqlite"] if metafunc.definition.get_closest_marker("lab") else ["sqlite", "postgresql"]
+        metafunc.parametrize("db_url", kinds, indirect=True)
+
+
+@pytest.fixture
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A freshly migrated inventory DB: a SQLite file, then PostgreSQL (a new schema each test)."""
+    """A freshly migrated inventory DB: a SQLite file, or PostgreSQL (a new schema each test)."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'inventory.db'}"
         migrate(url)
@@ -114,14 +121,31 @@ def _reset_schema(url: str) -> None:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def lab_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The config file of a whole lab (namespaces, libvirtds, tgtds, pools) shared by the session's tests."""
+    from lab.testing import make_test_config, running_lab
+
+    need_root()
+    need_binary("libvirtd", "tgtd", "mkfs.xfs", "qemu-system-x86_64", "ip")
+    path = make_test_config(tmp_path_factory.mktemp("lab"))
+    with running_lab(path):
+        yield path
+
+
 @pytest.fixture
-def lax_env(db_url: str, redis_port: int, tmp_path: Path) -> dict[str, str]:
-    """LAXCLUSTER_* variables pointing a process at this test's DB and Redis (own Redis db index per test)."""
+def lax_env(request: pytest.FixtureRequest, db_url: str, redis_port: int, tmp_path: Path) -> dict[str, str]:
+    """LAXCLUSTER_* variables pointing a process at this test's DB and Redis (own Redis db index per test);
+    tests marked `lab` also get the lab's config file."""
+    if request.node.get_closest_marker("lab"):
+        place = {"LAXCLUSTER_CONFIG": str(request.getfixturevalue("lab_config"))}
+    else:
+        place = {"LAXCLUSTER_VAR_DIR": str(tmp_path / "var")}
     return {
+        **place,
         "LAXCLUSTER_DB_URL": db_url,
         "LAXCLUSTER_REDIS_PORT": str(redis_port),
         "LAXCLUSTER_REDIS_DB": str(int.from_bytes(os.urandom(1), "big") % 15 + 1),
-        "LAXCLUSTER_VAR_DIR": str(tmp_path / "var"),
         **TEST_JOB_SETTINGS,
     }
 
