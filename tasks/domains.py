@@ -6,8 +6,10 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from config import Config
 from models import ClusterServer, Lease, San, Template, VirtualMachine, Volume, utcnow
+from models.db import transaction
+from tasks import runtime
+from tasks.app import app
 from tasks.context import JobContext
 from tasks.workflow import workflow
 from workers.node import domains
@@ -94,7 +96,16 @@ def remove_domain(ctx: JobContext) -> dict[str, Any]:
     return {"undefined": ctx.params["vm"], "server": server.name}
 
 
-def sync_states(config: Config, session: Session, server: ClusterServer) -> dict[str, str]:
+@app.task(name="laxcluster.sync_vm_states")
+def sync_vm_states(server_name: str) -> dict[str, str]:
+    """Run on a server's node queue by the reconciler: correct the DB's VM states from libvirt."""
+    rt = runtime.current()
+    with transaction(rt.sessions) as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == server_name))
+        return sync_states(session, server) if server is not None else {}
+
+
+def sync_states(session: Session, server: ClusterServer) -> dict[str, str]:
     """Make the DB's VM states on `server` match what its libvirt says; return the VMs that changed."""
     live = {state.name: state for state in domains.states(server.libvirt_uri)}
     changed = {}

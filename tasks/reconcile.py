@@ -1,4 +1,5 @@
-"""The reconciler: finds jobs whose worker died and runs them again or rolls them back.
+"""The reconciler: finds jobs whose worker died and runs them again or rolls them back, and has
+every server correct the DB's VM states from libvirt.
 
 A running job keeps `job:<id>:alive` fresh (tasks.runner.Heartbeat). When that key is gone, the
 worker died mid-job: the job is dispatched again for its current attempt (its steps are
@@ -11,19 +12,30 @@ from datetime import timedelta
 from celery.signals import worker_ready
 from sqlalchemy import select
 
-from models import RUNNING, Job, utcnow
+from models import RUNNING, ClusterServer, Job, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.dispatch import alive_key, dispatch
-from tasks.queues import CONTROL
+from tasks.queues import CONTROL, node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import lookup
 
 
 @app.task(name="laxcluster.reconcile")
 def reconcile() -> dict[str, list[str]]:
-    return reconcile_jobs(runtime.current())
+    rt = runtime.current()
+    ask_servers_for_vm_states(rt)
+    return reconcile_jobs(rt)
+
+
+def ask_servers_for_vm_states(rt: Runtime) -> None:
+    """Have each server's node worker correct the DB's VM states (a VM may stop or crash by itself)."""
+    with rt.sessions() as session:
+        names = list(session.scalars(select(ClusterServer.name)))
+    for name in names:
+        app.send_task("laxcluster.sync_vm_states", args=[name], queue=node_queue(name),
+                      expires=float(rt.config.section("jobs")["reconcile_every_s"]))
 
 
 def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
