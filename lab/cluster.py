@@ -1,0 +1,186 @@
+"""Bring the whole lab up, tear it down, and tell what runs: `laxcluster lab up|down|status`.
+
+`up` and `down` are idempotent and converge from any half-made state: names come from the
+topology (the config), PIDs from pidfiles and `<lab_dir>/state.json`, and `down` also sweeps
+everything carrying the lab prefix (namespaces, bridges) and every process still living in one
+of the lab's namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from config import Config
+from lab import libvirtd, netns, pool, processes, tgtd
+from lab.topology import Host, Topology, build, host_uuid, server_uri, tgt_control_port
+from workers.command import output, run
+
+STATE_FILE = "state.json"
+
+
+def up(cfg: Config) -> dict[str, Any]:
+    """Build every bridge, namespace, pool and daemon of the lab that is missing; return `status`.
+
+    Cluster servers start before the pools are mounted, so their private mount namespaces hold
+    no copy of a pool mount that `down` then could not release.
+    """
+    topo = build(cfg)
+    topo.lab_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(topo)
+    for net in topo.networks:
+        netns.ensure_bridge(net)
+    networks = {net.name: net for net in topo.networks}
+    for host in topo.hosts:
+        netns.ensure_host(host, networks)
+    for host in topo.servers():
+        state["servers"][host.name] = libvirtd.start(_server_daemons(topo, host))
+        _save_state(topo, state)
+    for host in topo.sans():
+        _bring_up_san(cfg, topo, host, state)
+    for host in topo.servers():
+        libvirtd.wait_answering(server_uri(cfg, host.name), host.name)
+    return status(cfg)
+
+
+def down(cfg: Config) -> None:
+    """Stop every lab process, unmount and detach the pools, delete namespaces, veths and bridges.
+
+    Harmless when nothing runs; cleans up after a crash too. Keeps the data under the lab
+    directory (pool images, each server's libvirt config and caches).
+    """
+    topo = build(cfg)
+    state = _load_state(topo)
+    stray = sorted(name for name in netns.netns_names() if name.startswith(f"{topo.prefix}-") and name not in {h.netns for h in topo.hosts})
+    for host in topo.servers():
+        processes.stop(netns.netns_pids(host.netns))  # its daemons and guests
+        libvirtd.stop(_server_daemons(topo, host))  # daemons whose namespace is already gone
+    for host in topo.sans():
+        control_port = tgt_control_port(cfg, host.name)
+        recorded = state["sans"].get(host.name, {}).get("tgtd")
+        tgtd.stop(control_port, recorded if tgtd.is_ours(recorded, _portal(cfg, host.name), control_port) else None)
+        processes.stop(netns.netns_pids(host.netns))
+    for name in stray:
+        processes.stop(netns.netns_pids(name))
+    for image, mountpoint in _pools(cfg, topo, state):
+        pool.teardown(image, mountpoint)
+    for mountpoint in pool.mounts_under(topo.lab_dir):
+        run(["umount", str(mountpoint)])
+    for name in [*(h.netns for h in topo.hosts), *stray]:
+        netns.delete_netns(name)
+    for link in [*(link.veth for h in topo.hosts for link in h.links), *_stray_bridges(topo), *(n.bridge for n in topo.networks)]:
+        netns.delete_link(link)
+    (topo.lab_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def status(cfg: Config) -> dict[str, Any]:
+    """What the lab is and whether each part of it runs and answers (plain data, ready for JSON)."""
+    topo = build(cfg)
+    state = _load_state(topo)
+    present = netns.netns_names()
+    hosts = []
+    for host in topo.hosts:
+        entry: dict[str, Any] = {
+            "name": host.name,
+            "kind": host.kind,
+            "site": host.site,
+            "netns": host.netns,
+            "netns_present": host.netns in present,
+            "addresses": host.addresses,
+        }
+        entry.update(_server_status(cfg, topo, host) if host.kind == "server" else _san_status(cfg, topo, host, state))
+        hosts.append(entry)
+    networks = [
+        {"name": n.name, "cidr": str(n.cidr), "bridge": n.bridge, "address": str(n.bridge_address.ip), "present": netns.link_exists(n.bridge)}
+        for n in topo.networks
+    ]
+    healthy = all(n["present"] for n in networks) and all(_host_healthy(h) for h in hosts)
+    return {"prefix": topo.prefix, "lab_dir": str(topo.lab_dir), "up": healthy, "networks": networks, "hosts": hosts}
+
+
+def _host_healthy(entry: dict[str, Any]) -> bool:
+    pool_ok = entry["pool"]["mounted"] if "pool" in entry else True
+    return entry["netns_present"] and pool_ok and all(d["answers"] for d in entry["daemons"])
+
+
+def _server_status(cfg: Config, topo: Topology, host: Host) -> dict[str, Any]:
+    uri = server_uri(cfg, host.name)
+    pids = _server_daemons(topo, host).pids()
+    answered = libvirtd.hostname_over_tcp(uri) if pids["libvirtd"] else None
+    daemons = [{"name": name, "pid": pid, "answers": pid is not None} for name, pid in pids.items() if name != "libvirtd"]
+    daemons.append({"name": "libvirtd", "pid": pids["libvirtd"], "answers": answered == host.name, "uri": uri, "hostname": answered})
+    return {"daemons": daemons}
+
+
+def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> dict[str, Any]:
+    control_port = tgt_control_port(cfg, host.name)
+    portal = _portal(cfg, host.name)
+    recorded = state["sans"].get(host.name, {}).get("tgtd")
+    pid = recorded if tgtd.is_ours(recorded, portal, control_port) else None
+    image, mountpoint = _pool_paths(cfg, topo, host.name)
+    loops = pool.loop_devices(image)
+    return {
+        "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port}],
+        "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": pool.is_mounted(mountpoint), "loop": loops[0] if loops else None},
+    }
+
+
+def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> None:
+    san = next(s for _site, s in cfg.sans() if s.name == host.name)
+    image, mountpoint = _pool_paths(cfg, topo, host.name)
+    loop = pool.ensure(image, san.pool_size, mountpoint)
+    record = state["sans"].setdefault(host.name, {})
+    record.update(image=str(image), mountpoint=str(mountpoint), loop=loop)
+    _save_state(topo, state)
+    control_port = tgt_control_port(cfg, host.name)
+    if not tgtd.is_ours(record.get("tgtd"), san.portal, control_port):
+        record["tgtd"] = tgtd.start(host.netns, san.portal, control_port, topo.lab_dir / host.name / "tgtd.log")
+        _save_state(topo, state)
+
+
+def _server_daemons(topo: Topology, host: Host) -> libvirtd.ServerDaemons:
+    return libvirtd.ServerDaemons(
+        name=host.name,
+        netns=host.netns,
+        mgmt_address=host.address("mgmt"),
+        host_uuid=host_uuid(topo.prefix, host.name),
+        directory=topo.lab_dir / host.name,
+    )
+
+
+def _pool_paths(cfg: Config, topo: Topology, san_name: str) -> tuple[Path, Path]:
+    san = next(s for _site, s in cfg.sans() if s.name == san_name)
+    return topo.lab_dir / san_name / "pool.img", san.pool_path.resolve()
+
+
+def _pools(cfg: Config, topo: Topology, state: dict[str, Any]) -> list[tuple[Path, Path]]:
+    """Pools of the config plus any that state.json recorded (the config may have changed since)."""
+    found = [_pool_paths(cfg, topo, host.name) for host in topo.sans()]
+    found += [(Path(r["image"]), Path(r["mountpoint"])) for r in state["sans"].values() if "image" in r]
+    return list(dict.fromkeys(found))
+
+
+def _portal(cfg: Config, san_name: str) -> str:
+    return next(s.portal for _site, s in cfg.sans() if s.name == san_name)
+
+
+def _stray_bridges(topo: Topology) -> list[str]:
+    names = [line.split()[0].split("@")[0] for line in output(["ip", "-br", "link", "show", "type", "bridge"]).splitlines() if line.strip()]
+    return [name for name in names if name.startswith(f"{topo.prefix}-") and name not in {n.bridge for n in topo.networks}]
+
+
+def _load_state(topo: Topology) -> dict[str, Any]:
+    path = topo.lab_dir / STATE_FILE
+    state = json.loads(path.read_text()) if path.exists() else {}
+    state.setdefault("prefix", topo.prefix)
+    state.setdefault("servers", {})
+    state.setdefault("sans", {})
+    return state
+
+
+def _save_state(topo: Topology, state: dict[str, Any]) -> None:
+    path = topo.lab_dir / STATE_FILE
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(state, indent=2, sort_keys=True))
+    partial.replace(path)

@@ -1,0 +1,10 @@
+"""Errors of the lab."""
+
+from workers.errors import LaxError
+
+
+class LabError(LaxError):
+    """The lab could not be brought up, inspected or torn down."""
+
+    code = "LabError"
+    http_status = 500

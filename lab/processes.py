@@ -1,0 +1,88 @@
+"""The lab's daemons as PIDs: is it ours and alive, read a pidfile, stop it for sure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from lab.errors import LabError
+
+T = TypeVar("T")
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Poll `condition` until it returns something truthy and return that; raise LabError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def cmdline(pid: int) -> list[str]:
+    """The argument list of live process `pid`; empty if it is gone or a zombie."""
+    _reap(pid)
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return []
+    if state in ("Z", "X"):
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def is_ours(pid: int | None, program: str, *tokens: str) -> bool:
+    """True if `pid` is alive, runs `program` and has every one of `tokens` among its arguments.
+
+    The tokens (our own pidfile path, control port) are what makes a recycled PID of a stranger fail.
+    """
+    if not pid:
+        return False
+    argv = cmdline(pid)
+    return bool(argv) and Path(argv[0]).name == program and all(token in argv for token in tokens)
+
+
+def read_pidfile(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    return bool(cmdline(pid))
+
+
+def stop(pids: Iterable[int], timeout: float = 10.0, first: signal.Signals = signal.SIGTERM) -> None:
+    """Send `first` to every pid, SIGKILL what is left after `timeout` s, and return once all are gone."""
+    pending = [pid for pid in pids if alive(pid)]
+    _signal_all(pending, first)
+    try:
+        wait_until(lambda: not any(alive(pid) for pid in pending), timeout, f"processes {pending} to exit")
+    except LabError:
+        _signal_all(pending, signal.SIGKILL)
+        wait_until(lambda: not any(alive(pid) for pid in pending), 10, f"processes {pending} to die after SIGKILL")
+
+
+def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _reap(pid: int) -> None:
+    # A daemon we started with Popen in this very process lingers as a zombie until waited for.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,66 @@
+"""A SAN's tgtd: started in the SAN's network namespace (so it listens on its storage address),
+managed through its control port from the root namespace (the control socket is a file).
+
+tgtd ignores SIGTERM; it stops once its targets and then the system are deleted over tgtadm.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from lab.errors import LabError
+from lab import processes
+from workers.command import run
+
+SOCKET_DIR = Path("/var/run/tgtd")
+START_TIMEOUT_S = 15
+STOP_TIMEOUT_S = 15
+
+
+def is_ours(pid: int | None, portal: str, control_port: int) -> bool:
+    """True if `pid` is a live tgtd serving `portal` on `control_port`."""
+    return processes.is_ours(pid, "tgtd", f"portal={portal}", str(control_port))
+
+
+def start(netns: str, portal: str, control_port: int, log: Path) -> int:
+    """Start tgtd in `netns` listening on `portal` ("ip:port"); return its PID once it answers.
+
+    Only the network namespace is entered: tgtd stays in the root mount namespace, so it sees
+    pool mounts made later and holds no copy of them.
+    """
+    argv = ["nsenter", f"--net=/run/netns/{netns}", "tgtd", "-f", "--iscsi", f"portal={portal}", "-C", str(control_port)]
+    with open(log, "ab") as out:
+        # Its own session: the daemon outlives the CLI that started it (and its Ctrl-C).
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    processes.wait_until(
+        lambda: answers(control_port) or proc.poll() is not None, START_TIMEOUT_S, f"tgtd on control port {control_port}"
+    )
+    if proc.poll() is not None:
+        raise LabError(f"tgtd for {portal} exited with {proc.returncode} at start; see {log}")
+    return proc.pid
+
+
+def answers(control_port: int) -> bool:
+    """True if a tgtd answers on `control_port` and is ready."""
+    proc = run(["tgtadm", "-C", str(control_port), "--op", "show", "--mode", "sys"], check=False, timeout=10)
+    return proc.returncode == 0 and b"State: ready" in proc.stdout
+
+
+def target_ids(control_port: int) -> list[int]:
+    """IDs of every iSCSI target the tgtd on `control_port` has."""
+    proc = run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "show", "--mode", "target"], check=False, timeout=10)
+    return [int(tid) for tid in re.findall(r"^Target (\d+):", proc.stdout.decode(), re.MULTILINE)] if proc.returncode == 0 else []
+
+
+def stop(control_port: int, pid: int | None) -> None:
+    """Delete every target, then the system, so tgtd exits; SIGKILL it if it lingers. Harmless if it is not running."""
+    if answers(control_port):
+        for tid in target_ids(control_port):
+            run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", str(tid), "--force"], check=False)
+        run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "delete", "--mode", "system"], check=False)
+    if pid:
+        processes.stop([pid], timeout=STOP_TIMEOUT_S)
+    for leftover in (SOCKET_DIR / f"socket.{control_port}", SOCKET_DIR / f"socket.{control_port}.lock"):
+        leftover.unlink(missing_ok=True)

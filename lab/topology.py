@@ -1,0 +1,182 @@
+"""The lab's shape, computed from the config alone: networks, hosts, and every name the lab makes.
+
+Nothing here touches the machine, so `up`, `down` and `status` (and tests) agree on the names of
+bridges, namespaces and veths without asking the kernel. Every name starts with the `[lab]`
+prefix, so two labs (a test run and `make run`) can coexist and `down` touches only its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from config import Config
+from workers.errors import InvalidInput
+
+IFNAME_MAX = 15  # the kernel's limit on interface names (IFNAMSIZ - 1)
+LIBVIRT_TCP_PORT = 16509
+ISCSI_PORT = 3260
+TGT_CONTROL_PORT_MAX = 32767  # tgtd refuses a larger -C
+
+
+@dataclass(frozen=True)
+class Network:
+    """One lab network: a bridge in the root namespace carrying `bridge_address`."""
+
+    name: str
+    cidr: ipaddress.IPv4Network
+    bridge: str
+    bridge_address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class Link:
+    """A veth from the root namespace (`veth`, enslaved to the bridge) into a host (`inner`)."""
+
+    network: str
+    veth: str
+    inner: str
+    address: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class Host:
+    """A lab host: a network namespace with one link per network it has an address on."""
+
+    name: str
+    kind: str  # "server" or "san"
+    site: str
+    netns: str
+    links: tuple[Link, ...]
+
+    def address(self, network: str) -> str:
+        """The host's plain IP address on `network`; KeyError if it has none there."""
+        for link in self.links:
+            if link.network == network:
+                return str(link.address.ip)
+        raise KeyError(f"{self.name} has no address on network {network}")
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {link.network: str(link.address.ip) for link in self.links}
+
+
+@dataclass(frozen=True)
+class Topology:
+    prefix: str
+    lab_dir: Path
+    networks: tuple[Network, ...]
+    hosts: tuple[Host, ...]
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(f"no lab host named {name}")
+
+    def servers(self) -> list[Host]:
+        return [h for h in self.hosts if h.kind == "server"]
+
+    def sans(self) -> list[Host]:
+        return [h for h in self.hosts if h.kind == "san"]
+
+
+def build(cfg: Config) -> Topology:
+    """Compute the lab from `cfg`; raise InvalidInput if a name would be too long or an address is off-net."""
+    lab = cfg.section("lab")
+    prefix = lab.get("prefix", "lx")
+    networks = tuple(_network(prefix, name, raw) for name, raw in lab.get("networks", {}).items())
+    hosts = [
+        _host(prefix, networks, site.name, "san", san.name, san.addresses) for site, san in cfg.sans()
+    ] + [
+        _host(prefix, networks, site.name, "server", server.name, server.addresses)
+        for site, _cluster, server in cfg.servers()
+    ]
+    return Topology(prefix=prefix, lab_dir=lab_dir(cfg), networks=networks, hosts=tuple(hosts))
+
+
+def lab_dir(cfg: Config) -> Path:
+    """Absolute directory holding the lab's state, images and per-host daemon directories."""
+    return (cfg.var_dir / "lab").resolve()
+
+
+def server_uri(cfg: Config, name: str) -> str:
+    """The libvirt URI of cluster server `name`, as the config gives it."""
+    for _site, _cluster, server in cfg.servers():
+        if server.name == name:
+            return server.uri
+    raise KeyError(f"no cluster server named {name}")
+
+
+def tgt_control_port(cfg: Config, san_name: str) -> int:
+    """The tgtd control port (`tgtadm -C N`) of SAN `san_name`: the lab's base plus the SAN's index."""
+    base = int(cfg.section("lab").get("tgt_control_port_base", 40))
+    names = [san.name for _site, san in cfg.sans()]
+    if san_name not in names:
+        raise KeyError(f"no SAN named {san_name}")
+    port = base + names.index(san_name)
+    if not 0 <= port <= TGT_CONTROL_PORT_MAX:
+        raise InvalidInput(f"tgtd control port {port} of {san_name} is outside 0..{TGT_CONTROL_PORT_MAX}")
+    return port
+
+
+def san_portal(cfg: Config, san_name: str) -> tuple[str, int]:
+    """The (address, port) of SAN `san_name`'s iSCSI portal."""
+    for _site, san in cfg.sans():
+        if san.name == san_name:
+            address, _, port = san.portal.rpartition(":")
+            return address, int(port or ISCSI_PORT)
+    raise KeyError(f"no SAN named {san_name}")
+
+
+def host_uuid(prefix: str, server: str) -> str:
+    """A stable libvirt host UUID, distinct per lab and server (libvirt refuses to migrate between equal ones)."""
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{server}.{prefix}.lab.laxcluster"))
+
+
+def _network(prefix: str, name: str, raw: dict) -> Network:
+    cidr = ipaddress.IPv4Network(raw["cidr"])
+    address = ipaddress.IPv4Address(raw["bridge_address"])
+    _check_in(address, cidr, f"bridge address of network {name}")
+    return Network(
+        name=name,
+        cidr=cidr,
+        bridge=_ifname(f"{prefix}-{name}"),
+        bridge_address=ipaddress.IPv4Interface(f"{address}/{cidr.prefixlen}"),
+    )
+
+
+def _host(prefix: str, networks: tuple[Network, ...], site: str, kind: str, name: str, addresses: dict[str, str]) -> Host:
+    known = {net.name for net in networks}
+    unknown = set(addresses) - known
+    if unknown:
+        raise InvalidInput(f"host {name} has addresses on unknown networks {sorted(unknown)}")
+    links = []
+    # The veth's index is the network's position in the config, so names never depend on a host's own subset.
+    for index, net in enumerate(networks):
+        if net.name not in addresses:
+            continue
+        address = ipaddress.IPv4Address(addresses[net.name])
+        _check_in(address, net.cidr, f"{name}'s {net.name} address")
+        links.append(
+            Link(
+                network=net.name,
+                veth=_ifname(f"{prefix}{name}{index}"),
+                inner=_ifname(net.name),
+                address=ipaddress.IPv4Interface(f"{address}/{net.cidr.prefixlen}"),
+            )
+        )
+    return Host(name=name, kind=kind, site=site, netns=f"{prefix}-{name}", links=tuple(links))
+
+
+def _ifname(name: str) -> str:
+    if len(name) > IFNAME_MAX:
+        raise InvalidInput(f"interface name {name!r} is longer than {IFNAME_MAX} characters; use a shorter lab prefix or host name")
+    return name
+
+
+def _check_in(address: ipaddress.IPv4Address, cidr: ipaddress.IPv4Network, what: str) -> None:
+    if address not in cidr:
+        raise InvalidInput(f"{what} {address} is outside {cidr}")

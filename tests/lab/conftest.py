@@ -1,0 +1,21 @@
+"""The lab as a Config: the session-wide lab of tests/conftest.py (`lab_config`), loaded."""
+
+from pathlib import Path
+
+import pytest
+
+import config
+from tests.support import need_binary, need_root
+
+LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm")
+
+
+def need_lab() -> None:
+    need_root()
+    need_binary(*LAB_BINARIES)
+
+
+@pytest.fixture(scope="session")
+def lab(lab_config: Path) -> config.Config:
+    """The running two-site lab (san-a, cs1, cs2 at site-a; san-b, cs3 at site-b) shared by the session."""
+    return config.load(lab_config, environ={})

@@ -1,0 +1,114 @@
+"""The lab, brought up for real: namespaces, libvirtds answering over TCP, tgtds, reflink pools; and down."""
+
+import json
+import os
+import signal
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import libvirt
+import pytest
+from click.testing import CliRunner
+
+import config
+from cli.main import cli
+from lab import cluster, topology
+from lab.testing import leftovers, make_test_config
+from tests.lab.conftest import need_lab
+from workers.command import run
+
+pytestmark = pytest.mark.integration
+
+
+def _status_json(cfg: config.Config) -> tuple[int, dict]:
+    result = CliRunner().invoke(cli, ["lab", "status", "--json"], env={"LAXCLUSTER_CONFIG": str(cfg.path)})
+    return result.exit_code, json.loads(result.output)
+
+
+def _pids(report: dict) -> dict[tuple[str, str], int]:
+    return {(h["name"], d["name"]): d["pid"] for h in report["hosts"] for d in h["daemons"]}
+
+
+def test_status_shows_every_host_with_its_addresses_and_answering_daemons(lab: config.Config) -> None:
+    exit_code, report = _status_json(lab)
+
+    assert exit_code == 0 and report["up"] is True
+    hosts = {h["name"]: h for h in report["hosts"]}
+    assert set(hosts) == {"san-a", "san-b", "cs1", "cs2", "cs3"}
+    for _site, san in lab.sans():
+        assert hosts[san.name]["addresses"] == san.addresses
+        assert hosts[san.name]["pool"]["mounted"] and hosts[san.name]["pool"]["loop"].startswith("/dev/loop")
+    for _site, _cluster, server in lab.servers():
+        assert hosts[server.name]["addresses"] == server.addresses
+        assert [d["name"] for d in hosts[server.name]["daemons"]] == ["virtlogd", "virtlockd", "libvirtd"]
+    assert all(d["pid"] and d["answers"] for h in report["hosts"] for d in h["daemons"])
+    assert all(h["netns_present"] and h["netns"].startswith(report["prefix"] + "-") for h in report["hosts"])
+
+
+def test_each_server_answers_over_tcp_with_its_own_name_and_host_uuid(lab: config.Config) -> None:
+    uuids = set()
+    for _site, _cluster, server in lab.servers():
+        conn = libvirt.open(topology.server_uri(lab, server.name))
+        try:
+            assert conn.getHostname() == server.name
+            uuids.add(ET.fromstring(conn.getCapabilities()).findtext("host/uuid"))
+        finally:
+            conn.close()
+    assert len(uuids) == len(lab.servers())
+
+
+def test_a_server_reaches_its_san_portal_over_the_storage_network(lab: config.Config) -> None:
+    address, port = topology.san_portal(lab, "san-a")
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
+    netns = topology.build(lab).host("cs1").netns
+
+    run(["ip", "netns", "exec", netns, sys.executable, "-c", probe, address, str(port)])
+
+
+def test_a_san_pool_is_xfs_with_reflink(lab: config.Config) -> None:
+    pool = lab.sans()[0][1].pool_path
+    (pool / "probe").write_bytes(os.urandom(1 << 20))
+    try:
+        run(["cp", "--reflink=always", str(pool / "probe"), str(pool / "probe-clone")])
+        assert (pool / "probe-clone").read_bytes() == (pool / "probe").read_bytes()
+    finally:
+        for name in ("probe", "probe-clone"):
+            (pool / name).unlink(missing_ok=True)
+
+
+def test_up_again_is_harmless(lab: config.Config) -> None:
+    _, before = _status_json(lab)
+
+    result = CliRunner().invoke(cli, ["lab", "up", "--json"], env={"LAXCLUSTER_CONFIG": str(lab.path)})
+
+    assert result.exit_code == 0, result.output
+    after = json.loads(result.output)
+    assert after["up"] is True
+    assert _pids(after) == _pids(before)
+
+
+def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
+    need_lab()
+    cfg = config.load(make_test_config(tmp_path), environ={})
+    topo = topology.build(cfg)
+    try:
+        report = cluster.up(cfg)
+        pids = [pid for pid in _pids(report).values() if pid]
+        cs1, san_a = report["hosts"][2], report["hosts"][0]
+        assert (cs1["name"], san_a["name"]) == ("cs1", "san-a")
+        # A crash: cs1's libvirtd and san-a's tgtd die hard, a namespace and a bridge of an older run linger.
+        os.kill(_pids(report)[("cs1", "libvirtd")], signal.SIGKILL)
+        os.kill(_pids(report)[("san-a", "tgtd")], signal.SIGKILL)
+        run(["ip", "netns", "add", f"{topo.prefix}-gone"])
+        run(["ip", "link", "add", f"{topo.prefix}-old", "type", "bridge"])
+        assert cluster.status(cfg)["up"] is False
+
+        cluster.down(cfg)
+
+        assert leftovers(cfg, pids) == []
+        assert not (topo.lab_dir / "state.json").exists()
+        cluster.down(cfg)  # again: harmless
+        assert CliRunner().invoke(cli, ["lab", "status"], env={"LAXCLUSTER_CONFIG": str(cfg.path)}).exit_code == 1
+    finally:
+        cluster.down(cfg)
