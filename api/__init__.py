@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import auth, health, jobs, openapi, problems, servers, topology
+from api import auth, health, ipam, jobs, openapi, problems, servers, storage, topology, vms
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from tasks.runtime import Runtime
 
 BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
-              topology.sites, topology.clusters, topology.sans)
+              topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
+              ipam.subnets, ipam.leases, vms.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:

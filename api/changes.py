@@ -4,6 +4,7 @@ Views validate their input first, then call `submit_job`. An `Idempotency-Key` h
 retry safe: the same key returns the job the first request made (200, nothing runs twice).
 """
 
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
@@ -35,12 +36,19 @@ class IdempotencyKeyReused(LaxError):
     http_status = 422
 
 
-def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[str, Any] | None = None) -> Response:
-    """Record and dispatch a job for the current request; 202 + Location, or 200 for a repeated Idempotency-Key."""
+def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[str, Any] | None = None,
+               prepare: Callable[[Session], None] | None = None) -> Response:
+    """Record and dispatch a job for the current request; 202 + Location, or 200 for a repeated Idempotency-Key.
+
+    `prepare(db)` runs first in the same transaction as the job (e.g. reserving the rows the job
+    works on), so its rows and the job commit together or not at all; a repeated key skips it.
+    """
     params = params or {}
     key = validation.idempotency_key()
     try:
         with context.session() as db:
+            if prepare is not None and not (key and _key_used(db, key)):
+                prepare(db)
             job, created = jobs.submit(db, kind=kind, target=target, queue=queue, params=params,
                                        requested_by=current_caller().name, idempotency_key=key)
             if created:
@@ -85,6 +93,10 @@ def _start(job: Job) -> None:
         with suppress(*BROKER_ERRORS):
             announce(rt.redis, failed)
         raise failure from error
+
+
+def _key_used(db: Session, key: str) -> bool:
+    return db.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None
 
 
 def _job_with_key(key: str) -> Job | None:

@@ -1,4 +1,4 @@
-"""Read-only lists of where things run: sites, clusters and SANs (the config file defines them)."""
+"""Read-only lists of where things run: sites and clusters (the config file defines them; SANs are in api.storage)."""
 
 from collections.abc import Callable
 from typing import Any
@@ -8,8 +8,8 @@ from sqlalchemy import select
 
 from api import context
 from api.openapi import list_of, operation
-from api.representations import cluster_json, san_json, site_json
-from models import Cluster, San, Site
+from api.representations import cluster_json, site_json
+from models import Cluster, Site
 
 
 def listing(resource: str, model: type, to_json: Callable[[Any], dict[str, Any]], schema: str) -> Blueprint:
@@ -27,4 +27,3 @@ def listing(resource: str, model: type, to_json: Callable[[Any], dict[str, Any]]
 
 sites = listing("sites", Site, site_json, "Site")
 clusters = listing("clusters", Cluster, cluster_json, "Cluster")
-sans = listing("sans", San, san_json, "San")

@@ -1,0 +1,237 @@
+"""The HTTP face of virtual machines: the overview (active and inactive), one VM, install, power actions, delete.
+
+Every change is a job on the control queue holding the lock `vm/<name>`. An install reserves the VM
+row and its lease in the same transaction as its job, so a refused install leaves nothing behind.
+"""
+
+import re
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from api import context, sizes, validation
+from api.changes import submit_job
+from api.openapi import operation, ref
+from api.representations import iso
+from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
+from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
+from tasks import vms
+from tasks.queues import CONTROL
+from workers.errors import NotFound
+
+blueprint = Blueprint("vms", __name__)
+
+ACTIONS = ("start", "shutdown", "reboot", "destroy")
+# libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
+ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description"}
+MAX_SSH_KEYS, MAX_SSH_KEY_LENGTH, MAX_DESCRIPTION = 32, 8192, 1024
+MAX_SHUTDOWN_TIMEOUT_S = 3600
+SSH_KEY = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$")
+STATE = re.compile(r"^[a-z ]{1,31}$")
+
+
+class UnknownAction(NotFound):
+    code = "UnknownAction"
+
+
+_INT = {"type": ["integer", "null"]}
+_TEXT = {"type": ["string", "null"]}
+VM_SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "server": _TEXT, "domain_id": _INT, "memory_bytes": {"type": "integer"},
+    "vcpus": {"type": "integer"}, "state": {"type": "string"}, "cpu_time_ns": _INT, "disk_bytes": _INT,
+    "mac": _TEXT, "ip": _TEXT, "subnet": _TEXT, "hostname": _TEXT, "template": _TEXT,
+    "description": {"type": "string"}}}
+VM_DETAIL_SCHEMA = {"type": "object", "properties": {
+    **VM_SCHEMA["properties"], "uuid": {"type": "string"}, "desired_state": {"type": "string"},
+    "hypervisor": {"type": "string"}, "ssh_keys": {"type": "array"},
+    "state_updated_at": _TEXT, "created_at": {"type": "string"}, "volumes": {"type": "array", "items": VOLUME_SCHEMA}}}
+OVERVIEW_SCHEMA = {"type": "object", "properties": {
+    "active": {"type": "array", "items": VM_SCHEMA}, "inactive": {"type": "array", "items": VM_SCHEMA},
+    "next": {"type": ["string", "null"], "description": "pass as `after` for the next page; null on the last"}}}
+INSTALL_SCHEMA = {"type": "object", "required": ["name", "template", "memory", "vcpus", "disk"], "properties": {
+    "name": {"type": "string", "pattern": validation.NAME.pattern, "maxLength": vms.MAX_VM_NAME},
+    "template": {"type": "string"}, "memory": sizes.schema(sizes.MEMORY_BOUNDS),
+    "vcpus": {"type": "integer", "minimum": sizes.VCPU_BOUNDS[0], "maximum": sizes.VCPU_BOUNDS[1]},
+    "disk": sizes.schema(sizes.DISK_BOUNDS), "subnet": {"type": "string", "description": "lease an address here"},
+    "server": {"type": "string", "description": "run it here instead of where there is most room"},
+    "ssh_keys": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_SSH_KEYS},
+    "description": {"type": "string", "maxLength": MAX_DESCRIPTION}}}
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+@blueprint.get("/vms")
+@operation("The overview: VMs by name, active and inactive apart, a page at a time", response=OVERVIEW_SCHEMA, query={
+    "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+    "after": {"type": "string", "description": "the `next` of the previous page"},
+    "state": {"type": "string", "description": "only VMs in this state (running, shut off, installing ...)"}})
+def index():
+    limit = validation.integer(request.args.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
+    query = _overview().order_by(VirtualMachine.name).limit(limit + 1)
+    if "after" in request.args:
+        query = query.where(VirtualMachine.name > validation.name(request.args["after"], "after"))
+    if "state" in request.args:
+        query = query.where(VirtualMachine.state == _state(request.args["state"]))
+    with context.session() as db:
+        rows = db.execute(query).all()
+        page = {row[0].id: vm_json(*row) for row in rows[:limit]}
+        _add_addresses(db, page)
+        page = list(page.values())
+    return jsonify(active=[vm for vm in page if vm["state"] in ACTIVE_STATES],
+                   inactive=[vm for vm in page if vm["state"] not in ACTIVE_STATES],
+                   next=page[-1]["name"] if len(rows) > limit else None)
+
+
+@blueprint.get("/vms/<name>")
+@operation("Show one VM: state, server, MAC and IP, volumes, template", response=VM_DETAIL_SCHEMA)
+def show(name: str):
+    validation.name(name, "name")
+    with context.session() as db:
+        row = db.execute(_overview().where(VirtualMachine.name == name)).first()
+        if row is None:
+            raise vms.VmNotFound(f"no VM {name}", vm=name)
+        vm = row[0]
+        shown = vm_json(*row)
+        _add_addresses(db, {vm.id: shown})
+        disks = db.execute(volumes_query().where(Volume.vm_id == vm.id).order_by(Volume.role, Volume.name))
+        shown.update(uuid=vm.uuid, desired_state=vm.desired_state, hypervisor=vm.hypervisor, ssh_keys=vm.ssh_keys,
+                     state_updated_at=iso(vm.state_updated_at), created_at=iso(vm.created_at),
+                     volumes=[volume_json(*disk) for disk in disks])
+    return jsonify(shown)
+
+
+def vm_json(vm: VirtualMachine, server: str | None, template: str | None, disk_bytes: int | None) -> dict[str, Any]:
+    """One line of the overview; `mac`, `ip`, `subnet` and `hostname` are filled in by _add_addresses."""
+    return {"name": vm.name, "server": server, "domain_id": vm.domain_id, "memory_bytes": vm.memory_bytes,
+            "vcpus": vm.vcpus, "state": vm.state, "cpu_time_ns": vm.cpu_time_ns,
+            "disk_bytes": None if disk_bytes is None else int(disk_bytes), "mac": None, "ip": None,
+            "template": template, "description": vm.description, "subnet": None, "hostname": None}
+
+
+def _overview() -> Select:
+    """VMs with their server's and template's names and their disk size: one statement for any number of rows."""
+    disks = (select(Volume.vm_id, func.sum(Volume.size_bytes).label("disk_bytes"))
+             .where(Volume.role == "disk").group_by(Volume.vm_id).subquery())
+    return (select(VirtualMachine, ClusterServer.name, Template.name, disks.c.disk_bytes)
+            .outerjoin(ClusterServer, VirtualMachine.server_id == ClusterServer.id)
+            .outerjoin(Template, VirtualMachine.template_id == Template.id)
+            .outerjoin(disks, disks.c.vm_id == VirtualMachine.id))
+
+
+def _add_addresses(db: Session, by_id: dict[int, dict[str, Any]]) -> None:
+    """Fill in each VM's (row id -> JSON) address from its first lease, in one statement for the whole page."""
+    if not by_id:
+        return
+    leases = db.execute(select(Lease, Subnet.name).join(Subnet, Lease.subnet_id == Subnet.id)
+                        .where(Lease.vm_id.in_(by_id)).order_by(Lease.id.desc()))
+    for lease, subnet in leases:
+        # Newest first, so the oldest lease of a VM is the one left standing.
+        by_id[lease.vm_id].update(mac=lease.mac, ip=lease.ip, subnet=subnet, hostname=lease.hostname)
+
+
+def _state(value: str) -> str:
+    if not STATE.match(value):
+        raise validation.invalid("state", "must be a VM state like running or shut off")
+    return value
+
+
+# -- changing -----------------------------------------------------------------------------------
+
+@blueprint.post("/vms")
+@operation("Install a VM from a template: reserve its name and address now, then place, clone, customize and start it "
+           "as an install-vm job", status=202, response=ref("Job"), body=INSTALL_SCHEMA)
+def install():
+    wanted = install_request(validation.json_body())
+    config = context.runtime().config
+
+    def reserve(db: Session) -> None:
+        vms.reserve_vm(db, config, wanted)
+
+    return submit_job(kind="install-vm", target=vm_target(wanted.name), queue=CONTROL, action="vm.install",
+                      params={"vm": wanted.name, "disk_bytes": wanted.disk_bytes, "server": wanted.server},
+                      prepare=reserve)
+
+
+@blueprint.post("/vms/<name>/actions/<action>")
+@operation("Start, shut down (ACPI, optional timeout_s), reboot or destroy (power off) a VM, as a job", status=202,
+           response=ref("Job"), body={"type": "object", "properties": {
+               "timeout_s": {"type": "integer", "minimum": 1, "maximum": MAX_SHUTDOWN_TIMEOUT_S,
+                             "description": "shutdown and reboot: how long the guest gets before the job fails"}}})
+def act(name: str, action: str):
+    if action not in ACTIONS:
+        raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
+    body = validation.json_body()
+    validation.reject_unknown(body, {"timeout_s"} if action in ("shutdown", "reboot") else set())
+    params: dict[str, Any] = {"vm": _existing_vm(name)}
+    if "timeout_s" in body:
+        params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
+    return submit_job(kind=action, target=vm_target(name), queue=CONTROL, action=f"vm.{action}", params=params)
+
+
+@blueprint.delete("/vms/<name>")
+@operation("Delete a VM: stop and undefine it, unexport and delete its volumes, release its lease, as a job",
+           status=202, response=ref("Job"))
+def delete(name: str):
+    validation.reject_unknown(validation.json_body(), set())
+    return submit_job(kind="delete-vm", target=vm_target(name), queue=CONTROL, action="vm.delete",
+                      params={"vm": _existing_vm(name)})
+
+
+def vm_target(name: str) -> str:
+    """The lock every job on VM `name` holds."""
+    return f"vm/{name}"
+
+
+def install_request(body: dict[str, Any]) -> vms.InstallRequest:
+    """The install request a POST /vms body asks for, every field checked (InvalidInput naming the first bad one)."""
+    validation.reject_unknown(body, INSTALL_FIELDS)
+    return vms.InstallRequest(
+        name=_vm_name(body.get("name")),
+        template=validation.name(body.get("template"), "template"),
+        memory_bytes=sizes.memory(body.get("memory")),
+        vcpus=validation.integer(body.get("vcpus"), "vcpus", *sizes.VCPU_BOUNDS),
+        disk_bytes=sizes.disk(body.get("disk")),
+        subnet=_optional_name(body, "subnet"),
+        server=_optional_name(body, "server"),
+        ssh_keys=_ssh_keys(body.get("ssh_keys", [])),
+        description=_description(body.get("description", "")),
+    )
+
+
+def _vm_name(value: Any) -> str:
+    name = validation.name(value, "name")
+    if name.startswith("-") or len(name) > vms.MAX_VM_NAME:
+        raise validation.invalid("name", f"must start with a-z or 0-9 and be at most {vms.MAX_VM_NAME} characters")
+    return name
+
+
+def _optional_name(body: dict[str, Any], field: str) -> str | None:
+    return None if body.get(field) is None else validation.name(body[field], field)
+
+
+def _ssh_keys(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_SSH_KEYS:
+        raise validation.invalid("ssh_keys", f"must be a list of at most {MAX_SSH_KEYS} public keys")
+    keys = [key.strip() if isinstance(key, str) else key for key in value]
+    for key in keys:
+        if not isinstance(key, str) or len(key) > MAX_SSH_KEY_LENGTH or not SSH_KEY.match(key):
+            raise validation.invalid("ssh_keys", "each must be one OpenSSH public key line: TYPE BASE64 [COMMENT]")
+    return keys
+
+
+def _description(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_DESCRIPTION or any(c < " " and c != "\t" for c in value):
+        raise validation.invalid("description", f"must be one line of at most {MAX_DESCRIPTION} characters")
+    return value
+
+
+def _existing_vm(name: str) -> str:
+    validation.name(name, "name")
+    with context.session() as db:
+        if db.scalar(select(VirtualMachine.id).where(VirtualMachine.name == name)) is None:
+            raise vms.VmNotFound(f"no VM {name}", vm=name)
+    return name
