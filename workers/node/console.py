@@ -1,6 +1,11 @@
-"""A domain's serial console through a libvirt stream, so it works on remote servers too."""
+"""A domain's serial console through a libvirt stream, so it works on remote servers too.
+
+libvirt's client only moves stream data while an event loop runs: call start_event_loop()
+once per process *before* opening the connection the console is read through.
+"""
 
 import re
+import threading
 import time
 from types import TracebackType
 
@@ -12,6 +17,30 @@ POLL_INTERVAL = 0.05
 CHUNK = 4096
 # How much of the console's past output an error message and `text` keep.
 KEEP = 64 * 1024
+
+
+_loop_lock = threading.Lock()
+_loop_thread: threading.Thread | None = None
+
+
+def start_event_loop() -> None:
+    """Register libvirt's default event loop and run it in a daemon thread (once per process).
+
+    Connections opened afterwards deliver stream data and domain events; ones opened
+    before do not.
+    """
+    global _loop_thread
+    with _loop_lock:
+        if _loop_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run_forever() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        _loop_thread = threading.Thread(target=run_forever, name="libvirt-events", daemon=True)
+        _loop_thread.start()
 
 
 class ConsoleTimeout(LaxError):
@@ -68,7 +97,8 @@ class SerialConsole:
                 raise ConsoleClosed(f"console closed before {regex.pattern!r} appeared", tail=self.text[-2000:])
             if time.monotonic() > deadline:
                 raise ConsoleTimeout(
-                    f"no {regex.pattern!r} on the console within {timeout:g}s", tail=self.text[-2000:]
+                    f"no {regex.pattern!r} on the console within {timeout:g}s; it last showed: {self.text[-300:]!r}",
+                    tail=self.text[-2000:],
                 )
             time.sleep(POLL_INTERVAL)
 

@@ -1,0 +1,100 @@
+"""Fixtures for the node worker: the root libvirtd, a tgtd of our own, the tiny template."""
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from lab.template import TinyTemplate, build_tiny
+from workers.node.console import start_event_loop
+from tests.san.helpers import TgtDaemon
+from tests.support import need_binary, need_root, wait_for
+
+SYSTEM_URI = "qemu:///system"
+IQN_PREFIX = "iqn.2025-01.org.laxcluster.test"
+
+
+def libvirt_answers(uri: str) -> bool:
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def stop_by_pidfile(pidfile: Path) -> None:
+    """SIGTERM the daemon named in `pidfile` and wait until it is gone."""
+    if not pidfile.exists():
+        return
+    pid = int(pidfile.read_text().strip())
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    wait_for(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), 30, f"pid {pid} to exit")
+
+
+@pytest.fixture(scope="session")
+def system_libvirt() -> Iterator[libvirt.virConnect]:
+    """A connection to qemu:///system; starts the root libvirtd (and its log/lock daemons) if none answers, stops what it started."""
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    start_event_loop()
+    started: list[Path] = []
+    if not libvirt_answers(SYSTEM_URI):
+        need_root()
+        need_binary("libvirtd", "virtlogd", "virtlockd")
+        rundir = Path(tempfile.mkdtemp(prefix="laxcluster-libvirtd-"))
+        for daemon in ("virtlogd", "virtlockd", "libvirtd"):
+            pidfile = rundir / f"{daemon}.pid"
+            subprocess.run([daemon, "-d", "-p", str(pidfile)], check=True)
+            started.append(pidfile)
+    try:
+        # libvirtd probes QEMU's capabilities before its first answer (~10 s here).
+        wait_for(lambda: libvirt_answers(SYSTEM_URI), 60, "libvirtd to answer on qemu:///system", interval=0.5)
+        conn = libvirt.open(SYSTEM_URI)
+        yield conn
+        conn.close()
+    finally:
+        for pidfile in reversed(started):
+            stop_by_pidfile(pidfile)
+        if started:
+            shutil.rmtree(started[0].parent, ignore_errors=True)
+
+
+@pytest.fixture
+def tgtd(tmp_path: Path) -> Iterator[TgtDaemon]:
+    """A tgtd of our own on 127.0.0.1 (free port, own control port), stopped even if the test fails."""
+    need_root()
+    need_binary("tgtd", "tgtadm")
+    daemon = TgtDaemon(tmp_path / "tgtd.log")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Iterator[Path]:
+    """A scratch directory QEMU's unprivileged user can reach (pytest's tmp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="laxcluster-tiny-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir: Path) -> TinyTemplate:
+    need_binary("mkfs.ext4", "busybox")
+    return build_tiny(tiny_dir / "template")
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(3)}"
