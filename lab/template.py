@@ -39,6 +39,8 @@ BUSYBOX = Path("/bin/busybox")
 WANTED_MODULES = (
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
     "virtio_blk", "virtio_net", "crc32c_generic", "ext4", "vfat", "nls_cp437", "nls_ascii",
+    # The ACPI power button reaches busybox acpid through evdev, so libvirt's shutdown works.
+    "button", "evdev",
 )
 INPUTS_FILE = "tiny.inputs"
 
@@ -205,6 +207,7 @@ def build_root_disk(work_dir: Path) -> Path:
     write_file(root / "etc/inittab", lab_file("inittab"), 0o644)
     write_file(root / "etc/init.d/rcS", lab_file("rcS"), 0o755)
     write_file(root / "etc/profile", lab_file("profile"), 0o644)
+    write_file(root / "etc/acpi/PWRF/00000080", lab_file("acpi-power-button"), 0o755)
     write_file(root / "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     write_file(root / "etc/group", b"root:x:0:\n", 0o644)
     write_file(root / "etc/hostname", b"tiny\n", 0o644)

@@ -13,7 +13,7 @@ import pytest
 from lab.template import TinyTemplate
 from tests.node.conftest import IQN_PREFIX, unique
 from tests.san.helpers import TgtDaemon
-from tests.support import need_binary
+from tests.support import need_binary, wait_for
 from workers.node.console import SerialConsole
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, IscsiDisk, Nic, domain_xml
 from workers.node.seed import make_seed
@@ -34,7 +34,7 @@ def defined(system_libvirt: libvirt.virConnect) -> Iterator[list[libvirt.virDoma
 
 
 @pytest.mark.integration
-def test_tiny_boots_from_iscsi_and_configures_itself_from_the_seed(
+def test_tiny_boots_from_iscsi_configures_itself_from_the_seed_and_shuts_down(
     system_libvirt: libvirt.virConnect, tgtd: TgtDaemon, tiny: TinyTemplate, tiny_dir: Path, defined: list[libvirt.virDomain]
 ) -> None:
     need_binary("qemu-system-x86_64", "mkfs.vfat", "mcopy")
@@ -73,4 +73,7 @@ def test_tiny_boots_from_iscsi_and_configures_itself_from_the_seed(
         console.write(b"\ncat /root/.ssh/authorized_keys; echo KEYS-$((40 + 2))\n")
         keys = console.read_until(r"(?s)(\S+ \S+ tester@lab)\s+KEYS-42", timeout=30)
         assert keys.group(1) == KEY
+    # libvirt's shutdown (the ACPI power button) powers tiny off cleanly.
     assert dom.isActive()
+    dom.shutdown()
+    wait_for(lambda: not dom.isActive(), 60, "tiny to power off after an ACPI shutdown")
