@@ -17,7 +17,6 @@ import lzma
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import zstandard
 
-from workers.command import run
+from workers.command import output, run
 from workers.errors import LaxError
 
 # Bump when the layout of what is built changes in a way the inputs below do not show.
@@ -181,7 +180,7 @@ def install_busybox(root: Path) -> None:
     """Put busybox at /bin/busybox of `root` with a symlink for every applet it has."""
     (root / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    applets = subprocess.run([str(BUSYBOX), "--list-full"], capture_output=True, check=True, text=True).stdout.split()
+    applets = output([str(BUSYBOX), "--list-full"]).split()
     for applet in applets:
         link = root / applet
         if link == root / "bin" / "busybox" or link.exists():

@@ -40,6 +40,7 @@ def make_spec(hypervisor: Hypervisor, *, kernel_boot: bool = True, seed: FileDis
         "boot": DirectBoot(Path("/var/lib/laxcluster/tiny/vmlinuz"), Path("/var/lib/laxcluster/tiny/initrd.img"), "console=ttyS0 quiet")
         if kernel_boot
         else None,
+        "description": "web server <1> & \"friends\"",
     }
     return DomainSpec(**values)  # type: ignore[arg-type]
 
@@ -74,6 +75,7 @@ def test_every_variant_is_accepted_by_libvirt(spec: DomainSpec, test_conn: libvi
     try:
         defined = ET.fromstring(dom.XMLDesc(0))
         assert defined.get("type") == spec.hypervisor
+        assert defined.findtext("description") == spec.description
         assert defined.findtext("memory") == str(spec.memory_bytes // 1024)
         sources = [s.get("name") for s in defined.iterfind("devices/disk/source[@protocol='iscsi']")]
         assert f"{TARGET}/1" in sources and f"{TARGET}/2" in sources

@@ -66,6 +66,7 @@ class SerialConsole:
         self.stream = domain.connect().newStream(libvirt.VIR_STREAM_NONBLOCK)
         # FORCE takes the console over from a session someone left open.
         domain.openConsole(None, self.stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        # Output read but not yet consumed by a match.
         self.text = ""
         self.closed = False
 
@@ -82,9 +83,11 @@ class SerialConsole:
         return False
 
     def read_until(self, pattern: str | re.Pattern[str], timeout: float) -> re.Match[str]:
-        """Read until `pattern` matches the output seen since opening; return the match.
+        """Read until `pattern` matches the output not yet consumed; return the match.
 
-        Raises ConsoleTimeout after `timeout` seconds, ConsoleClosed if the console ends first.
+        Output up to the end of the match is consumed, so the next call only sees what
+        followed it. Raises ConsoleTimeout after `timeout` seconds, ConsoleClosed if the
+        console ends first.
         """
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -92,6 +95,7 @@ class SerialConsole:
             open_ = self.read_available()
             match = regex.search(self.text)
             if match:
+                self.text = self.text[match.end():]
                 return match
             if not open_:
                 raise ConsoleClosed(f"console closed before {regex.pattern!r} appeared", tail=self.text[-2000:])

@@ -70,6 +70,7 @@ class DomainSpec:
     seed: IscsiDisk | FileDisk | None = None
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     boot: DirectBoot | None = None
+    description: str | None = None
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -78,6 +79,8 @@ def domain_xml(spec: DomainSpec) -> str:
     domain = ET.Element("domain", type=spec.hypervisor)
     ET.SubElement(domain, "name").text = spec.name
     ET.SubElement(domain, "uuid").text = str(uuidlib.UUID(spec.uuid))
+    if spec.description:
+        ET.SubElement(domain, "description").text = spec.description
     kib = str(-(-spec.memory_bytes // 1024))
     ET.SubElement(domain, "memory", unit="KiB").text = kib
     ET.SubElement(domain, "currentMemory", unit="KiB").text = kib
