@@ -193,7 +193,7 @@ def install_request(body: dict[str, Any]) -> vms.InstallRequest:
         name=_vm_name(body.get("name")),
         template=validation.name(body.get("template"), "template"),
         memory_bytes=sizes.memory(body.get("memory")),
-        vcpus=validation.integer(body.get("vcpus"), "vcpus", *sizes.VCPU_BOUNDS),
+        vcpus=_vcpus(body.get("vcpus")),
         disk_bytes=sizes.disk(body.get("disk")),
         subnet=_optional_name(body, "subnet"),
         server=_optional_name(body, "server"),
@@ -207,6 +207,13 @@ def _vm_name(value: Any) -> str:
     if name.startswith("-") or len(name) > vms.MAX_VM_NAME:
         raise validation.invalid("name", f"must start with a-z or 0-9 and be at most {vms.MAX_VM_NAME} characters")
     return name
+
+
+def _vcpus(value: Any) -> int:
+    # A JSON number, not the digit strings validation.integer also takes from query strings.
+    if isinstance(value, str):
+        raise validation.invalid("vcpus", "must be a JSON integer")
+    return validation.integer(value, "vcpus", *sizes.VCPU_BOUNDS)
 
 
 def _optional_name(body: dict[str, Any], field: str) -> str | None:
