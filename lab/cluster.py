@@ -15,7 +15,7 @@ from typing import Any
 from config import Config
 from lab import libvirtd, netns, pool, processes, tgtd
 from lab.topology import Host, Topology, build, host_uuid, server_uri, tgt_control_port
-from workers.command import output, run
+from workers.command import output
 
 STATE_FILE = "state.json"
 
@@ -23,8 +23,8 @@ STATE_FILE = "state.json"
 def up(cfg: Config) -> dict[str, Any]:
     """Build every bridge, namespace, pool and daemon of the lab that is missing; return `status`.
 
-    Cluster servers start before the pools are mounted, so their private mount namespaces hold
-    no copy of a pool mount that `down` then could not release.
+    Cluster servers start before the pools are mounted, so their mount namespaces (and their
+    guests') never hold a copy of a pool mount.
     """
     topo = build(cfg)
     topo.lab_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ def down(cfg: Config) -> None:
     for image, mountpoint in _pools(cfg, topo, state):
         pool.teardown(image, mountpoint)
     for mountpoint in pool.mounts_under(topo.lab_dir):
-        run(["umount", str(mountpoint)])
+        pool.unmount_all(mountpoint)
     for name in [*(h.netns for h in topo.hosts), *stray]:
         netns.delete_netns(name)
     for link in [*(link.veth for h in topo.hosts for link in h.links), *_stray_bridges(topo), *(n.bridge for n in topo.networks)]:
@@ -122,7 +122,7 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
     loops = pool.loop_devices(image)
     return {
         "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port}],
-        "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": pool.is_mounted(mountpoint), "loop": loops[0] if loops else None},
+        "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": bool(loops) and pool.is_mounted(mountpoint, source=loops[0]), "loop": loops[0] if loops else None},
     }
 
 

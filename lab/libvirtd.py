@@ -70,10 +70,11 @@ def start(server: ServerDaemons) -> dict[str, int]:
         return {daemon: pid for daemon, pid in running.items() if pid}
     stop(server)
     _prepare_directories(server)
-    _write_libvirtd_conf(server)
+    _write_configs(server)
     argv = [
         "ip", "netns", "exec", server.netns,
-        "unshare", "--mount", "--uts", "--propagation", "private",
+        # slave: the unmount of a (shared) pool reaches this namespace too, should it hold a copy.
+        "unshare", "--mount", "--uts", "--propagation", "slave",
         sys.executable, "-m", "lab.libvirtd", "boot", str(server.directory), server.name,
     ]
     with open(server.directory / "boot.log", "ab") as log:
@@ -146,8 +147,8 @@ def _copy_directory_tree(src: Path, dst: Path) -> None:
         target.chmod(stat.st_mode & 0o7777)
 
 
-def _write_libvirtd_conf(server: ServerDaemons) -> None:
-    settings = {
+def _write_configs(server: ServerDaemons) -> None:
+    libvirtd_conf = {
         "listen_tcp": "1",
         "listen_tls": "0",
         "auth_tcp": '"none"',
@@ -155,8 +156,12 @@ def _write_libvirtd_conf(server: ServerDaemons) -> None:
         "host_uuid": f'"{server.host_uuid}"',
         "log_outputs": '"3:file:/var/log/libvirt/libvirtd.log"',
     }
-    text = "# Written by the LaxCluster lab on every `lab up`.\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
-    (server.directory / "etc" / "libvirtd.conf").write_text(text)
+    # The lab's hosts share one filesystem whose test directories are private to root (pytest's
+    # are 0700): QEMU runs as root here so it can read kernels and images wherever they are.
+    qemu_conf = {"user": '"root"', "group": '"root"'}
+    for name, settings in (("libvirtd.conf", libvirtd_conf), ("qemu.conf", qemu_conf)):
+        text = "# Written by the LaxCluster lab on every `lab up`.\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+        (server.directory / "etc" / name).write_text(text)
 
 
 def _boot(directory: Path, hostname: str) -> None:

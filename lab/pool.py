@@ -19,35 +19,49 @@ def ensure(image: Path, size: int, mountpoint: Path) -> str:
     if not image.exists():
         _make_filesystem(image, size)
     mountpoint.mkdir(parents=True, exist_ok=True)
+    target = mountpoint.resolve()
     loops = loop_devices(image)
-    if is_mounted(mountpoint) and loops:
-        return loops[0]
     loop = loops[0] if loops else output(["losetup", "--find", "--show", str(image)]).strip()
-    run(["mount", "-t", "xfs", loop, str(mountpoint)])
+    if not is_mounted(target):
+        # The pool sits on a shared mount of its own directory: every mount namespace made while
+        # it is mounted (each QEMU that any libvirtd starts gets one) then receives our unmount
+        # too, instead of keeping a private copy that holds the loop device busy forever.
+        run(["mount", "--bind", str(target), str(target)])
+        run(["mount", "--make-shared", str(target)])
+    if not is_mounted(target, source=loop):
+        run(["mount", "-t", "xfs", loop, str(target)])
     return loop
 
 
 def teardown(image: Path, mountpoint: Path) -> None:
-    """Unmount `mountpoint` (every stacked mount) and detach every loop device of `image`; harmless if done."""
-    while is_mounted(mountpoint):
-        run(["umount", str(mountpoint)])
+    """Unmount `mountpoint` (the pool and its shared base) and detach every loop device of `image`; harmless if done."""
+    unmount_all(mountpoint)
     for loop in loop_devices(image):
         run(["losetup", "--detach", loop], check=False)
 
 
-def is_mounted(mountpoint: Path) -> bool:
-    return mountpoint.resolve() in mounts()
+def unmount_all(mountpoint: Path) -> None:
+    """Unmount everything stacked at `mountpoint`."""
+    while is_mounted(mountpoint):
+        run(["umount", str(mountpoint.resolve())])
 
 
-def mounts() -> list[Path]:
-    """Every mount point of the current mount namespace."""
-    return [Path(_unescape(line.split()[1])) for line in Path("/proc/mounts").read_text().splitlines()]
+def is_mounted(mountpoint: Path, source: str | None = None) -> bool:
+    """True if something (or, given `source`, that device) is mounted at `mountpoint`."""
+    target = mountpoint.resolve()
+    return any(t == target and source in (None, s) for s, t in mount_table())
+
+
+def mount_table() -> list[tuple[str, Path]]:
+    """(source, mount point) of every mount of the current mount namespace, in mount order."""
+    entries = (line.split() for line in Path("/proc/mounts").read_text().splitlines())
+    return [(_unescape(fields[0]), Path(_unescape(fields[1]))) for fields in entries]
 
 
 def mounts_under(directory: Path) -> list[Path]:
     """Mount points at or below `directory`, deepest first (the order to unmount them in)."""
     root = directory.resolve()
-    found = [m for m in mounts() if m == root or root in m.parents]
+    found = [m for _source, m in mount_table() if m == root or root in m.parents]
     return sorted(set(found), key=lambda m: len(m.parts), reverse=True)
 
 

@@ -2,7 +2,9 @@
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -13,9 +15,10 @@ from click.testing import CliRunner
 
 import config
 from cli.main import cli
-from lab import cluster, topology
+from lab import cluster, netns, processes, topology
 from lab.testing import leftovers, make_test_config
 from tests.lab.conftest import need_lab
+from tests.support import missing, wait_for
 from workers.command import run
 
 pytestmark = pytest.mark.integration
@@ -88,13 +91,44 @@ def test_up_again_is_harmless(lab: config.Config) -> None:
     assert _pids(after) == _pids(before)
 
 
+GUEST_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type><kernel>{kernel}</kernel><cmdline>console=ttyS0</cmdline></os>
+  <devices><serial type='pty'/></devices>
+</domain>"""
+
+
+def _start_guest(cfg: config.Config, server: str, kernel: Path) -> int:
+    """Start a diskless guest on `server` and return the PID of its QEMU, found in the server's namespace."""
+    conn = libvirt.open(topology.server_uri(cfg, server))
+    try:
+        conn.createXML(GUEST_XML.format(name="probe", kernel=kernel), 0)
+    finally:
+        conn.close()
+    in_netns = netns.netns_pids(topology.build(cfg).host(server).netns)
+    qemus = [pid for pid in in_netns if "qemu-system" in " ".join(processes.cmdline(pid))]
+    assert len(qemus) == 1
+    return qemus[0]
+
+
 def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     need_lab()
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        missing("no kernel in /boot (apt package linux-image-amd64)")
+    # In a private (0700) directory: the lab's QEMU must read it anyway.
+    kernel = tmp_path / "vmlinuz"
+    shutil.copyfile(kernels[-1], kernel)
     cfg = config.load(make_test_config(tmp_path), environ={})
     topo = topology.build(cfg)
+    bystander = None
     try:
         report = cluster.up(cfg)
-        pids = [pid for pid in _pids(report).values() if pid]
+        pids = [pid for pid in _pids(report).values() if pid] + [_start_guest(cfg, "cs2", kernel)]
+        # Any libvirtd on the machine gives each QEMU a mount namespace like this one, copying the pools' mounts.
+        bystander = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "600"])
+        wait_for(lambda: _mount_namespace(bystander.pid) != _mount_namespace(os.getpid()), 10, "the bystander's mount namespace")
         cs1, san_a = report["hosts"][2], report["hosts"][0]
         assert (cs1["name"], san_a["name"]) == ("cs1", "san-a")
         # A crash: cs1's libvirtd and san-a's tgtd die hard, a namespace and a bridge of an older run linger.
@@ -112,3 +146,10 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
         assert CliRunner().invoke(cli, ["lab", "status"], env={"LAXCLUSTER_CONFIG": str(cfg.path)}).exit_code == 1
     finally:
         cluster.down(cfg)
+        if bystander:
+            bystander.kill()
+            bystander.wait(10)
+
+
+def _mount_namespace(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/mnt")
