@@ -6,7 +6,11 @@ from cli.client import Settings
 from cli.jobs import jobs
 from cli.lab import lab
 from cli.servers import servers
+from cli.subnets import subnet
+from cli.templates import template
 from cli.tokens import token
+from cli.vms import vm
+from cli.volumes import san, volume
 
 
 @click.group()
@@ -24,3 +28,8 @@ cli.add_command(lab)
 cli.add_command(token)
 cli.add_command(servers)
 cli.add_command(jobs)
+cli.add_command(vm)
+cli.add_command(template)
+cli.add_command(subnet)
+cli.add_command(volume)
+cli.add_command(san)

@@ -1,0 +1,53 @@
+"""`laxcluster template list|import`: the images new VMs are cloned from."""
+
+import os
+
+import click
+
+from cli.client import api
+from cli.output import json_option, print_json, print_table
+from cli.submitted import show_job, watch_option
+from cli.watch import human_bytes
+
+COLUMNS = (
+    ("name", lambda t: t["name"]),
+    ("SAN", lambda t: t["san"]),
+    ("site", lambda t: t["site"]),
+    ("OS", lambda t: t["os"]),
+    ("default size", lambda t: human_bytes(t["default_size_bytes"])),
+    ("boot", lambda t: "direct" if t["direct_boot"] else "disk"),
+    ("customization", lambda t: t["customization"]),
+)
+
+
+@click.group("template")
+def template() -> None:
+    """Templates: read-only volumes on a SAN that VMs are installed from."""
+
+
+@template.command("list")
+@click.option("--san", help="only the templates on this SAN")
+@json_option
+def list_templates(san: str | None, as_json: bool) -> None:
+    """List templates."""
+    items = api().get("/templates", san=san)["items"]
+    if as_json:
+        print_json(items)
+    else:
+        print_table(items, COLUMNS)
+
+
+@template.command("import")
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--san", required=True, help="the SAN to keep it on; FILE is read there")
+@click.option("--os", "os_name", default="linux", show_default=True, help="what the image runs, e.g. debian12")
+@click.option("--default-size", help="the disk size VMs get unless they ask, e.g. 2G (default: the image's)")
+@watch_option
+def import_template(name: str, file: str, san: str, os_name: str, default_size: str | None, watch: bool) -> None:
+    """Import a raw or qcow2 image FILE (a path on the SAN host) as template NAME, as a job."""
+    body = {"name": name, "san": san, "source_path": os.path.abspath(file), "os": os_name}
+    if default_size is not None:
+        body["default_size"] = default_size
+    client = api()
+    show_job(client, client.post("/templates", body), watch)

@@ -1,0 +1,132 @@
+"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|delete`: virtual machines."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.client import Client, api
+from cli.output import json_option, print_fields, print_json, print_table
+from cli.submitted import show_job, watch_option
+from cli.volumes import VOLUME_COLUMNS
+from cli.watch import human_bytes
+
+PAGE = 1000
+COLUMNS = (
+    ("name", lambda v: v["name"]),
+    ("server", lambda v: v["server"]),
+    ("id", lambda v: v["domain_id"]),
+    ("memory", lambda v: human_bytes(v["memory_bytes"])),
+    ("vCPUs", lambda v: v["vcpus"]),
+    ("state", lambda v: v["state"]),
+    ("CPU time", lambda v: None if v["cpu_time_ns"] is None else f"{v['cpu_time_ns'] / 1e9:.1f}s"),
+    ("disk", lambda v: None if v["disk_bytes"] is None else human_bytes(v["disk_bytes"])),
+    ("MAC", lambda v: v["mac"]),
+    ("IP", lambda v: v["ip"]),
+    ("template", lambda v: v["template"]),
+    ("description", lambda v: v["description"]),
+)
+
+
+@click.group("vm")
+def vm() -> None:
+    """Virtual machines: install from a template, list, show, power actions, delete."""
+
+
+@vm.command("install")
+@click.argument("name")
+@click.option("--template", required=True, help="the template to clone, e.g. tiny")
+@click.option("--memory", required=True, help="e.g. 256M or 2G")
+@click.option("--vcpus", required=True, type=click.IntRange(1, 64))
+@click.option("--disk", required=True, help="the disk size, e.g. 1G (the template is grown to it)")
+@click.option("--server", help="run it on this cluster server (default: where there is most room)")
+@click.option("--subnet", help="lease its address in this subnet")
+@click.option("--ssh-key", "ssh_key_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a file of OpenSSH public keys to let in (repeatable)")
+@click.option("--description", default="", help="a note shown in the overview")
+@watch_option
+def install(name: str, template: str, memory: str, vcpus: int, disk: str, server: str | None, subnet: str | None,
+            ssh_key_files: tuple[Path, ...], description: str, watch: bool) -> None:
+    """Install VM NAME from a template, customized with its hostname, address and SSH keys, as a job."""
+    body: dict[str, Any] = {"name": name, "template": template, "memory": memory, "vcpus": vcpus, "disk": disk,
+                            "ssh_keys": [key for path in ssh_key_files for key in public_keys(path)],
+                            "description": description}
+    body.update({key: value for key, value in (("server", server), ("subnet", subnet)) if value is not None})
+    client = api()
+    show_job(client, client.post("/vms", body), watch)
+
+
+def public_keys(path: Path) -> list[str]:
+    """The key lines of an OpenSSH public key or authorized_keys file (blank lines and comments left out)."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+@vm.command("list")
+@click.option("--state", help="only VMs in this state, e.g. running or 'shut off'")
+@json_option
+def list_vms(state: str | None, as_json: bool) -> None:
+    """The overview: active and inactive VMs, each with its server, resources, address and template."""
+    active, inactive = [], []
+    for page in pages(api(), state):
+        active += page["active"]
+        inactive += page["inactive"]
+    if as_json:
+        print_json({"active": active, "inactive": inactive})
+        return
+    click.echo("Active")
+    print_table(active, COLUMNS)
+    click.echo("Inactive")
+    print_table(inactive, COLUMNS)
+
+
+def pages(client: Client, state: str | None) -> Iterator[dict[str, Any]]:
+    """Every page of GET /vms, following `next`."""
+    after = None
+    while True:
+        page = client.get("/vms", limit=PAGE, after=after, state=state)
+        yield page
+        after = page["next"]
+        if after is None:
+            return
+
+
+@vm.command("show")
+@click.argument("name")
+@json_option
+def show(name: str, as_json: bool) -> None:
+    """Show one VM with its volumes."""
+    item = api().get(f"/vms/{name}")
+    if as_json:
+        print_json(item)
+        return
+    print_fields({key: value for key, value in item.items() if key != "volumes"})
+    click.echo("volumes:")
+    print_table(item["volumes"], VOLUME_COLUMNS)
+
+
+def _power_command(action: str, help_text: str) -> click.Command:
+    @click.argument("name")
+    @watch_option
+    def command(name: str, watch: bool) -> None:
+        client = api()
+        show_job(client, client.post(f"/vms/{name}/actions/{action}"), watch)
+
+    return click.command(action, help=help_text)(command)
+
+
+for _action, _help in (("start", "Start VM NAME on its server, as a job."),
+                       ("shutdown", "Ask VM NAME's guest to power off (ACPI), as a job."),
+                       ("reboot", "Ask VM NAME's guest to reboot, as a job."),
+                       ("destroy", "Power VM NAME off at once, like pulling the plug, as a job.")):
+    vm.add_command(_power_command(_action, _help))
+
+
+@vm.command("delete")
+@click.argument("name")
+@watch_option
+def delete(name: str, watch: bool) -> None:
+    """Delete VM NAME: stop it, remove its domain, volumes and export, release its address; as a job."""
+    client = api()
+    show_job(client, client.request("DELETE", f"/vms/{name}").json(), watch)
