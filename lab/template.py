@@ -64,8 +64,8 @@ def build_tiny(dest_dir: Path) -> TinyTemplate:
     """Build the tiny template into `dest_dir` and describe it.
 
     Idempotent: when the outputs exist and were built from the same inputs (kernel, modules,
-    busybox, lab/files), nothing is rebuilt. Outputs are replaced atomically, so a crash
-    mid-build leaves either the old template or none.
+    busybox, lab/files), nothing is rebuilt. Each output is replaced atomically and the
+    inputs stamp is written last, so after a crash mid-build the next call rebuilds.
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
