@@ -78,9 +78,9 @@ def index():
         query = query.where(VirtualMachine.state == _state(request.args["state"]))
     with context.session() as db:
         rows = db.execute(query).all()
-        page = {row[0].id: vm_json(*row) for row in rows[:limit]}
-        _add_addresses(db, page)
-        page = list(page.values())
+        by_id = {row[0].id: vm_json(*row) for row in rows[:limit]}
+        _add_addresses(db, by_id)
+    page = list(by_id.values())
     return jsonify(active=[vm for vm in page if vm["state"] in ACTIVE_STATES],
                    inactive=[vm for vm in page if vm["state"] not in ACTIVE_STATES],
                    next=page[-1]["name"] if len(rows) > limit else None)
