@@ -62,7 +62,7 @@ class Volume(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(127))
     san_id: Mapped[int] = mapped_column(ForeignKey("sans.id"))
-    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"), index=True)
     vm: Mapped[VirtualMachine | None] = relationship(back_populates="volumes")
     role: Mapped[str] = mapped_column(String(15), default="disk")
     size_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -25,7 +25,7 @@ class Lease(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     subnet_id: Mapped[int] = mapped_column(ForeignKey("subnets.id"))
-    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"), index=True)
     mac: Mapped[str] = mapped_column(String(17))
     ip: Mapped[str] = mapped_column(String(45))
     hostname: Mapped[str] = mapped_column(String(63))

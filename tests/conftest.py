@@ -92,7 +92,8 @@ def _psql(statement: str) -> None:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Model and job tests run on SQLite and PostgreSQL; lab tests (slow, driving daemons) on SQLite."""
-    if "db_url" in metafunc.fixturenames:
+    chosen = any("db_url" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize"))
+    if "db_url" in metafunc.fixturenames and not chosen:
         kinds = ["sqlite"] if metafunc.definition.get_closest_marker("lab") else ["sqlite", "postgresql"]
         metafunc.parametrize("db_url", kinds, indirect=True)
 
