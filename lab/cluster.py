@@ -59,7 +59,7 @@ def down(cfg: Config) -> None:
     for host in topo.sans():
         control_port = tgt_control_port(cfg, host.name)
         recorded = state["sans"].get(host.name, {}).get("tgtd")
-        tgtd.stop(control_port, recorded if tgtd.is_ours(recorded, _portal(cfg, host.name), control_port) else None)
+        tgtd.stop(control_port, tgtd.running_pid(_portal(cfg, host.name), control_port, recorded))
         processes.stop(netns.netns_pids(host.netns))
     for name in stray:
         processes.stop(netns.netns_pids(name))
@@ -117,7 +117,7 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
     control_port = tgt_control_port(cfg, host.name)
     portal = _portal(cfg, host.name)
     recorded = state["sans"].get(host.name, {}).get("tgtd")
-    pid = recorded if tgtd.is_ours(recorded, portal, control_port) else None
+    pid = tgtd.running_pid(portal, control_port, recorded)
     image, mountpoint = _pool_paths(cfg, topo, host.name)
     loops = pool.loop_devices(image)
     return {
@@ -134,9 +134,10 @@ def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]
     record.update(image=str(image), mountpoint=str(mountpoint), loop=loop)
     _save_state(topo, state)
     control_port = tgt_control_port(cfg, host.name)
-    if not tgtd.is_ours(record.get("tgtd"), san.portal, control_port):
-        record["tgtd"] = tgtd.start(host.netns, san.portal, control_port, topo.lab_dir / host.name / "tgtd.log")
-        _save_state(topo, state)
+    record["tgtd"] = tgtd.running_pid(san.portal, control_port, record.get("tgtd")) or tgtd.start(
+        host.netns, san.portal, control_port, topo.lab_dir / host.name / "tgtd.log"
+    )
+    _save_state(topo, state)
 
 
 def _server_daemons(topo: Topology, host: Host) -> libvirtd.ServerDaemons:

@@ -56,8 +56,13 @@ class ServerDaemons:
         return {daemon: self._live_pid(daemon) for daemon in DAEMONS}
 
     def _live_pid(self, daemon: str) -> int | None:
+        token = str(self.pidfile(daemon))
         pid = processes.read_pidfile(self.pidfile(daemon))
-        return pid if processes.is_ours(pid, daemon, str(self.pidfile(daemon))) else None
+        if processes.is_ours(pid, daemon, token):
+            return pid
+        # The pidfile may be gone (a crash, a wiped run directory) while the daemon lives on.
+        found = processes.find(daemon, token)
+        return found[0] if found else None
 
 
 def start(server: ServerDaemons) -> dict[str, int]:

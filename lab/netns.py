@@ -51,7 +51,8 @@ def delete_netns(netns: str) -> None:
 
 
 def delete_link(name: str) -> None:
-    if link_exists(name):
+    """Delete link `name` if it exists; harmless if the kernel removes it meanwhile (a veth whose namespace just went)."""
+    if run(["ip", "link", "del", name], check=False).returncode != 0 and link_exists(name):
         run(["ip", "link", "del", name])
 
 

@@ -27,8 +27,7 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
 
 
 def cmdline(pid: int) -> list[str]:
-    """The argument list of live process `pid`; empty if it is gone or a zombie."""
-    _reap(pid)
+    """The argument list of live process `pid`; empty if it is gone or a zombie (never reaps: that is its parent's job)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -48,6 +47,12 @@ def is_ours(pid: int | None, program: str, *tokens: str) -> bool:
         return False
     argv = cmdline(pid)
     return bool(argv) and Path(argv[0]).name == program and all(token in argv for token in tokens)
+
+
+def find(program: str, *tokens: str) -> list[int]:
+    """PIDs of every live process for which `is_ours(pid, program, *tokens)` holds (a /proc scan)."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if is_ours(pid, program, *tokens)]
 
 
 def read_pidfile(path: Path) -> int | None:
@@ -79,10 +84,3 @@ def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
         except ProcessLookupError:
             pass
 
-
-def _reap(pid: int) -> None:
-    # A daemon we started with Popen in this very process lingers as a zombie until waited for.
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

@@ -19,9 +19,13 @@ START_TIMEOUT_S = 15
 STOP_TIMEOUT_S = 15
 
 
-def is_ours(pid: int | None, portal: str, control_port: int) -> bool:
-    """True if `pid` is a live tgtd serving `portal` on `control_port`."""
-    return processes.is_ours(pid, "tgtd", f"portal={portal}", str(control_port))
+def running_pid(portal: str, control_port: int, recorded: int | None = None) -> int | None:
+    """The PID of our live tgtd serving `portal` on `control_port` (`recorded` if that is it), or None."""
+    tokens = (f"portal={portal}", str(control_port))
+    if processes.is_ours(recorded, "tgtd", *tokens):
+        return recorded
+    found = processes.find("tgtd", *tokens)
+    return found[0] if found else None
 
 
 def start(netns: str, portal: str, control_port: int, log: Path) -> int:
