@@ -52,7 +52,15 @@ def down(cfg: Config) -> None:
     """
     topo = build(cfg)
     state = _load_state(topo)
-    stray = sorted(name for name in netns.netns_names() if name.startswith(f"{topo.prefix}-") and name not in {h.netns for h in topo.hosts})
+    stray = _stray_namespaces(topo)
+    _stop_processes(cfg, topo, state, stray)
+    _release_pools(cfg, topo, state)
+    _remove_network(topo, stray)
+    (topo.lab_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _stop_processes(cfg: Config, topo: Topology, state: dict[str, Any], stray: list[str]) -> None:
+    # Servers first: their guests may use the SANs' LUNs.
     for host in topo.servers():
         processes.stop(netns.netns_pids(host.netns))  # its daemons and guests
         libvirtd.stop(_server_daemons(topo, host))  # daemons whose namespace is already gone
@@ -63,15 +71,20 @@ def down(cfg: Config) -> None:
         processes.stop(netns.netns_pids(host.netns))
     for name in stray:
         processes.stop(netns.netns_pids(name))
+
+
+def _release_pools(cfg: Config, topo: Topology, state: dict[str, Any]) -> None:
     for image, mountpoint in _pools(cfg, topo, state):
         pool.teardown(image, mountpoint)
     for mountpoint in pool.mounts_under(topo.lab_dir):
         pool.unmount_all(mountpoint)
+
+
+def _remove_network(topo: Topology, stray: list[str]) -> None:
     for name in [*(h.netns for h in topo.hosts), *stray]:
         netns.delete_netns(name)
     for link in [*(link.veth for h in topo.hosts for link in h.links), *_stray_bridges(topo), *(n.bridge for n in topo.networks)]:
         netns.delete_link(link)
-    (topo.lab_dir / STATE_FILE).unlink(missing_ok=True)
 
 
 def status(cfg: Config) -> dict[str, Any]:
@@ -127,7 +140,7 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
 
 
 def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> None:
-    san = next(s for _site, s in cfg.sans() if s.name == host.name)
+    _site, san = cfg.san(host.name)
     image, mountpoint = _pool_paths(cfg, topo, host.name)
     loop = pool.ensure(image, san.pool_size, mountpoint)
     record = state["sans"].setdefault(host.name, {})
@@ -151,7 +164,7 @@ def _server_daemons(topo: Topology, host: Host) -> libvirtd.ServerDaemons:
 
 
 def _pool_paths(cfg: Config, topo: Topology, san_name: str) -> tuple[Path, Path]:
-    san = next(s for _site, s in cfg.sans() if s.name == san_name)
+    _site, san = cfg.san(san_name)
     return topo.lab_dir / san_name / "pool.img", san.pool_path.resolve()
 
 
@@ -163,7 +176,13 @@ def _pools(cfg: Config, topo: Topology, state: dict[str, Any]) -> list[tuple[Pat
 
 
 def _portal(cfg: Config, san_name: str) -> str:
-    return next(s.portal for _site, s in cfg.sans() if s.name == san_name)
+    return cfg.san(san_name)[1].portal
+
+
+def _stray_namespaces(topo: Topology) -> list[str]:
+    """Namespaces with the lab's prefix that the topology does not have (left by an older config or a crash)."""
+    ours = {h.netns for h in topo.hosts}
+    return sorted(name for name in netns.netns_names() if name.startswith(f"{topo.prefix}-") and name not in ours)
 
 
 def _stray_bridges(topo: Topology) -> list[str]:

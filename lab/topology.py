@@ -124,11 +124,9 @@ def tgt_control_port(cfg: Config, san_name: str) -> int:
 
 def san_portal(cfg: Config, san_name: str) -> tuple[str, int]:
     """The (address, port) of SAN `san_name`'s iSCSI portal."""
-    for _site, san in cfg.sans():
-        if san.name == san_name:
-            address, _, port = san.portal.rpartition(":")
-            return address, int(port or ISCSI_PORT)
-    raise KeyError(f"no SAN named {san_name}")
+    portal = cfg.san(san_name)[1].portal
+    address, colon, port = portal.rpartition(":")
+    return (address, int(port)) if colon else (portal, ISCSI_PORT)
 
 
 def host_uuid(prefix: str, server: str) -> str:
