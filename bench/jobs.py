@@ -1,0 +1,455 @@
+"""Latency and throughput of the job spine beside a raw Celery round trip (issue 2, "Benchmark").
+
+Starts a stack of its own in a new temporary directory, the way `laxcluster run` starts it
+(`cli.services`): a redis-server on a free port, a migrated SQLite DB, one Celery worker on
+the `control` queue (`-c 2`) and the API served for real by `cli.services.api_service`, plus an
+admin token. Then it measures, in one run:
+
+1. job latency: `--n` sequential `POST /jobs/noop {"seconds": 0}`, each timed from sending the
+   POST to receiving that job's `succeeded` event on Redis pub/sub (`job:<id>:events`);
+2. the baseline, interleaved with 1 so both see the same machine load: `--n` raw Celery round
+   trips `send_task("laxcluster.ping").get()` through the same broker and worker;
+3. throughput: `--concurrent` submissions from a pool of `--threads` clients, jobs accepted per
+   second over the submission phase, then how many accepted jobs did not reach a final state
+   (in the DB, the jobs' source of truth) within `--deadline` seconds, and which POSTs failed.
+
+Prints our figures beside the baseline, writes `bench/results/jobs.json`, and stops every process
+it started (by process group) and deletes its directory, also on failure, Ctrl-C or SIGTERM.
+
+Run: `.venv/bin/python bench/jobs.py [--n 200] [--concurrent 1000] [--threads 50]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+from celery import Celery
+from sqlalchemy import Engine, func, select
+
+import config
+from cli.services import Service, Supervisor, api_service, redis_service
+from cli.tokens import create_token
+from models import FINAL_STATES, Job
+from models.db import make_engine, make_session_factory, migrate, transaction
+from tasks.app import make_celery
+from tasks.queues import CONTROL
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+READY_TIMEOUT_S = 90
+WARMUP = 5  # round trips of each kind before timing: connections, imports, first DB pages
+ROUND_TRIP_TIMEOUT_S = 60
+POST_TIMEOUT_S = 120
+POLL_S = 0.5
+LOG_TAIL_LINES = 25
+
+
+class BenchError(Exception):
+    """The stack did not come up or a job did not behave; the message says what and where to look."""
+
+
+@dataclass
+class Stack:
+    """A running LaxCluster of our own: where the API is, an admin token, and client handles."""
+
+    api_url: str
+    token: str
+    engine: Engine
+    celery: Celery
+    redis: redis.Redis
+    api_command: list[str]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stack_environment(workdir: Path) -> dict[str, str]:
+    """LAXCLUSTER_* overrides that point every process at this run's Redis, DB, ports and var dir."""
+    return dict(
+        os.environ,
+        LAXCLUSTER_CONFIG=str(config.DEFAULTS),
+        LAXCLUSTER_VAR_DIR=str(workdir / "var"),
+        LAXCLUSTER_DB_URL=f"sqlite:///{workdir / 'inventory.db'}",
+        LAXCLUSTER_REDIS_HOST="127.0.0.1",
+        LAXCLUSTER_REDIS_PORT=str(free_port()),
+        LAXCLUSTER_REDIS_DB="0",
+        LAXCLUSTER_API_HOST="127.0.0.1",
+        LAXCLUSTER_API_PORT=str(free_port()),
+    )
+
+
+def control_worker(cfg: config.Config) -> Service:
+    name = f"bench-{secrets.token_hex(3)}@%h"
+    argv = [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", CONTROL, "-n", name, "-c", "2",
+            "--loglevel", "INFO"]
+    return Service("worker control", argv, cfg.var_dir.resolve() / "log" / "worker-control.log")
+
+
+def wait_until(condition: Callable[[], bool], what: str, services: list[Service]) -> None:
+    """Poll `condition` until true; fail early if one of `services` exits, late after READY_TIMEOUT_S."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not condition():
+        for service in services:
+            if service.exited() is not None:
+                raise BenchError(f"{service.name} exited with {service.exited()} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {READY_TIMEOUT_S}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def redis_answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def new_admin_token(engine: Engine) -> str:
+    with transaction(make_session_factory(engine)) as session:
+        return create_token(session, "admin", f"bench-{secrets.token_hex(3)}")
+
+
+@contextmanager
+def running_stack(workdir: Path) -> Iterator[Stack]:
+    """Redis, DB, control worker and API in `workdir`; all stopped (process groups) when the block ends."""
+    env = stack_environment(workdir)
+    cfg = config.load(environ=env)
+    supervisor = Supervisor(env)
+    client = redis.Redis.from_url(cfg.redis_url, decode_responses=True)
+    engine = make_engine(cfg.db_url)
+    celery = make_celery(cfg)
+    try:
+        supervisor.start(redis_service(cfg))
+        wait_until(lambda: redis_answers(client), "redis to answer", supervisor.running)
+        migrate(cfg.db_url)
+        token = new_admin_token(engine)
+        worker, api = control_worker(cfg), api_service(cfg)
+        supervisor.start(worker)
+        supervisor.start(api)
+        api_url = f"http://{cfg.section('api')['host']}:{cfg.section('api')['port']}"
+        wait_until(lambda: " ready." in worker.log.read_text(), "the control worker to be ready", supervisor.running)
+        wait_until(lambda: http_ok(f"{api_url}/health"), "the API to answer", supervisor.running)
+        yield Stack(api_url, token, engine, celery, client, api.argv)
+    except BaseException:
+        print_log_tails(supervisor.running)
+        raise
+    finally:
+        supervisor.stop_all()
+        celery.close()
+        client.close()
+        engine.dispose()
+
+
+def print_log_tails(services: list[Service]) -> None:
+    for service in services:
+        if service.log.exists():
+            tail = service.log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            print(f"--- last lines of {service.log} ({service.name}):", *tail, sep="\n", file=sys.stderr)
+
+
+class FinalEvents:
+    """Notes when each job's final event arrives on Redis pub/sub; subscribed before any job is sent."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._pubsub = client.pubsub()
+        self._arrived: dict[str, tuple[str, float]] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="final-events", daemon=True)
+
+    def __enter__(self) -> FinalEvents:
+        self._pubsub.psubscribe("job:*:events")
+        # Redis confirms the subscription only once it is active: events after this are not missed.
+        confirmed = self._pubsub.get_message(timeout=10)
+        if confirmed is None or confirmed["type"] != "psubscribe":
+            raise BenchError(f"no psubscribe confirmation from Redis (got {confirmed!r})")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pubsub.close()
+
+    def wait(self, job_id: str, timeout: float) -> tuple[str, float]:
+        """(final state, perf_counter when its event arrived) of `job_id`; BenchError after `timeout`."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: job_id in self._arrived, timeout):
+                raise BenchError(f"job {job_id} sent no final event within {timeout}s")
+            return self._arrived[job_id]
+
+    def count(self, job_ids: set[str]) -> int:
+        with self._changed:
+            return len(job_ids & self._arrived.keys())
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            message = self._pubsub.get_message(timeout=POLL_S)
+            if message is None or message["type"] != "pmessage":
+                continue
+            arrived = time.perf_counter()
+            event = json.loads(message["data"])
+            if event.get("state") in FINAL_STATES:
+                with self._changed:
+                    self._arrived.setdefault(event["job_id"], (event["state"], arrived))
+                    self._changed.notify_all()
+
+
+def api_session(stack: Stack) -> requests.Session:
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {stack.token}"
+    return session
+
+
+def time_job(stack: Stack, session: requests.Session, events: FinalEvents) -> float:
+    """Milliseconds from sending `POST /jobs/noop` to receiving that job's `succeeded` event."""
+    start = time.perf_counter()
+    response = session.post(f"{stack.api_url}/jobs/noop", json={"seconds": 0}, timeout=POST_TIMEOUT_S)
+    if response.status_code != 202:
+        raise BenchError(f"POST /jobs/noop answered {response.status_code}: {response.text[:500]}")
+    job_id = response.json()["id"]
+    state, arrived = events.wait(job_id, ROUND_TRIP_TIMEOUT_S)
+    if state != "succeeded":
+        raise BenchError(f"noop job {job_id} ended {state}: {session.get(f'{stack.api_url}/jobs/{job_id}').text}")
+    return (arrived - start) * 1000
+
+
+def time_ping(stack: Stack, value: int) -> float:
+    """Milliseconds of one raw Celery round trip: `laxcluster.ping` on the control queue and its result."""
+    start = time.perf_counter()
+    result = stack.celery.send_task("laxcluster.ping", args=[value], queue=CONTROL)
+    answer = result.get(timeout=ROUND_TRIP_TIMEOUT_S)
+    elapsed = (time.perf_counter() - start) * 1000
+    if answer != value:
+        raise BenchError(f"laxcluster.ping({value}) returned {answer!r}")
+    result.forget()
+    return elapsed
+
+
+def measure_latency(stack: Stack, events: FinalEvents, n: int) -> tuple[list[float], list[float]]:
+    """`n` job and `n` raw round trips, interleaved (job, ping, job, ...) after a warm-up of each."""
+    jobs_ms: list[float] = []
+    pings_ms: list[float] = []
+    with api_session(stack) as session:
+        for i in range(WARMUP):
+            time_job(stack, session, events)
+            time_ping(stack, -1 - i)
+        for i in range(n):
+            jobs_ms.append(time_job(stack, session, events))
+            pings_ms.append(time_ping(stack, i))
+    return jobs_ms, pings_ms
+
+
+@dataclass
+class Submissions:
+    """What `count` concurrent POSTs got: the accepted job ids and every failure by status or error."""
+
+    accepted: list[str] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+    failure_samples: dict[str, str] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def submit_concurrently(stack: Stack, count: int, threads: int) -> Submissions:
+    """`count` POST /jobs/noop from `threads` threads, each with its own requests.Session."""
+    local = threading.local()
+    sessions: list[requests.Session] = []
+    lock = threading.Lock()
+
+    def post(_: int) -> tuple[str, str]:
+        if not hasattr(local, "session"):
+            local.session = api_session(stack)
+            with lock:
+                sessions.append(local.session)
+        try:
+            response = local.session.post(f"{stack.api_url}/jobs/noop", json={"seconds": 0}, timeout=POST_TIMEOUT_S)
+        except requests.RequestException as error:
+            return type(error).__name__, str(error)[:500]
+        if response.status_code == 202:
+            return "202", response.json()["id"]
+        return str(response.status_code), response.text[:500]
+
+    outcome = Submissions()
+    start = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="submit") as pool:
+            results = list(pool.map(post, range(count)))
+        outcome.wall_s = time.perf_counter() - start
+    finally:
+        for session in sessions:
+            session.close()
+    for status, detail in results:
+        if status == "202":
+            outcome.accepted.append(detail)
+        else:
+            outcome.failures[status] += 1
+            outcome.failure_samples.setdefault(status, detail)
+    return outcome
+
+
+def states_of(engine: Engine, job_ids: list[str]) -> Counter[str]:
+    """How many of `job_ids` the DB holds in each state ("missing" for ids without a row)."""
+    with make_session_factory(engine)() as session:
+        rows = dict(session.execute(select(Job.state, func.count()).where(Job.id.in_(job_ids)).group_by(Job.state)).all())
+    states = Counter(rows)
+    states["missing"] = len(job_ids) - sum(rows.values())
+    return +states
+
+
+def not_final(states: Counter[str]) -> int:
+    return sum(count for state, count in states.items() if state not in FINAL_STATES)
+
+
+def wait_all_final(engine: Engine, job_ids: list[str], deadline_s: float) -> tuple[Counter[str], float]:
+    """Poll the DB until every job is final or `deadline_s` passed; (states at the end, seconds waited)."""
+    start = time.perf_counter()
+    while True:
+        states = states_of(engine, job_ids)
+        waited = time.perf_counter() - start
+        if not_final(states) == 0 or waited > deadline_s:
+            return states, waited
+        time.sleep(POLL_S)
+
+
+def measure_throughput(stack: Stack, events: FinalEvents, count: int, threads: int, deadline_s: float) -> dict[str, Any]:
+    submissions = submit_concurrently(stack, count, threads)
+    states, drained_s = wait_all_final(stack.engine, submissions.accepted, deadline_s)
+    accepted = len(submissions.accepted)
+    total_s = submissions.wall_s + drained_s
+    return {
+        "submitted": count,
+        "threads": threads,
+        "accepted": accepted,
+        "submission_wall_s": round(submissions.wall_s, 3),
+        "accepted_per_s": round(accepted / submissions.wall_s, 1),
+        "all_final_after_s": round(total_s, 3),
+        "completed_per_s": round(accepted / total_s, 1) if accepted else 0.0,
+        "final_states": dict(states),
+        "not_final": not_final(states),
+        "final_events_received": events.count(set(submissions.accepted)),
+        "failed_posts": sum(submissions.failures.values()),
+        "failed_post_codes": dict(submissions.failures),
+        "failed_post_samples": submissions.failure_samples,
+        "control_queue_left": stack.redis.llen(CONTROL),
+    }
+
+
+def percentile(values: list[float], pct: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+def latency_figures(jobs_ms: list[float], pings_ms: list[float]) -> dict[str, Any]:
+    job_p50, raw_p50 = statistics.median(jobs_ms), statistics.median(pings_ms)
+    return {
+        "n": len(jobs_ms),
+        "job_p50_ms": round(job_p50, 2),
+        "job_p99_ms": round(percentile(jobs_ms, 99), 2),
+        "job_max_ms": round(max(jobs_ms), 2),
+        "raw_p50_ms": round(raw_p50, 2),
+        "raw_p99_ms": round(percentile(pings_ms, 99), 2),
+        "raw_max_ms": round(max(pings_ms), 2),
+        "ratio_p50": round(job_p50 / raw_p50, 2),
+    }
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    with running_stack(workdir) as stack, FinalEvents(stack.redis) as events:
+        print(f"stack up: API {stack.api_url} ({Path(stack.api_command[0]).name} {' '.join(stack.api_command[1:3])}), "
+              f"control worker -c 2, SQLite, Redis on port {stack.redis.connection_pool.connection_kwargs['port']}")
+        load_before = os.getloadavg()
+        print(f"latency: {args.n} noop jobs and {args.n} raw pings, interleaved ...")
+        latency = latency_figures(*measure_latency(stack, events, args.n))
+        print(f"throughput: {args.concurrent} concurrent submissions from {args.threads} threads ...")
+        throughput = measure_throughput(stack, events, args.concurrent, args.threads, args.deadline)
+        return {
+            **latency,
+            **throughput,
+            "goals": {"not_final == 0": throughput["not_final"] == 0, "failed_posts == 0": throughput["failed_posts"] == 0},
+            "db": "sqlite",
+            "api_command": [Path(stack.api_command[0]).name, *stack.api_command[1:]],
+            "worker": f"celery worker -Q {CONTROL} -c 2",
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def print_report(results: dict[str, Any]) -> None:
+    print(f"\n{'':32}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
+    print(f"{'job: POST -> succeeded event':32}{results['job_p50_ms']:>10.2f}{results['job_p99_ms']:>10.2f}{results['job_max_ms']:>10.2f}")
+    print(f"{'baseline: raw Celery ping':32}{results['raw_p50_ms']:>10.2f}{results['raw_p99_ms']:>10.2f}{results['raw_max_ms']:>10.2f}")
+    print(f"ratio job p50 / raw p50: {results['ratio_p50']:.2f}  (n = {results['n']} each)")
+    print(f"\nsubmissions: {results['accepted']} of {results['submitted']} accepted in {results['submission_wall_s']:.2f} s "
+          f"from {results['threads']} threads = {results['accepted_per_s']:.1f} jobs/s")
+    print(f"all final after {results['all_final_after_s']:.2f} s = {results['completed_per_s']:.1f} jobs/s completed; "
+          f"states {results['final_states']}")
+    print(f"not final: {results['not_final']} (goal 0); failed POSTs: {results['failed_posts']} {results['failed_post_codes'] or ''}")
+    for status, sample in results["failed_post_samples"].items():
+        print(f"  first {status}: {sample}")
+
+
+def write_results(results: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / "jobs.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the cleanup in `finally` runs as it does for Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=200, help="timed round trips of each kind (default 200)")
+    parser.add_argument("--concurrent", type=int, default=1000, help="concurrent submissions (default 1000)")
+    parser.add_argument("--threads", type=int, default=50, help="client threads submitting them (default 50)")
+    parser.add_argument("--deadline", type=float, default=300, help="seconds to wait for every accepted job to be final")
+    args = parser.parse_args(argv)
+    if args.n < 2 or args.concurrent < 1 or args.threads < 1:
+        parser.error("--n must be at least 2, --concurrent and --threads at least 1")
+    exit_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix="laxcluster-bench-jobs-") as workdir:
+        try:
+            results = measure(args, Path(workdir))
+        except BenchError as error:
+            print(f"benchmark failed: {error}", file=sys.stderr)
+            return 1
+    print_report(results)
+    print(f"\nwrote {write_results(results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
