@@ -31,7 +31,9 @@ def make_test_config(tmp_dir: Path) -> Path:
     var_dir = (tmp_dir / "var").resolve()
     lab = raw["lab"]
     lab["prefix"] = "lt" + "".join(random.choices(string.ascii_lowercase + string.digits, k=3))
-    lab["tgt_control_port_base"] = _free_control_port_base(len([s for site in raw["sites"] for s in site.get("sans", [])]))
+    sans = [san for site in raw["sites"] for san in site.get("sans", [])]
+    for index, san in enumerate(sans, start=_free_control_port_base(len(sans))):
+        san["tgt_control_port"] = index
     moves = _move_networks(lab["networks"])
     raw["var_dir"] = str(var_dir)
     for site in raw["sites"]:
