@@ -6,13 +6,14 @@ tgtd ignores SIGTERM; it stops once its targets and then the system are deleted 
 
 from __future__ import annotations
 
-import re
 import subprocess
 from pathlib import Path
 
-from lab.errors import LabError
 from lab import processes
+from lab.errors import LabError
 from workers.command import run
+from workers.errors import CommandFailed
+from workers.san.tgt import Tgt
 
 SOCKET_DIR = Path("/var/run/tgtd")
 START_TIMEOUT_S = 15
@@ -52,18 +53,13 @@ def answers(control_port: int) -> bool:
     return proc.returncode == 0 and b"State: ready" in proc.stdout
 
 
-def target_ids(control_port: int) -> list[int]:
-    """IDs of every iSCSI target the tgtd on `control_port` has."""
-    proc = run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "show", "--mode", "target"], check=False, timeout=10)
-    return [int(tid) for tid in re.findall(r"^Target (\d+):", proc.stdout.decode(), re.MULTILINE)] if proc.returncode == 0 else []
-
-
 def stop(control_port: int, pid: int | None) -> None:
     """Delete every target, then the system, so tgtd exits; SIGKILL it if it lingers. Harmless if it is not running."""
     if answers(control_port):
-        for tid in target_ids(control_port):
-            run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", str(tid), "--force"], check=False)
-        run(["tgtadm", "-C", str(control_port), "--lld", "iscsi", "--op", "delete", "--mode", "system"], check=False)
+        try:
+            Tgt(control_port).stop_daemon()
+        except CommandFailed:
+            pass  # e.g. a target vanished meanwhile; whatever still runs gets SIGKILL below
     if pid:
         processes.stop([pid], timeout=STOP_TIMEOUT_S)
     for leftover in (SOCKET_DIR / f"socket.{control_port}", SOCKET_DIR / f"socket.{control_port}.lock"):

@@ -2,10 +2,10 @@
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from lab.testing import leftovers, make_test_config
 from tests.lab.conftest import need_lab
 from tests.support import missing, wait_for
 from workers.command import run
+from workers.san.tgt import Tgt
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +62,27 @@ def test_each_server_answers_over_tcp_with_its_own_name_and_host_uuid(lab: confi
     assert len(uuids) == len(lab.servers())
 
 
-def test_a_server_reaches_its_san_portal_over_the_storage_network(lab: config.Config) -> None:
-    address, port = topology.san_portal(lab, "san-a")
-    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
-    netns = topology.build(lab).host("cs1").netns
+def test_a_server_reads_a_lun_its_san_exports_over_the_storage_network(lab: config.Config) -> None:
+    _site, san = lab.san("san-a")
+    cs1 = next(server for _site, _cluster, server in lab.servers() if server.name == "cs1")
+    tgt = Tgt(topology.tgt_control_port(lab, "san-a"))
+    iqn = f"{lab.raw['iqn_prefix']}:lab-probe-{secrets.token_hex(3)}"
+    disk = san.pool_path / f"{iqn.rpartition(':')[2]}.img"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    try:
+        tgt.export_lun(iqn, 1, str(disk))
+        tgt.bind_initiators(iqn, [cs1.initiator])
+        address, port = topology.san_portal(lab, "san-a")
+        opts = f"driver=iscsi,transport=tcp,portal={address}:{port},target={iqn},lun=1,initiator-name={cs1.initiator}"
 
-    run(["ip", "netns", "exec", netns, sys.executable, "-c", probe, address, str(port)])
+        # From inside cs1's namespace, as the QEMU of a guest on cs1 would.
+        info = run(["ip", "netns", "exec", topology.build(lab).host("cs1").netns, "qemu-img", "info", "--output=json", "--image-opts", opts])
+
+        assert json.loads(info.stdout)["virtual-size"] == 16 << 20
+    finally:
+        tgt.unexport(iqn, force=True)
+        disk.unlink(missing_ok=True)
 
 
 def test_a_san_pool_is_xfs_with_reflink(lab: config.Config) -> None:
