@@ -1,6 +1,6 @@
 """The LaxCluster HTTP API: a thin Flask layer over the inventory DB and the job queue.
 
-`create_app()` builds the app; `waitress` (see `laxcluster run`) serves it. Every route needs a
+`create_app()` builds the app; gunicorn's threaded worker (see `laxcluster run`) serves it. Every route needs a
 bearer token except `GET /health`; errors are problem+json; `GET /openapi.json` describes it all.
 """
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import auth, health, ipam, jobs, openapi, problems, servers, storage, topology, vms
+from api import auth, console, health, ipam, jobs, openapi, problems, servers, storage, topology, vms
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
-              ipam.subnets, ipam.leases, vms.blueprint)
+              ipam.subnets, ipam.leases, vms.blueprint, console.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:

@@ -94,8 +94,16 @@ def celery_services(config: Config) -> list[Service]:
 
 def api_service(config: Config) -> Service:
     api = config.section("api")
-    return Service("api", [sys.executable, "-m", "waitress", f"--host={api['host']}", f"--port={api['port']}",
-                           "--threads=16", "--call", "api:create_app"], config.var_dir.resolve() / "log" / "api.log")
+    return Service("api", api_argv(api["host"], api["port"]), config.var_dir.resolve() / "log" / "api.log")
+
+
+def api_argv(host: str, port: int, threads: int = 16) -> list[str]:
+    """The command serving the API: gunicorn's threaded worker, which hands websocket routes (the console) their socket.
+
+    Console sessions are long-lived, so a stop waits only a few seconds for them.
+    """
+    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(threads),
+            "--bind", f"{host}:{port}", "--graceful-timeout", "5", "api:create_app()"]
 
 
 class Supervisor:

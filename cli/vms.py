@@ -1,4 +1,4 @@
-"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|delete`: virtual machines."""
+"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|delete|console`: virtual machines."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from cli.client import Client, api
+from cli.console import console
 from cli.output import json_option, print_fields, print_json, print_table
 from cli.submitted import show_job, watch_option
 from cli.volumes import VOLUME_COLUMNS
@@ -130,3 +131,6 @@ def delete(name: str, watch: bool) -> None:
     """Delete VM NAME: stop it, remove its domain, volumes and export, release its address; as a job."""
     client = api()
     show_job(client, client.request("DELETE", f"/vms/{name}").json(), watch)
+
+
+vm.add_command(console)
