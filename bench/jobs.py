@@ -61,6 +61,7 @@ ROUND_TRIP_TIMEOUT_S = 60
 POST_TIMEOUT_S = 120
 POLL_S = 0.5
 LOG_TAIL_LINES = 25
+PROBLEM_MARKS = ("ERROR", "Traceback", "database is locked", "CRITICAL")
 
 
 class BenchError(Exception):
@@ -77,6 +78,7 @@ class Stack:
     celery: Celery
     redis: redis.Redis
     api_command: list[str]
+    services: list[Service]
 
 
 def free_port() -> int:
@@ -158,8 +160,8 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         api_url = f"http://{cfg.section('api')['host']}:{cfg.section('api')['port']}"
         wait_until(lambda: " ready." in worker.log.read_text(), "the control worker to be ready", supervisor.running)
         wait_until(lambda: http_ok(f"{api_url}/health"), "the API to answer", supervisor.running)
-        yield Stack(api_url, token, engine, celery, client, api.argv)
-    except BaseException:
+        yield Stack(api_url, token, engine, celery, client, api.argv, list(supervisor.running))
+    except Exception:
         print_log_tails(supervisor.running)
         raise
     finally:
@@ -176,17 +178,19 @@ def print_log_tails(services: list[Service]) -> None:
             print(f"--- last lines of {service.log} ({service.name}):", *tail, sep="\n", file=sys.stderr)
 
 
-class FinalEvents:
-    """Notes when each job's final event arrives on Redis pub/sub; subscribed before any job is sent."""
+class JobEvents:
+    """Notes every job event seen on Redis pub/sub (subscribed before any job is sent): when each state
+    was first published (the event's own `at`) and when the final event arrived here."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._pubsub = client.pubsub()
-        self._arrived: dict[str, tuple[str, float]] = {}
+        self._published: dict[str, dict[str, float]] = {}
+        self._final: dict[str, tuple[str, float, float]] = {}
         self._changed = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="final-events", daemon=True)
+        self._thread = threading.Thread(target=self._listen, name="job-events", daemon=True)
 
-    def __enter__(self) -> FinalEvents:
+    def __enter__(self) -> JobEvents:
         self._pubsub.psubscribe("job:*:events")
         # Redis confirms the subscription only once it is active: events after this are not missed.
         confirmed = self._pubsub.get_message(timeout=10)
@@ -200,28 +204,47 @@ class FinalEvents:
         self._thread.join()
         self._pubsub.close()
 
-    def wait(self, job_id: str, timeout: float) -> tuple[str, float]:
-        """(final state, perf_counter when its event arrived) of `job_id`; BenchError after `timeout`."""
+    def wait_final(self, job_id: str, timeout: float) -> tuple[str, float, float]:
+        """(final state, perf_counter and wall time when its event arrived) of `job_id`; BenchError after `timeout`."""
         with self._changed:
-            if not self._changed.wait_for(lambda: job_id in self._arrived, timeout):
+            if not self._changed.wait_for(lambda: job_id in self._final, timeout):
                 raise BenchError(f"job {job_id} sent no final event within {timeout}s")
-            return self._arrived[job_id]
+            return self._final[job_id]
 
-    def count(self, job_ids: set[str]) -> int:
+    def published(self, job_id: str) -> dict[str, float]:
+        """Wall time each state of `job_id` was first published, by state."""
         with self._changed:
-            return len(job_ids & self._arrived.keys())
+            return dict(self._published.get(job_id, {}))
+
+    def count_final(self, job_ids: set[str]) -> int:
+        with self._changed:
+            return len(job_ids & self._final.keys())
 
     def _listen(self) -> None:
         while not self._stop.is_set():
             message = self._pubsub.get_message(timeout=POLL_S)
             if message is None or message["type"] != "pmessage":
                 continue
-            arrived = time.perf_counter()
+            arrived, arrived_wall = time.perf_counter(), time.time()
             event = json.loads(message["data"])
-            if event.get("state") in FINAL_STATES:
-                with self._changed:
-                    self._arrived.setdefault(event["job_id"], (event["state"], arrived))
+            with self._changed:
+                self._published.setdefault(event["job_id"], {}).setdefault(event["state"], event["at"])
+                if event["state"] in FINAL_STATES:
+                    self._final.setdefault(event["job_id"], (event["state"], arrived, arrived_wall))
                     self._changed.notify_all()
+
+
+@dataclass(frozen=True)
+class JobTrip:
+    """One noop job's round trip in milliseconds: in total, until the POST's answer, and by segment."""
+
+    total_ms: float
+    post_ms: float
+    segments_ms: dict[str, float]
+
+
+SEGMENTS = ("api: POST sent -> queued published", "queue: queued -> running published",
+            "run: running -> succeeded published", "notify: succeeded published -> received")
 
 
 def api_session(stack: Stack) -> requests.Session:
@@ -230,17 +253,22 @@ def api_session(stack: Stack) -> requests.Session:
     return session
 
 
-def time_job(stack: Stack, session: requests.Session, events: FinalEvents) -> float:
-    """Milliseconds from sending `POST /jobs/noop` to receiving that job's `succeeded` event."""
-    start = time.perf_counter()
+def time_job(stack: Stack, session: requests.Session, events: JobEvents) -> JobTrip:
+    """Send `POST /jobs/noop` and time it until its answer and until that job's `succeeded` event arrives."""
+    start, start_wall = time.perf_counter(), time.time()
     response = session.post(f"{stack.api_url}/jobs/noop", json={"seconds": 0}, timeout=POST_TIMEOUT_S)
+    answered = time.perf_counter()
     if response.status_code != 202:
         raise BenchError(f"POST /jobs/noop answered {response.status_code}: {response.text[:500]}")
     job_id = response.json()["id"]
-    state, arrived = events.wait(job_id, ROUND_TRIP_TIMEOUT_S)
+    state, arrived, arrived_wall = events.wait_final(job_id, ROUND_TRIP_TIMEOUT_S)
     if state != "succeeded":
         raise BenchError(f"noop job {job_id} ended {state}: {session.get(f'{stack.api_url}/jobs/{job_id}').text}")
-    return (arrived - start) * 1000
+    # Segments compare wall clocks of processes on this one machine; the totals use perf_counter.
+    marks = events.published(job_id)
+    points = [start_wall, marks["queued"], marks["running"], marks["succeeded"], arrived_wall]
+    segments = {name: (end - begin) * 1000 for name, begin, end in zip(SEGMENTS, points, points[1:])}
+    return JobTrip((arrived - start) * 1000, (answered - start) * 1000, segments)
 
 
 def time_ping(stack: Stack, value: int) -> float:
@@ -255,18 +283,18 @@ def time_ping(stack: Stack, value: int) -> float:
     return elapsed
 
 
-def measure_latency(stack: Stack, events: FinalEvents, n: int) -> tuple[list[float], list[float]]:
+def measure_latency(stack: Stack, events: JobEvents, n: int) -> tuple[list[JobTrip], list[float]]:
     """`n` job and `n` raw round trips, interleaved (job, ping, job, ...) after a warm-up of each."""
-    jobs_ms: list[float] = []
+    trips: list[JobTrip] = []
     pings_ms: list[float] = []
     with api_session(stack) as session:
         for i in range(WARMUP):
             time_job(stack, session, events)
             time_ping(stack, -1 - i)
         for i in range(n):
-            jobs_ms.append(time_job(stack, session, events))
+            trips.append(time_job(stack, session, events))
             pings_ms.append(time_ping(stack, i))
-    return jobs_ms, pings_ms
+    return trips, pings_ms
 
 
 @dataclass
@@ -276,6 +304,7 @@ class Submissions:
     accepted: list[str] = field(default_factory=list)
     failures: Counter[str] = field(default_factory=Counter)
     failure_samples: dict[str, str] = field(default_factory=dict)
+    accepted_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
 
@@ -285,31 +314,36 @@ def submit_concurrently(stack: Stack, count: int, threads: int) -> Submissions:
     sessions: list[requests.Session] = []
     lock = threading.Lock()
 
-    def post(_: int) -> tuple[str, str]:
+    def post(_: int) -> tuple[str, str, float]:
         if not hasattr(local, "session"):
             local.session = api_session(stack)
             with lock:
                 sessions.append(local.session)
+        start = time.perf_counter()
         try:
             response = local.session.post(f"{stack.api_url}/jobs/noop", json={"seconds": 0}, timeout=POST_TIMEOUT_S)
         except requests.RequestException as error:
-            return type(error).__name__, str(error)[:500]
+            return type(error).__name__, str(error)[:500], 0.0
+        elapsed_ms = (time.perf_counter() - start) * 1000
         if response.status_code == 202:
-            return "202", response.json()["id"]
-        return str(response.status_code), response.text[:500]
+            return "202", response.json()["id"], elapsed_ms
+        return str(response.status_code), response.text[:500], elapsed_ms
 
     outcome = Submissions()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="submit")
     start = time.perf_counter()
     try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="submit") as pool:
-            results = list(pool.map(post, range(count)))
+        results = list(pool.map(post, range(count)))
         outcome.wall_s = time.perf_counter() - start
     finally:
+        # On Ctrl-C or SIGTERM, drop the submissions not yet sent instead of waiting for them.
+        pool.shutdown(wait=False, cancel_futures=True)
         for session in sessions:
             session.close()
-    for status, detail in results:
+    for status, detail, elapsed_ms in results:
         if status == "202":
             outcome.accepted.append(detail)
+            outcome.accepted_ms.append(elapsed_ms)
         else:
             outcome.failures[status] += 1
             outcome.failure_samples.setdefault(status, detail)
@@ -340,7 +374,7 @@ def wait_all_final(engine: Engine, job_ids: list[str], deadline_s: float) -> tup
         time.sleep(POLL_S)
 
 
-def measure_throughput(stack: Stack, events: FinalEvents, count: int, threads: int, deadline_s: float) -> dict[str, Any]:
+def measure_throughput(stack: Stack, events: JobEvents, count: int, threads: int, deadline_s: float) -> dict[str, Any]:
     submissions = submit_concurrently(stack, count, threads)
     states, drained_s = wait_all_final(stack.engine, submissions.accepted, deadline_s)
     accepted = len(submissions.accepted)
@@ -351,11 +385,14 @@ def measure_throughput(stack: Stack, events: FinalEvents, count: int, threads: i
         "accepted": accepted,
         "submission_wall_s": round(submissions.wall_s, 3),
         "accepted_per_s": round(accepted / submissions.wall_s, 1),
+        **({"post_p50_ms_under_load": round(statistics.median(submissions.accepted_ms), 1),
+            "post_p99_ms_under_load": round(percentile(submissions.accepted_ms, 99), 1),
+            "post_max_ms_under_load": round(max(submissions.accepted_ms), 1)} if accepted > 1 else {}),
         "all_final_after_s": round(total_s, 3),
         "completed_per_s": round(accepted / total_s, 1) if accepted else 0.0,
         "final_states": dict(states),
         "not_final": not_final(states),
-        "final_events_received": events.count(set(submissions.accepted)),
+        "final_events_received": events.count_final(set(submissions.accepted)),
         "failed_posts": sum(submissions.failures.values()),
         "failed_post_codes": dict(submissions.failures),
         "failed_post_samples": submissions.failure_samples,
@@ -367,10 +404,15 @@ def percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
-def latency_figures(jobs_ms: list[float], pings_ms: list[float]) -> dict[str, Any]:
+def latency_figures(trips: list[JobTrip], pings_ms: list[float]) -> dict[str, Any]:
+    jobs_ms, posts_ms = [trip.total_ms for trip in trips], [trip.post_ms for trip in trips]
     job_p50, raw_p50 = statistics.median(jobs_ms), statistics.median(pings_ms)
     return {
         "n": len(jobs_ms),
+        "job_post_p50_ms": round(statistics.median(posts_ms), 2),
+        "job_post_p99_ms": round(percentile(posts_ms, 99), 2),
+        "job_segments_p50_ms": {name: round(statistics.median(trip.segments_ms[name] for trip in trips), 2)
+                                for name in SEGMENTS},
         "job_p50_ms": round(job_p50, 2),
         "job_p99_ms": round(percentile(jobs_ms, 99), 2),
         "job_max_ms": round(max(jobs_ms), 2),
@@ -382,7 +424,7 @@ def latency_figures(jobs_ms: list[float], pings_ms: list[float]) -> dict[str, An
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with running_stack(workdir) as stack, FinalEvents(stack.redis) as events:
+    with running_stack(workdir) as stack, JobEvents(stack.redis) as events:
         print(f"stack up: API {stack.api_url} ({Path(stack.api_command[0]).name} {' '.join(stack.api_command[1:3])}), "
               f"control worker -c 2, SQLite, Redis on port {stack.redis.connection_pool.connection_kwargs['port']}")
         load_before = os.getloadavg()
@@ -393,6 +435,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         return {
             **latency,
             **throughput,
+            "log_problems": log_problems(stack.services),
             "goals": {"not_final == 0": throughput["not_final"] == 0, "failed_posts == 0": throughput["failed_posts"] == 0},
             "db": "sqlite",
             "api_command": [Path(stack.api_command[0]).name, *stack.api_command[1:]],
@@ -404,18 +447,37 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         }
 
 
+def log_problems(services: list[Service]) -> dict[str, Any]:
+    """Per service, how many log lines report an error, a traceback or a locked DB, and the first of them."""
+    problems: dict[str, Any] = {}
+    for service in services:
+        lines = [line for line in service.log.read_text(errors="replace").splitlines()
+                 if any(mark in line for mark in PROBLEM_MARKS)]
+        if lines:
+            problems[service.name] = {"lines": len(lines), "first": lines[0][:500]}
+    return problems
+
+
 def print_report(results: dict[str, Any]) -> None:
     print(f"\n{'':32}{'p50 ms':>10}{'p99 ms':>10}{'max ms':>10}")
     print(f"{'job: POST -> succeeded event':32}{results['job_p50_ms']:>10.2f}{results['job_p99_ms']:>10.2f}{results['job_max_ms']:>10.2f}")
+    print(f"{'  of which POST -> 202 answer':32}{results['job_post_p50_ms']:>10.2f}{results['job_post_p99_ms']:>10.2f}")
+    for name, p50 in results["job_segments_p50_ms"].items():
+        print(f"{'    ' + name.split(':')[0]:32}{p50:>10.2f}   ({name.split(': ')[1]})")
     print(f"{'baseline: raw Celery ping':32}{results['raw_p50_ms']:>10.2f}{results['raw_p99_ms']:>10.2f}{results['raw_max_ms']:>10.2f}")
     print(f"ratio job p50 / raw p50: {results['ratio_p50']:.2f}  (n = {results['n']} each)")
     print(f"\nsubmissions: {results['accepted']} of {results['submitted']} accepted in {results['submission_wall_s']:.2f} s "
           f"from {results['threads']} threads = {results['accepted_per_s']:.1f} jobs/s")
+    if "post_p50_ms_under_load" in results:
+        print(f"POST -> 202 under load: p50 {results['post_p50_ms_under_load']:.1f} ms, "
+              f"p99 {results['post_p99_ms_under_load']:.1f} ms, max {results['post_max_ms_under_load']:.1f} ms")
     print(f"all final after {results['all_final_after_s']:.2f} s = {results['completed_per_s']:.1f} jobs/s completed; "
           f"states {results['final_states']}")
     print(f"not final: {results['not_final']} (goal 0); failed POSTs: {results['failed_posts']} {results['failed_post_codes'] or ''}")
     for status, sample in results["failed_post_samples"].items():
         print(f"  first {status}: {sample}")
+    for name, problem in results["log_problems"].items():
+        print(f"log of {name}: {problem['lines']} problem lines, first: {problem['first']}")
 
 
 def write_results(results: dict[str, Any]) -> Path:
