@@ -48,8 +48,8 @@ def _healthy(proc: subprocess.Popen, served: ServedApi) -> bool:
     if proc.poll() is not None:
         raise AssertionError(f"gunicorn exited {proc.returncode}:\n{served.log.read_text()[-3000:]}")
     try:
-        return requests.get(served.url + "/health", timeout=2).status_code == 200
-    except requests.ConnectionError:
+        return requests.get(served.url + "/health", timeout=5).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):
         return False
 
 
