@@ -76,6 +76,8 @@ def release(session: Session, vm_id: int) -> int:
     leases = session.scalars(select(Lease).where(Lease.vm_id == vm_id)).all()
     for lease in leases:
         session.delete(lease)
+    # Leases have no ORM relationship to their VM, so flush now: a VM deleted next must not go first.
+    session.flush()
     return len(leases)
 
 
