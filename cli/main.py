@@ -8,6 +8,7 @@ from cli.lab import lab
 from cli.servers import servers
 from cli.subnets import subnet
 from cli.templates import template
+from cli.run import run
 from cli.tokens import token
 from cli.vms import vm
 from cli.volumes import san, volume
@@ -24,6 +25,7 @@ def cli(ctx: click.Context, url: str | None, token: str | None) -> None:
     ctx.obj = Settings(url=url, token=token)
 
 
+cli.add_command(run)
 cli.add_command(lab)
 cli.add_command(token)
 cli.add_command(servers)
