@@ -4,11 +4,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from models import Cluster, ClusterServer, San, Site
+from models import Cluster, ClusterServer, San, Site, Subnet
+from tasks import ipam
 
 
 def sync_from_config(session: Session, config: Config) -> None:
-    """Create or update the Site, Cluster, ClusterServer and San rows the config describes."""
+    """Create or update the Site, Cluster, ClusterServer and San rows the config describes, and add
+    its subnets that the network DB does not have yet."""
+    for subnet in config.raw.get("subnets", []):
+        if session.scalar(select(Subnet.id).where(Subnet.name == subnet["name"])) is None:
+            ipam.create_subnet(session, name=subnet["name"], cidr=subnet["cidr"], gateway=subnet.get("gateway"),
+                               dns=list(subnet.get("dns", [])), range_start=subnet["range_start"],
+                               range_end=subnet["range_end"], mac_prefix=subnet.get("mac_prefix", "52:54:00"))
     for site_config in config.sites:
         site = _named(session, Site, site_config.name) or Site(name=site_config.name)
         session.add(site)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from models import Cluster, ClusterServer, San, Site, Template, VirtualMachine
+from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
 from tasks import ipam
 from tasks.context import JobContext
 from tasks.placement import place
@@ -62,7 +62,8 @@ class InstallRequest:
 
 
 def reserve_vm(session: Session, config: Config, request: InstallRequest) -> VirtualMachine:
-    """Make the VM row (state `installing`) and its lease in the caller's transaction."""
+    """Make the VM row (state `installing`) and its lease (from the asked or the default subnet) in
+    the caller's transaction."""
     validate_name(request.name)
     if len(request.name) > MAX_VM_NAME:
         raise InvalidInput(f"VM names are at most {MAX_VM_NAME} characters", field="name")
@@ -78,9 +79,15 @@ def reserve_vm(session: Session, config: Config, request: InstallRequest) -> Vir
                         desired_state="running", ssh_keys=list(request.ssh_keys), description=request.description)
     session.add(vm)
     session.flush()
-    if request.subnet:
-        ipam.allocate_lease(session, ipam.find_subnet(session, request.subnet), vm)
+    subnet = ipam.find_subnet(session, request.subnet) if request.subnet else _default_subnet(session, config)
+    if subnet is not None:
+        ipam.allocate_lease(session, subnet, vm)
     return vm
+
+
+def _default_subnet(session: Session, config: Config) -> Subnet | None:
+    name = config.raw.get("default_subnet")
+    return session.scalar(select(Subnet).where(Subnet.name == name)) if name else None
 
 
 def _asked_server(session: Session, name: str | None) -> ClusterServer | None:
