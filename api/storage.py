@@ -192,7 +192,7 @@ def template_import():
         if db.scalar(select(Template.id).where(Template.name == name, Template.san_id == san.id)) is not None:
             raise TemplateExists(f"template {name} exists on {san.name}", name=name, san=san.name)
         site = san.site.name
-    return submit_job(kind="import-template", target=f"template/{name}", queue=san_queue(site),
+    return submit_job(kind="import-template", target=f"template/{san.name}/{name}", queue=san_queue(site),
                       action="template.import", params=params)
 
 

@@ -4,7 +4,8 @@ every server correct the DB's VM states from libvirt.
 A running job keeps `job:<id>:alive` fresh (tasks.runner.Heartbeat). When that key is gone, the
 worker died mid-job: the job is dispatched again for its current attempt (its steps are
 idempotent), or, after `max_attempts` or for kinds that must not re-run, dispatched to run its
-cleanup only and end `failed` with WorkerLost.
+cleanup only and end `failed` with WorkerLost. A job queued for long is sent again, in case
+its message was lost.
 """
 
 from datetime import timedelta
@@ -12,7 +13,7 @@ from datetime import timedelta
 from celery.signals import worker_ready
 from sqlalchemy import select
 
-from models import RUNNING, ClusterServer, Job, utcnow
+from models import QUEUED, RUNNING, ClusterServer, Job, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
@@ -47,6 +48,7 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
     with transaction(rt.sessions) as session:
         orphans = [job for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.updated_at < grace))
                    if not rt.redis.exists(alive_key(job.id))]
+    done["redispatched"] = redispatch_stale_queued(rt, settings)
     for job in orphans:
         # Claim the re-dispatch for one heartbeat period, so the next tick does not send it again.
         if not rt.redis.set(alive_key(job.id), "requeued", ex=ttl * 2, nx=True):
@@ -55,6 +57,22 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
         dispatch(app, job, rollback=not rerun)
         done["rerun" if rerun else "rollback"].append(job.id)
     return done
+
+
+def redispatch_stale_queued(rt: Runtime, settings: dict) -> list[str]:
+    """Send queued jobs again whose message may be lost (a broker restarted without its data).
+
+    A duplicate message is harmless: only the one matching the job's attempt can claim it.
+    """
+    stale = utcnow() - timedelta(seconds=int(settings["requeue_after_s"]))
+    with transaction(rt.sessions) as session:
+        queued = list(session.scalars(select(Job).where(Job.state == QUEUED, Job.created_at < stale)))
+    sent = []
+    for job in queued:
+        if rt.redis.set(f"job:{job.id}:redispatched", 1, ex=int(settings["requeue_after_s"]), nx=True):
+            dispatch(app, job)
+            sent.append(job.id)
+    return sent
 
 
 @worker_ready.connect

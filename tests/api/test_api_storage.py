@@ -92,7 +92,7 @@ def test_a_template_import_is_a_job_on_the_sans_queue(rt, client, tokens):
     response = client.post("/templates", json=body, headers=bearer(tokens["operator"]))
     assert response.status_code == 202, response.get_data(as_text=True)
     job = response.get_json()
-    assert (job["kind"], job["target"], job["queue"]) == ("import-template", "template/alpine", "san.site-b")
+    assert (job["kind"], job["target"], job["queue"]) == ("import-template", "template/san-b/alpine", "san.site-b")
     assert job["params"] == {"name": "alpine", "san": "san-b", "source_path": "/srv/images/alpine.qcow2",
                              "os": "alpine3", "default_size_bytes": 2 * GIB}
 

@@ -40,7 +40,7 @@ def cluster(rt, celery_app, celery_worker, tiny):
     celery_worker([CONTROL, san_queue("site-a"), node_queue("cs1"), node_queue("cs2")], concurrency=4)
     run_job(rt, celery_app, "refresh-servers", "servers", CONTROL, {})
     boot = {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline}
-    run_job(rt, celery_app, "import-template", "template/tiny", san_queue("site-a"),
+    run_job(rt, celery_app, "import-template", "template/san-a/tiny", san_queue("site-a"),
             {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk), "boot": boot})
     return rt
 

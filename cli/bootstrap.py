@@ -1,0 +1,66 @@
+"""The first jobs of an embedded LaxCluster: server and SAN facts, and the lab's `tiny` template."""
+
+import time
+
+from sqlalchemy import select
+
+import config
+from lab.template import build_tiny
+from models import Job, San, Site, Template
+from models.db import transaction
+from tasks import jobs
+from tasks.app import make_celery
+from tasks.dispatch import dispatch
+from tasks.progress import announce
+from tasks.queues import CONTROL, san_queue
+from tasks.runtime import make_runtime
+
+BOOTSTRAP_TIMEOUT_S = 300
+
+
+def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:
+    """Refresh every server and SAN, import `tiny` where a lab SAN lacks it; wait and return the jobs."""
+    rt = make_runtime(cfg)
+    celery = make_celery(cfg)
+    try:
+        with transaction(rt.sessions) as session:
+            sans = [(san.name, site.name) for san, site in session.execute(select(San, Site).join(Site))]
+            have_tiny = set(session.scalars(select(San.name).join(Template, Template.san_id == San.id)
+                                            .where(Template.name == "tiny")))
+        wanted = [("refresh-servers", "servers", CONTROL, {})]
+        wanted += [("refresh-san", f"san/{name}", san_queue(site), {"san": name}) for name, site in sans]
+        if with_lab:
+            tiny = build_tiny(cfg.var_dir / "lab" / "templates" / "tiny")
+            boot = {"kernel": str(tiny.kernel.resolve()), "initrd": str(tiny.initrd.resolve()), "cmdline": tiny.cmdline}
+            wanted += [("import-template", f"template/{name}/tiny", san_queue(site),
+                        {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()), "os": "busybox", "boot": boot})
+                       for name, site in sans if name not in have_tiny]
+        submitted = [_submit(rt, celery, *job) for job in wanted]
+        return [_wait(rt, job.id) for job in submitted]
+    finally:
+        celery.close()
+        rt.engine.dispose()
+
+
+def _submit(rt, celery, kind: str, target: str, queue: str, params: dict) -> Job:
+    """Start the job, or, when an earlier run left one for the same target, send that one again."""
+    try:
+        with transaction(rt.sessions) as session:
+            job, _ = jobs.submit(session, kind=kind, target=target, queue=queue, params=params,
+                                 requested_by="laxcluster run")
+        announce(rt.redis, job)
+    except jobs.TargetBusy as busy:
+        with rt.sessions() as session:
+            job = session.get(Job, busy.extra["job_id"])
+    dispatch(celery, job)
+    return job
+
+
+def _wait(rt, job_id: str) -> Job:
+    deadline = time.monotonic() + BOOTSTRAP_TIMEOUT_S
+    while True:
+        with rt.sessions() as session:
+            job = session.get(Job, job_id)
+        if job.is_final or time.monotonic() > deadline:
+            return job
+        time.sleep(0.5)
