@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from celery.signals import worker_ready
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
 from models import Lease, San, Subnet, Template, VirtualMachine, Volume
+from tasks import runtime
+from tasks.app import app
 from tasks.context import JobContext
+from tasks.queues import san_queue
 from tasks.storage import backend_for, site_initiators, target_for
 from tasks.workflow import workflow
 from workers.command import output, run
@@ -23,7 +27,7 @@ from workers.errors import Conflict, NotFound
 from workers.node.seed import make_seed
 from workers.san.backend import VolumeBackend
 from workers.san.shrink import safe_shrink
-from workers.san.tgt import validate_iqn
+from workers.san.tgt import Export, validate_iqn
 
 DISK_LUN, SEED_LUN = 1, 2
 SECTOR = 512
@@ -213,6 +217,27 @@ def refresh_luns(ctx: JobContext) -> dict[str, Any]:
     for volume in volumes:
         _refresh_lun(san_place(ctx.rt.config, san_names[volume.id]), volume, vm_running=False)
     return {"luns": len(volumes)}
+
+
+@app.task(name="laxcluster.restore_exports")
+def restore_exports(san_name: str) -> list[str]:
+    """Make the SAN's tgtd export what the inventory says (after a tgtd or SAN restart); return the changes."""
+    rt = runtime.current()
+    place = san_place(rt.config, san_name)
+    with rt.sessions() as session:
+        volumes = session.scalars(select(Volume).join(San).where(San.name == san_name, Volume.iscsi_target.is_not(None))).all()
+    luns: dict[str, dict[int, str]] = {}
+    for volume in volumes:
+        luns.setdefault(volume.iscsi_target, {})[volume.iscsi_lun] = place.backend.path_for_export(volume.backend_handle)
+    exports = [Export(iqn, by_lun, site_initiators(place.site)) for iqn, by_lun in luns.items()]
+    return target_for(place.san).reconcile(exports)
+
+
+@worker_ready.connect
+def restore_exports_when_a_worker_starts(sender, **_: object) -> None:
+    """tgtd keeps no state across restarts: whichever worker starts asks each SAN to re-create its exports."""
+    for site, san in runtime.current().config.sans():
+        app.send_task("laxcluster.restore_exports", args=[san.name], queue=san_queue(site.name), expires=300)
 
 
 @workflow("refresh-san")

@@ -1,0 +1,30 @@
+"""Lab fixtures for VM tests: the lab in the inventory with workers on site-a's queues and `tiny` imported."""
+
+import pytest
+
+from lab.template import build_tiny
+from models.db import transaction
+from tasks import ipam
+from tasks.inventory import sync_from_config
+from tasks.queues import CONTROL, node_queue, san_queue
+from tests.vms.lab_helpers import run_job
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def cluster(rt, celery_app, celery_worker, tiny):
+    """The lab in the inventory, with workers on site-a's queues and every server's, fresh server facts and `tiny` imported."""
+    with transaction(rt.sessions) as session:
+        sync_from_config(session, rt.config)
+        ipam.create_subnet(session, name="lan", cidr="192.0.2.0/29", gateway="192.0.2.1", dns=[],
+                           range_start="192.0.2.2", range_end="192.0.2.4")
+    celery_worker([CONTROL, san_queue("site-a"), node_queue("cs1"), node_queue("cs2"), node_queue("cs3")], concurrency=4)
+    run_job(rt, celery_app, "refresh-servers", "servers", CONTROL, {})
+    boot = {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline}
+    run_job(rt, celery_app, "import-template", "template/san-a/tiny", san_queue("site-a"),
+            {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk), "boot": boot})
+    return rt
