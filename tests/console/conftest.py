@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,9 @@ from tests.support import free_port, wait_for
 
 __all__ = ["tokens"]
 REPO = Path(__file__).resolve().parents[2]
+# What the tiny template prints once it has configured itself, and keeps in /etc/laxcluster-boot.
+BOOT_LINE = re.compile(rb"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)")
+ASK_BOOT_LINE = b"cat /etc/laxcluster-boot\n"
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,43 @@ def refused(url: str, token: str | None) -> tuple[int, dict]:
         websocket.create_connection(url, header=headers, timeout=10).close()
     assert refusal.value.resp_headers["content-type"] == "application/problem+json"
     return refusal.value.status_code, json.loads(refusal.value.resp_body)
+
+
+def open_console(api: ServedApi, vm: str, token: str) -> websocket.WebSocket:
+    return websocket.create_connection(api.console_url(vm), header=[f"Authorization: Bearer {token}"], timeout=10)
+
+
+def console_boot_line(api: ServedApi, vm: str, token: str, timeout: float = 120) -> tuple[str, str]:
+    """(hostname, ip) of tiny guest `vm`'s boot line, asked for through the API's console websocket."""
+    ws = open_console(api, vm, token)
+    try:
+        hostname, ip = ask_boot_line(ws, timeout)
+        return hostname.decode(), ip.decode()
+    finally:
+        ws.close()
+
+
+def ask_boot_line(ws: websocket.WebSocket, timeout: float = 120) -> tuple[bytes, bytes]:
+    """Ask the guest's shell for its boot line through `ws` until the guest has booted and answers."""
+    seen = b""
+
+    def asked() -> re.Match | None:
+        nonlocal seen
+        ws.send_bytes(ASK_BOOT_LINE)
+        seen += receive_for(ws, 2.0)
+        return BOOT_LINE.search(seen)
+
+    return wait_for(asked, timeout, "the boot line through the console websocket").groups()
+
+
+def receive_for(ws: websocket.WebSocket, seconds: float) -> bytes:
+    """What `ws` brings within `seconds`."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ws.settimeout(left)
+        try:
+            received += ws.recv_data()[1]
+        except websocket.WebSocketTimeoutException:
+            break
+    return received

@@ -24,15 +24,13 @@ from lab.template import TinyTemplate, build_tiny
 from models import ClusterServer, VirtualMachine
 from models.db import transaction
 from tasks.inventory import sync_from_config
-from tests.console.conftest import REPO, ServedApi, refused
+from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line, open_console, refused
 from tests.support import need_binary, wait_for
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml
 from workers.node.host import connect
 from workers.node.seed import make_seed
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
-BOOT_LINE = re.compile(rb"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)")
-ASK = b"cat /etc/laxcluster-boot\n"
 MAC = "52:54:00:4c:58:09"
 LAXCLUSTER = Path(sys.executable).with_name("laxcluster")
 
@@ -85,8 +83,7 @@ def guest(rt, cs1: libvirt.virConnect, tiny: TinyTemplate, tmp_path: Path) -> It
 
 
 def test_the_console_relays_the_guest_shell_and_closes_when_the_guest_goes(rt, guest, served_api, tokens):
-    ws = websocket.create_connection(served_api.console_url(guest.vm), timeout=10,
-                                     header=[f"Authorization: Bearer {tokens['operator']}"])
+    ws = open_console(served_api, guest.vm, tokens["operator"])
     try:
         assert ask_boot_line(ws) == (b"con1", b"192.0.2.9")
         guest.domain.destroy()
@@ -119,7 +116,7 @@ def test_vm_console_in_a_terminal_shows_the_guest_and_ctrl_bracket_leaves(guest,
         assert not termios.tcgetattr(terminal)[3] & termios.ECHO
 
         def asked() -> re.Match | None:
-            os.write(controller, ASK)
+            os.write(controller, ASK_BOOT_LINE)
             return BOOT_LINE.search(seen.read(wait_s=2))
 
         assert wait_for(asked, 120, "the boot line through vm console").groups() == (b"con1", b"192.0.2.9")
@@ -148,32 +145,6 @@ class Screen:
             if ready_to_read([self.controller], [], [], left)[0]:
                 self.text += os.read(self.controller, 4096)
         return self.text
-
-
-def ask_boot_line(ws: websocket.WebSocket) -> tuple[bytes, bytes]:
-    """Ask the guest's shell for its boot line through `ws` until the guest has booted and answers."""
-    seen = b""
-
-    def asked() -> re.Match | None:
-        nonlocal seen
-        ws.send_bytes(ASK)
-        seen += receive_for(ws, 2.0)
-        return BOOT_LINE.search(seen)
-
-    return wait_for(asked, 120, "the boot line through the console websocket").groups()
-
-
-def receive_for(ws: websocket.WebSocket, seconds: float) -> bytes:
-    """What `ws` brings within `seconds`."""
-    received = b""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        ws.settimeout(left)
-        try:
-            received += ws.recv_data()[1]
-        except websocket.WebSocketTimeoutException:
-            break
-    return received
 
 
 def closed(ws: websocket.WebSocket) -> bool:
