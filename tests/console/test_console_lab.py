@@ -82,15 +82,21 @@ def guest(rt, cs1: libvirt.virConnect, tiny: TinyTemplate, tmp_path: Path) -> It
         domain.undefine()
 
 
-def test_the_console_relays_the_guest_shell_and_closes_when_the_guest_goes(rt, guest, served_api, tokens):
-    ws = open_console(served_api, guest.vm, tokens["operator"])
+def test_the_console_relays_the_guest_shell_and_closes_when_taken_over_or_the_guest_goes(rt, guest, served_api, tokens):
+    first = open_console(served_api, guest.vm, tokens["operator"])
     try:
-        assert ask_boot_line(ws) == (b"con1", b"192.0.2.9")
-        guest.domain.destroy()
-        wait_for(lambda: closed(ws), 30, "the console websocket to close after the guest was destroyed")
+        assert ask_boot_line(first) == (b"con1", b"192.0.2.9")
+        second = open_console(served_api, guest.vm, tokens["operator"])
+        try:
+            wait_for(lambda: closed(first), 30, "the first console to close when a second one takes over")
+            assert ask_boot_line(second) == (b"con1", b"192.0.2.9")
+            guest.domain.destroy()
+            wait_for(lambda: closed(second), 30, "the console websocket to close after the guest was destroyed")
+        finally:
+            second.close()
     finally:
-        ws.close()
-    # Closing the console on the API side ended the relay quietly.
+        first.close()
+    # Each relay ended quietly when its console went away.
     assert "Traceback" not in served_api.log.read_text()
 
 
