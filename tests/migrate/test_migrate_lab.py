@@ -1,0 +1,142 @@
+"""migrate and evacuate on the lab: real live migration between the cs1 and cs2 libvirtds, a TCG guest
+whose disk is an iSCSI LUN on san-a."""
+
+import secrets
+
+import libvirt
+import pytest
+from sqlalchemy import select
+
+from models import CANCELLED, FAILED, SUCCEEDED, ClusterServer, Job, VirtualMachine
+from models.db import transaction
+from tasks import jobs
+from tasks.dispatch import dispatch
+from tasks.queues import CONTROL
+from tests.support import wait_for
+from tests.vms.lab_helpers import boot_line, install, run_job, server_uri
+from workers.node.host import connect
+
+pytestmark = [pytest.mark.integration, pytest.mark.lab]
+MIGRATE_TIMEOUT = 300
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(2)}"
+
+
+def migrate(rt, celery_app, name, **params) -> Job:
+    return run_job(rt, celery_app, "migrate", f"vm/{name}", CONTROL, {"vm": name, **params}, timeout=MIGRATE_TIMEOUT)
+
+
+def submit(rt, celery_app, kind, target, params) -> str:
+    with transaction(rt.sessions) as session:
+        job, _ = jobs.submit(session, kind=kind, target=target, queue=CONTROL, params=params)
+    dispatch(celery_app, job)
+    return job.id
+
+
+def final(rt, job_id, timeout=MIGRATE_TIMEOUT) -> Job:
+    def ended():
+        with rt.sessions() as session:
+            job = session.get(Job, job_id)
+            return job if job.is_final else None
+
+    return wait_for(ended, timeout, f"job {job_id} to end")
+
+
+def libvirt_state(uri: str, name: str) -> int | None:
+    """The domain's state on that server's libvirt, None when it has no such domain."""
+    conn = connect(uri)
+    try:
+        return conn.lookupByName(name).state()[0]
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def migration_active(uri: str, name: str) -> bool:
+    conn = connect(uri)
+    try:
+        return conn.lookupByName(name).jobStats().get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+    finally:
+        conn.close()
+
+
+def db_server(rt, name: str) -> str:
+    with rt.sessions() as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+        return session.get(ClusterServer, vm.server_id).name
+
+
+def set_server(rt, name: str, **fields) -> None:
+    with transaction(rt.sessions) as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+        for field, value in fields.items():
+            setattr(server, field, value)
+
+
+def assert_runs_only_on(rt, name: str, server: str, other: str) -> None:
+    assert libvirt_state(server_uri(rt, server), name) == libvirt.VIR_DOMAIN_RUNNING
+    assert libvirt_state(server_uri(rt, other), name) is None
+    assert db_server(rt, name) == server
+
+
+def test_preflight_cancel_and_live_migration(cluster, celery_app):
+    rt, name = cluster, unique("mig")
+    installed = install(rt, celery_app, name, server="cs1")
+    assert installed.state == SUCCEEDED, installed.error_message
+    cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
+
+    # Pre-flight: every problem at once, each readable; nothing moves.
+    set_server(rt, "cs2", maintenance=True, memory_limit_bytes=128 << 20)
+    refused = migrate(rt, celery_app, name, to="cs2")
+    assert (refused.state, refused.error_code) == (FAILED, "PreflightFailed")
+    problems = {p["code"]: p["message"] for p in refused.result["problems"]}
+    assert set(problems) == {"ServerInMaintenance", "NotEnoughMemory"}
+    assert "needs 256 MiB" in problems["NotEnoughMemory"] and "cs2" in problems["ServerInMaintenance"]
+    assert_runs_only_on(rt, name, "cs1", "cs2")
+    set_server(rt, "cs2", maintenance=False, memory_limit_bytes=2 << 30)
+    checked = migrate(rt, celery_app, name, to="cs2", check=True)
+    assert checked.state == SUCCEEDED and checked.result["can_migrate"] and checked.result["problems"] == []
+    assert_runs_only_on(rt, name, "cs1", "cs2")
+
+    # Cancel while libvirt's migration job runs (throttled to 1 MiB/s so it lasts): it stays on cs1.
+    job_id = submit(rt, celery_app, "migrate", f"vm/{name}", {"vm": name, "to": "cs2", "bandwidth_mib_s": 1})
+    wait_for(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
+    with transaction(rt.sessions) as session:
+        jobs.request_cancel(session, rt.redis, job_id)
+    cancelled = final(rt, job_id)
+    assert cancelled.state == CANCELLED, cancelled.error_message
+    assert_runs_only_on(rt, name, "cs1", "cs2")
+
+    # Live to cs2: it keeps running there, its console answers, the job shows the downtime.
+    moved = migrate(rt, celery_app, name, to="cs2")
+    assert moved.state == SUCCEEDED, moved.error_message
+    assert_runs_only_on(rt, name, "cs2", "cs1")
+    assert isinstance(moved.result["downtime_ms"], int) and moved.result["downtime_ms"] >= 0
+    assert moved.result["total_ms"] >= moved.result["downtime_ms"]
+    assert boot_line(cs2, name)[0] == name
+
+    run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
+    assert libvirt_state(cs2, name) is None
+
+
+def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app):
+    rt = cluster
+    names = [unique("eva"), unique("evb")]
+    for name in names:
+        installed = install(rt, celery_app, name, server="cs1")
+        assert installed.state == SUCCEEDED, installed.error_message
+    try:
+        job = run_job(rt, celery_app, "evacuate", "server/cs1", CONTROL, {}, timeout=2 * MIGRATE_TIMEOUT)
+        assert job.state == SUCCEEDED, job.error_message
+        assert job.result["moved"] == {name: "cs2" for name in names} and job.result["failed"] == {}
+        for name in names:
+            assert_runs_only_on(rt, name, "cs2", "cs1")
+        with rt.sessions() as session:
+            assert session.scalar(select(ClusterServer.maintenance).where(ClusterServer.name == "cs1")) is True
+    finally:
+        set_server(rt, "cs1", maintenance=False)
+        for name in names:
+            run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})

@@ -1,0 +1,392 @@
+"""Moving a domain between two cluster servers through libvirt-python: pre-flight checks, live
+peer-to-peer migration with progress and abort, offline moves of a defined but stopped domain,
+and settling where a domain runs after a migration that failed half-way.
+
+Storage is shared (iSCSI LUNs on the SAN), so only memory and the definition move.
+"""
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import libvirt
+
+from workers.errors import LaxError
+from workers.node.domains import DomainFailed, DomainNotFound, lookup, session
+from workers.node.host import ServerUnreachable, connect
+
+POLL_S = 0.5
+# After abortJob, how long QEMU gets to stop the transfer and give the source back.
+ABORT_GRACE_S = 60.0
+MIGRATE_FLAGS = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+
+
+class MigrationFailed(LaxError):
+    code = "MigrationFailed"
+    http_status = 502
+
+
+class MigrationAborted(LaxError):
+    code = "MigrationAborted"
+    http_status = 409
+
+
+class SplitBrain(LaxError):
+    """The domain runs on both servers at once: a person must decide which copy to keep."""
+
+    code = "SplitBrain"
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a migration cannot go ahead, with a sentence saying what to do about it."""
+
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Room:
+    """What the destination can still take (from placement) beside what the VM needs."""
+
+    free_memory_bytes: int
+    free_vcpus: int
+    memory_bytes: int
+    vcpus: int
+
+
+@dataclass(frozen=True)
+class MigrationProgress:
+    """One sample of the running migration job (libvirt's job stats)."""
+
+    elapsed_ms: int
+    memory_total: int
+    memory_remaining: int
+    memory_processed: int
+    iteration: int
+    dirty_rate: int
+
+    @property
+    def percent(self) -> float:
+        if not self.memory_total:
+            return 0.0
+        return 100.0 * (self.memory_total - self.memory_remaining) / self.memory_total
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    live: bool
+    total_ms: int
+    downtime_ms: int | None
+    memory_total: int | None
+    iterations: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def preflight(source_uri: str, dest_uri: str, name: str, *, dest_name: str, dest_maintenance: bool,
+              room: Room) -> list[Problem]:
+    """Every reason moving domain `name` from `source_uri` to `dest_uri` would fail; empty when it can go."""
+    problems = []
+    if dest_maintenance:
+        problems.append(Problem("ServerInMaintenance",
+                                f"{dest_name} is in maintenance: activate it (laxcluster server activate {dest_name}) "
+                                "or choose another server"))
+    if room.memory_bytes > room.free_memory_bytes:
+        problems.append(Problem("NotEnoughMemory",
+                                f"{dest_name} has {room.free_memory_bytes // 2**20} MiB free for VMs, {name} needs "
+                                f"{room.memory_bytes // 2**20} MiB: free memory there or choose another server"))
+    if room.vcpus > room.free_vcpus:
+        problems.append(Problem("NotEnoughVcpus",
+                                f"{dest_name} can take {room.free_vcpus} more vCPUs, {name} has {room.vcpus}: "
+                                "choose another server"))
+    try:
+        with session(source_uri) as source, session(dest_uri) as dest:
+            problems += _compare_servers(source, dest, name, dest_name)
+    except ServerUnreachable as error:
+        problems.append(Problem("ServerUnreachable", f"{error.message}: start its libvirtd or choose another server"))
+    return problems
+
+
+def _compare_servers(source: libvirt.virConnect, dest: libvirt.virConnect, name: str, dest_name: str) -> list[Problem]:
+    problems = []
+    if lookup(source, name) is None:
+        problems.append(Problem("DomainNotFound", f"{name} is not defined on its server {source.getHostname()}: "
+                                                  "the inventory is out of date, refresh the VM's state"))
+    if lookup(dest, name) is not None:
+        problems.append(Problem("DomainExists", f"{dest_name} already has a domain named {name}: "
+                                                "remove the stale definition there first"))
+    if source.getType() != dest.getType():
+        problems.append(Problem("HypervisorMismatch", f"{dest_name} runs {dest.getType()}, the VM's server runs "
+                                                      f"{source.getType()}: migrate between servers of one kind"))
+    if not cpu_compatible(source, dest):
+        problems.append(Problem("CpuIncompatible", f"{dest_name}'s CPU lacks features of the VM's server CPU: "
+                                                   "choose a server with the same CPU model"))
+    return problems
+
+
+def cpu_compatible(source: libvirt.virConnect, dest: libvirt.virConnect) -> bool:
+    """Whether the destination's CPU offers everything the source host's CPU does (libvirt compareCPU)."""
+    cpu = ET.fromstring(source.getCapabilities()).find("./host/cpu")
+    if cpu is None:
+        return True
+    try:
+        verdict = dest.compareCPU(ET.tostring(cpu, encoding="unicode"), 0)
+    except libvirt.libvirtError:
+        # An architecture libvirt cannot compare (no CPU map): nothing to go by, as libvirt itself would.
+        return True
+    return verdict != libvirt.VIR_CPU_COMPARE_INCOMPATIBLE
+
+
+def migration_uri(dest_uri: str) -> str | None:
+    """Where QEMU sends memory: the destination's management address (None for a local URI)."""
+    host = urlparse(dest_uri).hostname
+    return f"tcp://{host}" if host else None
+
+
+def migrate(source_uri: str, dest_uri: str, name: str, dest_xml: str, *, live: bool,
+            on_progress: Callable[[MigrationProgress], None], should_abort: Callable[[], bool],
+            bandwidth_mib_s: int | None = None) -> MigrationResult:
+    """Move domain `name` from source to destination, defined there from `dest_xml` and undefined at the source.
+
+    A running domain moves peer-to-peer (live unless `live` is false); `on_progress` gets the job
+    stats at least every second; when `should_abort()` turns true the libvirt job is aborted, the
+    domain keeps running on the source and MigrationAborted is raised. A stopped domain moves
+    offline: defined on the destination, undefined on the source.
+    """
+    started = time.monotonic()
+    with session(source_uri) as source:
+        domain = lookup(source, name)
+        if domain is None:
+            raise DomainNotFound(f"no domain {name} on {source.getHostname()}", domain=name)
+        if not domain.isActive():
+            move_definition(source, dest_uri, name, dest_xml)
+            return MigrationResult(False, _ms_since(started), None, None, None)
+        params = _params(domain, dest_uri, dest_xml, bandwidth_mib_s)
+        flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if live else 0)
+        outcome = _run_in_thread(lambda: domain.migrateToURI3(dest_uri, params, flags))
+        last = _watch(domain, outcome, on_progress, should_abort)
+    return MigrationResult(live, _ms_since(started), completed_downtime_ms(dest_uri, name),
+                           last.memory_total if last else None, last.iteration if last else None)
+
+
+def move_definition(source: libvirt.virConnect, dest_uri: str, name: str, dest_xml: str) -> None:
+    """Offline move: define on the destination first, so a failure in between leaves a definition somewhere."""
+    with session(dest_uri) as dest:
+        try:
+            dest.defineXML(dest_xml)
+        except libvirt.libvirtError as error:
+            raise MigrationFailed(f"defining {name} on the destination failed: {error.get_error_message()}") from None
+    domain = lookup(source, name)
+    if domain is not None:
+        domain.undefine()
+
+
+def _params(domain: libvirt.virDomain, dest_uri: str, dest_xml: str, bandwidth_mib_s: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        libvirt.VIR_MIGRATE_PARAM_DEST_XML: running_xml_for_destination(domain, dest_xml),
+        libvirt.VIR_MIGRATE_PARAM_PERSIST_XML: dest_xml,
+    }
+    if uri := migration_uri(dest_uri):
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = uri
+    if bandwidth_mib_s:
+        params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib_s
+    return params
+
+
+def running_xml_for_destination(domain: libvirt.virDomain, dest_xml: str) -> str:
+    """The running domain's migratable XML with each iSCSI disk logging in as the destination's initiator.
+
+    The running XML (not `dest_xml`) keeps the device addresses libvirt assigned at start, which
+    the destination must reproduce exactly; only the initiator names change with the server.
+    """
+    wanted = {disk.find("./target").get("dev"): disk.find("./source/initiator")
+              for disk in ET.fromstring(dest_xml).findall("./devices/disk")}
+    live = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    for disk in live.findall("./devices/disk"):
+        source, initiator = disk.find("./source"), wanted.get(disk.find("./target").get("dev"))
+        if source is None or initiator is None:
+            continue
+        for old in source.findall("./initiator"):
+            source.remove(old)
+        source.append(initiator)
+    return ET.tostring(live, encoding="unicode")
+
+
+def _run_in_thread(call: Callable[[], object]) -> "Outcome":
+    outcome = Outcome()
+
+    def run() -> None:
+        try:
+            call()
+        except libvirt.libvirtError as error:
+            outcome.error = error.get_error_message()
+        finally:
+            outcome.done.set()
+
+    threading.Thread(target=run, name="migrate", daemon=True).start()
+    return outcome
+
+
+class Outcome:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+
+
+def _watch(domain: libvirt.virDomain, outcome: Outcome, on_progress: Callable[[MigrationProgress], None],
+           should_abort: Callable[[], bool]) -> MigrationProgress | None:
+    """Sample the job until the migration thread ends; abort it when asked. Returns the last sample."""
+    last, aborted = None, False
+    while not outcome.done.wait(POLL_S):
+        sample = job_progress(domain)
+        if sample is not None:
+            last = sample
+            on_progress(sample)
+        if not aborted and should_abort():
+            aborted = True
+            _abort(domain)
+    if aborted:
+        if not outcome.done.wait(ABORT_GRACE_S):
+            raise MigrationFailed(f"{domain.name()}: the migration did not stop within {ABORT_GRACE_S:.0f} s of abort")
+        raise MigrationAborted(f"migration of {domain.name()} cancelled; it keeps running on its server")
+    if outcome.error is not None:
+        raise MigrationFailed(f"migration of {domain.name()} failed: {outcome.error}")
+    return last
+
+
+def _abort(domain: libvirt.virDomain) -> None:
+    try:
+        domain.abortJob()
+    except libvirt.libvirtError:
+        # The job ended on its own between the sample and the abort; the outcome says how.
+        pass
+
+
+def job_progress(domain: libvirt.virDomain) -> MigrationProgress | None:
+    """The running migration's job stats, or None while no job is active."""
+    try:
+        stats = domain.jobStats()
+    except libvirt.libvirtError:
+        return None
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    return MigrationProgress(
+        elapsed_ms=stats.get(libvirt.VIR_DOMAIN_JOB_TIME_ELAPSED, 0),
+        memory_total=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL, 0),
+        memory_remaining=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_REMAINING, 0),
+        memory_processed=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_PROCESSED, 0),
+        iteration=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_ITERATION, 0),
+        dirty_rate=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_DIRTY_RATE, 0),
+    )
+
+
+def completed_downtime_ms(dest_uri: str, name: str) -> int | None:
+    """The downtime libvirt measured for the migration that just brought `name` to this server."""
+    with session(dest_uri) as dest:
+        domain = lookup(dest, name)
+        if domain is None:
+            return None
+        try:
+            stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            return None
+    return stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME)
+
+
+# -- after a failure: where does it run? --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Seen:
+    """What one server's libvirt says of the domain; `reachable` false means nothing is known."""
+
+    reachable: bool
+    defined: bool = False
+    state: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state == libvirt.VIR_DOMAIN_RUNNING
+
+    @property
+    def active(self) -> bool:
+        return self.state not in (None, libvirt.VIR_DOMAIN_SHUTOFF)
+
+
+def look(uri: str, name: str) -> Seen:
+    try:
+        conn = connect(uri)
+    except ServerUnreachable:
+        return Seen(False)
+    try:
+        domain = lookup(conn, name)
+        return Seen(True, domain is not None, None if domain is None else domain.state()[0])
+    except (libvirt.libvirtError, DomainFailed):
+        return Seen(False)
+    finally:
+        conn.close()
+
+
+def settle(source_uri: str, dest_uri: str, name: str) -> str:
+    """Leave `name` running (or defined) on exactly one of the two servers; return "source" or "dest".
+
+    After a migration ends, however it ended: a copy running on one side wins and the other side's
+    leftover (a paused incoming guest, a stale definition) is removed; a source left paused is resumed.
+    SplitBrain when both run, MigrationFailed when neither server can be asked.
+    """
+    source, dest = look(source_uri, name), look(dest_uri, name)
+    if source.running and dest.running:
+        raise SplitBrain(f"{name} runs on both servers: stop one copy by hand", domain=name)
+    if dest.running or (dest.defined and source.reachable and not source.defined):
+        _remove(source_uri, name)
+        return "dest"
+    if source.active or source.defined:
+        _remove(dest_uri, name)
+        if source.state == libvirt.VIR_DOMAIN_PAUSED and not dest.reachable:
+            # Unknown destination: the paused source may be the only copy left, but we cannot prove it.
+            raise MigrationFailed(f"{name} is paused on its server and the destination cannot be asked", domain=name)
+        _resume(source_uri, name)
+        return "source"
+    if dest.defined:
+        return "dest"
+    raise MigrationFailed(f"{name} was found on neither server (source reachable: {source.reachable}, "
+                          f"destination reachable: {dest.reachable})", domain=name)
+
+
+def _remove(uri: str, name: str) -> None:
+    """Destroy and undefine a leftover copy; an unreachable server keeps it (its libvirtd drops an
+    unfinished incoming guest itself when it comes back)."""
+    try:
+        conn = connect(uri)
+    except ServerUnreachable:
+        return
+    try:
+        domain = lookup(conn, name)
+        if domain is None:
+            return
+        if domain.isActive():
+            domain.destroy()
+        if domain.isPersistent():
+            domain.undefine()
+    finally:
+        conn.close()
+
+
+def _resume(uri: str, name: str) -> None:
+    with session(uri) as conn:
+        domain = lookup(conn, name)
+        if domain is not None and domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            domain.resume()
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
