@@ -13,7 +13,8 @@ from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tests.support import wait_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri
+from tasks.vms import InstallRequest, reserve_vm
+from tests.vms.lab_helpers import boot_line, run_job, server_uri
 from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -22,6 +23,18 @@ MIGRATE_TIMEOUT = 300
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(2)}"
+
+
+def install_on(rt, celery_app, name: str, server: str) -> Job:
+    """Install a 256 MiB tiny VM on `server` (the install job's `server` parameter, as the API passes it)."""
+    with transaction(rt.sessions) as session:
+        reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=256 << 20, vcpus=1,
+                                                      disk_bytes=128 << 20, subnet="lan", server=server))
+    installed = run_job(rt, celery_app, "install-vm", f"vm/{name}", CONTROL,
+                        {"vm": name, "disk_bytes": 128 << 20, "server": server})
+    assert installed.state == SUCCEEDED, installed.error_message
+    assert db_server(rt, name) == server
+    return installed
 
 
 def migrate(rt, celery_app, name, **params) -> Job:
@@ -84,8 +97,7 @@ def assert_runs_only_on(rt, name: str, server: str, other: str) -> None:
 
 def test_preflight_cancel_and_live_migration(cluster, celery_app):
     rt, name = cluster, unique("mig")
-    installed = install(rt, celery_app, name, server="cs1")
-    assert installed.state == SUCCEEDED, installed.error_message
+    install_on(rt, celery_app, name, "cs1")
     cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
 
     # Pre-flight: every problem at once, each readable; nothing moves.
@@ -126,8 +138,7 @@ def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app):
     rt = cluster
     names = [unique("eva"), unique("evb")]
     for name in names:
-        installed = install(rt, celery_app, name, server="cs1")
-        assert installed.state == SUCCEEDED, installed.error_message
+        install_on(rt, celery_app, name, "cs1")
     try:
         job = run_job(rt, celery_app, "evacuate", "server/cs1", CONTROL, {}, timeout=2 * MIGRATE_TIMEOUT)
         assert job.state == SUCCEEDED, job.error_message
