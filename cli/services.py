@@ -103,7 +103,7 @@ def api_argv(host: str, port: int, threads: int = 16) -> list[str]:
     Console sessions are long-lived, so a stop waits only a few seconds for them.
     """
     return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(threads),
-            "--bind", f"{host}:{port}", "--graceful-timeout", "5", "api:create_app()"]
+            "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--no-control-socket", "api:create_app()"]
 
 
 class Supervisor:

@@ -102,7 +102,7 @@ def test_templates_volumes_and_sans(rt, api_url, tokens, tmp_path, monkeypatch):
     assert "direct" in row_of(ok(as_admin(api_url, tokens, "template", "list")), "tiny")
     monkeypatch.chdir(tmp_path)
     imported = ok(as_admin(api_url, tokens, "template", "import", "alpine", "images/alpine.qcow2", "--san", "san-a"))
-    assert "queued (import-template template/alpine)" in imported
+    assert "queued (import-template template/san-a/alpine)" in imported
     with rt.sessions() as session:
         job = session.scalar(select(Job).where(Job.kind == "import-template"))
     assert job.params["source_path"] == str(tmp_path / "images" / "alpine.qcow2")
