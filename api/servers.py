@@ -1,14 +1,15 @@
-"""The HTTP face of cluster servers: their facts, and the job that refreshes them."""
+"""The HTTP face of cluster servers: their facts, the job that refreshes them, evacuate and activate."""
 
 from flask import Blueprint, jsonify
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload
+from sqlalchemy.orm import Session, joinedload
 
 from api import context, validation
-from api.changes import submit_job
+from api.changes import audit, submit_job
 from api.openapi import list_of, operation, ref
 from api.representations import server_json
 from models import Cluster, ClusterServer
+from tasks import jobs
 from tasks.queues import CONTROL
 from workers.errors import NotFound
 
@@ -47,3 +48,41 @@ def show(name: str):
 def refresh():
     validation.reject_unknown(validation.json_body(), set())
     return submit_job(kind="refresh-servers", target=REFRESH_TARGET, queue=CONTROL, action="servers.refresh")
+
+
+@blueprint.post("/servers/<name>/actions/evacuate")
+@operation("Put a server into maintenance (no new VMs) and migrate every VM on it elsewhere, as a job",
+           status=202, response=ref("Job"))
+def evacuate(name: str):
+    validation.reject_unknown(validation.json_body(), set())
+    with context.session() as db:
+        _existing_server(db, name)
+    return submit_job(kind="evacuate", target=server_target(name), queue=CONTROL, action="server.evacuate",
+                      params={"server": name})
+
+
+@blueprint.post("/servers/<name>/actions/activate")
+@operation("End a server's maintenance: placement and migrations may use it again", response=ref("Server"))
+def activate(name: str):
+    validation.reject_unknown(validation.json_body(), set())
+    with context.session() as db:
+        server = _existing_server(db, name)
+        holder = jobs.holder_of(db, server_target(name))
+        if holder is not None:
+            raise jobs.TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_target(name))
+        server.maintenance = False
+        audit(db, "server.activate", server_target(name))
+        return jsonify(server_json(server))
+
+
+def server_target(name: str) -> str:
+    """The lock jobs on server `name` hold (evacuate, refresh)."""
+    return f"server/{name}"
+
+
+def _existing_server(db: Session, name: str) -> ClusterServer:
+    validation.name(name, "name")
+    server = db.scalar(_servers().where(ClusterServer.name == name))
+    if server is None:
+        raise ServerNotFound(f"no cluster server {name}", name=name)
+    return server

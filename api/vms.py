@@ -23,7 +23,9 @@ from workers.errors import NotFound
 
 blueprint = Blueprint("vms", __name__)
 
-ACTIONS = ("start", "shutdown", "reboot", "destroy")
+ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate")
+MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
+MAX_BANDWIDTH_MIB_S = 100_000
 # libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -157,18 +159,26 @@ def install():
 
 
 @blueprint.post("/vms/<name>/actions/<action>")
-@operation("Start, shut down (ACPI, optional timeout_s), reboot or destroy (power off) a VM, as a job", status=202,
-           response=ref("Job"), body={"type": "object", "properties": {
+@operation("Start, shut down (ACPI, optional timeout_s), reboot, destroy (power off) or migrate a VM, as a job",
+           status=202, response=ref("Job"), body={"type": "object", "properties": {
                "timeout_s": {"type": "integer", "minimum": 1, "maximum": MAX_SHUTDOWN_TIMEOUT_S,
-                             "description": "shutdown and reboot: how long the guest gets before the job fails"}}})
+                             "description": "shutdown and reboot: how long the guest gets before the job fails"},
+               "to": {"type": "string", "description": "migrate: the destination server (default: placement chooses)"},
+               "live": {"type": "boolean", "description": "migrate: keep the VM running while it moves (default true)"},
+               "check": {"type": "boolean", "description": "migrate: only run the pre-flight checks, move nothing"},
+               "bandwidth_mib_s": {"type": "integer", "minimum": 1, "maximum": MAX_BANDWIDTH_MIB_S,
+                                   "description": "migrate: cap the memory transfer rate"}}})
 def act(name: str, action: str):
     if action not in ACTIONS:
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
     body = validation.json_body()
-    validation.reject_unknown(body, {"timeout_s"} if action in ("shutdown", "reboot") else set())
+    validation.reject_unknown(body, {"timeout_s"} if action in ("shutdown", "reboot") else
+                              MIGRATE_FIELDS if action == "migrate" else set())
     params: dict[str, Any] = {"vm": _existing_vm(name)}
     if "timeout_s" in body:
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
+    if action == "migrate":
+        params.update(migrate_params(body))
     return submit_job(kind=action, target=vm_target(name), queue=CONTROL, action=f"vm.{action}", params=params)
 
 
@@ -179,6 +189,23 @@ def delete(name: str):
     validation.reject_unknown(validation.json_body(), set())
     return submit_job(kind="delete-vm", target=vm_target(name), queue=CONTROL, action="vm.delete",
                       params={"vm": _existing_vm(name)})
+
+
+def migrate_params(body: dict[str, Any]) -> dict[str, Any]:
+    """The migrate job's parameters from a request body: destination, live (default true), check, bandwidth."""
+    params: dict[str, Any] = {"live": _flag(body, "live", True), "check": _flag(body, "check", False)}
+    if body.get("to") is not None:
+        params["to"] = validation.name(body["to"], "to")
+    if body.get("bandwidth_mib_s") is not None:
+        params["bandwidth_mib_s"] = validation.integer(body["bandwidth_mib_s"], "bandwidth_mib_s", 1, MAX_BANDWIDTH_MIB_S)
+    return params
+
+
+def _flag(body: dict[str, Any], field: str, default: bool) -> bool:
+    value = body.get(field, default)
+    if not isinstance(value, bool):
+        raise validation.invalid(field, "must be true or false")
+    return value
 
 
 def vm_target(name: str) -> str:
