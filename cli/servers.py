@@ -1,9 +1,10 @@
-"""`laxcluster servers list|refresh`: the cluster servers and their facts."""
+"""`laxcluster servers list|refresh|evacuate|activate` (also `laxcluster server …`): the cluster servers."""
 
 import click
 
 from cli.client import api
-from cli.output import json_option, print_json, print_table
+from cli.output import json_option, print_fields, print_json, print_table
+from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes, watch_job
 
 COLUMNS = (
@@ -47,3 +48,20 @@ def refresh(watch: bool, idempotency_key: str | None) -> None:
     if watch:
         final = watch_job(client, job["id"])
         click.echo(f"job {job['id']}: {final['state']}")
+
+
+@servers.command("evacuate")
+@click.argument("name")
+@watch_option
+def evacuate(name: str, watch: bool) -> None:
+    """Put server NAME into maintenance and migrate every VM on it elsewhere, as a job."""
+    client = api()
+    show_job(client, client.post(f"/servers/{name}/actions/evacuate"), watch)
+
+
+@servers.command("activate")
+@click.argument("name")
+def activate(name: str) -> None:
+    """End server NAME's maintenance: new VMs and migrations may use it again."""
+    server = api().post(f"/servers/{name}/actions/activate")
+    print_fields({"name": server["name"], "maintenance": server["maintenance"]})

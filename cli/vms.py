@@ -1,4 +1,4 @@
-"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|delete|console`: virtual machines."""
+"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|migrate|delete|console`: virtual machines."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +11,7 @@ from cli.console import console
 from cli.output import json_option, print_fields, print_json, print_table
 from cli.submitted import show_job, watch_option
 from cli.volumes import VOLUME_COLUMNS
-from cli.watch import human_bytes
+from cli.watch import human_bytes, watch_job
 
 PAGE = 1000
 COLUMNS = (
@@ -131,6 +131,39 @@ def delete(name: str, watch: bool) -> None:
     """Delete VM NAME: stop it, remove its domain, volumes and export, release its address; as a job."""
     client = api()
     show_job(client, client.request("DELETE", f"/vms/{name}").json(), watch)
+
+
+@vm.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", help="the destination server (default: where there is most room)")
+@click.option("--offline", is_flag=True, help="pause the VM while its memory moves instead of moving it live")
+@click.option("--check", is_flag=True, help="only run the pre-flight checks and print what stands in the way")
+@click.option("--bandwidth", type=click.IntRange(1, 100_000), help="cap the memory transfer at this many MiB/s")
+@watch_option
+def migrate(name: str, to: str | None, offline: bool, check: bool, bandwidth: int | None, watch: bool) -> None:
+    """Move VM NAME to another server (live, unless --offline), as a job; its disks stay on the SAN."""
+    body: dict[str, Any] = {"live": not offline, "check": check}
+    body.update({key: value for key, value in (("to", to), ("bandwidth_mib_s", bandwidth)) if value is not None})
+    client = api()
+    job = client.post(f"/vms/{name}/actions/migrate", body)
+    if check:
+        watch_job(client, job["id"])
+        show_problems(client.get(f"/jobs/{job['id']}")["result"])
+        return
+    show_job(client, job, watch)
+    if watch:
+        result = client.get(f"/jobs/{job['id']}")["result"]
+        click.echo(f"{name} runs on {result['destination']}: downtime {result.get('downtime_ms')} ms, "
+                   f"total {result.get('total_ms')} ms")
+
+
+def show_problems(result: dict[str, Any]) -> None:
+    """Print a pre-flight's problems, one a line; exit 1 when there are any."""
+    for problem in result["problems"]:
+        click.echo(f"{problem['code']}: {problem['message']}")
+    if result["problems"]:
+        raise SystemExit(1)
+    click.echo(f"no problems: {result['vm']} can move from {result['source']} to {result['destination']}")
 
 
 vm.add_command(console)

@@ -1,19 +1,26 @@
 """migrate and evacuate on the lab: real live migration between the cs1 and cs2 libvirtds, a TCG guest
 whose disk is an iSCSI LUN on san-a."""
 
+import os
 import secrets
+import signal
 
 import libvirt
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
+from cli.main import cli
+from lab import cluster as lab_cluster
+from lab.processes import read_pidfile
+from lab.topology import lab_dir
 from models import CANCELLED, FAILED, SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
-from tests.support import wait_for
 from tasks.vms import InstallRequest, reserve_vm
+from tests.support import wait_for
 from tests.vms.lab_helpers import boot_line, run_job, server_uri
 from workers.node.host import connect
 
@@ -39,6 +46,11 @@ def install_on(rt, celery_app, name: str, server: str) -> Job:
 
 def migrate(rt, celery_app, name, **params) -> Job:
     return run_job(rt, celery_app, "migrate", f"vm/{name}", CONTROL, {"vm": name, **params}, timeout=MIGRATE_TIMEOUT)
+
+
+def laxcluster(api_url, tokens, *args):
+    """Run the CLI against the served API as an operator."""
+    return CliRunner().invoke(cli, ["--url", api_url, "--token", tokens["operator"], *args], catch_exceptions=False)
 
 
 def submit(rt, celery_app, kind, target, params) -> str:
@@ -95,7 +107,7 @@ def assert_runs_only_on(rt, name: str, server: str, other: str) -> None:
     assert db_server(rt, name) == server
 
 
-def test_preflight_cancel_and_live_migration(cluster, celery_app):
+def test_preflight_cancel_and_live_migration(cluster, celery_app, api_url, tokens):
     rt, name = cluster, unique("mig")
     install_on(rt, celery_app, name, "cs1")
     cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
@@ -109,8 +121,8 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app):
     assert "needs 256 MiB" in problems["NotEnoughMemory"] and "cs2" in problems["ServerInMaintenance"]
     assert_runs_only_on(rt, name, "cs1", "cs2")
     set_server(rt, "cs2", maintenance=False, memory_limit_bytes=2 << 30)
-    checked = migrate(rt, celery_app, name, to="cs2", check=True)
-    assert checked.state == SUCCEEDED and checked.result["can_migrate"] and checked.result["problems"] == []
+    checked = laxcluster(api_url, tokens, "vm", "migrate", name, "--to", "cs2", "--check")
+    assert checked.exit_code == 0 and f"no problems: {name} can move from cs1 to cs2" in checked.output, checked.output
     assert_runs_only_on(rt, name, "cs1", "cs2")
 
     # Cancel while libvirt's migration job runs (throttled to 1 MiB/s so it lasts): it stays on cs1.
@@ -123,9 +135,13 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app):
     assert_runs_only_on(rt, name, "cs1", "cs2")
 
     # Live to cs2: it keeps running there, its console answers, the job shows the downtime.
-    moved = migrate(rt, celery_app, name, to="cs2")
-    assert moved.state == SUCCEEDED, moved.error_message
+    watched = laxcluster(api_url, tokens, "vm", "migrate", name, "--to", "cs2", "--watch")
+    assert watched.exit_code == 0 and f"{name} runs on cs2: downtime " in watched.output, watched.output
     assert_runs_only_on(rt, name, "cs2", "cs1")
+    with rt.sessions() as session:
+        moved = session.scalars(select(Job).where(Job.kind == "migrate", Job.target == f"vm/{name}")
+                                .order_by(Job.created_at.desc())).first()
+    assert moved.state == SUCCEEDED and moved.result["destination"] == "cs2"
     assert isinstance(moved.result["downtime_ms"], int) and moved.result["downtime_ms"] >= 0
     assert moved.result["total_ms"] >= moved.result["downtime_ms"]
     assert boot_line(cs2, name)[0] == name
@@ -134,20 +150,41 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app):
     assert libvirt_state(cs2, name) is None
 
 
-def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app):
+def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, celery_app):
+    rt, name = cluster, unique("mik")
+    install_on(rt, celery_app, name, "cs1")
+    cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
+    job_id = submit(rt, celery_app, "migrate", f"vm/{name}", {"vm": name, "to": "cs2", "bandwidth_mib_s": 1})
+    try:
+        wait_for(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
+        os.kill(read_pidfile(lab_dir(rt.config) / "cs2" / "pids" / "libvirtd.pid"), signal.SIGKILL)
+        ended = final(rt, job_id)
+        assert ended.state == FAILED and ended.error_code == "MigrationFailed", (ended.state, ended.error_message)
+        assert libvirt_state(cs1, name) == libvirt.VIR_DOMAIN_RUNNING and db_server(rt, name) == "cs1"
+    finally:
+        lab_cluster.up(rt.config)  # starts cs2's libvirtd again
+    # Back up, cs2's libvirtd drops the guest whose incoming migration never finished.
+    wait_for(lambda: libvirt_state(cs2, name) is None, 60, f"cs2 to drop the half-migrated {name}")
+    assert boot_line(cs1, name)[0] == name
+    run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
+
+
+def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, tokens):
     rt = cluster
     names = [unique("eva"), unique("evb")]
     for name in names:
         install_on(rt, celery_app, name, "cs1")
     try:
-        job = run_job(rt, celery_app, "evacuate", "server/cs1", CONTROL, {}, timeout=2 * MIGRATE_TIMEOUT)
-        assert job.state == SUCCEEDED, job.error_message
+        evacuated = laxcluster(api_url, tokens, "server", "evacuate", "cs1", "--watch")
+        assert evacuated.exit_code == 0, evacuated.output
+        with rt.sessions() as session:
+            job = session.scalar(select(Job).where(Job.kind == "evacuate"))
         assert job.result["moved"] == {name: "cs2" for name in names} and job.result["failed"] == {}
         for name in names:
             assert_runs_only_on(rt, name, "cs2", "cs1")
         with rt.sessions() as session:
             assert session.scalar(select(ClusterServer.maintenance).where(ClusterServer.name == "cs1")) is True
     finally:
-        set_server(rt, "cs1", maintenance=False)
+        assert laxcluster(api_url, tokens, "server", "activate", "cs1").exit_code == 0
         for name in names:
             run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
