@@ -146,8 +146,15 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app, api_url, token
     assert moved.result["total_ms"] >= moved.result["downtime_ms"]
     assert boot_line(cs2, name)[0] == name
 
+    # Stopped, it moves offline: only the definition changes server.
+    assert run_job(rt, celery_app, "destroy", f"vm/{name}", CONTROL, {"vm": name}).state == SUCCEEDED
+    offline = migrate(rt, celery_app, name, to="cs1")
+    assert offline.state == SUCCEEDED and offline.result["downtime_ms"] is None, offline.error_message
+    assert libvirt_state(cs1, name) == libvirt.VIR_DOMAIN_SHUTOFF and libvirt_state(cs2, name) is None
+    assert db_server(rt, name) == "cs1"
+
     run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
-    assert libvirt_state(cs2, name) is None
+    assert libvirt_state(cs1, name) is None
 
 
 def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, celery_app):
