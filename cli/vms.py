@@ -154,7 +154,7 @@ def migrate(name: str, to: str | None, offline: bool, check: bool, bandwidth: in
     if watch:
         result = client.get(f"/jobs/{job['id']}")["result"]
         click.echo(f"{name} runs on {result['destination']}: downtime {result.get('downtime_ms')} ms, "
-                   f"total {result.get('total_ms')} ms")
+                   f"migration {result.get('migration_ms')} ms, job {result.get('total_ms')} ms")
 
 
 def show_problems(result: dict[str, Any]) -> None:

@@ -71,6 +71,7 @@ def settle_after_migrate(ctx: JobContext) -> None:
 @workflow("migrate", cleanup=settle_after_migrate, rerun_after_crash=False)
 def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     """Move a VM to another server (live when it runs); with `check`, only report what stands in the way."""
+    started = time.monotonic()
     name, live = ctx.params["vm"], bool(ctx.params.get("live", True))
     ctx.phase("pre-flight", progress=2)
     source, dest, problems = preflight(ctx, name, ctx.params.get("to"))
@@ -84,15 +85,10 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("export storage", progress=5)
     export_to(ctx, name, dest)
     ctx.phase("migrate", progress=10)
-    started = time.monotonic()
     child = ctx.spawn("migrate-domain", f"domain/{name}", node_queue(source),
                       {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
     (job,) = _follow(ctx, [child], MIGRATE_TIMEOUT_S, start=10, end=98)
-    if job.state != SUCCEEDED:
-        error = jobs.ChildFailed(f"migrate-domain on {source} {job.state}: {job.error_message or 'cancelled'}",
-                                 child_job=job.id)
-        error.code = job.error_code or error.code
-        raise error
+    _succeeded(job)
     return {**plan, **job.result, "total_ms": int((time.monotonic() - started) * 1000)}
 
 
@@ -107,11 +103,16 @@ def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, 
             return source.name, "", [driver.Problem(error.code, f"{error.message}: free memory or add a server")]
         if dest.id == source.id:
             return source.name, dest.name, [driver.Problem("SameServer", f"{name} already runs on {dest.name}")]
+        if dest.cluster_id != source.cluster_id:
+            return source.name, dest.name, [driver.Problem(
+                "OtherCluster", f"{dest.name} is not in {name}'s cluster, so it cannot reach its disks: "
+                                "choose a server of the same cluster")]
         room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
         need = driver.Room(room.memory_bytes, room.vcpus, vm.memory_bytes, vm.vcpus)
-        facts = (source.libvirt_uri, dest.libvirt_uri, dest.name, dest.maintenance)
-    problems = driver.preflight(facts[0], facts[1], name, dest_name=facts[2], dest_maintenance=facts[3], room=need)
-    return source.name, dest.name, problems
+        source_name, source_uri = source.name, source.libvirt_uri
+        dest_name, dest_uri, in_maintenance = dest.name, dest.libvirt_uri, dest.maintenance
+    problems = driver.preflight(source_uri, dest_uri, name, dest_name=dest_name, dest_maintenance=in_maintenance, room=need)
+    return source_name, dest_name, problems
 
 
 def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: ClusterServer,
@@ -271,6 +272,15 @@ def _follow(ctx: JobContext, ids: list[str], timeout: float, start: float = 0.0,
         if time.monotonic() > deadline:
             raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=ids)
         time.sleep(POLL_S)
+
+
+def _succeeded(job: Job) -> None:
+    """Raise the child's failure as ours, under its own error code (MigrationFailed, SplitBrain ...)."""
+    if job.state == SUCCEEDED:
+        return
+    error = jobs.ChildFailed(f"{job.kind} on {job.queue} {job.state}: {job.error_message or 'cancelled'}", child_job=job.id)
+    error.code = job.error_code or error.code
+    raise error
 
 
 def _poll(ctx: JobContext, ids: list[str]) -> list[Job]:

@@ -83,8 +83,12 @@ class MigrationProgress:
 
 @dataclass(frozen=True)
 class MigrationResult:
+    """How the move went: `started_at` (epoch seconds) is when libvirt was asked, `migration_ms` how long
+    it took, `downtime_ms` how long the guest was paused (libvirt's figure; None for an offline move)."""
+
     live: bool
-    total_ms: int
+    started_at: float
+    migration_ms: int
     downtime_ms: int | None
     memory_total: int | None
     iterations: int | None
@@ -163,19 +167,19 @@ def migrate(source_uri: str, dest_uri: str, name: str, dest_xml: str, *, live: b
     domain keeps running on the source and MigrationAborted is raised. A stopped domain moves
     offline: defined on the destination, undefined on the source.
     """
-    started = time.monotonic()
+    started, started_at = time.monotonic(), time.time()
     with session(source_uri) as source:
         domain = lookup(source, name)
         if domain is None:
             raise DomainNotFound(f"no domain {name} on {source.getHostname()}", domain=name)
         if not domain.isActive():
             move_definition(source, dest_uri, name, dest_xml)
-            return MigrationResult(False, _ms_since(started), None, None, None)
+            return MigrationResult(False, started_at, _ms_since(started), None, None, None)
         params = _params(domain, dest_uri, dest_xml, bandwidth_mib_s)
         flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if live else 0)
         outcome = _run_in_thread(lambda: domain.migrateToURI3(dest_uri, params, flags))
         last = _watch(domain, outcome, on_progress, should_abort)
-    return MigrationResult(live, _ms_since(started), completed_downtime_ms(dest_uri, name),
+    return MigrationResult(live, started_at, _ms_since(started), completed_downtime_ms(dest_uri, name),
                            last.memory_total if last else None, last.iteration if last else None)
 
 

@@ -1,0 +1,287 @@
+"""Live migration: downtime, migration time and our overhead, beside libvirt-python alone (issue 6, "Benchmark").
+
+Brings up a lab of its own (`lab.testing`: unique prefix, free subnets, small pools) and a stack on
+it in a new temporary directory: a redis-server on a free port, a migrated SQLite DB, one Celery
+worker on every queue of the lab and the API (`cli.services`), the inventory from the config, the
+first jobs of `laxcluster run` (server facts, the `tiny` template). It installs one idle 256 MiB
+`tiny` VM on cs1 through the API and waits until its console shows the boot line. Then, per round,
+interleaved so both see the same machine load:
+
+1. ours: `POST /vms/<vm>/actions/migrate {"to": …}` cs1 -> cs2, then cs2 -> cs1, each followed to
+   its end (GET /jobs/<id> every 50 ms): libvirt's downtime and migration time from the job's
+   result, our overhead = the moment the node worker called `migrateToURI3` minus the moment the
+   POST was sent, and POST -> succeeded;
+2. the baseline: the same two moves made directly with libvirt-python (`migrateToURI3`, same
+   flags, same migration URI, the migratable XML with the destination's initiator), downtime
+   from the destination's completed job stats.
+
+Prints ours beside the baseline, writes `bench/results/migrate.json`, and stops every process it
+started and tears the lab down, also on failure, Ctrl-C or SIGTERM.
+
+Run (root): `.venv/bin/python bench/migrate.py [--rounds 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import libvirt
+import redis
+import requests
+
+import config
+from cli.bootstrap import first_jobs
+from cli.services import Service, Supervisor, api_service, redis_service
+from cli.tokens import create_token
+from lab.testing import make_test_config, running_lab
+from models.db import make_engine, make_session_factory, migrate, transaction
+from tasks.inventory import sync_from_config
+from tasks.queues import all_queues
+from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+READY_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 600
+BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+)"
+FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+         | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+
+
+class BenchError(Exception):
+    """The stack did not come up or a job did not behave; the message says what."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = READY_TIMEOUT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+def answers(check: Callable[[], Any]) -> bool:
+    try:
+        return bool(check())
+    except (redis.ConnectionError, requests.RequestException):
+        return False
+
+
+class Api:
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {token}"
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = self.http.post(self.url + path, json=body, timeout=30)
+        if response.status_code != 202:
+            raise BenchError(f"POST {path}: {response.status_code} {response.text}")
+        return response.json()
+
+    def job_end(self, job_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            job = self.http.get(f"{self.url}/jobs/{job_id}", timeout=30).json()
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                if job["state"] != "succeeded":
+                    raise BenchError(f"job {job_id} ({job['kind']}) {job['state']}: {job['error']}")
+                return job
+            time.sleep(0.05)
+        raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT_S}s")
+
+
+def stack_environment(lab_cfg_path: Path, workdir: Path) -> dict[str, str]:
+    """LAXCLUSTER_* overrides: the lab's config, this run's DB, a free Redis and API port."""
+    return dict(os.environ, LAXCLUSTER_CONFIG=str(lab_cfg_path), LAXCLUSTER_DB_URL=f"sqlite:///{workdir / 'inventory.db'}",
+                LAXCLUSTER_REDIS_PORT=str(free_port()), LAXCLUSTER_API_PORT=str(free_port()))
+
+
+def start_stack(supervisor: Supervisor) -> tuple[config.Config, Api]:
+    """Redis, DB, inventory, one worker on every queue, the API and the first jobs; return config and client."""
+    cfg = config.load(environ=supervisor.env)
+    (cfg.var_dir / "log").mkdir(parents=True, exist_ok=True)
+    supervisor.start(redis_service(cfg))
+    client = redis.Redis.from_url(cfg.redis_url)
+    wait_until(lambda: answers(client.ping), "redis to answer")
+    client.close()
+    migrate(cfg.db_url)
+    engine = make_engine(cfg.db_url)
+    with transaction(make_session_factory(engine)) as session:
+        sync_from_config(session, cfg)
+        token = create_token(session, "admin", f"bench-{secrets.token_hex(3)}")
+    engine.dispose()
+    worker = Service("worker", [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", ",".join(all_queues(cfg)),
+                                "-n", f"bench-{secrets.token_hex(3)}@%h", "-c", "4", "--loglevel", "INFO"],
+                     cfg.var_dir.resolve() / "log" / "worker.log")
+    supervisor.start(worker)
+    supervisor.start(api_service(cfg))
+    api = cfg.section("api")
+    url = f"http://{api['host']}:{api['port']}"
+    wait_until(lambda: " ready." in worker.log.read_text(), "the worker to be ready")
+    wait_until(lambda: answers(lambda: requests.get(f"{url}/health", timeout=2).ok), "the API to answer")
+    for job in first_jobs(cfg, with_lab=True):
+        if job.state != "succeeded":
+            raise BenchError(f"first job {job.kind} {job.target} {job.state}: {job.error_message}")
+    return cfg, Api(url, token)
+
+
+def server_uri(cfg: config.Config, name: str) -> str:
+    return next(server.uri for _, _, server in cfg.servers() if server.name == name)
+
+
+def initiator(cfg: config.Config, name: str) -> str:
+    return next(server.initiator for _, _, server in cfg.servers() if server.name == name)
+
+
+def wait_booted(uri: str, vm: str) -> None:
+    """Until the guest's console shell answers with its boot line."""
+    start_event_loop()
+    conn = libvirt.open(uri)
+    try:
+        with SerialConsole(conn.lookupByName(vm)) as console:
+            def asked() -> bool:
+                console.write(b"cat /etc/laxcluster-boot\n")
+                try:
+                    return bool(console.read_until(BOOT_LINE, timeout=3))
+                except ConsoleTimeout:
+                    return False
+
+            wait_until(asked, f"{vm} to boot", timeout=300)
+    finally:
+        conn.close()
+
+
+def ours(api: Api, vm: str, to: str) -> dict[str, float]:
+    """One migration through the API: downtime, libvirt's time, POST -> migrateToURI3, POST -> succeeded."""
+    posted = time.time()
+    job = api.job_end(api.post(f"/vms/{vm}/actions/migrate", {"to": to})["id"])
+    ended = time.time()
+    result = job["result"]
+    return {"downtime_ms": result["downtime_ms"], "migration_ms": result["migration_ms"],
+            "overhead_ms": (result["started_at"] - posted) * 1000, "post_to_done_ms": (ended - posted) * 1000}
+
+
+def direct(cfg: config.Config, vm: str, source: str, dest: str) -> dict[str, float]:
+    """The same move made with libvirt-python alone."""
+    source_conn, dest_uri = libvirt.open(server_uri(cfg, source)), server_uri(cfg, dest)
+    try:
+        domain = source_conn.lookupByName(vm)
+        xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).replace(initiator(cfg, source), initiator(cfg, dest))
+        params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{urlparse(dest_uri).hostname}",
+                  libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml}
+        started = time.monotonic()
+        domain.migrateToURI3(dest_uri, params, FLAGS)
+        migration_ms = (time.monotonic() - started) * 1000
+    finally:
+        source_conn.close()
+    dest_conn = libvirt.open(dest_uri)
+    try:
+        stats = dest_conn.lookupByName(vm).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    finally:
+        dest_conn.close()
+    return {"downtime_ms": stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME), "migration_ms": migration_ms}
+
+
+def summary(samples: list[dict[str, float]], key: str) -> dict[str, float]:
+    values = sorted(s[key] for s in samples if s.get(key) is not None)
+    if not values:
+        return {}
+    return {"p50": round(statistics.median(values), 1), "max": round(values[-1], 1), "min": round(values[0], 1),
+            "n": len(values)}
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    (workdir / "lab").mkdir()
+    lab_cfg_path = make_test_config(workdir / "lab")
+    supervisor = Supervisor(stack_environment(lab_cfg_path, workdir))
+    with running_lab(lab_cfg_path):
+        try:
+            cfg, api = start_stack(supervisor)
+            vm = f"bench-{secrets.token_hex(2)}"
+            api.job_end(api.post("/vms", {"name": vm, "template": "tiny", "memory": "256M", "vcpus": 1, "disk": "128M",
+                                          "server": "cs1"})["id"])
+            wait_booted(server_uri(cfg, "cs1"), vm)
+            mine, baseline = [], []
+            for round_ in range(args.rounds):
+                mine += [ours(api, vm, "cs2"), ours(api, vm, "cs1")]
+                baseline += [direct(cfg, vm, "cs1", "cs2"), direct(cfg, vm, "cs2", "cs1")]
+                print(f"round {round_ + 1}/{args.rounds}: ours {mine[-2]['migration_ms']:.0f}+{mine[-1]['migration_ms']:.0f} ms, "
+                      f"direct {baseline[-2]['migration_ms']:.0f}+{baseline[-1]['migration_ms']:.0f} ms", flush=True)
+            api.job_end(api.http.delete(f"{api.url}/vms/{vm}", timeout=30).json()["id"])
+        finally:
+            supervisor.stop_all()
+    return report(args, mine, baseline)
+
+
+def report(args: argparse.Namespace, mine: list[dict[str, float]], baseline: list[dict[str, float]]) -> dict[str, Any]:
+    ours_time, direct_time = summary(mine, "migration_ms"), summary(baseline, "migration_ms")
+    return {
+        "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
+        "vm": {"template": "tiny", "memory_mib": 256, "idle": True},
+        "rounds": args.rounds,
+        "migrations_each": len(mine),
+        "ours": {key: summary(mine, key) for key in ("downtime_ms", "migration_ms", "overhead_ms", "post_to_done_ms")},
+        "direct_libvirt": {key: summary(baseline, key) for key in ("downtime_ms", "migration_ms")},
+        "ratio_migration_time_p50": round(ours_time["p50"] / direct_time["p50"], 3) if direct_time else None,
+        "samples": {"ours": mine, "direct_libvirt": baseline},
+    }
+
+
+def print_report(results: dict[str, Any]) -> None:
+    ours, direct_ = results["ours"], results["direct_libvirt"]
+    print(f"\n{results['migrations_each']} migrations each of an idle 256 MiB tiny VM between cs1 and cs2")
+    print(f"{'':24}{'ours p50':>12}{'ours max':>12}{'direct p50':>12}{'direct max':>12}")
+    for key in ("downtime_ms", "migration_ms"):
+        print(f"{key:24}{ours[key].get('p50', '-'):>12}{ours[key].get('max', '-'):>12}"
+              f"{direct_[key].get('p50', '-'):>12}{direct_[key].get('max', '-'):>12}")
+    for key in ("overhead_ms", "post_to_done_ms"):
+        print(f"{key:24}{ours[key].get('p50', '-'):>12}{ours[key].get('max', '-'):>12}")
+    print(f"migration time ours/direct (p50): {results['ratio_migration_time_p50']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="round trips cs1 -> cs2 -> cs1, each way ours and direct")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench/migrate.py needs root (it brings up a lab of namespaces and libvirtds)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="lx-bench-migrate-") as scratch:
+        try:
+            results = measure(args, Path(scratch))
+        except BenchError as error:
+            print(f"bench failed: {error}", file=sys.stderr)
+            return 1
+    print_report(results)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / "migrate.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
