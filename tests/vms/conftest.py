@@ -1,13 +1,16 @@
 """Lab fixtures for VM tests: the lab in the inventory with workers on site-a's queues and `tiny` imported."""
 
 import pytest
+from sqlalchemy import select
 
 from lab.template import build_tiny
+from models import VirtualMachine
 from models.db import transaction
 from tasks import ipam
 from tasks.inventory import sync_from_config
 from tasks.queues import CONTROL, node_queue, san_queue
 from tests.vms.lab_helpers import run_job
+from workers.node import domains
 
 
 @pytest.fixture(scope="session")
@@ -27,4 +30,14 @@ def cluster(rt, celery_app, celery_worker, tiny):
     boot = {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline}
     run_job(rt, celery_app, "import-template", "template/san-a/tiny", san_queue("site-a"),
             {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk), "boot": boot})
-    return rt
+    yield rt
+    remove_domains_of_this_test(rt)
+
+
+def remove_domains_of_this_test(rt) -> None:
+    """The lab outlives a test: take down the domains its VMs left, so they cost no CPU and no names."""
+    with rt.sessions() as session:
+        names = list(session.scalars(select(VirtualMachine.name)))
+    for _, _, server in rt.config.servers():
+        for name in names:
+            domains.undefine(server.uri, name)

@@ -1,6 +1,7 @@
 """Helpers for lab tests of VMs: run a job to its end, install a VM, read its boot line."""
 
 import re
+import secrets
 
 from models import Job
 from models.db import transaction
@@ -26,6 +27,11 @@ def run_job(rt, celery_app, kind, target, queue, params, timeout=180) -> Job:
             return current if current.is_final else None
 
     return wait_for(ended, timeout, f"{kind} job to end")
+
+
+def unique(name: str) -> str:
+    """A VM name no earlier test on the shared lab has used (domains and volumes outlive a test's DB)."""
+    return f"{name}-{secrets.token_hex(3)}"
 
 
 def install(rt, celery_app, name, memory=256 << 20, **extra) -> Job:

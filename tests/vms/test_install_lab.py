@@ -9,38 +9,44 @@ from models import SUCCEEDED, Lease, VirtualMachine, Volume
 from tasks.placement import NoCapacity
 from tasks.queues import CONTROL
 from tasks.storage import target_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri
+from cli.tokens import create_token
+from models.db import transaction
+from tests.console.conftest import console_boot_line, served_api  # noqa: F401 (a fixture)
+from tests.vms.lab_helpers import install, run_job, server_uri, unique
 from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
 
-def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery_app):
+def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery_app, served_api):
     rt = cluster
-    job = install(rt, celery_app, "web1")
+    web1 = unique("web1")
+    job = install(rt, celery_app, web1)
     assert job.state == SUCCEEDED, job.error_message
     with rt.sessions() as session:
-        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == "web1"))
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == web1))
         lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
         assert vm.state == "running" and lease.ip == "192.0.2.2"
-    uri = server_uri(rt, job.result["server"])
-    assert boot_line(uri, "web1") == ("web1", "192.0.2.2")
+    with transaction(rt.sessions) as session:
+        token = create_token(session, "operator", "console-test")
+    assert console_boot_line(served_api, web1, token) == (web1, "192.0.2.2")
 
-    deleted = run_job(rt, celery_app, "delete-vm", "vm/web1", CONTROL, {"vm": "web1"})
+    uri = server_uri(rt, job.result["server"])
+    deleted = run_job(rt, celery_app, "delete-vm", f"vm/{web1}", CONTROL, {"vm": web1})
     assert deleted.state == SUCCEEDED, deleted.error_message
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(VirtualMachine)) == 0
         assert session.scalar(select(func.count()).select_from(Lease)) == 0
         assert session.scalar(select(func.count()).select_from(Volume)) == 0
-    assert domains.domain_state(uri, "web1") is None
+    assert domains.domain_state(uri, web1) is None
     _, san = rt.config.san("san-a")
-    assert not [t for t in target_for(san).list_targets() if t.iqn.endswith(".web1")]
-    assert not list(Path(san.pool_path).glob("web1-*"))
+    assert not [t for t in target_for(san).list_targets() if t.iqn.endswith(f".{web1}")]
+    assert not list(Path(san.pool_path).glob(f"{web1}-*"))
 
 
 def test_a_failed_install_is_undone(cluster, celery_app):
     rt = cluster
-    job = install(rt, celery_app, "huge", memory=64 << 30)
+    job = install(rt, celery_app, unique("huge"), memory=64 << 30)
     assert (job.state, job.error_code) == ("failed", NoCapacity.code)
     assert "MiB" in job.error_message
     with rt.sessions() as session:

@@ -1,0 +1,157 @@
+"""VM power actions, concurrent installs, volume resize and SAN facts on the lab, through the API where users go."""
+
+import json
+import os
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from api import create_app
+from cli.tokens import create_token
+from models import SUCCEEDED, ClusterServer, Job, San, VirtualMachine, Volume
+from models.db import transaction
+from tasks.queues import CONTROL, san_queue
+from tasks.storage import target_for
+from tests.support import wait_for
+from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
+from workers.command import output
+
+pytestmark = [pytest.mark.integration, pytest.mark.lab]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def api(cluster, celery_app):
+    app = create_app(cluster, celery_app)
+    with transaction(cluster.sessions) as session:
+        token = create_token(session, "admin", "lab-test")
+    with app.test_client() as client:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        yield client
+
+
+def vm_row(rt, name: str) -> VirtualMachine:
+    with rt.sessions() as session:
+        return session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+
+
+def server_of(rt, name: str) -> str:
+    with rt.sessions() as session:
+        return session.get(ClusterServer, vm_row(rt, name).server_id).name
+
+
+def run_job_wait(rt, job_id: str, timeout: float = 180) -> Job:
+    def ended():
+        with rt.sessions() as session:
+            job = session.get(Job, job_id)
+            return job if job.is_final else None
+
+    return wait_for(ended, timeout, f"job {job_id}")
+
+
+def action(rt, celery_app, verb: str, name: str, **params):
+    return run_job(rt, celery_app, verb, f"vm/{name}", CONTROL, {"vm": name, **params})
+
+
+def lun_size(rt, vm: str, server: str) -> int:
+    """The disk's size as the server's initiator sees it over iSCSI (QEMU's own client)."""
+    with rt.sessions() as session:
+        disk = session.scalar(select(Volume).join(VirtualMachine).where(VirtualMachine.name == vm, Volume.role == "disk"))
+        portal = session.get(San, disk.san_id).portal
+    initiator = next(s.initiator for _, _, s in rt.config.servers() if s.name == server)
+    opts = f"driver=iscsi,transport=tcp,portal={portal},target={disk.iscsi_target},lun={disk.iscsi_lun},initiator-name={initiator}"
+    return json.loads(output(["qemu-img", "info", "--output=json", "--image-opts", opts]))["virtual-size"]
+
+
+def test_power_actions_follow_the_guest(cluster, celery_app):
+    rt = cluster
+    pwr1 = unique("pwr1")
+    assert install(rt, celery_app, pwr1).state == SUCCEEDED
+    uri = server_uri(rt, server_of(rt, pwr1))
+    assert boot_line(uri, pwr1)[0] == pwr1
+    shutdown = action(rt, celery_app, "shutdown", pwr1, timeout_s=120)
+    assert shutdown.state == SUCCEEDED, shutdown.error_message
+    assert vm_row(rt, pwr1).state == "shut off"
+    assert action(rt, celery_app, "start", pwr1).state == SUCCEEDED
+    assert vm_row(rt, pwr1).state == "running"
+    assert boot_line(uri, pwr1)[0] == pwr1
+    assert action(rt, celery_app, "reboot", pwr1).state == SUCCEEDED
+    assert vm_row(rt, pwr1).state == "running"
+    assert action(rt, celery_app, "destroy", pwr1).state == SUCCEEDED
+    assert vm_row(rt, pwr1).state == "shut off"
+
+
+def test_three_installs_at_once_all_run(cluster, celery_app):
+    rt = cluster
+    results: dict[str, str] = {}
+
+    def one(name: str) -> None:
+        results[name] = install(rt, celery_app, name).state
+
+    names = [unique(f"par{i}") for i in range(3)]
+    threads = [threading.Thread(target=one, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(600)
+    assert results == dict.fromkeys(names, SUCCEEDED)
+    with rt.sessions() as session:
+        running = session.scalars(select(VirtualMachine.state).where(VirtualMachine.name.in_(names))).all()
+    assert running == ["running"] * 3
+
+
+def test_a_grown_disk_reaches_the_guest_at_its_next_start_and_a_shrink_needs_it_stopped(cluster, celery_app, api):
+    rt = cluster
+    rsz1 = unique("rsz1")
+    assert install(rt, celery_app, rsz1).state == SUCCEEDED
+    server = server_of(rt, rsz1)
+    disk = next(v for v in api.get(f"/vms/{rsz1}").get_json()["volumes"] if v["role"] == "disk")
+    assert lun_size(rt, rsz1, server) == 128 * MiB
+
+    accepted = api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "192M"})
+    assert accepted.status_code == 202
+    grown = run_job_wait(rt, accepted.get_json()["id"])
+    assert grown.state == SUCCEEDED and "next stop and start" in grown.result["note"]
+    assert lun_size(rt, rsz1, server) == 128 * MiB
+
+    refused = run_job_wait(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "96M"}).get_json()["id"])
+    assert (refused.state, refused.error_code) == ("failed", "VolumeBusy")
+
+    assert action(rt, celery_app, "destroy", rsz1).state == SUCCEEDED
+    shrunk = run_job_wait(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "160M"}).get_json()["id"])
+    assert shrunk.state == SUCCEEDED, shrunk.error_message
+    assert action(rt, celery_app, "start", rsz1).state == SUCCEEDED
+    assert lun_size(rt, rsz1, server) == 160 * MiB
+    assert boot_line(server_uri(rt, server), rsz1)[0] == rsz1
+
+
+def test_sans_show_real_pool_facts(cluster, celery_app, api):
+    rt = cluster
+    accepted = api.post("/sans/san-a/refresh")
+    assert accepted.status_code == 202
+    assert run_job_wait(rt, accepted.get_json()["id"]).state == SUCCEEDED
+    san_a = next(s for s in api.get("/sans").get_json()["items"] if s["name"] == "san-a")
+    stat = os.statvfs(rt.config.san("san-a")[1].pool_path)
+    assert san_a["reflink"] is True
+    assert abs(san_a["pool_free_bytes"] - stat.f_bavail * stat.f_frsize) < 64 * MiB
+    assert san_a["pool_size_bytes"] == stat.f_blocks * stat.f_frsize
+
+
+def test_a_worker_start_restores_exports_tgtd_lost(cluster, celery_app, celery_worker):
+    rt = cluster
+    exp1 = unique("exp1")
+    assert install(rt, celery_app, exp1).state == SUCCEEDED
+    _, san = rt.config.san("san-a")
+    tgt = target_for(san)
+    iqn = next(t.iqn for t in tgt.list_targets() if t.iqn.endswith(f".{exp1}"))
+    tgt.unexport(iqn, force=True)
+    assert tgt.find(iqn) is None
+    celery_worker([san_queue("site-a")])
+    site_a = {s.initiator for _, c, s in rt.config.servers() if c.name == "cluster-a"}
+
+    def restored():
+        target = tgt.find(iqn)
+        return target if target and set(target.initiators) == site_a else None
+
+    assert sorted(wait_for(restored, 60, "the export and its ACL to be re-created").luns) == [1, 2]
