@@ -3,6 +3,7 @@
 from pathlib import Path
 from typing import Any
 
+from celery.signals import worker_ready
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,11 +12,16 @@ from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.queues import node_queue
+from tasks.runtime import Runtime
 from tasks.workflow import workflow
 from workers.node import domains
 from workers.node.domain_xml import DirectBoot, DomainSpec, IscsiDisk, Nic, domain_xml
+from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
+# States a running job owns; events and the reconciler leave them alone.
+BUSY_STATES = ("installing", "deleting")
 
 
 def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> DomainSpec:
@@ -105,6 +111,26 @@ def sync_vm_states(server_name: str) -> dict[str, str]:
         return sync_states(session, server) if server is not None else {}
 
 
+@worker_ready.connect
+def watch_lifecycle_events(sender, **_: object) -> None:
+    """A node worker follows its servers' domain lifecycle events, so the DB hears of a VM that
+    stops or crashes by itself at once (the reconciler's periodic sync catches anything missed)."""
+    queues = {queue.name for queue in sender.task_consumer.queues}
+    rt = runtime.current()
+    for _, _, server in rt.config.servers():
+        if node_queue(server.name) in queues:
+            LifecycleWatcher(server.uri, lambda name, server=server.name: _sync_one(rt, server, name)).start()
+
+
+def _sync_one(rt: Runtime, server_name: str, vm_name: str) -> None:
+    with transaction(rt.sessions) as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm_name))
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == server_name))
+        if vm is None or server is None or vm.server_id != server.id or vm.state in BUSY_STATES:
+            return
+        record_state(session, vm, domains.domain_state(server.libvirt_uri, vm_name))
+
+
 def sync_states(session: Session, server: ClusterServer) -> dict[str, str]:
     """Make the DB's VM states on `server` match what its libvirt says; return the VMs that changed."""
     live = {state.name: state for state in domains.states(server.libvirt_uri)}
@@ -112,7 +138,7 @@ def sync_states(session: Session, server: ClusterServer) -> dict[str, str]:
     for vm in session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)):
         state = live.get(vm.name)
         before = vm.state
-        if before in ("installing", "deleting"):
+        if before in BUSY_STATES:
             continue
         record_state(session, vm, state)
         if vm.state != before:

@@ -16,6 +16,7 @@ from tasks.storage import target_for
 from tests.support import wait_for
 from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
 from workers.command import output
+from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
@@ -80,6 +81,14 @@ def test_power_actions_follow_the_guest(cluster, celery_app):
     assert vm_row(rt, pwr1).state == "running"
     assert action(rt, celery_app, "destroy", pwr1).state == SUCCEEDED
     assert vm_row(rt, pwr1).state == "shut off"
+
+
+def test_a_vm_that_stops_by_itself_is_seen_stopped(cluster, celery_app):
+    rt = cluster
+    name = unique("self1")
+    assert install(rt, celery_app, name).state == SUCCEEDED
+    domains.destroy(server_uri(rt, server_of(rt, name)), name)
+    wait_for(lambda: vm_row(rt, name).state == "shut off", 20, "the lifecycle event to reach the DB")
 
 
 def test_three_installs_at_once_all_run(cluster, celery_app):
