@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
 	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux dosfstools mtools \
 	openssh-server openssh-client zstd
 
-.PHONY: setup run test test-fast bench
+.PHONY: setup run test test-fast bench bench-clone bench-migrate
 
 setup:
 	apt-get update -q
@@ -31,3 +31,11 @@ test-fast:
 
 bench:
 	$(PY) bench/jobs.py
+	$(PY) bench/vms.py
+
+# Needs root and about 35 GiB free under $$TMPDIR.
+bench-clone:
+	$(PY) bench/clone.py
+
+bench-migrate:
+	$(PY) bench/migrate.py
