@@ -32,10 +32,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(2)}"
 
 
-def install_on(rt, celery_app, name: str, server: str) -> Job:
-    """Install a 256 MiB tiny VM on `server` (the install job's `server` parameter, as the API passes it)."""
+def install_on(rt, celery_app, name: str, server: str, memory: int = 256 << 20) -> Job:
+    """Install a tiny VM on `server` (the install job's `server` parameter, as the API passes it)."""
     with transaction(rt.sessions) as session:
-        reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=256 << 20, vcpus=1,
+        reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=memory, vcpus=1,
                                                       disk_bytes=128 << 20, subnet="lan", server=server))
     installed = run_job(rt, celery_app, "install-vm", f"vm/{name}", CONTROL,
                         {"vm": name, "disk_bytes": 128 << 20, "server": server})
@@ -178,20 +178,34 @@ def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, c
 
 def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, tokens):
     rt = cluster
-    names = [unique("eva"), unique("evb")]
-    for name in names:
-        install_on(rt, celery_app, name, "cs1")
+    small, big = unique("eva"), unique("evb")
+    names = [small, big]
+    install_on(rt, celery_app, small, "cs1")
+    install_on(rt, celery_app, big, "cs1", memory=512 << 20)
     try:
+        # cs2 has room for the small one only: the big one is reported and keeps running on cs1.
+        set_server(rt, "cs2", memory_limit_bytes=400 << 20)
+        partly = laxcluster(api_url, tokens, "server", "evacuate", "cs1", "--watch")
+        assert partly.exit_code == 1 and "EvacuationIncomplete" in partly.output, partly.output
+        with rt.sessions() as session:
+            job = session.scalar(select(Job).where(Job.kind == "evacuate"))
+        assert job.result["moved"] == {small: "cs2"} and list(job.result["failed"]) == [big]
+        assert "512 MiB" in job.result["failed"][big]
+        assert_runs_only_on(rt, small, "cs2", "cs1")
+        assert_runs_only_on(rt, big, "cs1", "cs2")
+
+        set_server(rt, "cs2", memory_limit_bytes=2 << 30)
         evacuated = laxcluster(api_url, tokens, "server", "evacuate", "cs1", "--watch")
         assert evacuated.exit_code == 0, evacuated.output
         with rt.sessions() as session:
-            job = session.scalar(select(Job).where(Job.kind == "evacuate"))
-        assert job.result["moved"] == {name: "cs2" for name in names} and job.result["failed"] == {}
+            job = session.scalars(select(Job).where(Job.kind == "evacuate").order_by(Job.created_at.desc())).first()
+        assert job.result["moved"] == {big: "cs2"} and job.result["failed"] == {}
         for name in names:
             assert_runs_only_on(rt, name, "cs2", "cs1")
         with rt.sessions() as session:
             assert session.scalar(select(ClusterServer.maintenance).where(ClusterServer.name == "cs1")) is True
     finally:
+        set_server(rt, "cs2", memory_limit_bytes=2 << 30)
         assert laxcluster(api_url, tokens, "server", "activate", "cs1").exit_code == 0
         for name in names:
             run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
