@@ -33,11 +33,6 @@ DISK_LUN, SEED_LUN = 1, 2
 SECTOR = 512
 
 
-class TemplateNotFound(NotFound):
-    code = "TemplateNotFound"
-    http_status = 422
-
-
 class VolumeBusy(Conflict):
     code = "VolumeBusy"
 

@@ -54,6 +54,21 @@ def _pings(client) -> bool:
         return False
 
 
+@pytest.fixture
+def tgtd(tmp_path: Path):
+    """A tgtd of our own on 127.0.0.1 (free port, own control port), stopped even if the test fails."""
+    from tests.san.helpers import TgtDaemon
+
+    need_root()
+    need_binary("tgtd", "tgtadm")
+    daemon = TgtDaemon(tmp_path / "tgtd.log")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 @dataclass
 class Postgres:
     url: str

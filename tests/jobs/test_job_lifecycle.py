@@ -5,7 +5,7 @@ import json
 import pytest
 from sqlalchemy import select
 
-from models import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobLock
+from models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobLock
 from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch

@@ -14,7 +14,6 @@ import pytest
 
 from lab.template import TinyTemplate, build_tiny
 from workers.node.console import start_event_loop
-from tests.san.helpers import TgtDaemon
 from tests.support import need_binary, need_root, wait_for
 
 SYSTEM_URI = "qemu:///system"
@@ -67,19 +66,6 @@ def system_libvirt() -> Iterator[libvirt.virConnect]:
             stop_by_pidfile(pidfile)
         if started:
             shutil.rmtree(started[0].parent, ignore_errors=True)
-
-
-@pytest.fixture
-def tgtd(tmp_path: Path) -> Iterator[TgtDaemon]:
-    """A tgtd of our own on 127.0.0.1 (free port, own control port), stopped even if the test fails."""
-    need_root()
-    need_binary("tgtd", "tgtadm")
-    daemon = TgtDaemon(tmp_path / "tgtd.log")
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
 
 
 @pytest.fixture(scope="session")

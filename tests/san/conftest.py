@@ -1,12 +1,11 @@
-"""Fixtures for the SAN worker: real filesystems on loop devices and a real tgtd, cleaned up even on failure."""
+"""Fixtures for the SAN worker: real filesystems on loop devices, cleaned up even on failure (tgtd: tests/conftest.py)."""
 
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.san.helpers import TgtDaemon, mounted_filesystem
-from tests.support import need_binary, need_root
+from tests.san.helpers import mounted_filesystem
 
 
 @pytest.fixture(params=["xfs", "btrfs", "ext4"])
@@ -25,13 +24,3 @@ def ext4_dir(tmp_path: Path) -> Iterator[Path]:
     yield from mounted_filesystem("ext4", tmp_path)
 
 
-@pytest.fixture
-def tgtd(tmp_path: Path) -> Iterator[TgtDaemon]:
-    need_root()
-    need_binary("tgtd", "tgtadm")
-    daemon = TgtDaemon(tmp_path / "tgtd.log")
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
