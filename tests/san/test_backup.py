@@ -1,0 +1,213 @@
+"""Backups into a chunk store, with real files and the real reflink backend on a loop-mounted XFS."""
+
+import hashlib
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from workers.san.backup import (
+    BackupCancelled,
+    ChunkCorrupt,
+    backup_volume,
+    collect_garbage,
+    restore_volume,
+    retention_keep,
+    verify_backup,
+)
+from workers.san.chunks import LocalStore, chunk_relpath
+from workers.san.reflink import ReflinkBackend
+
+MiB = 1024 * 1024
+CHUNK = 256 * 1024
+VOLUME = 64 * MiB
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(MiB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_at(path: str | Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as target:
+        target.seek(offset)
+        target.write(data)
+        target.flush()
+        os.fsync(target.fileno())
+
+
+def fill_realistic(path: str | Path) -> None:
+    """Random data, compressible text, an explicit zero region and holes (never written)."""
+    write_at(path, 0, os.urandom(3 * MiB))
+    write_at(path, 8 * MiB, b"laxcluster backup line\n" * (4 * MiB // 23))
+    write_at(path, 16 * MiB, bytes(2 * MiB))
+    write_at(path, 30 * MiB + 4096, os.urandom(MiB))
+
+
+@pytest.fixture
+def backend(xfs_dir: Path) -> ReflinkBackend:
+    return ReflinkBackend(str(xfs_dir))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(str(tmp_path / "store"))
+
+
+def snapshot_and_backup(backend: ReflinkBackend, store: LocalStore, snap: str, parent: dict | None = None,
+                        parent_snap: str | None = None) -> tuple[str, dict]:
+    handle = backend.snapshot("vol", snap)
+    ranges = backend.changed_ranges(parent_snap, handle) if parent_snap else None
+    manifest = backup_volume(backend.path_for_export(handle), backend.size(handle), store, backup_id=snap,
+                             parent_manifest=parent, ranges=ranges, chunk_size=CHUNK, snapshot=handle)
+    return handle, manifest
+
+
+def test_full_and_differential_chain_restore_bit_exact(backend: ReflinkBackend, store: LocalStore,
+                                                       tmp_path: Path) -> None:
+    backend.create("vol", VOLUME)
+    volume = backend.path_for_export("vol")
+    fill_realistic(volume)
+    s1, full = snapshot_and_backup(backend, store, "s1")
+
+    changes = [(5 * MiB, os.urandom(MiB)), (20 * MiB, os.urandom(256 * 1024)), (40 * MiB + 8192, os.urandom(4096))]
+    for offset, data in changes:
+        write_at(volume, offset, data)
+    s2, diff1 = snapshot_and_backup(backend, store, "s2", full, s1)
+    write_at(volume, 50 * MiB, os.urandom(512 * 1024))
+    s3, diff2 = snapshot_and_backup(backend, store, "s3", diff1, s2)
+
+    changed = sum(len(data) for _, data in changes)
+    assert diff1["mode"] == "diff" and diff1["parent"] == "s1" and diff2["parent"] == "s2"
+    assert 0 < diff1["bytes_read"] <= 2 * changed
+    assert diff1["bytes_read"] < full["bytes_read"] / 4
+    for handle, manifest in ((s1, full), (s2, diff1), (s3, diff2)):
+        restored = tmp_path / f"restored-{manifest['id']}.img"
+        restore_volume(store, store.get_manifest(manifest["id"]), str(restored))
+        assert sha256_of(restored) == sha256_of(backend.path_for_export(handle)), manifest["id"]
+
+
+def test_zero_chunks_are_not_stored_and_holes_not_read(backend: ReflinkBackend, store: LocalStore,
+                                                       tmp_path: Path) -> None:
+    backend.create("vol", VOLUME)
+    fill_realistic(backend.path_for_export("vol"))
+    _, full = snapshot_and_backup(backend, store, "s1")
+
+    written = 3 * MiB + 4 * MiB + 2 * MiB + MiB
+    assert written <= full["bytes_read"] <= written + 2 * CHUNK  # partial chunks at the edges
+    zero_entries = [entry for entry in full["chunks"] if entry.get("zero")]
+    assert len(zero_entries) >= (VOLUME - written) // CHUNK - 2
+    assert any(entry["offset"] == 16 * MiB for entry in zero_entries)  # written zeros, not a hole
+    stored = set(store.list_chunks())
+    assert stored == {entry["digest"] for entry in full["chunks"] if "digest" in entry}
+    # Compressible text dedups to a handful of chunks and compresses well.
+    assert full["bytes_stored"] < full["data_bytes"]
+    restored = tmp_path / "restored.img"
+    restore_volume(store, full, str(restored))
+    assert os.stat(restored).st_blocks * 512 < VOLUME / 2  # zero chunks stayed holes
+
+
+def test_differential_follows_a_grown_volume(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 3 + 4096))
+    full = backup_volume(str(source), source.stat().st_size, store, backup_id="f", chunk_size=CHUNK)
+    with open(source, "ab") as grow:
+        grow.write(os.urandom(CHUNK))
+    diff = backup_volume(str(source), source.stat().st_size, store, backup_id="d", parent_manifest=full,
+                         ranges=[], chunk_size=CHUNK)
+
+    assert diff["bytes_read"] == CHUNK + 4096  # the parent's partial last chunk and the new bytes
+    restored = tmp_path / "restored.img"
+    restore_volume(store, diff, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+
+def test_verify_names_a_corrupted_and_a_missing_chunk(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 6))
+    manifest = backup_volume(str(source), CHUNK * 6, store, backup_id="f", chunk_size=CHUNK)
+    assert verify_backup(store, manifest) == []
+
+    corrupt, missing = manifest["chunks"][2]["digest"], manifest["chunks"][4]["digest"]
+    write_at(Path(store.path) / chunk_relpath(corrupt), 20, b"garbage")
+    store.delete_chunk(missing)
+    problems = verify_backup(store, manifest)
+
+    assert len(problems) == 2
+    assert any(corrupt in p and f"offset {2 * CHUNK}" in p and "ChunkCorrupt" in p for p in problems)
+    assert any(missing in p and f"offset {4 * CHUNK}" in p and "ChunkMissing" in p for p in problems)
+    with pytest.raises(ChunkCorrupt):
+        restore_volume(store, {**manifest, "chunks": manifest["chunks"][:4]}, str(tmp_path / "out.img"))
+
+
+def test_verify_finds_an_incomplete_manifest(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 3))
+    manifest = backup_volume(str(source), CHUNK * 3, store, backup_id="f", chunk_size=CHUNK)
+    gap = {**manifest, "chunks": [manifest["chunks"][0], manifest["chunks"][2]]}
+    short = {**manifest, "chunks": manifest["chunks"][:2]}
+    assert verify_backup(store, gap) == [f"chunk 1: starts at {2 * CHUNK}, expected {CHUNK}"]
+    assert verify_backup(store, short) == [f"chunks cover {2 * CHUNK} bytes of a {3 * CHUNK}-byte volume"]
+
+
+def test_cancel_leaves_no_manifest(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 8))
+    progress: list[int] = []
+
+    with pytest.raises(BackupCancelled):
+        backup_volume(str(source), CHUNK * 8, store, backup_id="f", chunk_size=CHUNK,
+                      on_progress=lambda done, total: progress.append(done), should_stop=lambda: len(progress) >= 3)
+
+    assert store.list_manifests() == []
+    assert not store.has_manifest("f")
+    assert 3 <= len(progress) < 8
+    assert not [p for p in Path(store.path).rglob("*.tmp")]
+
+
+def test_gc_removes_exactly_the_unreferenced_chunks(store: LocalStore, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    shared = os.urandom(CHUNK)
+    first.write_bytes(shared + os.urandom(CHUNK * 2))
+    second.write_bytes(shared + os.urandom(CHUNK))
+    old = backup_volume(str(first), CHUNK * 3, store, backup_id="old", chunk_size=CHUNK)
+    kept = backup_volume(str(second), CHUNK * 2, store, backup_id="kept", chunk_size=CHUNK)
+    only_old = {e["digest"] for e in old["chunks"]} - {e["digest"] for e in kept["chunks"]}
+
+    store.delete_manifest("old")
+    result = collect_garbage(store, [store.get_manifest(i) for i in store.list_manifests()])
+
+    assert result == {"chunks_deleted": 2, "chunks_kept": 2}
+    assert set(store.list_chunks()) == {e["digest"] for e in kept["chunks"]}
+    assert not any(store.has_chunk(d) for d in only_old)
+    assert verify_backup(store, kept) == []
+
+
+def day(n: int, hour: int = 1) -> datetime:
+    return datetime(2026, 11, 2, hour, tzinfo=timezone.utc) + timedelta(days=n)
+
+
+def test_retention_keeps_the_parents_a_kept_differential_needs() -> None:
+    backups = [
+        {"id": "full-1", "created_at": day(0), "parent": None},
+        {"id": "diff-1", "created_at": day(1), "parent": "full-1"},
+        {"id": "diff-2", "created_at": day(2), "parent": "diff-1"},
+        {"id": "full-2", "created_at": day(7), "parent": None},
+        {"id": "diff-3", "created_at": day(8), "parent": "full-2"},
+    ]
+    assert retention_keep(backups, keep_last=1) == {"diff-3", "full-2"}
+    assert retention_keep(backups, keep_last=3) == {"diff-3", "full-2", "diff-2", "diff-1", "full-1"}
+    # Weekly keeps the newest of each ISO week: diff-2 (week of day 0-2) drags its chain along.
+    assert retention_keep(backups, weekly=2) == {"diff-3", "full-2", "diff-2", "diff-1", "full-1"}
+    assert retention_keep(backups, weekly=1) == {"diff-3", "full-2"}
+
+
+def test_retention_daily_keeps_the_newest_of_each_day() -> None:
+    backups = [{"id": f"b{n}-{h}", "created_at": day(n, h), "parent": None} for n in range(5) for h in (1, 13)]
+    assert retention_keep(backups, daily=3) == {"b4-13", "b3-13", "b2-13"}
+    assert retention_keep(backups, keep_last=1, monthly=1) == {"b4-13"}
+    assert len(retention_keep(backups)) == len(backups)

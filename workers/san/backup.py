@@ -1,0 +1,506 @@
+"""Backups of a volume (or snapshot) into a chunk store: full and differential, restore, verify, retention.
+
+The volume is cut into fixed-size chunks. A chunk of zeros is not stored (the manifest marks
+it `zero`); any other chunk is stored once, named by the BLAKE2b-256 digest of its bytes and
+compressed with zstd. A differential reads only the chunks that the backend's changed ranges
+touch and takes every other chunk entry from its parent's manifest, so restoring any backup
+needs its own manifest only. Holes (SEEK_DATA/SEEK_HOLE) are never read.
+
+Reading stays on the calling thread while a small pool hashes, compresses and stores
+(hashlib and zstandard release the GIL), so reads overlap the CPU work.
+
+A manifest is the backup: it is published last, atomically. A cancelled or failed backup
+leaves no manifest, only chunks nobody references, which `collect_garbage` removes.
+"""
+
+import errno
+import hashlib
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import zstandard
+
+from workers.errors import Conflict, InvalidInput, LaxError
+from workers.san.chunks import ChunkStore
+
+FORMAT = 1
+CHUNK_SIZE = 4 * 1024 * 1024
+DIGEST = "blake2b-256"
+COMPRESSION = "zstd"
+ZSTD_LEVEL = 3
+POOL_THREADS = 2
+# Reads run at most this many chunks ahead of the pool, bounding memory to a few chunks.
+IN_FLIGHT_PER_THREAD = 2
+
+Range = tuple[int, int]
+Progress = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+
+
+class BackupCancelled(LaxError):
+    code = "Cancelled"
+    http_status = 409
+
+
+class BackupMismatch(Conflict):
+    """A differential's parent does not fit (other chunk size), or ranges were given without a parent."""
+
+    code = "BackupMismatch"
+
+
+class ChunkCorrupt(LaxError):
+    """A stored chunk does not decompress or hash to its name."""
+
+    code = "ChunkCorrupt"
+    http_status = 500
+
+
+class InvalidRetention(InvalidInput):
+    code = "InvalidRetention"
+
+
+def chunk_digest(data: bytes | memoryview) -> str:
+    """The name of a chunk: BLAKE2b-256 of its uncompressed bytes, in hex."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def never_stop() -> bool:
+    return False
+
+
+def ignore_progress(done: int, total: int) -> None:
+    return None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+# -- what to read -----------------------------------------------------------------
+
+
+def data_segments(fd: int, size: int) -> list[Range]:
+    """The file's data (non-hole) segments below `size`, found with SEEK_DATA/SEEK_HOLE."""
+    segments = []
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        segments.append((start, end - start))
+        offset = end
+    return segments
+
+
+def intersect(spans: list[Range], start: int, end: int) -> list[Range]:
+    """The parts of sorted `spans` inside [start, end)."""
+    return [(max(o, start), min(o + n, end) - max(o, start)) for o, n in spans if o < end and o + n > start]
+
+
+def chunks_touched(ranges: Iterable[Range], chunk_size: int, size: int) -> set[int]:
+    """Indexes of the chunks any of `ranges` overlaps."""
+    touched: set[int] = set()
+    for offset, length in ranges:
+        if length > 0 and offset < size:
+            last = min(offset + length, size) - 1
+            touched.update(range(offset // chunk_size, last // chunk_size + 1))
+    return touched
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """One chunk to read: its index, offset, length and the data spans inside it (empty: all hole)."""
+
+    index: int
+    offset: int
+    length: int
+    spans: list[Range]
+
+
+def plan_reads(fd: int, size: int, chunk_size: int, dirty: set[int] | None) -> list[ChunkPlan]:
+    """The chunks to read (all of them, or only `dirty` ones) with their data spans."""
+    segments = data_segments(fd, size)
+    count = -(-size // chunk_size)
+    indexes = range(count) if dirty is None else sorted(i for i in dirty if i < count)
+    plans = []
+    for index in indexes:
+        offset = index * chunk_size
+        length = min(chunk_size, size - offset)
+        plans.append(ChunkPlan(index, offset, length, intersect(segments, offset, offset + length)))
+    return plans
+
+
+def dirty_chunks(parent: dict[str, Any], ranges: list[Range], chunk_size: int, size: int) -> set[int]:
+    """Chunks a differential must read: those the changed ranges touch, plus, when the volume
+    changed size, the parent's last chunk and everything after it."""
+    dirty = chunks_touched(ranges, chunk_size, size)
+    if parent["volume_size"] != size:
+        first_unsure = min(parent["volume_size"], size) // chunk_size
+        dirty.update(range(first_unsure, -(-size // chunk_size)))
+    return dirty
+
+
+# -- backup -----------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Counters shared by the reader and the pool (the lock guards the pool's updates)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    chunks_written: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ChunkWriter:
+    """Hashes, compresses and stores chunks on pool threads; one zstd compressor per thread."""
+
+    def __init__(self, store: ChunkStore, tally: Tally) -> None:
+        self.store = store
+        self.tally = tally
+        self.local = threading.local()
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        if not hasattr(self.local, "compressor"):
+            self.local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return self.local.compressor
+
+    def entry_for(self, plan: ChunkPlan, data: bytearray) -> dict[str, Any]:
+        """The manifest entry of one read chunk, storing its bytes if the store lacks them."""
+        entry: dict[str, Any] = {"offset": plan.offset, "length": plan.length}
+        if not plan.spans or data.count(0) == len(data):
+            return {**entry, "zero": True}
+        digest = chunk_digest(data)
+        blob = self._compressor().compress(data)
+        if not self.store.has_chunk(digest):
+            self.store.put_chunk(digest, blob)
+            with self.tally.lock:
+                self.tally.bytes_written += len(blob)
+                self.tally.chunks_written += 1
+        return {**entry, "digest": digest, "stored": len(blob)}
+
+
+def read_chunk(fd: int, plan: ChunkPlan) -> bytearray:
+    """The chunk's bytes: its data spans read, its holes left as zeros."""
+    data = bytearray(plan.length)
+    view = memoryview(data)
+    for offset, length in plan.spans:
+        start = offset - plan.offset
+        got = os.preadv(fd, [view[start:start + length]], offset)
+        if got != length:
+            raise OSError(errno.EIO, f"short read at {offset}: {got} of {length} bytes")
+    return data
+
+
+def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progress: Progress,
+                 should_stop: StopCheck, threads: int) -> list[dict[str, Any]]:
+    """Read every planned chunk here, hand it to the pool, return the entries in plan order."""
+    total = sum(n for plan in plans for _, n in plan.spans)
+    pending: deque[Future] = deque()
+    entries: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
+        try:
+            for plan in plans:
+                if should_stop():
+                    raise BackupCancelled("backup cancelled")
+                data = read_chunk(fd, plan)
+                writer.tally.bytes_read += sum(n for _, n in plan.spans)
+                pending.append(pool.submit(writer.entry_for, plan, data))
+                while len(pending) > threads * IN_FLIGHT_PER_THREAD:
+                    entries.append(pending.popleft().result())
+                on_progress(writer.tally.bytes_read, total)
+            entries.extend(future.result() for future in pending)
+        finally:
+            for future in pending:
+                future.cancel()
+    return entries
+
+
+def merge_entries(parent: dict[str, Any] | None, fresh: list[dict[str, Any]], chunk_size: int,
+                  size: int) -> list[dict[str, Any]]:
+    """The full chunk list: `fresh` entries where read, the parent's entries everywhere else."""
+    by_offset = {entry["offset"]: entry for entry in fresh}
+    inherited = {entry["offset"]: entry for entry in (parent or {}).get("chunks", [])}
+    merged = []
+    for offset in range(0, size, chunk_size):
+        entry = by_offset.get(offset) or inherited.get(offset)
+        if entry is None:
+            raise BackupMismatch(f"no chunk for offset {offset}: neither read nor in the parent", offset=offset)
+        merged.append(entry)
+    return merged
+
+
+def stored_bytes(chunks: list[dict[str, Any]]) -> int:
+    """Compressed bytes of the distinct chunks a manifest references."""
+    return sum({entry["digest"]: entry["stored"] for entry in chunks if "digest" in entry}.values())
+
+
+def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: str,
+                  parent_manifest: dict[str, Any] | None = None, ranges: list[Range] | None = None,
+                  chunk_size: int = CHUNK_SIZE, snapshot: str | None = None,
+                  on_progress: Progress = ignore_progress, should_stop: StopCheck = never_stop,
+                  threads: int = POOL_THREADS) -> dict[str, Any]:
+    """Back up the first `size` bytes of `source_path` (a snapshot nobody writes) into `store`
+    and publish its manifest under `backup_id`; return the manifest.
+
+    With `parent_manifest` and `ranges` (the changed ranges since the parent's snapshot) this
+    is a differential that reads only the chunks those ranges touch. Raises BackupCancelled
+    when `should_stop()` turns true (no manifest is published then).
+    """
+    if ranges is not None and parent_manifest is None:
+        raise BackupMismatch("changed ranges need the parent backup they are relative to")
+    if parent_manifest is not None and parent_manifest["chunk_size"] != chunk_size:
+        raise BackupMismatch(f"parent {parent_manifest['id']} uses chunks of {parent_manifest['chunk_size']} bytes",
+                             parent=parent_manifest["id"])
+    started, clock = utc_now(), time.monotonic()
+    dirty = None if parent_manifest is None or ranges is None else dirty_chunks(parent_manifest, ranges, chunk_size, size)
+    tally = Tally()
+    with open(source_path, "rb") as source:
+        plans = plan_reads(source.fileno(), size, chunk_size, dirty)
+        fresh = run_pipeline(source.fileno(), plans, ChunkWriter(store, tally), on_progress, should_stop, threads)
+    chunks = merge_entries(parent_manifest if dirty is not None else None, fresh, chunk_size, size)
+    if should_stop():
+        raise BackupCancelled("backup cancelled")
+    manifest = {
+        "format": FORMAT, "id": backup_id, "digest": DIGEST, "compression": COMPRESSION,
+        "volume_size": size, "chunk_size": chunk_size, "chunks": chunks,
+        "parent": parent_manifest["id"] if parent_manifest else None,
+        "mode": "diff" if parent_manifest else "full", "snapshot": snapshot,
+        "started_at": started, "finished_at": utc_now(), "seconds": round(time.monotonic() - clock, 3),
+        "chunks_read": len(plans), "bytes_read": tally.bytes_read, "bytes_written": tally.bytes_written,
+        "chunks_written": tally.chunks_written, "bytes_stored": stored_bytes(chunks),
+        "data_bytes": sum(entry["length"] for entry in chunks if "digest" in entry),
+    }
+    store.put_manifest(backup_id, manifest)
+    return manifest
+
+
+# -- restore and verify -------------------------------------------------------------
+
+
+class ChunkReader:
+    """Fetches, decompresses and checks chunks on pool threads; one zstd decompressor per thread."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.local = threading.local()
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        if not hasattr(self.local, "decompressor"):
+            self.local.decompressor = zstandard.ZstdDecompressor()
+        return self.local.decompressor
+
+    def bytes_of(self, entry: dict[str, Any]) -> bytes:
+        """The chunk's uncompressed bytes; ChunkMissing if absent, ChunkCorrupt if they do not hash to its name."""
+        digest = entry["digest"]
+        blob = self.store.get_chunk(digest)
+        try:
+            data = self._decompressor().decompress(blob, max_output_size=entry["length"])
+        except zstandard.ZstdError as exc:
+            raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}", digest=digest) from None
+        if len(data) != entry["length"] or chunk_digest(data) != digest:
+            raise ChunkCorrupt(f"chunk {digest} does not match its digest", digest=digest)
+        return data
+
+
+def bounded_map(work: Callable[[dict[str, Any]], Any], entries: list[dict[str, Any]], threads: int,
+                should_stop: StopCheck, after_each: Callable[[dict[str, Any], Any], None]) -> None:
+    """Run `work` on every entry in a pool with a few in flight, calling `after_each(entry, result)`
+    here in entry order; stop with BackupCancelled when `should_stop()` turns true."""
+    pending: deque[tuple[dict[str, Any], Future]] = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
+        try:
+            for entry in entries:
+                if should_stop():
+                    raise BackupCancelled("cancelled")
+                pending.append((entry, pool.submit(work, entry)))
+                while len(pending) > threads * IN_FLIGHT_PER_THREAD:
+                    done, future = pending.popleft()
+                    after_each(done, future.result())
+            while pending:
+                done, future = pending.popleft()
+                after_each(done, future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def prepare_destination(fd: int, size: int) -> bool:
+    """Make `fd` read as `size` zero bytes where that is free; return whether zero chunks must still be written.
+
+    A regular file is emptied and re-grown, so zero chunks become holes (same inode: an export
+    that holds the file open sees the restored bytes). A block device keeps its content, so
+    zero chunks are written out."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+        return False
+    return True
+
+
+def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, *,
+                   on_progress: Progress = ignore_progress, should_stop: StopCheck = never_stop,
+                   threads: int = POOL_THREADS) -> dict[str, Any]:
+    """Write the backup's bytes to `dest_path` (a file, made if missing, or a block device) bit for bit,
+    leaving zero chunks as holes in a file; return what was written and how long it took.
+
+    Every chunk is checked against its digest before it is written (ChunkCorrupt, ChunkMissing).
+    Raises BackupCancelled when `should_stop()` turns true; `dest_path` is then half restored."""
+    clock = time.monotonic()
+    size = manifest["volume_size"]
+    reader = ChunkReader(store)
+    done = 0
+    fd = os.open(dest_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        write_zeros = prepare_destination(fd, size)
+        entries = [e for e in manifest["chunks"] if "digest" in e or write_zeros]
+
+        def write(entry: dict[str, Any]) -> int:
+            data = reader.bytes_of(entry) if "digest" in entry else bytes(entry["length"])
+            os.pwrite(fd, data, entry["offset"])
+            return len(data)
+
+        def advance(entry: dict[str, Any], written: int) -> None:
+            nonlocal done
+            done += written
+            on_progress(done, size)
+
+        bounded_map(write, entries, threads, should_stop, advance)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    on_progress(size, size)
+    return {"bytes_written": done, "volume_size": size, "seconds": round(time.monotonic() - clock, 3)}
+
+
+def layout_problems(manifest: dict[str, Any]) -> list[str]:
+    """What makes a manifest incomplete: chunks that do not tile the volume, entries with neither digest nor zero."""
+    problems = []
+    cursor = 0
+    for number, entry in enumerate(manifest.get("chunks", [])):
+        if entry.get("offset") != cursor:
+            problems.append(f"chunk {number}: starts at {entry.get('offset')}, expected {cursor}")
+        if "digest" not in entry and not entry.get("zero"):
+            problems.append(f"chunk {number} at offset {cursor}: neither a digest nor zero")
+        cursor = entry.get("offset", cursor) + entry.get("length", 0)
+    if cursor != manifest.get("volume_size"):
+        problems.append(f"chunks cover {cursor} bytes of a {manifest.get('volume_size')}-byte volume")
+    return problems
+
+
+def verify_backup(store: ChunkStore, manifest: dict[str, Any], *, on_progress: Progress = ignore_progress,
+                  should_stop: StopCheck = never_stop, threads: int = POOL_THREADS) -> list[str]:
+    """Re-read every chunk the backup references and re-hash it; return the problems found
+    (empty: the backup is whole). Each problem names the chunk by digest and offset."""
+    problems = layout_problems(manifest)
+    first_use: dict[str, dict[str, Any]] = {}
+    for entry in manifest.get("chunks", []):
+        if "digest" in entry:
+            first_use.setdefault(entry["digest"], entry)
+    unique = list(first_use.values())
+    total = sum(entry["length"] for entry in unique)
+    reader = ChunkReader(store)
+    checked = 0
+
+    def check(entry: dict[str, Any]) -> str | None:
+        try:
+            reader.bytes_of(entry)
+        except LaxError as exc:
+            return f"chunk {entry['digest']} at offset {entry['offset']}: {exc.code}: {exc.message}"
+        return None
+
+    def note(entry: dict[str, Any], problem: str | None) -> None:
+        nonlocal checked
+        checked += entry["length"]
+        if problem:
+            problems.append(problem)
+        on_progress(checked, total)
+
+    bounded_map(check, unique, threads, should_stop, note)
+    return problems
+
+
+# -- retention and garbage collection --------------------------------------------------
+
+
+def as_datetime(value: datetime | str) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
+    "daily": lambda moment: (moment.year, moment.month, moment.day),
+    "weekly": lambda moment: tuple(moment.isocalendar())[:2],
+    "monthly": lambda moment: (moment.year, moment.month),
+}
+
+
+def newest_per_period(ordered: list[dict[str, Any]], period: Callable[[datetime], tuple[int, ...]],
+                      count: int) -> Iterator[str]:
+    """Ids of the newest backup in each of the `count` most recent periods that have one."""
+    seen: set[tuple[int, ...]] = set()
+    for backup in ordered:
+        key = period(as_datetime(backup["created_at"]))
+        if key not in seen:
+            if len(seen) == count:
+                return
+            seen.add(key)
+            yield backup["id"]
+
+
+def with_ancestors(keep: set[str], parents: dict[str, str | None]) -> set[str]:
+    """`keep` plus every backup a kept differential needs, up its parent chain."""
+    closed = set()
+    for backup_id in keep:
+        while backup_id is not None and backup_id not in closed:
+            closed.add(backup_id)
+            backup_id = parents.get(backup_id)
+    return closed
+
+
+def retention_keep(backups: Iterable[dict[str, Any]], keep_last: int = 0, daily: int = 0, weekly: int = 0,
+                   monthly: int = 0) -> set[str]:
+    """Ids to keep from `backups` (dicts with `id`, `created_at`, `parent`): the newest `keep_last`,
+    the newest of each of the last `daily` days, `weekly` ISO weeks and `monthly` months that have
+    a backup, and every parent a kept differential needs. All counts zero keeps everything."""
+    counts = {"keep_last": keep_last, "daily": daily, "weekly": weekly, "monthly": monthly}
+    if any(not isinstance(n, int) or n < 0 for n in counts.values()):
+        raise InvalidRetention(f"retention counts must be whole numbers >= 0: {counts}", **counts)
+    ordered = sorted(backups, key=lambda b: as_datetime(b["created_at"]), reverse=True)
+    if not any(counts.values()):
+        return {b["id"] for b in ordered}
+    keep = {b["id"] for b in ordered[:keep_last]}
+    for name, period in PERIODS.items():
+        keep.update(newest_per_period(ordered, period, counts[name]))
+    return with_ancestors(keep, {b["id"]: b.get("parent") for b in ordered})
+
+
+def collect_garbage(store: ChunkStore, kept_manifests: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Delete every chunk of `store` that none of `kept_manifests` references; return counts.
+
+    The caller makes sure no backup is writing to the store meanwhile: its new chunks are
+    referenced by no manifest until it publishes one."""
+    referenced = {entry["digest"] for manifest in kept_manifests for entry in manifest["chunks"] if "digest" in entry}
+    deleted = kept = 0
+    for digest in list(store.list_chunks()):
+        if digest in referenced:
+            kept += 1
+        else:
+            store.delete_chunk(digest)
+            deleted += 1
+    return {"chunks_deleted": deleted, "chunks_kept": kept}

@@ -1,0 +1,194 @@
+"""Where backups live: a content-addressed chunk store plus one JSON manifest per backup.
+
+A store only keeps blobs; it does not know how they were made. Chunks are named by the
+hex digest of their uncompressed bytes and hold those bytes compressed (zstd, by
+workers.san.backup). Every write is atomic (a temporary file renamed into place), so a
+reader never sees half a chunk or half a manifest and a crash leaves at most a stray
+temporary file (`*.tmp`) behind.
+
+Layout of a `LocalStore(path)`:
+    chunks/<first 2 hex digits>/<digest>.zst
+    manifests/<backup id>.json
+"""
+
+import json
+import os
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+from workers.errors import InvalidInput, NotFound
+
+DIGEST_RE = re.compile(r"[0-9a-f]{16,128}")
+BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+TEMP_SUFFIX = ".tmp"
+
+
+class ChunkMissing(NotFound):
+    code = "ChunkMissing"
+
+
+class ManifestNotFound(NotFound):
+    code = "ManifestNotFound"
+
+
+class InvalidStoreName(InvalidInput):
+    code = "InvalidStoreName"
+
+
+def check_digest(digest: str) -> str:
+    """Return `digest` if it is lowercase hex of a plausible length; it becomes part of a path."""
+    if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
+        raise InvalidStoreName(f"invalid chunk digest {digest!r}", digest=digest)
+    return digest
+
+
+def check_backup_id(backup_id: str) -> str:
+    """Return `backup_id` if it is safe as a file name (no slashes, no leading dot)."""
+    if not isinstance(backup_id, str) or not BACKUP_ID_RE.fullmatch(backup_id):
+        raise InvalidStoreName(f"invalid backup id {backup_id!r}", backup_id=backup_id)
+    return backup_id
+
+
+def chunk_relpath(digest: str) -> str:
+    digest = check_digest(digest)
+    return f"chunks/{digest[:2]}/{digest}.zst"
+
+
+def manifest_relpath(backup_id: str) -> str:
+    return f"manifests/{check_backup_id(backup_id)}.json"
+
+
+def encode_manifest(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+
+
+class ChunkStore(ABC):
+    """The interface backup, restore, verify and garbage collection use.
+
+    `put_*` are idempotent: putting a chunk that exists is a no-op (same digest, same bytes).
+    `delete_*` of something missing succeeds. `get_*` raise ChunkMissing / ManifestNotFound.
+    """
+
+    @abstractmethod
+    def has_chunk(self, digest: str) -> bool: ...
+
+    @abstractmethod
+    def put_chunk(self, digest: str, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def get_chunk(self, digest: str) -> bytes: ...
+
+    @abstractmethod
+    def delete_chunk(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def list_chunks(self) -> Iterator[str]:
+        """Digests of every chunk in the store."""
+
+    @abstractmethod
+    def has_manifest(self, backup_id: str) -> bool: ...
+
+    @abstractmethod
+    def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
+        """Publish a manifest; from this moment the backup is visible."""
+
+    @abstractmethod
+    def get_manifest(self, backup_id: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def delete_manifest(self, backup_id: str) -> None: ...
+
+    @abstractmethod
+    def list_manifests(self) -> list[str]:
+        """Ids of every published backup."""
+
+    def chunk_size_on_store(self, digest: str) -> int:
+        """Stored (compressed) size of a chunk; stores that know it cheaper override this."""
+        return len(self.get_chunk(digest))
+
+
+class LocalStore(ChunkStore):
+    """A store in a directory on this host (made if missing)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.fspath(path)
+        for sub in ("chunks", "manifests"):
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+
+    def _abs(self, relpath: str) -> str:
+        return os.path.join(self.path, relpath)
+
+    def _write_atomically(self, relpath: str, data: bytes) -> None:
+        final = self._abs(relpath)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        temp = f"{final}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            with open(temp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, final)
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+    def _read(self, relpath: str) -> bytes:
+        with open(self._abs(relpath), "rb") as source:
+            return source.read()
+
+    def _remove(self, relpath: str) -> None:
+        try:
+            os.unlink(self._abs(relpath))
+        except FileNotFoundError:
+            pass
+
+    def has_chunk(self, digest: str) -> bool:
+        return os.path.isfile(self._abs(chunk_relpath(digest)))
+
+    def put_chunk(self, digest: str, blob: bytes) -> None:
+        if not self.has_chunk(digest):
+            self._write_atomically(chunk_relpath(digest), blob)
+
+    def get_chunk(self, digest: str) -> bytes:
+        try:
+            return self._read(chunk_relpath(digest))
+        except FileNotFoundError:
+            raise ChunkMissing(f"chunk {digest} is not in the store at {self.path}", digest=digest) from None
+
+    def delete_chunk(self, digest: str) -> None:
+        self._remove(chunk_relpath(digest))
+
+    def chunk_size_on_store(self, digest: str) -> int:
+        try:
+            return os.stat(self._abs(chunk_relpath(digest))).st_size
+        except FileNotFoundError:
+            raise ChunkMissing(f"chunk {digest} is not in the store at {self.path}", digest=digest) from None
+
+    def list_chunks(self) -> Iterator[str]:
+        root = self._abs("chunks")
+        for prefix in sorted(os.listdir(root)):
+            for name in sorted(os.listdir(os.path.join(root, prefix))):
+                if name.endswith(".zst"):
+                    yield name[: -len(".zst")]
+
+    def has_manifest(self, backup_id: str) -> bool:
+        return os.path.isfile(self._abs(manifest_relpath(backup_id)))
+
+    def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
+        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
+
+    def get_manifest(self, backup_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._read(manifest_relpath(backup_id)))
+        except FileNotFoundError:
+            raise ManifestNotFound(f"backup {backup_id} has no manifest in {self.path}", backup_id=backup_id) from None
+
+    def delete_manifest(self, backup_id: str) -> None:
+        self._remove(manifest_relpath(backup_id))
+
+    def list_manifests(self) -> list[str]:
+        names = os.listdir(self._abs("manifests"))
+        return sorted(name[: -len(".json")] for name in names if name.endswith(".json"))
