@@ -36,8 +36,11 @@ class Backup(Base):
     __tablename__ = "backups"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id"))
-    volume_id: Mapped[int | None] = mapped_column(ForeignKey("volumes.id"))
+    # A backup outlives its VM and volume: their names stay, their ids go.
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("virtual_machines.id", ondelete="SET NULL"))
+    volume_id: Mapped[int | None] = mapped_column(ForeignKey("volumes.id", ondelete="SET NULL"))
+    vm_name: Mapped[str] = mapped_column(String(63), default="", index=True)
+    volume_name: Mapped[str] = mapped_column(String(127), default="")
     store_id: Mapped[int] = mapped_column(ForeignKey("backup_stores.id"))
     mode: Mapped[str] = mapped_column(String(7))
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("backups.id"))
@@ -46,6 +49,8 @@ class Backup(Base):
     chunks: Mapped[int] = mapped_column(default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     stored_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[str | None] = mapped_column(String(2047))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     verified_at: Mapped[datetime | None]
 
