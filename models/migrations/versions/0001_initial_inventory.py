@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-25 08:54:02.687103
+Create Date: 2026-11-25 08:54:22.469703
 """
 
 from alembic import op
@@ -251,6 +251,7 @@ def upgrade() -> None:
     sa.Column('volume_id', sa.Integer(), nullable=True),
     sa.Column('vm_name', sa.String(length=63), nullable=False),
     sa.Column('volume_name', sa.String(length=127), nullable=False),
+    sa.Column('san_name', sa.String(length=63), nullable=False),
     sa.Column('store_id', sa.Integer(), nullable=False),
     sa.Column('mode', sa.String(length=7), nullable=False),
     sa.Column('parent_id', sa.String(length=36), nullable=True),
