@@ -10,7 +10,7 @@ from tasks import runtime
 from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers", "tasks.volumes",
-                    "tasks.domains", "tasks.vms", "tasks.migrate"]
+                    "tasks.domains", "tasks.vms", "tasks.migrate", "tasks.backups"]
 
 
 def make_celery(config: Config) -> Celery:

@@ -1,0 +1,389 @@
+"""Backup jobs, run on the `san.<site>` queue: snapshot-backup, verify-backup and restore.
+
+A backup of a VM is one Backup row (and one manifest in its store) per disk volume, all read
+from snapshots taken together, so the VM keeps running and the disks agree with each other.
+The newest backup's snapshot of a volume in a store stays on the SAN as the change-tracking
+anchor: the next differential reads only what changed since it, even after the VM was stopped,
+restarted or migrated. Older anchors are dropped once a newer backup is recorded.
+
+Names are derived from the job id (snapshot `bk-<job>`, backup ids uuid5(job, volume)), so a
+re-run after a crash and the cleanup of a failed or cancelled job find what the job made.
+"""
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import San, VirtualMachine, Volume, utcnow
+from models.protection import Backup, BackupStore
+from tasks import jobs
+from tasks.context import JobContext
+from tasks.dispatch import cancel_key
+from tasks.volumes import san_place
+from tasks.workflow import workflow
+from workers.errors import Conflict, InvalidInput, LaxError, NotFound
+from workers.san.backend import VolumeBackend, VolumeExists, snapshot_handle
+from workers.san.backup import BackupCancelled, backup_volume, restore_volume, verify_backup
+from workers.san.chunks import ChunkStore, LocalStore, ManifestNotFound
+
+STORE_KINDS = ("local",)
+MODES = ("full", "diff")
+# States of a backup whose manifest is published and whose snapshot may anchor a differential.
+USABLE = ("complete", "verified")
+STOPPED_STATES = ("shut off", "shutoff", "crashed", "defined", "stopped")
+ERROR_LIMIT = 2047
+
+
+class StoreNotFound(NotFound):
+    code = "StoreNotFound"
+
+
+class BackupNotFound(NotFound):
+    code = "BackupNotFound"
+
+
+class NoStoreChosen(InvalidInput):
+    code = "NoStoreChosen"
+
+
+class UnknownStoreKind(InvalidInput):
+    code = "UnknownStoreKind"
+
+
+class NoDisks(Conflict):
+    code = "NoDisks"
+
+
+class VmNotStopped(Conflict):
+    code = "VmNotStopped"
+
+
+class BackupCorrupt(LaxError):
+    code = "BackupCorrupt"
+    http_status = 409
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """A store row, detached from its session."""
+
+    id: int
+    name: str
+    kind: str
+    location: str
+    credentials: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Disk:
+    volume_id: int
+    name: str
+    handle: str
+    san: str
+
+
+def open_store(store: StoreRef) -> ChunkStore:
+    """The chunk store a store row describes: `local` is a directory on the SAN host running the job."""
+    if store.kind == "local":
+        return LocalStore(store.location)
+    raise UnknownStoreKind(f"store {store.name} has unknown kind {store.kind!r}", store=store.name)
+
+
+def store_ref(session: Session, name: str | None) -> StoreRef:
+    """The store named `name`, or the only store there is when no name is given."""
+    if name is None:
+        rows = session.scalars(select(BackupStore).limit(2)).all()
+        if len(rows) != 1:
+            raise NoStoreChosen("name a backup store: there is not exactly one", stores=len(rows))
+        row = rows[0]
+    else:
+        row = session.scalar(select(BackupStore).where(BackupStore.name == name))
+        if row is None:
+            raise StoreNotFound(f"no backup store {name}", store=name)
+    return StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
+
+
+def anchor_name(job_id: str) -> str:
+    return f"bk-{job_id.replace('-', '')[:16]}"
+
+
+def backup_id_for(job_id: str, volume: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"laxcluster:{job_id}/{volume}"))
+
+
+def cancel_requested(ctx: JobContext) -> bool:
+    return bool(ctx.rt.redis.exists(cancel_key(ctx.job_id)))
+
+
+def vm_disks(session: Session, vm_name: str) -> tuple[VirtualMachine, list[Disk]]:
+    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm_name))
+    if vm is None:
+        raise NotFound(f"no VM {vm_name}", vm=vm_name)
+    rows = session.execute(select(Volume, San.name).join(San, Volume.san_id == San.id)
+                           .where(Volume.vm_id == vm.id, Volume.role == "disk").order_by(Volume.name)).all()
+    return vm, [Disk(volume.id, volume.name, volume.backend_handle, san) for volume, san in rows]
+
+
+class ByteProgress:
+    """Maps per-volume (done, total) onto the job's bytes and its percent between `start` and `end`."""
+
+    def __init__(self, ctx: JobContext, start: float, end: float) -> None:
+        self.ctx, self.start, self.end = ctx, start, end
+        self.offset = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        self.ctx.report.update(bytes_done=self.offset + done, bytes_total=self.offset + total,
+                               progress=self.start + (self.end - self.start) * fraction)
+
+    def next_volume(self, finished_total: int, start: float, end: float) -> None:
+        self.offset += finished_total
+        self.start, self.end = start, end
+
+
+def stoppable(ctx: JobContext, work: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a workers.san.backup call with the job's cancel flag; its cancel becomes the job's."""
+    try:
+        return work(*args, should_stop=lambda: cancel_requested(ctx), **kwargs)
+    except BackupCancelled:
+        raise jobs.JobCancelled(ctx.job_id) from None
+
+
+# -- snapshot-backup ------------------------------------------------------------------------------
+
+def drop_job_snapshots(ctx: JobContext) -> None:
+    """Undo a failed or cancelled backup: its snapshots and manifests, unless a recorded backup uses them."""
+    with ctx.session() as session:
+        _, disks = vm_disks(session, ctx.params["vm"])
+        recorded = set(session.scalars(select(Backup.id).where(
+            Backup.id.in_([backup_id_for(ctx.job_id, d.name) for d in disks]))))
+        store = store_ref(session, ctx.params.get("store"))
+    chunk_store = open_store(store)
+    for disk in disks:
+        backup_id = backup_id_for(ctx.job_id, disk.name)
+        if backup_id in recorded:
+            continue
+        chunk_store.delete_manifest(backup_id)
+        san_place(ctx.rt.config, disk.san).backend.delete_snapshot(snapshot_handle(disk.handle, anchor_name(ctx.job_id)))
+
+
+@workflow("snapshot-backup", cleanup=drop_job_snapshots)
+def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
+    """Snapshot every disk of the VM together, back each one up (full, or only what changed since its
+    anchor), record the backups, keep the new snapshots as anchors and drop the older ones."""
+    mode = ctx.params.get("mode", "full")
+    with ctx.session() as session:
+        vm, disks = vm_disks(session, ctx.params["vm"])
+        store = store_ref(session, ctx.params.get("store"))
+        vm_id = vm.id
+    if not disks:
+        raise NoDisks(f"VM {ctx.params['vm']} has no disk volumes", vm=ctx.params["vm"])
+    ctx.phase("snapshot", progress=2)
+    snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk, anchor_name(ctx.job_id))
+             for disk in disks}
+    chunk_store = open_store(store)
+    progress = ByteProgress(ctx, 5, 5)
+    manifests = []
+    for number, disk in enumerate(disks):
+        span = 90 / len(disks)
+        progress.next_volume(manifests[-1]["bytes_read"] if manifests else 0, 5 + number * span, 5 + (number + 1) * span)
+        ctx.phase(f"read {disk.name}", progress=progress.start)
+        manifests.append(back_up_disk(ctx, disk, snaps[disk.name], store, chunk_store, mode, progress))
+    ctx.phase("record", progress=96)
+    with ctx.session() as session:
+        rows = [record_backup(session, vm_id, ctx.params["vm"], disk, store, manifest)
+                for disk, manifest in zip(disks, manifests)]
+    ctx.report.update(phase="drop older anchors", progress=98)
+    for disk in disks:
+        drop_older_anchors(ctx, disk)
+    return {"vm": ctx.params["vm"], "store": store.name, "backups": rows}
+
+
+def take_snapshot(backend: VolumeBackend, disk: Disk, name: str) -> str:
+    """Snapshot the disk now; a snapshot of the same name from an earlier, crashed attempt is replaced."""
+    try:
+        return backend.snapshot(disk.handle, name)
+    except VolumeExists:
+        backend.delete_snapshot(snapshot_handle(disk.handle, name))
+        return backend.snapshot(disk.handle, name)
+
+
+def usable_anchor(session: Session, disk: Disk, store: StoreRef, backend: VolumeBackend) -> Backup | None:
+    """The newest usable backup of the volume in this store whose snapshot is still on the SAN."""
+    candidates = session.scalars(select(Backup).where(
+        Backup.volume_name == disk.name, Backup.san_name == disk.san, Backup.store_id == store.id,
+        Backup.state.in_(USABLE), Backup.snapshot.is_not(None)).order_by(Backup.created_at.desc()).limit(1)).all()
+    return next((b for b in candidates if backend.exists(b.snapshot)), None)
+
+
+def back_up_disk(ctx: JobContext, disk: Disk, snap: str, store: StoreRef, chunk_store: ChunkStore, mode: str,
+                 progress: ByteProgress) -> dict[str, Any]:
+    """Back up one snapshot: a differential against the volume's anchor when asked and one exists, else full."""
+    backend = san_place(ctx.rt.config, disk.san).backend
+    parent_id = parent_snap = None
+    if mode == "diff":
+        with ctx.session() as session:
+            anchor = usable_anchor(session, disk, store, backend)
+            if anchor is not None:
+                parent_id, parent_snap = anchor.id, anchor.snapshot
+    parent = ranges = None
+    if parent_id is not None:
+        try:
+            parent = chunk_store.get_manifest(parent_id)
+            ranges = backend.changed_ranges(parent_snap, snap)
+        except ManifestNotFound:
+            parent = None
+    return stoppable(ctx, backup_volume, backend.path_for_export(snap), backend.size(snap), chunk_store,
+                     backup_id=backup_id_for(ctx.job_id, disk.name), parent_manifest=parent, ranges=ranges,
+                     snapshot=snap, on_progress=progress)
+
+
+def record_backup(session: Session, vm_id: int, vm_name: str, disk: Disk, store: StoreRef,
+                  manifest: dict[str, Any]) -> dict[str, Any]:
+    row = session.get(Backup, manifest["id"])
+    if row is None:
+        row = Backup(id=manifest["id"])
+        session.add(row)
+    row.vm_id, row.vm_name, row.volume_id, row.volume_name, row.san_name = vm_id, vm_name, disk.volume_id, disk.name, disk.san
+    row.store_id, row.mode, row.parent_id, row.snapshot = store.id, manifest["mode"], manifest["parent"], manifest["snapshot"]
+    row.state, row.chunks, row.size_bytes = "complete", len(manifest["chunks"]), manifest["volume_size"]
+    row.stored_bytes, row.bytes_read = manifest["bytes_written"], manifest["bytes_read"]
+    return {"id": row.id, "volume": disk.name, "mode": row.mode, "parent": row.parent_id, "size_bytes": row.size_bytes,
+            "bytes_read": row.bytes_read, "stored_bytes": row.stored_bytes, "seconds": manifest["seconds"]}
+
+
+def drop_older_anchors(ctx: JobContext, disk: Disk) -> None:
+    """Delete the volume's backup snapshots except the newest one per store (the anchors)."""
+    with ctx.session() as session:
+        rows = session.execute(select(Backup.store_id, Backup.snapshot).where(
+            Backup.volume_name == disk.name, Backup.san_name == disk.san, Backup.snapshot.is_not(None))
+            .order_by(Backup.created_at.desc())).all()
+    newest: dict[int, str] = {}
+    for store_id, snap in rows:
+        newest.setdefault(store_id, snap)
+    backend = san_place(ctx.rt.config, disk.san).backend
+    for snap in {snap for _, snap in rows} - set(newest.values()):
+        backend.delete_snapshot(snap)
+
+
+# -- verify-backup --------------------------------------------------------------------------------
+
+def load_backup(session: Session, backup_id: str) -> tuple[Backup, StoreRef]:
+    backup = session.get(Backup, backup_id)
+    if backup is None:
+        raise BackupNotFound(f"no backup {backup_id}", backup=backup_id)
+    store = session.get(BackupStore, backup.store_id)
+    return backup, StoreRef(store.id, store.name, store.kind, store.location, dict(store.credentials or {}))
+
+
+@workflow("verify-backup")
+def verify_backup_job(ctx: JobContext) -> dict[str, Any]:
+    """Re-read and re-hash every chunk of a backup; mark it verified, or corrupt naming the bad chunks."""
+    backup_id = ctx.params["backup"]
+    with ctx.session() as session:
+        _, store = load_backup(session, backup_id)
+    chunk_store = open_store(store)
+    ctx.phase("read manifest", progress=2)
+    try:
+        manifest = chunk_store.get_manifest(backup_id)
+    except ManifestNotFound as missing:
+        problems = [missing.message]
+    else:
+        ctx.phase("verify chunks", progress=5)
+        problems = stoppable(ctx, verify_backup, chunk_store, manifest, on_progress=ByteProgress(ctx, 5, 98))
+    with ctx.session() as session:
+        backup = session.get(Backup, backup_id)
+        backup.state = "corrupt" if problems else "verified"
+        backup.error = "; ".join(problems)[:ERROR_LIMIT] if problems else None
+        if not problems:
+            backup.verified_at = utcnow()
+    if problems:
+        raise BackupCorrupt(f"backup {backup_id} is corrupt: {'; '.join(problems[:3])}", backup=backup_id,
+                            problems=problems[:50])
+    return {"backup": backup_id, "ok": True, "chunks": len(manifest["chunks"])}
+
+
+# -- restore --------------------------------------------------------------------------------------
+
+def restore_target_name(ctx: JobContext, backup: Backup) -> str:
+    return ctx.params.get("as") or f"{backup.volume_name}-r{backup.id.replace('-', '')[:8]}"
+
+
+def undo_restore(ctx: JobContext) -> None:
+    """A restore to a new volume that did not finish deletes that volume (an in-place restore keeps its disk)."""
+    if ctx.params.get("in_place"):
+        return
+    with ctx.session() as session:
+        backup, _ = load_backup(session, ctx.params["backup"])
+        name = restore_target_name(ctx, backup)
+        san = session.scalar(select(San).where(San.name == backup.san_name))
+        volume = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name,
+                                                     Volume.role == "restoring"))
+        if volume is None:
+            return
+        san_place(ctx.rt.config, backup.san_name).backend.delete(name)
+        session.delete(volume)
+
+
+@workflow("restore", cleanup=undo_restore)
+def restore_job(ctx: JobContext) -> dict[str, Any]:
+    """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disk."""
+    with ctx.session() as session:
+        backup, store = load_backup(session, ctx.params["backup"])
+        backup_id, volume_name, san_name, vm_name = backup.id, backup.volume_name, backup.san_name, backup.vm_name
+        target = in_place_target(session, backup) if ctx.params.get("in_place") else claim_new_volume(ctx, session, backup)
+    backend = san_place(ctx.rt.config, san_name).backend
+    chunk_store = open_store(store)
+    ctx.phase("read manifest", progress=2)
+    manifest = chunk_store.get_manifest(backup_id)
+    ensure_volume(backend, target, manifest["volume_size"])
+    ctx.phase("write", progress=5)
+    written = stoppable(ctx, restore_volume, chunk_store, manifest, backend.path_for_export(target),
+                        on_progress=ByteProgress(ctx, 5, 98))
+    with ctx.session() as session:
+        san_id = session.scalar(select(San.id).where(San.name == san_name))
+        volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == target))
+        volume.size_bytes = manifest["volume_size"]
+        if volume.role == "restoring":
+            volume.role = "disk"
+    return {"backup": backup_id, "volume": target, "san": san_name, "in_place": bool(ctx.params.get("in_place")),
+            "vm": vm_name if ctx.params.get("in_place") else None, "source_volume": volume_name, **written}
+
+
+def in_place_target(session: Session, backup: Backup) -> str:
+    """The disk an in-place restore overwrites: the backed-up volume of a VM that is not running."""
+    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == backup.vm_name))
+    if vm is None:
+        raise NotFound(f"VM {backup.vm_name} no longer exists: restore to a new volume", vm=backup.vm_name)
+    if vm.state not in STOPPED_STATES:
+        raise VmNotStopped(f"VM {vm.name} is {vm.state}: shut it down before an in-place restore", vm=vm.name)
+    volume = session.scalar(select(Volume).where(Volume.vm_id == vm.id, Volume.name == backup.volume_name))
+    if volume is None:
+        raise NotFound(f"VM {vm.name} has no volume {backup.volume_name}", volume=backup.volume_name)
+    return volume.backend_handle
+
+
+def claim_new_volume(ctx: JobContext, session: Session, backup: Backup) -> str:
+    """Register the new volume as `restoring` (the cleanup deletes only such a volume); refuse a name in use."""
+    name = restore_target_name(ctx, backup)
+    san = session.scalar(select(San).where(San.name == backup.san_name))
+    existing = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name))
+    if existing is not None and existing.role != "restoring":
+        raise VolumeExists(f"volume {name} already exists on {san.name}", volume=name)
+    if existing is None:
+        if san_place(ctx.rt.config, san.name).backend.exists(name):
+            raise VolumeExists(f"volume {name} already exists on {san.name}", volume=name)
+        session.add(Volume(san_id=san.id, name=name, role="restoring", size_bytes=backup.size_bytes,
+                           backend_handle=name))
+    return name
+
+
+def ensure_volume(backend: VolumeBackend, handle: str, size: int) -> None:
+    """Make `handle` exist with exactly `size` bytes (its content is overwritten next)."""
+    if not backend.exists(handle):
+        backend.create(handle, size)
+    elif backend.size(handle) != size:
+        backend.resize(handle, size, contents_fit=True)
