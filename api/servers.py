@@ -11,6 +11,7 @@ from api.representations import server_json
 from models import Cluster, ClusterServer
 from tasks import jobs
 from tasks.queues import CONTROL
+from tasks.servers import server_target
 from workers.errors import NotFound
 
 blueprint = Blueprint("servers", __name__)
@@ -73,11 +74,6 @@ def activate(name: str):
         server.maintenance = False
         audit(db, "server.activate", server_target(name))
         return jsonify(server_json(server))
-
-
-def server_target(name: str) -> str:
-    """The lock jobs on server `name` hold (evacuate, refresh)."""
-    return f"server/{name}"
 
 
 def _existing_server(db: Session, name: str) -> ClusterServer:
