@@ -17,7 +17,8 @@ from tests.api.conftest import bearer
 from tests.support import free_port
 from workers.errors import InvalidInput
 
-DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1", "volume_id": "1", "action": "start"}
+DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1", "volume_id": "1", "action": "start",
+                   "backup_id": "0b7c5b0e-0000-4000-8000-000000000001"}
 
 
 def every_route(app):
