@@ -3,7 +3,7 @@
 import uuid
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from api import context, validation
 from api.changes import audit, job_response, submit_job
@@ -33,7 +33,9 @@ def index():
     if "kind" in request.args:
         query = query.where(Job.kind == request.args["kind"])
     if "target" in request.args:
-        query = query.where(Job.target == request.args["target"])
+        # A bare name ("web1") finds the jobs of whatever it names: vm/web1, server/web1 ...
+        target = request.args["target"]
+        query = query.where(or_(Job.target == target, Job.target.like(f"%/{_escape_like(target)}", escape="\\")))
     if "state" in request.args:
         query = query.where(Job.state == validation.choice(request.args["state"], "state", STATES))
     with context.session() as db:
@@ -88,6 +90,10 @@ def noop():
               "steps": validation.integer(body.get("steps", 1), "steps", 1, NOOP_MAX_STEPS)}
     name = validation.name(body["target"], "target") if "target" in body else _fresh_name(validation.idempotency_key())
     return submit_job(kind="noop", target=f"noop/{name}", queue=CONTROL, action="job.noop", params=params)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _fresh_name(idempotency_key: str | None) -> str:

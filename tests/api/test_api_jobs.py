@@ -163,5 +163,7 @@ def test_jobs_list_filters(client, tokens):
     assert set(ids("")) == {noop["id"], refresh["id"]}
     assert ids("?kind=refresh-servers") == [refresh["id"]]
     assert ids("?target=servers") == [refresh["id"]]
+    assert ids(f"?target={noop['target']}") == ids(f"?target={noop['target'].removeprefix('noop/')}") == [noop["id"]]
+    assert ids("?target=rvers") == []
     assert ids("?state=cancelled") == [noop["id"]]
     assert len(ids("?limit=1")) == 1

@@ -38,7 +38,8 @@ def install(rt, celery_app, name, memory=256 << 20, **extra) -> Job:
     with transaction(rt.sessions) as session:
         reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=memory, vcpus=1,
                                                       disk_bytes=128 << 20, subnet="lan", **extra))
-    return run_job(rt, celery_app, "install-vm", f"vm/{name}", CONTROL, {"vm": name, "disk_bytes": 128 << 20})
+    params = {"vm": name, "disk_bytes": 128 << 20, "server": extra.get("server")}
+    return run_job(rt, celery_app, "install-vm", f"vm/{name}", CONTROL, params)
 
 
 def boot_line(uri: str, name: str) -> tuple[str, str]:
