@@ -22,7 +22,7 @@ from tasks.domains import domain_spec, record_state, vm_and_server
 from tasks.placement import NoCapacity, capacity, place
 from tasks.queues import CONTROL, node_queue, san_queue
 from tasks.storage import target_for
-from tasks.vms import _find_vm, _placed_on, _site_and_san
+from tasks.vms import find_vm, placed_on, site_and_san
 from tasks.volumes import san_place, vm_target_iqn
 from tasks.workflow import workflow
 from workers.errors import Conflict, LaxError, NotFound
@@ -95,8 +95,8 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
 def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[driver.Problem]]:
     """The VM's server, the destination (asked, or chosen by placement) and every problem found."""
     with ctx.session() as session:
-        vm = _find_vm(session, name)
-        source = session.scalar(select(ClusterServer).where(ClusterServer.name == _placed_on(session, vm)))
+        vm = find_vm(session, name)
+        source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))
         try:
             dest = _destination(session, ctx, vm, source, asked)
         except NoCapacity as error:
@@ -129,7 +129,7 @@ def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: 
 def export_to(ctx: JobContext, name: str, server: str) -> None:
     """Make sure the VM's iSCSI target lets `server`'s initiator log in (a SAN child job)."""
     with ctx.session() as session:
-        site, san = _site_and_san(session, _find_vm(session, name))
+        site, san = site_and_san(session, find_vm(session, name))
         initiator = session.scalar(select(ClusterServer.initiator_iqn).where(ClusterServer.name == server))
     ctx.run_child("export-vm-disks", f"disks/{name}", san_queue(site), {"vm": name, "san": san, "initiator": initiator},
                   timeout=SAN_TIMEOUT_S, start=5, end=10)

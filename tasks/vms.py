@@ -104,14 +104,14 @@ def _cluster_of_san(session: Session, san_id: int) -> int | None:
     return session.scalar(select(Cluster.id).where(Cluster.site_id == site_id).order_by(Cluster.id))
 
 
-def _find_vm(session: Session, name: str) -> VirtualMachine:
+def find_vm(session: Session, name: str) -> VirtualMachine:
     vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
     if vm is None:
         raise VmNotFound(f"no VM {name}", vm=name)
     return vm
 
 
-def _site_and_san(session: Session, vm: VirtualMachine) -> tuple[str, str]:
+def site_and_san(session: Session, vm: VirtualMachine) -> tuple[str, str]:
     san = session.get(San, session.get(Template, vm.template_id).san_id)
     return session.get(Site, san.site_id).name, san.name
 
@@ -135,8 +135,8 @@ def install_vm(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("place", progress=2)
     server_name = choose_server(ctx, name, ctx.params.get("server"))
     with ctx.session() as session:
-        vm = _find_vm(session, name)
-        site, _ = _site_and_san(session, vm)
+        vm = find_vm(session, name)
+        site, _ = site_and_san(session, vm)
         template_size = session.get(Template, vm.template_id).default_size_bytes
     ctx.phase("prepare disks", progress=10)
     disk_bytes = ctx.params.get("disk_bytes") or template_size
@@ -151,7 +151,7 @@ def install_vm(ctx: JobContext) -> dict[str, Any]:
 def choose_server(ctx: JobContext, name: str, asked: str | None) -> str:
     """Pick (and record on the VM) the server: the one asked for if it has room, else the roomiest."""
     with ctx.session() as session:
-        vm = _find_vm(session, name)
+        vm = find_vm(session, name)
         query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
         if asked:
             query = select(ClusterServer).where(ClusterServer.name == asked)
@@ -167,9 +167,9 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
     """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
     name = ctx.params["vm"]
     with ctx.session() as session:
-        vm = _find_vm(session, name)
-        server = _placed_on(session, vm)
-        site, _ = _site_and_san(session, vm)
+        vm = find_vm(session, name)
+        server = placed_on(session, vm)
+        site, _ = site_and_san(session, vm)
     ctx.phase("refresh LUNs", progress=10)
     ctx.run_child("refresh-luns", f"disks/{name}", san_queue(site), {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
     ctx.phase("start", progress=30)
@@ -181,7 +181,7 @@ def _power(action: str):
     def run(ctx: JobContext) -> dict[str, Any]:
         name = ctx.params["vm"]
         with ctx.session() as session:
-            server = _placed_on(session, _find_vm(session, name))
+            server = placed_on(session, find_vm(session, name))
         ctx.phase(action, progress=5)
         params = {"vm": name, "server": server, "action": action, **({"timeout_s": ctx.params["timeout_s"]} if "timeout_s" in ctx.params else {})}
         return ctx.run_child("power-domain", f"domain/{name}", node_queue(server), params,
@@ -195,7 +195,7 @@ for _action in ("shutdown", "reboot", "destroy"):
     workflow(_action)(_power(_action))
 
 
-def _placed_on(session: Session, vm: VirtualMachine) -> str:
+def placed_on(session: Session, vm: VirtualMachine) -> str:
     if vm.server_id is None:
         raise VmNotPlaced(f"{vm.name} is not placed on a server", vm=vm.name)
     return session.get(ClusterServer, vm.server_id).name
@@ -205,7 +205,7 @@ def _placed_on(session: Session, vm: VirtualMachine) -> str:
 def delete_vm(ctx: JobContext) -> dict[str, Any]:
     """Stop and undefine the domain, unexport and delete the volumes, release the lease, drop the VM."""
     with ctx.session() as session:
-        _find_vm(session, ctx.params["vm"]).state = "deleting"
+        find_vm(session, ctx.params["vm"]).state = "deleting"
     undo_install(ctx)
     return {"deleted": ctx.params["vm"]}
 
@@ -218,7 +218,7 @@ def remove_vm_everywhere(ctx: JobContext, progress_from: float) -> None:
         if vm is None:
             return
         server = session.get(ClusterServer, vm.server_id).name if vm.server_id else None
-        site, san = _site_and_san(session, vm)
+        site, san = site_and_san(session, vm)
     # Cleanup reports without ctx.phase: that checks for cancel, and undoing must not be cancelled.
     if server:
         ctx.report.update(phase="remove domain", progress=progress_from)
