@@ -2,6 +2,7 @@
 
 import click
 
+from cli.backups import backup, policy, store
 from cli.client import Settings
 from cli.jobs import jobs
 from cli.lab import lab
@@ -36,3 +37,6 @@ cli.add_command(template)
 cli.add_command(subnet)
 cli.add_command(volume)
 cli.add_command(san)
+cli.add_command(backup)
+cli.add_command(store)
+cli.add_command(policy)
