@@ -62,39 +62,52 @@ class JobContext:
         """
         child_id = self.spawn(kind, target, queue, params)
         (child,) = self.wait_for_children([child_id], timeout, start, end, cancellable=cancellable)
-        if child.state != SUCCEEDED:
-            error = jobs.ChildFailed(f"{kind} on {queue} {child.state}: {child.error_message or 'cancelled'}",
-                                     child_job=child.id)
-            # The child's own code says what went wrong (NoSpace, DomainFailed ...), so it is ours too.
-            error.code = child.error_code or error.code
-            raise error
+        raise_unless_succeeded(child)
         return dict(child.result)
 
     def wait_for_children(self, child_ids: list[str], timeout: float, start: float = 0.0, end: float = 100.0,
                           *, cancellable: bool = True) -> list[Job]:
-        """Wait until every child job is final, mapping their mean progress onto [start, end].
-
-        A cancel of this job cancels the children still running and raises JobCancelled.
+        """Wait until every child job is final, mapping their mean progress onto [start, end] (and a
+        lone child's bytes onto this job's). A cancel of this job cancels the children still running
+        and raises JobCancelled.
         """
         deadline = time.monotonic() + timeout
         while True:
-            with self.session() as session:
-                children = list(session.scalars(select(Job).where(Job.id.in_(child_ids))))
+            children = self.children(child_ids)
             if all(child.state in FINAL_STATES for child in children):
                 return children
             mean = sum(100.0 if c.state in FINAL_STATES else c.progress for c in children) / max(len(children), 1)
-            self.report.update(progress=start + (end - start) * mean / 100.0)
-            if cancellable and self.rt.redis.exists(cancel_key(self.job_id)):
-                self._cancel_children(child_ids)
-                raise jobs.JobCancelled(self.job_id)
+            lone = children[0] if len(children) == 1 else None
+            self.report.update(progress=start + (end - start) * mean / 100.0,
+                               bytes_done=lone.bytes_done if lone else None, bytes_total=lone.bytes_total if lone else None)
+            if cancellable:
+                self.pass_cancel_on(child_ids)
             if time.monotonic() > deadline:
                 raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
             time.sleep(0.2)
 
-    def _cancel_children(self, child_ids: list[str]) -> None:
+    def children(self, child_ids: list[str]) -> list[Job]:
+        with self.session() as session:
+            return list(session.scalars(select(Job).where(Job.id.in_(child_ids))))
+
+    def pass_cancel_on(self, child_ids: list[str]) -> None:
+        """If this job was asked to cancel, cancel its children still running and raise JobCancelled."""
+        if not self.rt.redis.exists(cancel_key(self.job_id)):
+            return
         for child_id in child_ids:
             with self.session() as session:
                 try:
                     jobs.request_cancel(session, self.rt.redis, child_id)
                 except jobs.JobFinished:
                     continue
+        raise jobs.JobCancelled(self.job_id)
+
+
+def raise_unless_succeeded(child: Job) -> None:
+    """Raise a child's failure as the parent's, under the child's own code (NoSpace, MigrationFailed ...)."""
+    if child.state == SUCCEEDED:
+        return
+    error = jobs.ChildFailed(f"{child.kind} on {child.queue} {child.state}: {child.error_message or 'cancelled'}",
+                             child_job=child.id)
+    error.code = child.error_code or error.code
+    raise error

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks import jobs
-from tasks.context import JobContext
+from tasks.context import JobContext, raise_unless_succeeded
 from tasks.dispatch import cancel_key
 from tasks.domains import domain_spec, record_state, vm_and_server
 from tasks.placement import NoCapacity, capacity, place
@@ -63,7 +63,7 @@ def settle_after_migrate(ctx: JobContext) -> None:
     children = _children(ctx, "migrate-domain")
     if not children:
         return  # nothing was moved yet: pre-flight and export change no libvirt
-    _follow(ctx, children, MIGRATE_TIMEOUT_S, cancellable=False)
+    ctx.wait_for_children(children, MIGRATE_TIMEOUT_S, cancellable=False)
     plan = _recorded(ctx)
     settle_and_record(ctx, plan["vm"], plan["source"], plan["destination"])
 
@@ -87,8 +87,8 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("migrate", progress=10)
     child = ctx.spawn("migrate-domain", f"domain/{name}", node_queue(source),
                       {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
-    (job,) = _follow(ctx, [child], MIGRATE_TIMEOUT_S, start=10, end=98)
-    _succeeded(job)
+    (job,) = ctx.wait_for_children([child], MIGRATE_TIMEOUT_S, start=10, end=98)
+    raise_unless_succeeded(job)
     return {**plan, **job.result, "total_ms": int((time.monotonic() - started) * 1000)}
 
 
@@ -270,7 +270,7 @@ def _migrate_all(ctx: JobContext, plan: dict[str, str], total: int) -> tuple[dic
                 running[ctx.spawn("migrate", vm_target(vm), CONTROL, {"vm": vm, "to": plan[vm], "live": True})] = vm
             except jobs.TargetBusy as error:
                 failed[vm] = f"busy with job {error.extra['job_id']}"
-        children = _poll(ctx, list(running))
+        children = ctx.children(list(running))
         for job in children:
             if job.state in FINAL_STATES:
                 vm = running.pop(job.id)
@@ -281,60 +281,12 @@ def _migrate_all(ctx: JobContext, plan: dict[str, str], total: int) -> tuple[dic
         done = total - len(plan) + len(moved) + len(failed) + sum(j.progress / 100 for j in children
                                                                   if j.state not in FINAL_STATES)
         ctx.report.update(progress=2 + 97 * done / max(total, 1))
-        _cancel_if_asked(ctx, list(running))
+        ctx.pass_cancel_on(list(running))
         time.sleep(POLL_S)
     return moved, failed
 
 
-# -- following children ---------------------------------------------------------------------------------
-
-def _follow(ctx: JobContext, ids: list[str], timeout: float, start: float = 0.0, end: float = 100.0,
-            *, cancellable: bool = True) -> list[Job]:
-    """Wait for child jobs to end, mirroring their progress (and a lone child's bytes) onto this job."""
-    deadline = time.monotonic() + timeout
-    while True:
-        children = _poll(ctx, ids)
-        if all(job.state in FINAL_STATES for job in children):
-            return children
-        mean = sum(100.0 if j.state in FINAL_STATES else j.progress for j in children) / len(children)
-        lone = children[0] if len(children) == 1 else None
-        ctx.report.update(progress=start + (end - start) * mean / 100,
-                          bytes_done=lone.bytes_done if lone else None, bytes_total=lone.bytes_total if lone else None)
-        if cancellable:
-            _cancel_if_asked(ctx, ids)
-        if time.monotonic() > deadline:
-            raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=ids)
-        time.sleep(POLL_S)
-
-
-def _succeeded(job: Job) -> None:
-    """Raise the child's failure as ours, under its own error code (MigrationFailed, SplitBrain ...)."""
-    if job.state == SUCCEEDED:
-        return
-    error = jobs.ChildFailed(f"{job.kind} on {job.queue} {job.state}: {job.error_message or 'cancelled'}", child_job=job.id)
-    error.code = job.error_code or error.code
-    raise error
-
-
-def _poll(ctx: JobContext, ids: list[str]) -> list[Job]:
-    with ctx.session() as session:
-        children = list(session.scalars(select(Job).where(Job.id.in_(ids))))
-        session.expunge_all()
-    return children
-
-
-def _cancel_if_asked(ctx: JobContext, ids: list[str]) -> None:
-    """On a cancel of this job, pass it on to the children still running and stop here."""
-    if not ctx.rt.redis.exists(cancel_key(ctx.job_id)):
-        return
-    for child_id in ids:
-        with ctx.session() as session:
-            try:
-                jobs.request_cancel(session, ctx.rt.redis, child_id)
-            except jobs.JobFinished:
-                continue
-    raise jobs.JobCancelled(ctx.job_id)
-
+# -- child jobs and the recorded plan -----------------------------------------------------------------
 
 def _children(ctx: JobContext, kind: str) -> list[str]:
     with ctx.session() as session:
