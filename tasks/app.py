@@ -10,11 +10,13 @@ from tasks import runtime
 from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers", "tasks.volumes",
-                    "tasks.domains", "tasks.vms", "tasks.migrate", "tasks.backups"]
+                    "tasks.domains", "tasks.vms", "tasks.migrate", "tasks.backups",
+                    "tasks.schedules"]
 
 
 def make_celery(config: Config) -> Celery:
     jobs = config.section("jobs")
+    backup_tick = float(config.section("backups").get("dispatch_every_s", 20.0))
     app = Celery("laxcluster", broker=config.redis_url, backend=config.redis_url, include=WORKFLOW_MODULES)
     app.conf.update(
         task_serializer="json",
@@ -38,6 +40,12 @@ def make_celery(config: Config) -> Celery:
                 "task": "laxcluster.reconcile",
                 "schedule": float(jobs["reconcile_every_s"]),
                 "options": {"queue": CONTROL, "expires": float(jobs["reconcile_every_s"])},
+            },
+            # Backup schedules live in BackupPolicy rows; this one tick enqueues what is due.
+            "dispatch-backups": {
+                "task": "laxcluster.dispatch_backups",
+                "schedule": backup_tick,
+                "options": {"queue": CONTROL, "expires": backup_tick},
             },
         },
     )

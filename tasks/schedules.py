@@ -1,0 +1,206 @@
+"""The backup scheduler: one beat task reads BackupPolicy rows and enqueues what is due; pruning by retention.
+
+A policy's schedule is a cron expression in UTC. Each tick, a policy whose latest due moment is
+newer than its `last_run_at` claims that moment with a conditional UPDATE, so two ticks (or two
+beat processes) can never both enqueue it; its jobs also carry an idempotency key naming the
+moment. A policy never run before starts at the next due moment after it is first seen.
+
+Retention applies per volume to the backups of the policy's VMs in the policy's store; a
+`prune-backups` job removes what retention lets go (never a parent a kept differential needs),
+then garbage-collects the store's unreferenced chunks, unless a backup is writing to it.
+"""
+
+import logging
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from croniter import croniter
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from models import FINAL_STATES, Job, San, Site, VirtualMachine, Volume, utcnow
+from models.db import transaction
+from models.protection import Backup, BackupPolicy, BackupStore
+from tasks import jobs, runtime
+from tasks.app import app
+from tasks.backups import StoreRef, open_store
+from tasks.context import JobContext
+from tasks.dispatch import dispatch
+from tasks.progress import announce
+from tasks.queues import san_queue
+from tasks.runtime import Runtime
+from tasks.volumes import san_place
+from tasks.workflow import workflow
+from workers.san.backup import collect_garbage, retention_keep
+
+log = logging.getLogger(__name__)
+DISPATCH_TASK = "laxcluster.dispatch_backups"
+RETENTION_KEYS = ("keep_last", "daily", "weekly", "monthly")
+
+
+def latest_due(schedule: str, now: datetime) -> datetime:
+    """The most recent moment at or before `now` that `schedule` names."""
+    if croniter.match(schedule, now):
+        return now.replace(second=0, microsecond=0)
+    return croniter(schedule, now).get_prev(datetime)
+
+
+def mode_for(policy: BackupPolicy, due: datetime) -> str:
+    """Full when the policy's full schedule names this moment, else the policy's mode."""
+    full_schedule = policy.modes.get("full_schedule")
+    if full_schedule and croniter.match(full_schedule, due):
+        return "full"
+    return policy.modes.get("mode", "full")
+
+
+def claim_due(session: Session, policy: BackupPolicy, now: datetime) -> datetime | None:
+    """Claim the policy's latest due moment if no tick has yet; None if nothing is due.
+
+    A policy never seen before is marked as run now, so it starts with its next due moment."""
+    due = latest_due(policy.schedule, now)
+    if policy.last_run_at is None:
+        session.execute(update(BackupPolicy).where(BackupPolicy.id == policy.id, BackupPolicy.last_run_at.is_(None))
+                        .values(last_run_at=now))
+        return None
+    claimed = session.execute(update(BackupPolicy).where(
+        BackupPolicy.id == policy.id, or_(BackupPolicy.last_run_at.is_(None), BackupPolicy.last_run_at < due))
+        .values(last_run_at=due)).rowcount
+    return due if claimed else None
+
+
+def selected_vms(session: Session, policy: BackupPolicy) -> list[str]:
+    """The VMs a policy names, plus those carrying its tag, that still exist."""
+    names = set(policy.selector.get("vms") or [])
+    tag = policy.selector.get("tag")
+    existing = session.execute(select(VirtualMachine.name, VirtualMachine.tags)).all()
+    return sorted(name for name, tags in existing if name in names or (tag and tag in (tags or [])))
+
+
+def site_of(session: Session, vm: str) -> str | None:
+    return session.scalar(select(Site.name).join(San, San.site_id == Site.id).join(Volume, Volume.san_id == San.id)
+                          .join(VirtualMachine, Volume.vm_id == VirtualMachine.id)
+                          .where(VirtualMachine.name == vm, Volume.role == "disk").limit(1))
+
+
+def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> list[Job]:
+    """Submit one snapshot-backup job per selected VM for moment `due`; a VM busy with a backup is skipped."""
+    store = session.get(BackupStore, policy.store_id).name
+    submitted = []
+    for vm in selected_vms(session, policy):
+        site = site_of(session, vm)
+        if site is None:
+            continue
+        params = {"vm": vm, "mode": mode_for(policy, due), "store": store, "policy": policy.name}
+        try:
+            with session.begin_nested():
+                job, created = jobs.submit(session, kind="snapshot-backup", target=f"backup/{vm}",
+                                           queue=san_queue(site), params=params, requested_by=f"policy/{policy.name}",
+                                           idempotency_key=f"policy:{policy.id}:{due.isoformat()}:{vm}")
+        except jobs.TargetBusy as busy:
+            log.warning("policy %s: backup of %s skipped at %s: %s", policy.name, vm, due, busy.message)
+            continue
+        if created:
+            submitted.append(job)
+    return submitted
+
+
+def unfinished_backup_jobs(session: Session, store: str, policy: str | None = None) -> list[Job]:
+    """Backup jobs still queued or running that write to `store` (made by `policy`, if given)."""
+    rows = session.scalars(select(Job).where(Job.kind == "snapshot-backup", Job.state.not_in(FINAL_STATES)))
+    return [job for job in rows if job.params.get("store") == store
+            and (policy is None or job.params.get("policy") == policy)]
+
+
+def prunable(session: Session, policy: BackupPolicy) -> list[str]:
+    """Ids of the policy's backups its retention lets go (per volume, parents of kept ones stay)."""
+    retention = {key: int(policy.retention.get(key, 0)) for key in RETENTION_KEYS}
+    if not any(retention.values()):
+        return []
+    vms = selected_vms(session, policy) + list(policy.selector.get("vms") or [])
+    rows = session.scalars(select(Backup).where(Backup.store_id == policy.store_id, Backup.vm_name.in_(set(vms))))
+    by_volume: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_volume[(row.san_name, row.volume_name)].append(
+            {"id": row.id, "created_at": row.created_at, "parent": row.parent_id})
+    gone = []
+    for chain in by_volume.values():
+        keep = retention_keep(chain, **retention)
+        gone += [b["id"] for b in chain if b["id"] not in keep]
+    return gone
+
+
+def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
+    """A prune-backups job for the policy when its retention lets backups go and none of its backups is unfinished."""
+    store = session.get(BackupStore, policy.store_id)
+    if unfinished_backup_jobs(session, store.name, policy.name) or not prunable(session, policy):
+        return None
+    site = next((site_of(session, vm) for vm in selected_vms(session, policy) if site_of(session, vm)), None)
+    if site is None:
+        return None
+    try:
+        with session.begin_nested():
+            job, _ = jobs.submit(session, kind="prune-backups", target=f"prune/{store.name}", queue=san_queue(site),
+                                 params={"policy": policy.name}, requested_by=f"policy/{policy.name}")
+    except jobs.TargetBusy:
+        return None
+    return job
+
+
+def dispatch_due(rt: Runtime, celery: Celery, now: datetime | None = None) -> dict[str, list[str]]:
+    """One scheduler tick: enqueue every due backup and every prune retention asks for; return the job ids."""
+    now = now or utcnow()
+    made: dict[str, list[str]] = {"backups": [], "prunes": []}
+    with transaction(rt.sessions) as session:
+        policies = list(session.scalars(select(BackupPolicy).where(BackupPolicy.enabled.is_(True))
+                                        .order_by(BackupPolicy.name)))
+        new_jobs = []
+        for policy in policies:
+            due = claim_due(session, policy, now)
+            if due is not None:
+                new_jobs += enqueue_backups(session, policy, due)
+            pruning = enqueue_prune(session, policy)
+            if pruning is not None:
+                new_jobs.append(pruning)
+    for job in new_jobs:
+        announce(rt.redis, job)
+        dispatch(celery, job)
+        made["prunes" if job.kind == "prune-backups" else "backups"].append(job.id)
+    return made
+
+
+@app.task(name=DISPATCH_TASK)
+def dispatch_backups() -> dict[str, list[str]]:
+    """The beat task: one scheduler tick."""
+    return dispatch_due(runtime.current(), app)
+
+
+# -- prune-backups --------------------------------------------------------------------------------
+
+@workflow("prune-backups")
+def prune_backups(ctx: JobContext) -> dict[str, Any]:
+    """Delete the backups the policy's retention lets go (manifest, row, snapshot), newest first,
+    then delete the store's chunks no manifest references, unless a backup is writing to the store."""
+    with ctx.session() as session:
+        policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == ctx.params["policy"]))
+        gone = prunable(session, policy)
+        row = session.get(BackupStore, policy.store_id)
+        store = StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
+        doomed = list(session.scalars(select(Backup).where(Backup.id.in_(gone)).order_by(Backup.created_at.desc())))
+    chunk_store = open_store(store)
+    ctx.phase("delete backups", progress=10)
+    for backup in doomed:
+        chunk_store.delete_manifest(backup.id)
+        with ctx.session() as session:
+            session.delete(session.get(Backup, backup.id))
+        if backup.snapshot:
+            san_place(ctx.rt.config, backup.san_name).backend.delete_snapshot(backup.snapshot)
+    ctx.phase("collect garbage", progress=50)
+    with ctx.session() as session:
+        busy = bool(unfinished_backup_jobs(session, store.name))
+    collected = None
+    if not busy:
+        collected = collect_garbage(chunk_store, [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()])
+    return {"policy": ctx.params["policy"], "deleted": [b.id for b in doomed], "garbage": collected,
+            "garbage_skipped": "a backup is writing to the store" if busy else None}
