@@ -144,7 +144,17 @@ def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: s
 
 # -- templates, resize, facts -------------------------------------------------------------------------
 
-@workflow("import-template")
+def undo_import(ctx: JobContext) -> None:
+    """Drop a half-written template volume, unless a template row already stands on it (a re-import)."""
+    place = san_place(ctx.rt.config, ctx.params["san"])
+    with ctx.session() as session:
+        registered = session.scalar(select(Template.id).join(San).where(San.name == place.san.name,
+                                                                         Template.name == ctx.params["name"]))
+    if registered is None:
+        place.backend.delete(f"tpl-{ctx.params['name']}")
+
+
+@workflow("import-template", cleanup=undo_import)
 def import_template(ctx: JobContext) -> dict[str, Any]:
     """Convert an image file on the SAN host into the template volume `tpl-<name>` and register it."""
     name, source = ctx.params["name"], Path(ctx.params["source_path"])

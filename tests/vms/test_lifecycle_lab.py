@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 import threading
 
 import pytest
@@ -164,3 +165,42 @@ def test_a_worker_start_restores_exports_tgtd_lost(cluster, celery_app, celery_w
         return target if target and set(target.initiators) == site_a else None
 
     assert sorted(wait_for(restored, 60, "the export and its ACL to be re-created").luns) == [1, 2]
+
+
+def test_refreshed_servers_show_this_machines_real_facts(cluster, api):
+    cs1 = api.get("/servers/cs1").get_json()
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines())
+    assert cs1["cpu_count"] == os.cpu_count()
+    assert cs1["memory_total_bytes"] == int(meminfo["MemTotal"].split()[0]) * 1024
+    assert 0 < cs1["memory_free_bytes"] <= cs1["memory_total_bytes"]
+    assert cs1["hypervisor_type"] == "QEMU" and cs1["reachable"] is True
+
+
+def test_a_qcow2_image_becomes_a_template_with_the_same_content(cluster, celery_app, api, tiny, tmp_path):
+    rt = cluster
+    image = tmp_path / "tiny.qcow2"
+    output(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tiny.disk), str(image)])
+    name = unique("tq")
+    accepted = api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(image)})
+    assert accepted.status_code == 202, accepted.get_json()
+    assert run_job_wait(rt, accepted.get_json()["id"]).state == SUCCEEDED
+    listed = {t["name"]: t for t in api.get("/templates").get_json()["items"]}
+    assert listed[name]["san"] == "san-a"
+    pool = rt.config.san("san-a")[1].pool_path
+    output(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(tiny.disk), str(pool / f"tpl-{name}.img")])
+
+
+def test_a_failed_template_import_leaves_no_volume(cluster, celery_app, api, tiny, tmp_path):
+    rt = cluster
+    broken = tmp_path / "broken.qcow2"
+    output(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tiny.disk), str(broken)])
+    with broken.open("r+b") as image:
+        # Point the first L1 entry at an unaligned L2 table: qemu-img info still reads the
+        # header, the conversion then fails on the corrupt table, after the volume was made.
+        l1_offset = struct.unpack(">Q", image.read(48)[40:48])[0]
+        image.seek(l1_offset)
+        image.write(struct.pack(">Q", 0x8000000000000201))
+    name = unique("bad")
+    job = run_job_wait(rt, api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(broken)}).get_json()["id"])
+    assert (job.state, job.error_code) == ("failed", "CommandFailed")
+    assert not list(rt.config.san("san-a")[1].pool_path.glob(f"tpl-{name}*"))
