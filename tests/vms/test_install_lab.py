@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.lab]
 def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery_app, served_api):
     rt = cluster
     web1 = unique("web1")
-    job = install(rt, celery_app, web1)
+    job = install(rt, celery_app, web1, server="cs1")
     assert job.state == SUCCEEDED, job.error_message
     with rt.sessions() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == web1))
@@ -31,7 +31,8 @@ def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery
         token = create_token(session, "operator", "console-test")
     assert console_boot_line(served_api, web1, token) == (web1, "192.0.2.2")
 
-    uri = server_uri(rt, job.result["server"])
+    assert job.result["server"] == "cs1"
+    uri = server_uri(rt, "cs1")
     deleted = run_job(rt, celery_app, "delete-vm", f"vm/{web1}", CONTROL, {"vm": web1})
     assert deleted.state == SUCCEEDED, deleted.error_message
     with rt.sessions() as session:
