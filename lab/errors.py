@@ -8,3 +8,9 @@ class LabError(LaxError):
 
     code = "LabError"
     http_status = 500
+
+
+class LabTimeout(LabError):
+    """Something the lab waited for did not happen in time."""
+
+    code = "LabTimeout"

@@ -9,20 +9,20 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from lab.errors import LabError
+from lab.errors import LabError, LabTimeout
 
 T = TypeVar("T")
 
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `condition` until it returns something truthy and return that; raise LabError after `timeout` s."""
+    """Poll `condition` until it returns something truthy and return that; raise LabTimeout after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise LabTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
 
 

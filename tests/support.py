@@ -3,11 +3,13 @@
 import os
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+
+from lab.errors import LabTimeout
+from lab.processes import wait_until
 
 T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -32,16 +34,11 @@ def need_root() -> None:
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        # The poll interval of a condition wait with a deadline, not a sleep standing in for one.
-        time.sleep(interval)
+    """Poll `condition` until it returns something truthy; fail the test with `what` after `timeout` seconds."""
+    try:
+        return wait_until(condition, timeout, what, interval)
+    except LabTimeout as error:
+        raise AssertionError(error.message) from None
 
 
 def free_port() -> int:
