@@ -3,7 +3,7 @@
 import click
 
 from cli.client import api
-from cli.output import json_option, print_fields, print_json, print_table
+from cli.output import json_option, print_item, print_rows
 from cli.watch import watch_job
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -34,10 +34,7 @@ def jobs() -> None:
 def list_jobs(kind: str | None, target: str | None, state: str | None, limit: int, as_json: bool) -> None:
     """List jobs, newest first."""
     items = api().get("/jobs", kind=kind, target=target, state=state, limit=limit)["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, COLUMNS)
+    print_rows(items, COLUMNS, as_json)
 
 
 @jobs.command("show")
@@ -46,10 +43,7 @@ def list_jobs(kind: str | None, target: str | None, state: str | None, limit: in
 def show(job_id: str, as_json: bool) -> None:
     """Show one job."""
     job = api().get(f"/jobs/{job_id}")
-    if as_json:
-        print_json(job)
-    else:
-        print_fields(job)
+    print_item(job, as_json)
 
 
 @jobs.command("cancel")

@@ -28,3 +28,20 @@ def print_fields(item: dict[str, Any]) -> None:
     for name, value in item.items():
         shown = json.dumps(value) if isinstance(value, (dict, list)) else ("" if value is None else value)
         click.echo(f"{name + ':':<18} {shown}")
+
+
+def print_rows(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, Callable[[dict[str, Any]], Any]]],
+               as_json: bool) -> None:
+    """Rows as JSON when asked, else as a table."""
+    if as_json:
+        print_json(rows)
+    else:
+        print_table(rows, columns)
+
+
+def print_item(item: dict[str, Any], as_json: bool) -> None:
+    """One item as JSON when asked, else as its fields."""
+    if as_json:
+        print_json(item)
+    else:
+        print_fields(item)

@@ -3,7 +3,7 @@
 import click
 
 from cli.client import api
-from cli.output import json_option, print_fields, print_json, print_table
+from cli.output import json_option, print_fields, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes, watch_job
 
@@ -31,10 +31,7 @@ def servers() -> None:
 def list_servers(as_json: bool) -> None:
     """List cluster servers with their last known facts."""
     items = api().get("/servers")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, COLUMNS)
+    print_rows(items, COLUMNS, as_json)
 
 
 @servers.command("refresh")

@@ -3,7 +3,7 @@
 import click
 
 from cli.client import api
-from cli.output import json_option, print_json, print_table
+from cli.output import json_option, print_rows
 
 COLUMNS = (
     ("name", lambda s: s["name"]),
@@ -25,10 +25,7 @@ def subnet() -> None:
 def list_subnets(as_json: bool) -> None:
     """List subnets."""
     items = api().get("/subnets")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, COLUMNS)
+    print_rows(items, COLUMNS, as_json)
 
 
 @subnet.command("create")

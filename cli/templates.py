@@ -5,7 +5,7 @@ import os
 import click
 
 from cli.client import api
-from cli.output import json_option, print_json, print_table
+from cli.output import json_option, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes
 
@@ -31,10 +31,7 @@ def template() -> None:
 def list_templates(san: str | None, as_json: bool) -> None:
     """List templates."""
     items = api().get("/templates", san=san)["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, COLUMNS)
+    print_rows(items, COLUMNS, as_json)
 
 
 @template.command("import")

@@ -3,7 +3,7 @@
 import click
 
 from cli.client import api
-from cli.output import json_option, print_fields, print_json, print_table
+from cli.output import json_option, print_item, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes
 
@@ -43,10 +43,7 @@ def san() -> None:
 def list_sans(as_json: bool) -> None:
     """List SANs with their pool's size and free space (as of their last refresh)."""
     items = api().get("/sans")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, SAN_COLUMNS)
+    print_rows(items, SAN_COLUMNS, as_json)
 
 
 @san.command("volumes")
@@ -55,10 +52,7 @@ def list_sans(as_json: bool) -> None:
 def san_volumes(name: str, as_json: bool) -> None:
     """List the volumes on SAN NAME."""
     items = api().get(f"/sans/{name}/volumes")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, VOLUME_COLUMNS)
+    print_rows(items, VOLUME_COLUMNS, as_json)
 
 
 @san.command("refresh")
@@ -81,10 +75,7 @@ def volume() -> None:
 def show(volume_id: int, as_json: bool) -> None:
     """Show one volume."""
     item = api().get(f"/volumes/{volume_id}")
-    if as_json:
-        print_json(item)
-    else:
-        print_fields(item)
+    print_item(item, as_json)
 
 
 @volume.command("resize")
