@@ -28,8 +28,9 @@ from workers.errors import Conflict, InvalidInput, LaxError, NotFound
 from workers.san.backend import VolumeBackend, VolumeExists, snapshot_handle
 from workers.san.backup import BackupCancelled, backup_volume, restore_volume, verify_backup
 from workers.san.chunks import ChunkStore, LocalStore, ManifestNotFound
+from workers.san.ssh_store import SshStore
 
-STORE_KINDS = ("local",)
+STORE_KINDS = ("local", "ssh")
 MODES = ("full", "diff")
 # States of a backup whose manifest is published and whose snapshot may anchor a differential.
 USABLE = ("complete", "verified")
@@ -86,9 +87,12 @@ class Disk:
 
 
 def open_store(store: StoreRef) -> ChunkStore:
-    """The chunk store a store row describes: `local` is a directory on the SAN host running the job."""
+    """The chunk store a store row describes (close it after use): `local` is a directory on the SAN host
+    running the job, `ssh` one on another host (credentials: private_key, host_key, port)."""
     if store.kind == "local":
         return LocalStore(store.location)
+    if store.kind == "ssh":
+        return SshStore.from_row(store.location, store.credentials)
     raise UnknownStoreKind(f"store {store.name} has unknown kind {store.kind!r}", store=store.name)
 
 
@@ -161,13 +165,14 @@ def drop_job_snapshots(ctx: JobContext) -> None:
         recorded = set(session.scalars(select(Backup.id).where(
             Backup.id.in_([backup_id_for(ctx.job_id, d.name) for d in disks]))))
         store = store_ref(session, ctx.params.get("store"))
-    chunk_store = open_store(store)
-    for disk in disks:
-        backup_id = backup_id_for(ctx.job_id, disk.name)
-        if backup_id in recorded:
-            continue
-        chunk_store.delete_manifest(backup_id)
-        san_place(ctx.rt.config, disk.san).backend.delete_snapshot(snapshot_handle(disk.handle, anchor_name(ctx.job_id)))
+    with open_store(store) as chunk_store:
+        for disk in disks:
+            backup_id = backup_id_for(ctx.job_id, disk.name)
+            if backup_id in recorded:
+                continue
+            chunk_store.delete_manifest(backup_id)
+            snap = snapshot_handle(disk.handle, anchor_name(ctx.job_id))
+            san_place(ctx.rt.config, disk.san).backend.delete_snapshot(snap)
 
 
 @workflow("snapshot-backup", cleanup=drop_job_snapshots)
@@ -184,14 +189,7 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("snapshot", progress=2)
     snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk, anchor_name(ctx.job_id))
              for disk in disks}
-    chunk_store = open_store(store)
-    progress = ByteProgress(ctx, 5, 5)
-    manifests = []
-    for number, disk in enumerate(disks):
-        span = 90 / len(disks)
-        progress.next_volume(manifests[-1]["bytes_read"] if manifests else 0, 5 + number * span, 5 + (number + 1) * span)
-        ctx.phase(f"read {disk.name}", progress=progress.start)
-        manifests.append(back_up_disk(ctx, disk, snaps[disk.name], store, chunk_store, mode, progress))
+    manifests = back_up_disks(ctx, disks, snaps, store, mode)
     ctx.phase("record", progress=96)
     with ctx.session() as session:
         rows = [record_backup(session, vm_id, ctx.params["vm"], disk, store, manifest)
@@ -200,6 +198,21 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     for disk in disks:
         drop_older_anchors(ctx, disk)
     return {"vm": ctx.params["vm"], "store": store.name, "backups": rows}
+
+
+def back_up_disks(ctx: JobContext, disks: list[Disk], snaps: dict[str, str], store: StoreRef,
+                  mode: str) -> list[dict[str, Any]]:
+    """Back up each disk's snapshot in turn into the store; return their manifests."""
+    progress = ByteProgress(ctx, 5, 5)
+    span = 90 / len(disks)
+    manifests: list[dict[str, Any]] = []
+    with open_store(store) as chunk_store:
+        for number, disk in enumerate(disks):
+            progress.next_volume(manifests[-1]["bytes_read"] if manifests else 0, 5 + number * span,
+                                 5 + (number + 1) * span)
+            ctx.phase(f"read {disk.name}", progress=progress.start)
+            manifests.append(back_up_disk(ctx, disk, snaps[disk.name], store, chunk_store, mode, progress))
+    return manifests
 
 
 def take_snapshot(backend: VolumeBackend, disk: Disk, name: str) -> str:
@@ -285,15 +298,15 @@ def verify_backup_job(ctx: JobContext) -> dict[str, Any]:
     backup_id = ctx.params["backup"]
     with ctx.session() as session:
         _, store = load_backup(session, backup_id)
-    chunk_store = open_store(store)
     ctx.phase("read manifest", progress=2)
-    try:
-        manifest = chunk_store.get_manifest(backup_id)
-    except ManifestNotFound as missing:
-        problems = [missing.message]
-    else:
-        ctx.phase("verify chunks", progress=5)
-        problems = stoppable(ctx, verify_backup, chunk_store, manifest, on_progress=ByteProgress(ctx, 5, 98))
+    with open_store(store) as chunk_store:
+        try:
+            manifest = chunk_store.get_manifest(backup_id)
+        except ManifestNotFound as missing:
+            problems = [missing.message]
+        else:
+            ctx.phase("verify chunks", progress=5)
+            problems = stoppable(ctx, verify_backup, chunk_store, manifest, on_progress=ByteProgress(ctx, 5, 98))
     with ctx.session() as session:
         backup = session.get(Backup, backup_id)
         backup.state = "corrupt" if problems else "verified"
@@ -336,13 +349,13 @@ def restore_job(ctx: JobContext) -> dict[str, Any]:
         backup_id, volume_name, san_name, vm_name = backup.id, backup.volume_name, backup.san_name, backup.vm_name
         target = in_place_target(session, backup) if ctx.params.get("in_place") else claim_new_volume(ctx, session, backup)
     backend = san_place(ctx.rt.config, san_name).backend
-    chunk_store = open_store(store)
     ctx.phase("read manifest", progress=2)
-    manifest = chunk_store.get_manifest(backup_id)
-    ensure_volume(backend, target, manifest["volume_size"])
-    ctx.phase("write", progress=5)
-    written = stoppable(ctx, restore_volume, chunk_store, manifest, backend.path_for_export(target),
-                        on_progress=ByteProgress(ctx, 5, 98))
+    with open_store(store) as chunk_store:
+        manifest = chunk_store.get_manifest(backup_id)
+        ensure_volume(backend, target, manifest["volume_size"])
+        ctx.phase("write", progress=5)
+        written = stoppable(ctx, restore_volume, chunk_store, manifest, backend.path_for_export(target),
+                            on_progress=ByteProgress(ctx, 5, 98))
     with ctx.session() as session:
         san_id = session.scalar(select(San.id).where(San.name == san_name))
         volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == target))

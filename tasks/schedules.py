@@ -188,19 +188,20 @@ def prune_backups(ctx: JobContext) -> dict[str, Any]:
         row = session.get(BackupStore, policy.store_id)
         store = StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
         doomed = list(session.scalars(select(Backup).where(Backup.id.in_(gone)).order_by(Backup.created_at.desc())))
-    chunk_store = open_store(store)
     ctx.phase("delete backups", progress=10)
-    for backup in doomed:
-        chunk_store.delete_manifest(backup.id)
+    with open_store(store) as chunk_store:
+        for backup in doomed:
+            chunk_store.delete_manifest(backup.id)
+            with ctx.session() as session:
+                session.delete(session.get(Backup, backup.id))
+            if backup.snapshot:
+                san_place(ctx.rt.config, backup.san_name).backend.delete_snapshot(backup.snapshot)
+        ctx.phase("collect garbage", progress=50)
         with ctx.session() as session:
-            session.delete(session.get(Backup, backup.id))
-        if backup.snapshot:
-            san_place(ctx.rt.config, backup.san_name).backend.delete_snapshot(backup.snapshot)
-    ctx.phase("collect garbage", progress=50)
-    with ctx.session() as session:
-        busy = bool(unfinished_backup_jobs(session, store.name))
-    collected = None
-    if not busy:
-        collected = collect_garbage(chunk_store, [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()])
+            busy = bool(unfinished_backup_jobs(session, store.name))
+        collected = None
+        if not busy:
+            kept = [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()]
+            collected = collect_garbage(chunk_store, kept)
     return {"policy": ctx.params["policy"], "deleted": [b.id for b in doomed], "garbage": collected,
             "garbage_skipped": "a backup is writing to the store" if busy else None}

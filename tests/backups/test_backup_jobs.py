@@ -25,6 +25,7 @@ from tasks.runner import execute
 from tasks.runtime import Runtime, make_runtime
 from tasks.workflow import lookup
 from tests.api import factories
+from tests.backups.ssh_helpers import run_sshd
 from tests.san.helpers import mounted_filesystem
 from workers.san.chunks import LocalStore, chunk_relpath
 from workers.san.reflink import ReflinkBackend
@@ -190,3 +191,20 @@ def test_restore_in_place_needs_a_stopped_vm(brt: Runtime, pool: Path, vm_disk: 
     restored = run(brt, "restore", "vm/web", {"backup": backup.id, "in_place": True})
     assert restored.state == SUCCEEDED, restored.error_message
     assert sha256_of(vm_disk) == sha256_of(snap)
+
+
+def test_backups_to_an_ssh_store_restore_bit_exact(brt: Runtime, pool: Path, vm_disk: Path, tmp_path: Path) -> None:
+    with run_sshd(tmp_path / "sshd") as sshd:
+        with transaction(brt.sessions) as session:
+            session.add(BackupStore(name="remote", kind="ssh", location=f"root@127.0.0.1:{tmp_path / 'remote'}",
+                                    credentials={"private_key": sshd.private_key, "host_key": sshd.host_key_line,
+                                                 "port": str(sshd.port)}))
+        full = run(brt, "snapshot-backup", "backup/web", {"vm": "web", "mode": "full", "store": "remote"})
+        write_at(vm_disk, 30 * MiB, os.urandom(MiB))
+        diff = run(brt, "snapshot-backup", "backup/web", {"vm": "web", "mode": "diff", "store": "remote"})
+        assert (full.state, diff.state) == (SUCCEEDED, SUCCEEDED), (full.error_message, diff.error_message)
+        newest = backups(brt)[-1]
+        assert newest.mode == "diff" and (tmp_path / "remote" / "manifests" / f"{newest.id}.json").exists()
+        restored = run(brt, "restore", "restore/web", {"backup": newest.id, "as": "web-remote"})
+        assert restored.state == SUCCEEDED, restored.error_message
+        assert sha256_of(pool / "web-remote.img") == sha256_of(pool / snapshots(pool)[0])

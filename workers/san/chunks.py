@@ -109,6 +109,15 @@ class ChunkStore(ABC):
         """Stored (compressed) size of a chunk; stores that know it cheaper override this."""
         return len(self.get_chunk(digest))
 
+    def close(self) -> None:
+        """Let go of connections; a store is also a context manager that closes itself."""
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class LocalStore(ChunkStore):
     """A store in a directory on this host (made if missing)."""

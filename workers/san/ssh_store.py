@@ -1,0 +1,231 @@
+"""A chunk store on another host, reached over SSH with a key (SFTP through paramiko: no remote shell).
+
+Same layout and the same atomic writes as `LocalStore` (a temporary name, then an OpenSSH
+posix-rename), so a reader on either side never sees half a chunk or half a manifest. The
+server's host key must be given (a known_hosts line): an unknown host is refused.
+
+Each thread gets its own SFTP channel over one SSH connection, so the backup pool's threads
+upload in parallel.
+"""
+
+import errno
+import io
+import json
+import posixpath
+import secrets
+import stat
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import paramiko
+
+from workers.errors import InvalidInput, LaxError
+from workers.san.chunks import (
+    TEMP_SUFFIX,
+    ChunkMissing,
+    ChunkStore,
+    ManifestNotFound,
+    chunk_relpath,
+    encode_manifest,
+    manifest_relpath,
+)
+
+CONNECT_TIMEOUT_S = 15
+KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+
+
+class StoreUnreachable(LaxError):
+    code = "StoreUnreachable"
+    http_status = 502
+
+
+class InvalidStoreLocation(InvalidInput):
+    code = "InvalidStoreLocation"
+
+
+def parse_location(location: str) -> tuple[str, str, str]:
+    """(user, host, path) of `user@host:/absolute/path`."""
+    account, sep, path = location.partition(":")
+    user, at, host = account.rpartition("@")
+    if not sep or not at or not user or not host or not path.startswith("/"):
+        raise InvalidStoreLocation(f"ssh store location {location!r} is not user@host:/absolute/path",
+                                   location=location)
+    return user, host, path
+
+
+def load_private_key(text: str) -> paramiko.PKey:
+    """The private key in OpenSSH or PEM text (ed25519, ECDSA or RSA)."""
+    for kind in KEY_CLASSES:
+        try:
+            return kind.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise InvalidInput("the ssh store's private key is not an unencrypted ed25519, ECDSA or RSA key",
+                       field="private_key")
+
+
+def is_missing(exc: OSError) -> bool:
+    return isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT
+
+
+class SshStore(ChunkStore):
+    """A store in directory `path` on `host`, logged in to as `user` with `private_key`.
+
+    `host_key` is the server's public key as a known_hosts line (`host type base64`); `port` 22 by default.
+    """
+
+    def __init__(self, host: str, path: str, *, user: str, private_key: str, host_key: str, port: int = 22) -> None:
+        self.host, self.port, self.path = host, port, path
+        self.client = paramiko.SSHClient()
+        self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        self._trust(host_key)
+        try:
+            self.client.connect(host, port=port, username=user, pkey=load_private_key(private_key),
+                                allow_agent=False, look_for_keys=False, timeout=CONNECT_TIMEOUT_S)
+        except (paramiko.SSHException, OSError) as exc:
+            raise StoreUnreachable(f"cannot log in to {user}@{host}:{port}: {exc}", host=host) from None
+        self.local = threading.local()
+        self._makedirs(self.path)
+        for sub in ("chunks", "manifests"):
+            self._makedirs(posixpath.join(self.path, sub))
+
+    @classmethod
+    def from_row(cls, location: str, credentials: dict[str, Any]) -> "SshStore":
+        """The store a BackupStore row of kind `ssh` describes (credentials: private_key, host_key, port)."""
+        user, host, path = parse_location(location)
+        missing = [key for key in ("private_key", "host_key") if not credentials.get(key)]
+        if missing:
+            raise InvalidInput(f"ssh store {location} needs credentials {', '.join(missing)}", missing=missing)
+        return cls(host, path, user=user, private_key=credentials["private_key"], host_key=credentials["host_key"],
+                   port=int(credentials.get("port") or 22))
+
+    def _trust(self, known_hosts_line: str) -> None:
+        entry = paramiko.hostkeys.HostKeyEntry.from_line(known_hosts_line.strip())
+        if entry is None or entry.key is None:
+            raise InvalidInput("host_key must be a known_hosts line: host keytype base64", field="host_key")
+        names = {self.host, f"[{self.host}]:{self.port}"}
+        for name in names:
+            self.client.get_host_keys().add(name, entry.key.get_name(), entry.key)
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        if not hasattr(self.local, "sftp"):
+            self.local.sftp = self.client.open_sftp()
+        return self.local.sftp
+
+    def _abs(self, relpath: str) -> str:
+        return posixpath.join(self.path, relpath)
+
+    def _makedirs(self, path: str) -> None:
+        try:
+            if stat.S_ISDIR(self.sftp.stat(path).st_mode):
+                return
+        except OSError as exc:
+            if not is_missing(exc):
+                raise
+        parent = posixpath.dirname(path)
+        if parent != path:
+            self._makedirs(parent)
+        try:
+            self.sftp.mkdir(path)
+        except OSError:
+            if not stat.S_ISDIR(self.sftp.stat(path).st_mode):
+                raise
+
+    def _exists(self, relpath: str) -> bool:
+        try:
+            self.sftp.stat(self._abs(relpath))
+        except OSError as exc:
+            if is_missing(exc):
+                return False
+            raise
+        return True
+
+    def _write_atomically(self, relpath: str, data: bytes) -> None:
+        final = self._abs(relpath)
+        self._makedirs(posixpath.dirname(final))
+        temp = f"{final}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            with self.sftp.open(temp, "wb") as out:
+                out.set_pipelined(True)
+                out.write(data)
+            self.sftp.posix_rename(temp, final)
+        except BaseException:
+            self._remove(temp)
+            raise
+
+    def _read(self, relpath: str) -> bytes:
+        with self.sftp.open(self._abs(relpath), "rb") as source:
+            source.prefetch()
+            return source.read()
+
+    def _remove(self, path: str) -> None:
+        try:
+            self.sftp.remove(path)
+        except OSError as exc:
+            if not is_missing(exc):
+                raise
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def has_chunk(self, digest: str) -> bool:
+        return self._exists(chunk_relpath(digest))
+
+    def put_chunk(self, digest: str, blob: bytes) -> None:
+        if not self.has_chunk(digest):
+            self._write_atomically(chunk_relpath(digest), blob)
+
+    def get_chunk(self, digest: str) -> bytes:
+        try:
+            return self._read(chunk_relpath(digest))
+        except OSError as exc:
+            if is_missing(exc):
+                raise ChunkMissing(f"chunk {digest} is not in the store at {self.host}:{self.path}",
+                                   digest=digest) from None
+            raise
+
+    def delete_chunk(self, digest: str) -> None:
+        self._remove(self._abs(chunk_relpath(digest)))
+
+    def chunk_size_on_store(self, digest: str) -> int:
+        try:
+            return self.sftp.stat(self._abs(chunk_relpath(digest))).st_size
+        except OSError as exc:
+            if is_missing(exc):
+                raise ChunkMissing(f"chunk {digest} is not in the store", digest=digest) from None
+            raise
+
+    def list_chunks(self) -> Iterator[str]:
+        root = self._abs("chunks")
+        for prefix in sorted(self.sftp.listdir(root)):
+            for name in sorted(self.sftp.listdir(posixpath.join(root, prefix))):
+                if name.endswith(".zst"):
+                    yield name[: -len(".zst")]
+
+    def has_manifest(self, backup_id: str) -> bool:
+        return self._exists(manifest_relpath(backup_id))
+
+    def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
+        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
+
+    def get_manifest(self, backup_id: str) -> dict[str, Any]:
+        try:
+            return json.loads(self._read(manifest_relpath(backup_id)))
+        except OSError as exc:
+            if is_missing(exc):
+                raise ManifestNotFound(f"backup {backup_id} has no manifest at {self.host}:{self.path}",
+                                       backup_id=backup_id) from None
+            raise
+
+    def delete_manifest(self, backup_id: str) -> None:
+        self._remove(self._abs(manifest_relpath(backup_id)))
+
+    def list_manifests(self) -> list[str]:
+        names = self.sftp.listdir(self._abs("manifests"))
+        return sorted(name[: -len(".json")] for name in names if name.endswith(".json"))
+
+    def close(self) -> None:
+        self.client.close()
