@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from config import Config
-from lab import libvirtd, netns, pool, processes, tgtd
+from lab import libvirtd, netns, pool, processes, sshd, tgtd
 from lab.topology import Host, Topology, build, host_uuid, server_uri, tgt_control_port
 from workers.command import output
 
@@ -39,6 +39,11 @@ def up(cfg: Config) -> dict[str, Any]:
         _save_state(topo, state)
     for host in topo.sans():
         _bring_up_san(cfg, topo, host, state)
+    for host in topo.backup_hosts():
+        daemon = backup_host(topo, host)
+        recorded = state["backup_hosts"].get(host.name)
+        state["backup_hosts"][host.name] = sshd.running_pid(daemon, recorded) or sshd.start(daemon)
+        _save_state(topo, state)
     for host in topo.servers():
         libvirtd.wait_answering(server_uri(cfg, host.name), host.name)
     return status(cfg)
@@ -68,6 +73,8 @@ def _stop_processes(cfg: Config, topo: Topology, state: dict[str, Any], stray: l
         control_port = tgt_control_port(cfg, host.name)
         recorded = state["sans"].get(host.name, {}).get("tgtd")
         tgtd.stop(control_port, tgtd.running_pid(_portal(cfg, host.name), control_port, recorded))
+        processes.stop(netns.netns_pids(host.netns))
+    for host in topo.backup_hosts():
         processes.stop(netns.netns_pids(host.netns))
     for name in stray:
         processes.stop(netns.netns_pids(name))
@@ -102,7 +109,8 @@ def status(cfg: Config) -> dict[str, Any]:
             "netns_present": host.netns in present,
             "addresses": host.addresses,
         }
-        entry.update(_server_status(cfg, topo, host) if host.kind == "server" else _san_status(cfg, topo, host, state))
+        describe = {"server": _server_status, "san": _san_status, "backup": _backup_status}[host.kind]
+        entry.update(describe(cfg, topo, host, state))
         hosts.append(entry)
     networks = [
         {"name": n.name, "cidr": str(n.cidr), "bridge": n.bridge, "address": str(n.bridge_address.ip), "present": netns.link_exists(n.bridge)}
@@ -117,7 +125,7 @@ def _host_healthy(entry: dict[str, Any]) -> bool:
     return entry["netns_present"] and pool_ok and all(d["answers"] for d in entry["daemons"])
 
 
-def _server_status(cfg: Config, topo: Topology, host: Host) -> dict[str, Any]:
+def _server_status(cfg: Config, topo: Topology, host: Host, _state: dict[str, Any]) -> dict[str, Any]:
     uri = server_uri(cfg, host.name)
     pids = _server_daemons(topo, host).pids()
     answered = libvirtd.hostname_over_tcp(uri) if pids["libvirtd"] else None
@@ -137,6 +145,18 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
         "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port}],
         "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": bool(loops) and pool.is_mounted(mountpoint, source=loops[0]), "loop": loops[0] if loops else None},
     }
+
+
+def _backup_status(_cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> dict[str, Any]:
+    daemon = backup_host(topo, host)
+    pid = sshd.running_pid(daemon, state["backup_hosts"].get(host.name))
+    return {"daemons": [{"name": "sshd", "pid": pid, "answers": pid is not None and sshd.answers(daemon)}],
+            "store": str(daemon.store), "client_key": str(daemon.client_key)}
+
+
+def backup_host(topo: Topology, host: Host) -> sshd.BackupHost:
+    """The sshd side of lab backup host `host`: its address on the backup network and its key directory."""
+    return sshd.BackupHost(host.name, host.netns, host.address("backup"), topo.lab_dir / host.name)
 
 
 def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> None:
@@ -196,6 +216,7 @@ def _load_state(topo: Topology) -> dict[str, Any]:
     state.setdefault("prefix", topo.prefix)
     state.setdefault("servers", {})
     state.setdefault("sans", {})
+    state.setdefault("backup_hosts", {})
     return state
 
 

@@ -36,6 +36,8 @@ def make_test_config(tmp_dir: Path) -> Path:
         san["tgt_control_port"] = index
     moves = _move_networks(lab["networks"])
     raw["var_dir"] = str(var_dir)
+    for host in raw.get("backup_hosts", []):
+        host["addresses"] = {net: moves[net](addr) for net, addr in host["addresses"].items()}
     for site in raw["sites"]:
         for san in site.get("sans", []):
             san["addresses"] = {net: moves[net](addr) for net, addr in san["addresses"].items()}

@@ -46,7 +46,7 @@ class Host:
     """A lab host: a network namespace with one link per network it has an address on."""
 
     name: str
-    kind: str  # "server" or "san"
+    kind: str  # "server", "san" or "backup"
     site: str
     netns: str
     links: tuple[Link, ...]
@@ -82,6 +82,9 @@ class Topology:
     def sans(self) -> list[Host]:
         return [h for h in self.hosts if h.kind == "san"]
 
+    def backup_hosts(self) -> list[Host]:
+        return [h for h in self.hosts if h.kind == "backup"]
+
 
 def build(cfg: Config) -> Topology:
     """Compute the lab from `cfg`; raise InvalidInput if a name would be too long or an address is off-net."""
@@ -93,6 +96,8 @@ def build(cfg: Config) -> Topology:
     ] + [
         _host(prefix, networks, site.name, "server", server.name, server.addresses)
         for site, _cluster, server in cfg.servers()
+    ] + [
+        _host(prefix, networks, raw["site"], "backup", raw["name"], raw["addresses"]) for raw in cfg.raw.get("backup_hosts", [])
     ]
     return Topology(prefix=prefix, lab_dir=lab_dir(cfg), networks=networks, hosts=tuple(hosts))
 

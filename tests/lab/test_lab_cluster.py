@@ -39,7 +39,8 @@ def test_status_shows_every_host_with_its_addresses_and_answering_daemons(lab: c
 
     assert exit_code == 0 and report["up"] is True
     hosts = {h["name"]: h for h in report["hosts"]}
-    assert set(hosts) == {"san-a", "san-b", "cs1", "cs2", "cs3"}
+    assert set(hosts) == {"san-a", "san-b", "cs1", "cs2", "cs3", "bk1"}
+    assert [d["name"] for d in hosts["bk1"]["daemons"]] == ["sshd"]
     for _site, san in lab.sans():
         assert hosts[san.name]["addresses"] == san.addresses
         assert hosts[san.name]["pool"]["mounted"] and hosts[san.name]["pool"]["loop"].startswith("/dev/loop")
@@ -48,6 +49,19 @@ def test_status_shows_every_host_with_its_addresses_and_answering_daemons(lab: c
         assert [d["name"] for d in hosts[server.name]["daemons"]] == ["virtlogd", "virtlockd", "libvirtd"]
     assert all(d["pid"] and d["answers"] for h in report["hosts"] for d in h["daemons"])
     assert all(h["netns_present"] and h["netns"].startswith(report["prefix"] + "-") for h in report["hosts"])
+
+
+def test_the_backup_host_takes_ssh_logins_with_the_labs_key_only(lab: config.Config, tmp_path) -> None:
+    bk1 = {h["name"]: h for h in cluster.status(lab)["hosts"]}["bk1"]
+    address = bk1["addresses"]["backup"]
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'known'}"]
+    marker = tmp_path / "marker"
+    logged_in = run([*ssh, "-i", bk1["client_key"], f"root@{address}", "touch", str(marker)], check=False)
+    assert logged_in.returncode == 0, logged_in.stderr
+    assert marker.exists()
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")])
+    refused = run([*ssh, "-i", str(tmp_path / "stranger"), f"root@{address}", "true"], check=False)
+    assert refused.returncode == 255 and b"Permission denied" in refused.stderr
 
 
 def test_each_server_answers_over_tcp_with_its_own_name_and_host_uuid(lab: config.Config) -> None:

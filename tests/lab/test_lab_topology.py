@@ -17,8 +17,10 @@ def test_default_lab_has_every_host_with_its_configured_addresses() -> None:
     assert [(h.name, h.kind, h.site) for h in topo.hosts] == [
         ("san-a", "san", "site-a"), ("san-b", "san", "site-b"),
         ("cs1", "server", "site-a"), ("cs2", "server", "site-a"), ("cs3", "server", "site-b"),
+        ("bk1", "backup", "site-a"),
     ]
     configured = {s.name: s.addresses for _, s in cfg.sans()} | {s.name: s.addresses for _, _, s in cfg.servers()}
+    configured["bk1"] = {"backup": "10.253.0.30"}
     assert {h.name: h.addresses for h in topo.hosts} == configured
     assert topo.host("cs1").netns == "lx-cs1"
     assert [n.bridge for n in topo.networks] == ["lx-mgmt", "lx-storage", "lx-backup"]
