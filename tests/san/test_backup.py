@@ -120,7 +120,31 @@ def test_differential_follows_a_grown_volume(store: LocalStore, tmp_path: Path) 
     diff = backup_volume(str(source), source.stat().st_size, store, backup_id="d", parent_manifest=full,
                          ranges=[], chunk_size=CHUNK)
 
-    assert diff["bytes_read"] == CHUNK + 4096  # the parent's partial last chunk and the new bytes
+    assert diff["bytes_read"] == CHUNK  # only the new bytes; the rest of their chunk comes from the parent
+    restored = tmp_path / "restored.img"
+    restore_volume(store, diff, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+    os.truncate(source, CHUNK * 2 + 512)
+    shrunk = backup_volume(str(source), CHUNK * 2 + 512, store, backup_id="s", parent_manifest=diff, ranges=[],
+                           chunk_size=CHUNK)
+    assert shrunk["bytes_read"] == 0 and len(shrunk["chunks"]) == 3
+    restore_volume(store, shrunk, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+
+def test_a_differential_reads_only_the_changed_ranges_of_a_chunk(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 4))
+    full = backup_volume(str(source), CHUNK * 4, store, backup_id="f", chunk_size=CHUNK)
+    write_at(source, CHUNK + 4096, os.urandom(4096))
+    write_at(source, CHUNK * 3, bytes(8192))
+    changed = [(CHUNK + 4096, 4096), (CHUNK * 3, 8192)]
+    diff = backup_volume(str(source), CHUNK * 4, store, backup_id="d", parent_manifest=full, ranges=changed,
+                         chunk_size=CHUNK)
+
+    assert diff["bytes_read"] == 4096 + 8192
+    assert [e["digest"] == f["digest"] for e, f in zip(diff["chunks"], full["chunks"])] == [True, False, True, False]
     restored = tmp_path / "restored.img"
     restore_volume(store, diff, str(restored))
     assert sha256_of(restored) == sha256_of(source)

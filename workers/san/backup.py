@@ -123,38 +123,81 @@ def chunks_touched(ranges: Iterable[Range], chunk_size: int, size: int) -> set[i
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """One chunk to read: its index, offset, length and the data spans inside it (empty: all hole)."""
+    """One chunk to (re)make: its bytes are `base` (the parent's chunk entry, None: zeros) with the
+    `fresh` spans replaced by what the volume holds there; `spans` are the data (non-hole) parts of
+    `fresh`, the only bytes read."""
 
     index: int
     offset: int
     length: int
+    fresh: list[Range]
     spans: list[Range]
+    base: dict[str, Any] | None = None
 
 
-def plan_reads(fd: int, size: int, chunk_size: int, dirty: set[int] | None) -> list[ChunkPlan]:
-    """The chunks to read (all of them, or only `dirty` ones) with their data spans."""
+def plan_full(fd: int, size: int, chunk_size: int) -> list[ChunkPlan]:
+    """Every chunk of the volume, each read whole (its holes skipped)."""
     segments = data_segments(fd, size)
-    count = -(-size // chunk_size)
-    indexes = range(count) if dirty is None else sorted(i for i in dirty if i < count)
     plans = []
-    for index in indexes:
-        offset = index * chunk_size
+    for offset in range(0, size, chunk_size):
         length = min(chunk_size, size - offset)
-        plans.append(ChunkPlan(index, offset, length, intersect(segments, offset, offset + length)))
+        plans.append(ChunkPlan(offset // chunk_size, offset, length, [(offset, length)],
+                               intersect(segments, offset, offset + length)))
     return plans
 
 
-def dirty_chunks(parent: dict[str, Any], ranges: list[Range], chunk_size: int, size: int) -> set[int]:
-    """Chunks a differential must read: those the changed ranges touch, plus, when the volume
-    changed size, the parent's last chunk and everything after it."""
-    dirty = chunks_touched(ranges, chunk_size, size)
-    if parent["volume_size"] != size:
-        first_unsure = min(parent["volume_size"], size) // chunk_size
-        dirty.update(range(first_unsure, -(-size // chunk_size)))
-    return dirty
+def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any],
+                      ranges: list[Range]) -> list[ChunkPlan]:
+    """The chunks that changed since `parent`: each its parent chunk with the changed ranges read over it.
+
+    Bytes past the parent's end count as changed; when the size changed, the new last chunk is
+    remade too (its length differs)."""
+    old_size = parent["volume_size"]
+    changed = sorted([*ranges, *([(old_size, size - old_size)] if size > old_size else [])])
+    dirty = chunks_touched(changed, chunk_size, size)
+    if old_size != size:
+        dirty.add((size - 1) // chunk_size)
+    inherited = {entry["offset"]: entry for entry in parent["chunks"]}
+    segments = data_segments(fd, size)
+    plans = []
+    for index in sorted(dirty):
+        offset = index * chunk_size
+        length = min(chunk_size, size - offset)
+        fresh = intersect(changed, offset, offset + length)
+        spans = [span for start, n in fresh for span in intersect(segments, start, start + n)]
+        whole = sum(n for _, n in fresh) == length
+        base = inherited.get(offset)
+        plans.append(ChunkPlan(index, offset, length, fresh, spans,
+                               None if whole or base is None or "digest" not in base else base))
+    return plans
 
 
 # -- backup -----------------------------------------------------------------------
+
+
+class ChunkReader:
+    """Fetches, decompresses and checks chunks on pool threads; one zstd decompressor per thread."""
+
+    def __init__(self, store: ChunkStore) -> None:
+        self.store = store
+        self.local = threading.local()
+
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        if not hasattr(self.local, "decompressor"):
+            self.local.decompressor = zstandard.ZstdDecompressor()
+        return self.local.decompressor
+
+    def bytes_of(self, entry: dict[str, Any]) -> bytes:
+        """The chunk's uncompressed bytes; ChunkMissing if absent, ChunkCorrupt if they do not hash to its name."""
+        digest = entry["digest"]
+        blob = self.store.get_chunk(digest)
+        try:
+            data = self._decompressor().decompress(blob, max_output_size=entry["length"])
+        except zstandard.ZstdError as exc:
+            raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}", digest=digest) from None
+        if len(data) != entry["length"] or chunk_digest(data) != digest:
+            raise ChunkCorrupt(f"chunk {digest} does not match its digest", digest=digest)
+        return data
 
 
 @dataclass
@@ -168,11 +211,12 @@ class Tally:
 
 
 class ChunkWriter:
-    """Hashes, compresses and stores chunks on pool threads; one zstd compressor per thread."""
+    """Assembles, hashes, compresses and stores chunks on pool threads; one zstd compressor per thread."""
 
     def __init__(self, store: ChunkStore, tally: Tally) -> None:
         self.store = store
         self.tally = tally
+        self.reader = ChunkReader(store)
         self.local = threading.local()
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -180,10 +224,25 @@ class ChunkWriter:
             self.local.compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         return self.local.compressor
 
-    def entry_for(self, plan: ChunkPlan, data: bytearray) -> dict[str, Any]:
-        """The manifest entry of one read chunk, storing its bytes if the store lacks them."""
+    def assemble(self, plan: ChunkPlan, pieces: list[tuple[int, bytes]]) -> bytearray:
+        """The chunk's bytes: its base (cut or zero-padded to length), fresh spans zeroed, read pieces laid on."""
+        data = bytearray(plan.length)
+        if plan.base is not None:
+            base = self.reader.bytes_of(plan.base)[: plan.length]
+            data[: len(base)] = base
+            for offset, length in plan.fresh:
+                data[offset - plan.offset: offset - plan.offset + length] = bytes(length)
+        for offset, piece in pieces:
+            data[offset - plan.offset: offset - plan.offset + len(piece)] = piece
+        return data
+
+    def entry_for(self, plan: ChunkPlan, pieces: list[tuple[int, bytes]]) -> dict[str, Any]:
+        """The manifest entry of one chunk, storing its bytes if the store lacks them."""
         entry: dict[str, Any] = {"offset": plan.offset, "length": plan.length}
-        if not plan.spans or data.count(0) == len(data):
+        if not pieces and plan.base is None:
+            return {**entry, "zero": True}
+        data = self.assemble(plan, pieces)
+        if data.count(0) == len(data):
             return {**entry, "zero": True}
         digest = chunk_digest(data)
         blob = self._compressor().compress(data)
@@ -195,16 +254,15 @@ class ChunkWriter:
         return {**entry, "digest": digest, "stored": len(blob)}
 
 
-def read_chunk(fd: int, plan: ChunkPlan) -> bytearray:
-    """The chunk's bytes: its data spans read, its holes left as zeros."""
-    data = bytearray(plan.length)
-    view = memoryview(data)
+def read_spans(fd: int, plan: ChunkPlan) -> list[tuple[int, bytes]]:
+    """The chunk's data spans, read from the volume."""
+    pieces = []
     for offset, length in plan.spans:
-        start = offset - plan.offset
-        got = os.preadv(fd, [view[start:start + length]], offset)
-        if got != length:
-            raise OSError(errno.EIO, f"short read at {offset}: {got} of {length} bytes")
-    return data
+        piece = os.pread(fd, length, offset)
+        if len(piece) != length:
+            raise OSError(errno.EIO, f"short read at {offset}: {len(piece)} of {length} bytes")
+        pieces.append((offset, piece))
+    return pieces
 
 
 def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progress: Progress,
@@ -218,9 +276,9 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
             for plan in plans:
                 if should_stop():
                     raise BackupCancelled("backup cancelled")
-                data = read_chunk(fd, plan)
+                pieces = read_spans(fd, plan)
                 writer.tally.bytes_read += sum(n for _, n in plan.spans)
-                pending.append(pool.submit(writer.entry_for, plan, data))
+                pending.append(pool.submit(writer.entry_for, plan, pieces))
                 while len(pending) > threads * IN_FLIGHT_PER_THREAD:
                     entries.append(pending.popleft().result())
                 on_progress(writer.tally.bytes_read, total)
@@ -259,7 +317,8 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
     and publish its manifest under `backup_id`; return the manifest.
 
     With `parent_manifest` and `ranges` (the changed ranges since the parent's snapshot) this
-    is a differential that reads only the chunks those ranges touch. Raises BackupCancelled
+    is a differential that reads only those ranges and takes the rest of each chunk they touch
+    from the parent's chunk in the store. Raises BackupCancelled
     when `should_stop()` turns true (no manifest is published then).
     """
     if ranges is not None and parent_manifest is None:
@@ -268,12 +327,14 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
         raise BackupMismatch(f"parent {parent_manifest['id']} uses chunks of {parent_manifest['chunk_size']} bytes",
                              parent=parent_manifest["id"])
     started, clock = utc_now(), time.monotonic()
-    dirty = None if parent_manifest is None or ranges is None else dirty_chunks(parent_manifest, ranges, chunk_size, size)
+    differential = parent_manifest is not None and ranges is not None
     tally = Tally()
     with open(source_path, "rb") as source:
-        plans = plan_reads(source.fileno(), size, chunk_size, dirty)
-        fresh = run_pipeline(source.fileno(), plans, ChunkWriter(store, tally), on_progress, should_stop, threads)
-    chunks = merge_entries(parent_manifest if dirty is not None else None, fresh, chunk_size, size)
+        fd = source.fileno()
+        plans = (plan_differential(fd, size, chunk_size, parent_manifest, ranges) if differential
+                 else plan_full(fd, size, chunk_size))
+        fresh = run_pipeline(fd, plans, ChunkWriter(store, tally), on_progress, should_stop, threads)
+    chunks = merge_entries(parent_manifest if differential else None, fresh, chunk_size, size)
     if should_stop():
         raise BackupCancelled("backup cancelled")
     manifest = {
@@ -291,31 +352,6 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
 
 
 # -- restore and verify -------------------------------------------------------------
-
-
-class ChunkReader:
-    """Fetches, decompresses and checks chunks on pool threads; one zstd decompressor per thread."""
-
-    def __init__(self, store: ChunkStore) -> None:
-        self.store = store
-        self.local = threading.local()
-
-    def _decompressor(self) -> zstandard.ZstdDecompressor:
-        if not hasattr(self.local, "decompressor"):
-            self.local.decompressor = zstandard.ZstdDecompressor()
-        return self.local.decompressor
-
-    def bytes_of(self, entry: dict[str, Any]) -> bytes:
-        """The chunk's uncompressed bytes; ChunkMissing if absent, ChunkCorrupt if they do not hash to its name."""
-        digest = entry["digest"]
-        blob = self.store.get_chunk(digest)
-        try:
-            data = self._decompressor().decompress(blob, max_output_size=entry["length"])
-        except zstandard.ZstdError as exc:
-            raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}", digest=digest) from None
-        if len(data) != entry["length"] or chunk_digest(data) != digest:
-            raise ChunkCorrupt(f"chunk {digest} does not match its digest", digest=digest)
-        return data
 
 
 def bounded_map(work: Callable[[dict[str, Any]], Any], entries: list[dict[str, Any]], threads: int,

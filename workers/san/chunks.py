@@ -105,10 +105,6 @@ class ChunkStore(ABC):
     def list_manifests(self) -> list[str]:
         """Ids of every published backup."""
 
-    def chunk_size_on_store(self, digest: str) -> int:
-        """Stored (compressed) size of a chunk; stores that know it cheaper override this."""
-        return len(self.get_chunk(digest))
-
     def close(self) -> None:
         """Let go of connections; a store is also a context manager that closes itself."""
 
@@ -169,12 +165,6 @@ class LocalStore(ChunkStore):
 
     def delete_chunk(self, digest: str) -> None:
         self._remove(chunk_relpath(digest))
-
-    def chunk_size_on_store(self, digest: str) -> int:
-        try:
-            return os.stat(self._abs(chunk_relpath(digest))).st_size
-        except FileNotFoundError:
-            raise ChunkMissing(f"chunk {digest} is not in the store at {self.path}", digest=digest) from None
 
     def list_chunks(self) -> Iterator[str]:
         root = self._abs("chunks")

@@ -190,14 +190,6 @@ class SshStore(ChunkStore):
     def delete_chunk(self, digest: str) -> None:
         self._remove(self._abs(chunk_relpath(digest)))
 
-    def chunk_size_on_store(self, digest: str) -> int:
-        try:
-            return self.sftp.stat(self._abs(chunk_relpath(digest))).st_size
-        except OSError as exc:
-            if is_missing(exc):
-                raise ChunkMissing(f"chunk {digest} is not in the store", digest=digest) from None
-            raise
-
     def list_chunks(self) -> Iterator[str]:
         root = self._abs("chunks")
         for prefix in sorted(self.sftp.listdir(root)):
