@@ -73,7 +73,11 @@ class ChunkStore(ABC):
     """
 
     @abstractmethod
-    def has_chunk(self, digest: str) -> bool: ...
+    def stored_size(self, digest: str) -> int | None:
+        """The chunk's size in the store (compressed), or None if the store does not have it."""
+
+    def has_chunk(self, digest: str) -> bool:
+        return self.stored_size(digest) is not None
 
     @abstractmethod
     def put_chunk(self, digest: str, blob: bytes) -> None: ...
@@ -150,8 +154,11 @@ class LocalStore(ChunkStore):
         except FileNotFoundError:
             pass
 
-    def has_chunk(self, digest: str) -> bool:
-        return os.path.isfile(self._abs(chunk_relpath(digest)))
+    def stored_size(self, digest: str) -> int | None:
+        try:
+            return os.stat(self._abs(chunk_relpath(digest))).st_size
+        except FileNotFoundError:
+            return None
 
     def put_chunk(self, digest: str, blob: bytes) -> None:
         if not self.has_chunk(digest):

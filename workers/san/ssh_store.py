@@ -135,14 +135,13 @@ class SshStore(ChunkStore):
             if not stat.S_ISDIR(self.sftp.stat(path).st_mode):
                 raise
 
-    def _exists(self, relpath: str) -> bool:
+    def _size(self, relpath: str) -> int | None:
         try:
-            self.sftp.stat(self._abs(relpath))
+            return self.sftp.stat(self._abs(relpath)).st_size
         except OSError as exc:
             if is_missing(exc):
-                return False
+                return None
             raise
-        return True
 
     def _write_atomically(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
@@ -171,8 +170,8 @@ class SshStore(ChunkStore):
 
     # -- the interface ---------------------------------------------------------------------------
 
-    def has_chunk(self, digest: str) -> bool:
-        return self._exists(chunk_relpath(digest))
+    def stored_size(self, digest: str) -> int | None:
+        return self._size(chunk_relpath(digest))
 
     def put_chunk(self, digest: str, blob: bytes) -> None:
         if not self.has_chunk(digest):
@@ -198,7 +197,7 @@ class SshStore(ChunkStore):
                     yield name[: -len(".zst")]
 
     def has_manifest(self, backup_id: str) -> bool:
-        return self._exists(manifest_relpath(backup_id))
+        return self._size(manifest_relpath(backup_id)) is not None
 
     def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
         self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))

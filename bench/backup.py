@@ -1,0 +1,278 @@
+"""Backup throughput beside `zstd -T0 -3`, a 1 % differential, and restore (issue 7, "Benchmark").
+
+Makes its own XFS (reflink=1) in a sparse image under a temporary directory, loop-mounts it,
+and fills a volume of the reflink backend with realistic content, per 4 MiB region: 40 %
+random, 30 % compressible text, 15 % written zeros, 15 % never written (holes). Then, on a
+snapshot of it, exactly as the SAN worker does it:
+
+1. full backup (`workers.san.backup.backup_volume`) into a `LocalStore` on the same XFS;
+2. the baseline: `zstd -T0 -3` of the same snapshot into a file on the same XFS, then
+   `sync -f` (our store fsyncs every chunk, so the baseline's data must reach the disk too);
+3. 1 % of the volume changed (random 64 KiB blocks at random places), a second snapshot, the
+   backend's changed ranges and a differential backup (changed-ranges time included);
+4. restore of the differential to a new file, fsynced, then checked bit for bit (not timed).
+
+Throughputs are of the volume's size (MB = 10^6 bytes) per second. Before the full backup and
+before zstd the snapshot's and the pool image's pages are dropped from the page cache
+(posix_fadvise, those files only), so both read from the disk, as a backup of a volume does. Prints the figures, writes
+`bench/results/backup.json`, and removes everything it made (mount, loop device, image)
+also on failure, Ctrl-C or SIGTERM.
+
+Run as root: `.venv/bin/python bench/backup.py [--size 2G] [--chunk-size 4M] [--results backup.json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from config.units import parse_size
+from lab import pool
+from workers.san.backup import CHUNK_SIZE, backup_volume, restore_volume
+from workers.san.chunks import LocalStore
+from workers.san.reflink import ReflinkBackend
+
+MIB = 1 << 20
+GIB = 1 << 30
+REGION = 4 * MIB
+CHANGE_BLOCK = 64 * 1024
+CHANGED_FRACTION = 0.01
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+GOALS = {"ratio_vs_zstd": (">=", 1.2), "diff_time_fraction": ("<=", 0.05), "diff_bytes_read_vs_changed": ("<=", 2.0)}
+WORDS = 600
+
+
+def check_prerequisites() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("bench/backup.py needs root (losetup, mount)")
+    missing = [tool for tool in ("mkfs.xfs", "losetup", "mount", "umount", "zstd", "sync") if not shutil.which(tool)]
+    if missing:
+        raise SystemExit(f"missing commands: {', '.join(missing)}")
+
+
+@contextmanager
+def scratch_pool(image_bytes: int) -> Iterator[Path]:
+    """A fresh XFS (reflink=1) on a sparse image in a new temporary directory, loop-mounted; removed after."""
+    workdir = Path(tempfile.mkdtemp(prefix="laxcluster-bench-backup-"))
+    image, mountpoint = workdir / "pool.img", workdir / "pool"
+    try:
+        pool.ensure(image, image_bytes, mountpoint)
+        yield mountpoint
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool.teardown(image, mountpoint)
+            shutil.rmtree(workdir)
+        except Exception as exc:  # noqa: BLE001 - report what is left, never hide it
+            print(f"cleanup failed ({exc}); left behind: {workdir} (umount {mountpoint}; losetup -j {image})",
+                  file=sys.stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def log_text(rng: random.Random) -> bytes:
+    """REGION bytes of log-like lines from a vocabulary of made-up words: zstd -3 gets it to about a third."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(WORDS)]
+    lines, size = [], 0
+    while size < REGION:
+        line = (f"2026-11-{rng.randint(1, 30):02d}T{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d} "
+                f"{rng.choice(words)}[{rng.randint(1, 99999)}]: {' '.join(rng.choices(words, k=rng.randint(4, 12)))}\n")
+        lines.append(line)
+        size += len(line)
+    return "".join(lines).encode()[:REGION]
+
+
+def region_content(index: int, rng: random.Random, text: bytes) -> bytes | None:
+    """Region `index`'s bytes by the mix (None: leave it a hole); text regions are stamped, so none repeat."""
+    kind = index % 20
+    if kind < 8:
+        return rng.randbytes(REGION)
+    if kind < 14:
+        stamped = bytearray(text)
+        for block in range(0, REGION, 4096):
+            stamped[block:block + 16] = f"{index:07d}:{block:08d}".encode()
+        return bytes(stamped)
+    if kind < 17:
+        return bytes(REGION)
+    return None
+
+
+def fill(path: str, size: int) -> dict[str, int]:
+    """Write the realistic mix into the volume; return how many bytes of each kind."""
+    rng = random.Random(7)
+    text = log_text(rng)
+    kinds = {"random": 0, "text": 0, "zero": 0, "hole": 0}
+    with open(path, "r+b") as volume:
+        for index in range(size // REGION):
+            data = region_content(index, rng, text)
+            kind = index % 20
+            kinds["random" if kind < 8 else "text" if kind < 14 else "zero" if kind < 17 else "hole"] += REGION
+            if data is not None:
+                volume.seek(index * REGION)
+                volume.write(data)
+        volume.flush()
+        os.fsync(volume.fileno())
+    return kinds
+
+
+def change_one_percent(path: str, size: int) -> int:
+    """Overwrite random 64 KiB blocks, 1 % of the volume in all; return the bytes changed."""
+    rng = random.Random(11)
+    blocks = rng.sample(range(size // CHANGE_BLOCK), int(size * CHANGED_FRACTION) // CHANGE_BLOCK)
+    with open(path, "r+b") as volume:
+        for block in blocks:
+            volume.seek(block * CHANGE_BLOCK)
+            volume.write(rng.randbytes(CHANGE_BLOCK))
+        volume.flush()
+        os.fsync(volume.fileno())
+    return len(blocks) * CHANGE_BLOCK
+
+
+def run_to_end(argv: list[str]) -> None:
+    """Run `argv`; on Ctrl-C or any error kill it and wait, so the pool can be unmounted."""
+    proc = subprocess.Popen(argv)
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, argv)
+
+
+def timed(work, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = work(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def zstd_baseline(source: str, mountpoint: Path) -> float:
+    def compress() -> None:
+        run_to_end(["zstd", "-T0", "-3", "-q", "-f", source, "-o", str(mountpoint / "baseline.zst")])
+        run_to_end(["sync", "--file-system", str(mountpoint)])
+
+    seconds, _ = timed(compress)
+    return seconds
+
+
+def evict(*paths: Path | str) -> None:
+    """Drop the files' (clean) pages from the page cache, so the next read comes from the disk: the
+    snapshot's on XFS and the pool image's under the loop device. Only these files, not the host's cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(16 * MIB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def measure(size: int, chunk_size: int, mountpoint: Path) -> dict[str, Any]:
+    backend = ReflinkBackend(str(mountpoint))
+    backend.create("vol", size)
+    volume = backend.path_for_export("vol")
+    fill_s, mix = timed(fill, volume, size)
+    print(f"filled {size / GIB:.2f} GiB in {fill_s:.1f} s: {mix}")
+    first = backend.snapshot("vol", "s1")
+    store = LocalStore(str(mountpoint / "store"))
+
+    source, image = backend.path_for_export(first), mountpoint.parent / "pool.img"
+    evict(source, image)
+    full_s, full = timed(backup_volume, source, size, store, backup_id="full", snapshot=first, chunk_size=chunk_size)
+    evict(source, image)
+    zstd_s = zstd_baseline(source, mountpoint)
+    changed = change_one_percent(volume, size)
+
+    def differential() -> dict[str, Any]:
+        second = backend.snapshot("vol", "s2")
+        ranges = backend.changed_ranges(first, second)
+        return backup_volume(backend.path_for_export(second), size, store, backup_id="diff", parent_manifest=full,
+                             ranges=ranges, snapshot=second, chunk_size=chunk_size)
+
+    diff_s, diff = timed(differential)
+    restored = str(mountpoint / "restored.img")
+    restore_s, _ = timed(restore_volume, store, diff, restored)
+    bit_exact = sha256_of(restored) == sha256_of(backend.path_for_export("vol@s2"))
+    mb = size / 1e6
+    results = {
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "volume_bytes": size, "chunk_size": chunk_size, "mix_bytes": mix,
+        "full_s": round(full_s, 3), "full_mb_s": round(mb / full_s, 1),
+        "zstd_s": round(zstd_s, 3), "zstd_mb_s": round(mb / zstd_s, 1),
+        "ratio_vs_zstd": round(zstd_s / full_s, 2),
+        "full_bytes_read": full["bytes_read"], "full_bytes_stored": full["bytes_written"],
+        "zstd_bytes": os.stat(mountpoint / "baseline.zst").st_size,
+        "changed_bytes": changed, "diff_s": round(diff_s, 3), "diff_bytes_read": diff["bytes_read"],
+        "diff_bytes_stored": diff["bytes_written"],
+        "diff_time_fraction": round(diff_s / full_s, 4),
+        "diff_bytes_read_vs_changed": round(diff["bytes_read"] / changed, 2),
+        "restore_s": round(restore_s, 3), "restore_mb_s": round(mb / restore_s, 1), "restore_bit_exact": bit_exact,
+        "cpus": os.cpu_count(),
+    }
+    results["goals"] = {name: {"goal": f"{op} {limit}", "value": results[name],
+                               "met": results[name] >= limit if op == ">=" else results[name] <= limit}
+                        for name, (op, limit) in GOALS.items()}
+    return results
+
+
+def print_report(results: dict[str, Any]) -> None:
+    print(f"full backup      {results['full_s']:8.2f} s  {results['full_mb_s']:8.1f} MB/s  "
+          f"read {results['full_bytes_read'] / MIB:.0f} MiB, stored {results['full_bytes_stored'] / MIB:.0f} MiB")
+    print(f"zstd -T0 -3      {results['zstd_s']:8.2f} s  {results['zstd_mb_s']:8.1f} MB/s  "
+          f"wrote {results['zstd_bytes'] / MIB:.0f} MiB")
+    print(f"differential     {results['diff_s']:8.2f} s  ({results['diff_time_fraction']:.1%} of the full)  "
+          f"read {results['diff_bytes_read'] / MIB:.1f} MiB for {results['changed_bytes'] / MIB:.1f} MiB changed")
+    print(f"restore          {results['restore_s']:8.2f} s  {results['restore_mb_s']:8.1f} MB/s  "
+          f"bit-exact: {results['restore_bit_exact']}")
+    for name, goal in results["goals"].items():
+        print(f"goal {name} {goal['goal']}: {goal['value']} -> {'met' if goal['met'] else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="2G", help="volume size (default 2G; a multiple of 4 MiB)")
+    parser.add_argument("--chunk-size", default=str(CHUNK_SIZE), help="backup chunk size (default 4 MiB)")
+    parser.add_argument("--results", default="backup.json", help="file name under bench/results/")
+    args = parser.parse_args(argv)
+    size, chunk_size = parse_size(args.size), parse_size(args.chunk_size)
+    if size <= 0 or size % REGION:
+        raise SystemExit("--size must be a positive multiple of 4 MiB")
+    check_prerequisites()
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    # Volume, store, zstd output and restored copy, plus room for XFS: sparse, so free until written.
+    with scratch_pool(4 * size + GIB) as mountpoint:
+        results = measure(size, chunk_size, mountpoint)
+    print_report(results)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / Path(args.results).name
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
