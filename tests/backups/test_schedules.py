@@ -20,7 +20,6 @@ from workers.san.backup import backup_volume
 from workers.san.chunks import LocalStore
 
 MiB = 1 << 20
-pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
 @pytest.fixture
