@@ -10,12 +10,13 @@ from sqlalchemy import select
 
 from api import create_app
 from cli.tokens import create_token
-from models import SUCCEEDED, Job, VirtualMachine
+from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
 from tasks.queues import CONTROL
 from tasks.volumes import san_place
+from tests.backups.ssh_helpers import run_sshd
 from tests.support import wait_for
-from tests.vms.lab_helpers import install, run_job, unique
+from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
 from workers.san.chunks import LocalStore, chunk_relpath
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -110,6 +111,41 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
                 backend.delete_snapshot(handle)
             else:
                 backend.delete(handle)
+
+
+def test_an_ssh_store_backup_restores_in_place_and_boots(cluster, celery_app, api, tmp_path: Path):
+    rt = cluster
+    name = unique("bks")
+    backend = san_place(rt.config, "san-a").backend
+    snapshots: list[str] = []
+    with run_sshd(tmp_path / "sshd") as sshd:
+        try:
+            assert install(rt, celery_app, name).state == SUCCEEDED
+            credentials = {"private_key": sshd.private_key, "host_key": sshd.host_key_line, "port": str(sshd.port)}
+            made = api.post("/stores", json={"name": "bk1", "kind": "ssh", "credentials": credentials,
+                                             "location": f"root@127.0.0.1:{tmp_path / 'bk1'}"})
+            assert made.status_code == 201 and "private_key" not in made.get_data(as_text=True)
+            full = finished(rt, api.post(f"/vms/{name}/backups", json={"mode": "full", "store": "bk1"}))
+            assert full.state == SUCCEEDED, full.error_message
+            (backup,) = api.get(f"/backups?vm={name}").get_json()["items"]
+            snapshots.append(backup["snapshot"])
+            assert (tmp_path / "bk1" / "manifests" / f"{backup['id']}.json").exists()
+
+            power(rt, celery_app, "destroy", name)
+            disk = backend.path_for_export(f"{name}-disk")
+            with open(disk, "r+b") as wrecked:  # the disk is lost: its boot sector and more overwritten
+                wrecked.write(os.urandom(8 * MiB))
+            restored = finished(rt, api.post(f"/backups/{backup['id']}/actions/restore", json={"in_place": True}))
+            assert restored.state == SUCCEEDED, restored.error_message
+            assert sha256_of(disk) == sha256_of(backend.path_for_export(backup["snapshot"]))
+            power(rt, celery_app, "start", name)
+            with rt.sessions() as session:
+                server = session.scalar(select(ClusterServer.name).join(VirtualMachine)
+                                        .where(VirtualMachine.name == name))
+            assert boot_line(server_uri(rt, server), name)[0] == name
+        finally:
+            for snap in snapshots:
+                backend.delete_snapshot(snap)
 
 
 def _vm_state(rt, name: str) -> str:
