@@ -10,6 +10,7 @@ Names are derived from the job id (snapshot `bk-<job>`, backup ids uuid5(job, vo
 re-run after a crash and the cleanup of a failed or cancelled job find what the job made.
 """
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ MODES = ("full", "diff")
 USABLE = ("complete", "verified")
 STOPPED_STATES = ("shut off", "shutoff", "crashed", "defined", "stopped")
 ERROR_LIMIT = 2047
+PRUNE_WAIT_S = 600
 
 
 class StoreNotFound(NotFound):
@@ -56,6 +58,10 @@ class UnknownStoreKind(InvalidInput):
 
 class NoDisks(Conflict):
     code = "NoDisks"
+
+
+class StoreBusy(Conflict):
+    code = "StoreBusy"
 
 
 class VmNotStopped(Conflict):
@@ -186,6 +192,7 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
         vm_id = vm.id
     if not disks:
         raise NoDisks(f"VM {ctx.params['vm']} has no disk volumes", vm=ctx.params["vm"])
+    wait_while_pruned(ctx, store)
     ctx.phase("snapshot", progress=2)
     snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk, anchor_name(ctx.job_id))
              for disk in disks}
@@ -213,6 +220,28 @@ def back_up_disks(ctx: JobContext, disks: list[Disk], snaps: dict[str, str], sto
             ctx.phase(f"read {disk.name}", progress=progress.start)
             manifests.append(back_up_disk(ctx, disk, snaps[disk.name], store, chunk_store, mode, progress))
     return manifests
+
+
+def prune_target(store: str) -> str:
+    """The lock a prune of `store` holds."""
+    return f"prune/{store}"
+
+
+def wait_while_pruned(ctx: JobContext, store: StoreRef) -> None:
+    """Wait until no prune of the store runs. With the prune's own check for unfinished backups
+    this keeps garbage collection from deleting a chunk a running backup reuses: this job's row
+    exists before its check, and the prune's lock before the prune's check."""
+    deadline = time.monotonic() + PRUNE_WAIT_S
+    while True:
+        with ctx.session() as session:
+            holder = jobs.holder_of(session, prune_target(store.name))
+        if holder is None:
+            return
+        if time.monotonic() > deadline:
+            raise StoreBusy(f"store {store.name} is being pruned by job {holder}", job_id=holder, store=store.name)
+        ctx.report.update(phase=f"wait for prune job {holder}")
+        ctx.check_cancel()
+        time.sleep(1)
 
 
 def take_snapshot(backend: VolumeBackend, disk: Disk, name: str) -> str:

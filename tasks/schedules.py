@@ -25,7 +25,7 @@ from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks import jobs, runtime
 from tasks.app import app
-from tasks.backups import StoreRef, open_store
+from tasks.backups import StoreRef, open_store, prune_target
 from tasks.context import JobContext
 from tasks.dispatch import dispatch
 from tasks.progress import announce
@@ -141,8 +141,9 @@ def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
         return None
     try:
         with session.begin_nested():
-            job, _ = jobs.submit(session, kind="prune-backups", target=f"prune/{store.name}", queue=san_queue(site),
-                                 params={"policy": policy.name}, requested_by=f"policy/{policy.name}")
+            job, _ = jobs.submit(session, kind="prune-backups", target=prune_target(store.name),
+                                 queue=san_queue(site), params={"policy": policy.name},
+                                 requested_by=f"policy/{policy.name}")
     except jobs.TargetBusy:
         return None
     return job

@@ -27,6 +27,7 @@ from tasks.workflow import lookup
 from tests.api import factories
 from tests.backups.ssh_helpers import run_sshd
 from tests.san.helpers import mounted_filesystem
+from tests.support import wait_for
 from workers.san.chunks import LocalStore, chunk_relpath
 from workers.san.reflink import ReflinkBackend
 
@@ -208,3 +209,26 @@ def test_backups_to_an_ssh_store_restore_bit_exact(brt: Runtime, pool: Path, vm_
         restored = run(brt, "restore", "restore/web", {"backup": newest.id, "as": "web-remote"})
         assert restored.state == SUCCEEDED, restored.error_message
         assert sha256_of(pool / "web-remote.img") == sha256_of(pool / snapshots(pool)[0])
+
+
+def test_a_backup_waits_while_its_store_is_pruned(brt: Runtime, vm_disk: Path) -> None:
+    with transaction(brt.sessions) as session:
+        prune, _ = jobs.submit(session, kind="prune-backups", target="prune/local", queue="san.site-a",
+                               params={"policy": "p"})
+    finished: list[Job] = []
+    worker = threading.Thread(target=lambda: finished.append(
+        run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})))
+    worker.start()
+    try:
+        def waiting() -> bool:
+            with brt.sessions() as session:
+                job = session.scalar(select(Job).where(Job.kind == "snapshot-backup"))
+                return job is not None and (job.phase or "").startswith("wait for prune job")
+        wait_for(waiting, 30, "the backup to wait for the prune")
+        assert backups(brt) == []
+    finally:
+        with transaction(brt.sessions) as session:
+            jobs.finish(session, jobs.get(session, prune.id), SUCCEEDED)
+        worker.join(60)
+    assert finished and finished[0].state == SUCCEEDED, finished and finished[0].error_message
+    assert len(backups(brt)) == 1
