@@ -1,20 +1,22 @@
 """Backups on the lab, through the API: a running VM backed up full, stopped and started, then differential;
-the differential restores bit for bit and verify finds a chunk the test corrupted."""
+the differential restores bit for bit and verify finds a chunk the test corrupted. A backup to the ssh store
+on the lab's backup host bk1 restores in place onto a wrecked disk, and the VM boots again."""
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from api import create_app
+from lab.topology import lab_dir
 from cli.tokens import create_token
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
 from tasks.queues import CONTROL
 from tasks.volumes import san_place
-from tests.backups.ssh_helpers import run_sshd
 from tests.support import wait_for
 from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
 from workers.san.chunks import LocalStore, chunk_relpath
@@ -113,39 +115,47 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
                 backend.delete(handle)
 
 
-def test_an_ssh_store_backup_restores_in_place_and_boots(cluster, celery_app, api, tmp_path: Path):
+def bk1_store(rt, name: str) -> tuple[dict, Path]:
+    """An `ssh` store on the lab's backup host bk1 (its own directory there) and that directory."""
+    host = next(h for h in rt.config.raw["backup_hosts"] if h["name"] == "bk1")
+    address, directory = host["addresses"]["backup"], lab_dir(rt.config) / "bk1"
+    key_type, key = (directory / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    credentials = {"private_key": (directory / "client_ed25519").read_text(), "host_key": f"{address} {key_type} {key}"}
+    store = directory / "store" / name
+    return {"name": "bk1", "kind": "ssh", "location": f"root@{address}:{store}", "credentials": credentials}, store
+
+
+def test_an_ssh_store_on_bk1_restores_in_place_and_the_vm_boots(cluster, celery_app, api):
     rt = cluster
     name = unique("bks")
     backend = san_place(rt.config, "san-a").backend
+    body, store = bk1_store(rt, name)
     snapshots: list[str] = []
-    with run_sshd(tmp_path / "sshd") as sshd:
-        try:
-            assert install(rt, celery_app, name).state == SUCCEEDED
-            credentials = {"private_key": sshd.private_key, "host_key": sshd.host_key_line, "port": str(sshd.port)}
-            made = api.post("/stores", json={"name": "bk1", "kind": "ssh", "credentials": credentials,
-                                             "location": f"root@127.0.0.1:{tmp_path / 'bk1'}"})
-            assert made.status_code == 201 and "private_key" not in made.get_data(as_text=True)
-            full = finished(rt, api.post(f"/vms/{name}/backups", json={"mode": "full", "store": "bk1"}))
-            assert full.state == SUCCEEDED, full.error_message
-            (backup,) = api.get(f"/backups?vm={name}").get_json()["items"]
-            snapshots.append(backup["snapshot"])
-            assert (tmp_path / "bk1" / "manifests" / f"{backup['id']}.json").exists()
+    try:
+        assert install(rt, celery_app, name).state == SUCCEEDED
+        made = api.post("/stores", json=body)
+        assert made.status_code == 201 and "PRIVATE KEY" not in made.get_data(as_text=True)
+        full = finished(rt, api.post(f"/vms/{name}/backups", json={"mode": "full", "store": "bk1"}))
+        assert full.state == SUCCEEDED, full.error_message
+        (backup,) = api.get(f"/backups?vm={name}").get_json()["items"]
+        snapshots.append(backup["snapshot"])
+        assert (store / "manifests" / f"{backup['id']}.json").exists()
 
-            power(rt, celery_app, "destroy", name)
-            disk = backend.path_for_export(f"{name}-disk")
-            with open(disk, "r+b") as wrecked:  # the disk is lost: its boot sector and more overwritten
-                wrecked.write(os.urandom(8 * MiB))
-            restored = finished(rt, api.post(f"/backups/{backup['id']}/actions/restore", json={"in_place": True}))
-            assert restored.state == SUCCEEDED, restored.error_message
-            assert sha256_of(disk) == sha256_of(backend.path_for_export(backup["snapshot"]))
-            power(rt, celery_app, "start", name)
-            with rt.sessions() as session:
-                server = session.scalar(select(ClusterServer.name).join(VirtualMachine)
-                                        .where(VirtualMachine.name == name))
-            assert boot_line(server_uri(rt, server), name)[0] == name
-        finally:
-            for snap in snapshots:
-                backend.delete_snapshot(snap)
+        power(rt, celery_app, "destroy", name)
+        disk = backend.path_for_export(f"{name}-disk")
+        with open(disk, "r+b") as wrecked:  # the disk is lost: its first 8 MiB overwritten
+            wrecked.write(os.urandom(8 * MiB))
+        restored = finished(rt, api.post(f"/backups/{backup['id']}/actions/restore", json={"in_place": True}))
+        assert restored.state == SUCCEEDED, restored.error_message
+        assert sha256_of(disk) == sha256_of(backend.path_for_export(backup["snapshot"]))
+        power(rt, celery_app, "start", name)
+        with rt.sessions() as session:
+            server = session.scalar(select(ClusterServer.name).join(VirtualMachine).where(VirtualMachine.name == name))
+        assert boot_line(server_uri(rt, server), name)[0] == name
+    finally:
+        for snap in snapshots:
+            backend.delete_snapshot(snap)
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def _vm_state(rt, name: str) -> str:
