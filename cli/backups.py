@@ -5,7 +5,7 @@ from typing import Any
 import click
 
 from cli.client import api
-from cli.output import json_option, print_fields, print_json, print_table
+from cli.output import json_option, print_fields, print_item, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes
 
@@ -68,11 +68,7 @@ def create(vm: str, diff: bool, store: str | None, watch: bool) -> None:
 @json_option
 def list_backups(vm: str | None, store: str | None, as_json: bool) -> None:
     """Backups, newest first (of one VM if given), with their size, bytes read and bytes stored."""
-    items = api().get("/backups", vm=vm, store=store)["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, BACKUP_COLUMNS)
+    print_rows(api().get("/backups", vm=vm, store=store)["items"], BACKUP_COLUMNS, as_json)
 
 
 @backup.command("show")
@@ -80,11 +76,7 @@ def list_backups(vm: str | None, store: str | None, as_json: bool) -> None:
 @json_option
 def show(backup_id: str, as_json: bool) -> None:
     """Show one backup."""
-    item = api().get(f"/backups/{backup_id}")
-    if as_json:
-        print_json(item)
-    else:
-        print_fields(item)
+    print_item(api().get(f"/backups/{backup_id}"), as_json)
 
 
 @backup.command("verify")
@@ -121,11 +113,7 @@ def store() -> None:
 @json_option
 def list_stores(as_json: bool) -> None:
     """Backup stores (credentials are never shown)."""
-    items = api().get("/stores")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, STORE_COLUMNS)
+    print_rows(api().get("/stores")["items"], STORE_COLUMNS, as_json)
 
 
 @store.command("create")
@@ -182,11 +170,7 @@ def policy_body(options: dict[str, Any]) -> dict[str, Any]:
 @json_option
 def list_policies(as_json: bool) -> None:
     """Backup policies."""
-    items = api().get("/policies")["items"]
-    if as_json:
-        print_json(items)
-    else:
-        print_table(items, POLICY_COLUMNS)
+    print_rows(api().get("/policies")["items"], POLICY_COLUMNS, as_json)
 
 
 @policy.command("create")
