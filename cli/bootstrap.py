@@ -5,8 +5,9 @@ import time
 from sqlalchemy import select
 
 import config
+from lab import cluster as lab_cluster, topology
 from lab.template import build_tiny
-from models import Job, San, Site, Template
+from models import BackupStore, Job, San, Site, Template
 from models.db import transaction
 from tasks import jobs
 from tasks.app import make_celery
@@ -16,6 +17,27 @@ from tasks.queues import CONTROL, san_queue
 from tasks.runtime import make_runtime
 
 BOOTSTRAP_TIMEOUT_S = 300
+
+
+def lab_backup_stores(cfg: config.Config) -> list[str]:
+    """Backup stores for the lab, made once: `local` (a directory on the SAN host) and one `ssh`
+    store per lab backup host, logging in with the key the lab generated for it."""
+    rt = make_runtime(cfg)
+    topo = topology.build(cfg)
+    stores = [BackupStore(name="local", kind="local", location=str((cfg.var_dir / "backups").resolve()))]
+    for host in topo.backup_hosts():
+        daemon = lab_cluster.backup_host(topo, host)
+        host_key = (daemon.directory / "ssh_host_ed25519_key.pub").read_text().split()
+        stores.append(BackupStore(name=host.name, kind="ssh", location=f"root@{daemon.address}:{daemon.store}",
+                                  credentials={"private_key": daemon.client_key.read_text(),
+                                               "host_key": f"{daemon.address} {host_key[0]} {host_key[1]}"}))
+    try:
+        with transaction(rt.sessions) as session:
+            have = set(session.scalars(select(BackupStore.name)))
+            session.add_all(store for store in stores if store.name not in have)
+        return [store.name for store in stores]
+    finally:
+        rt.engine.dispose()
 
 
 def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:

@@ -8,7 +8,7 @@ import redis
 import requests
 
 import config
-from cli.bootstrap import first_jobs
+from cli.bootstrap import first_jobs, lab_backup_stores
 from cli.services import Supervisor, api_service, celery_services, flower_password, redis_service
 from lab import cluster as lab_cluster
 from models.db import make_engine, make_session_factory, migrate, transaction
@@ -31,6 +31,8 @@ def run(with_lab: bool) -> None:
         step("first jobs: server and SAN facts" + (", the tiny template" if with_lab else ""))
         for job in first_jobs(cfg, with_lab):
             click.echo(f"  {job.kind} {job.target}: {job.state}" + (f" ({job.error_code}: {job.error_message})" if job.error_code else ""))
+        if with_lab:
+            click.echo(f"  backup stores: {', '.join(lab_backup_stores(cfg))}")
         print_banner(cfg)
         click.echo(f"stopping: {supervisor.watch()}")
     except LaxError as error:

@@ -69,10 +69,8 @@ def reserve_vm(session: Session, config: Config, request: InstallRequest) -> Vir
         raise InvalidInput(f"VM names are at most {MAX_VM_NAME} characters", field="name")
     if session.scalar(select(VirtualMachine.id).where(VirtualMachine.name == request.name)) is not None:
         raise VmExists(f"a VM named {request.name} exists", field="name", vm=request.name)
-    template = session.scalar(select(Template).where(Template.name == request.template).order_by(Template.id))
-    if template is None:
-        raise TemplateNotFound(f"no template {request.template}", field="template")
     server = _asked_server(session, request.server)
+    template = _template_for(session, request.template, server)
     cluster_id = server.cluster_id if server else _cluster_of_san(session, template.san_id)
     vm = VirtualMachine(name=request.name, template_id=template.id, cluster_id=cluster_id,
                         memory_bytes=request.memory_bytes, vcpus=request.vcpus, state="installing",
@@ -88,6 +86,18 @@ def reserve_vm(session: Session, config: Config, request: InstallRequest) -> Vir
 def _default_subnet(session: Session, config: Config) -> Subnet | None:
     name = config.raw.get("default_subnet")
     return session.scalar(select(Subnet).where(Subnet.name == name)) if name else None
+
+
+def _template_for(session: Session, name: str, server: ClusterServer | None) -> Template:
+    """The template `name` on the SAN of the asked server's site, else on the first site (config order) that has it."""
+    query = select(Template).join(San, Template.san_id == San.id).where(Template.name == name)
+    if server is not None:
+        query = query.where(San.site_id == session.get(Cluster, server.cluster_id).site_id)
+    template = session.scalar(query.order_by(San.site_id, Template.id))
+    if template is None:
+        where = f" at the site of {server.name}" if server is not None else ""
+        raise TemplateNotFound(f"no template {name}{where}", field="template")
+    return template
 
 
 def _asked_server(session: Session, name: str | None) -> ClusterServer | None:

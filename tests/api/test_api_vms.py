@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 
-from models import AuditEvent, Lease, Subnet, Template, VirtualMachine
+from models import AuditEvent, Cluster, Lease, San, Subnet, Template, VirtualMachine
 from models.db import transaction
 from tests.api import factories
 from tests.api.conftest import bearer
@@ -32,6 +32,19 @@ def counts(rt):
 def install(client, tokens, **changes):
     body = {key: value for key, value in {**INSTALL, **changes}.items() if value is not None}
     return client.post("/vms", json=body, headers=bearer(tokens["operator"]))
+
+
+def test_an_install_takes_the_template_of_the_asked_servers_site_else_of_the_first_site(rt, client, tokens, inventory):
+    with transaction(rt.sessions) as session:
+        factories.template(session, san="san-b")
+    assert install(client, tokens, name="first").status_code == 202
+    assert install(client, tokens, name="dr", server="cs3").status_code == 202
+    with rt.sessions() as session:
+        vms = list(session.scalars(select(VirtualMachine)))
+        sans = {vm.name: session.get(San, session.get(Template, vm.template_id).san_id).name for vm in vms}
+        clusters = {vm.name: session.get(Cluster, vm.cluster_id).name for vm in vms}
+    assert sans == {"first": "san-a", "dr": "san-b"}
+    assert clusters == {"first": "cluster-a", "dr": "cluster-b"}
 
 
 def test_an_install_reserves_one_vm_one_lease_and_one_queued_job(rt, client, tokens, inventory):
