@@ -1,9 +1,11 @@
 """Small helpers shared by the tests: waiting on conditions, free ports, missing components."""
 
+import hashlib
 import os
 import shutil
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -45,3 +47,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_at(path: str | Path, offset: int, data: bytes) -> None:
+    """Overwrite `data` at `offset` of a file and flush it to disk."""
+    with open(path, "r+b") as target:
+        target.seek(offset)
+        target.write(data)
+        os.fsync(target.fileno())

@@ -1,6 +1,5 @@
 """The backup jobs run in-process (no Celery) on a real DB, a real Redis and a reflink pool on a real XFS."""
 
-import hashlib
 import json
 import os
 import threading
@@ -27,27 +26,12 @@ from tasks.workflow import lookup
 from tests.api import factories
 from tests.backups.ssh_helpers import run_sshd
 from tests.san.helpers import mounted_filesystem
-from tests.support import wait_for
+from tests.support import sha256_of, wait_for, write_at
 from workers.san.chunks import LocalStore, chunk_relpath
 from workers.san.reflink import ReflinkBackend
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while block := source.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_at(path: str | Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as target:
-        target.seek(offset)
-        target.write(data)
-        os.fsync(target.fileno())
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 the differential restores bit for bit and verify finds a chunk the test corrupted. A backup to the ssh store
 on the lab's backup host bk1 restores in place onto a wrecked disk, and the VM boots again."""
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -10,14 +9,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from api import create_app
 from lab.topology import lab_dir
-from cli.tokens import create_token
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
-from models.db import transaction
 from tasks.queues import CONTROL
 from tasks.volumes import san_place
-from tests.support import wait_for
+from tests.support import sha256_of, wait_for
 from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
 from workers.san.chunks import LocalStore, chunk_relpath
 
@@ -25,22 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def api(cluster, celery_app):
-    app = create_app(cluster, celery_app)
-    with transaction(cluster.sessions) as session:
-        token = create_token(session, "admin", "backup-lab-test")
-    with app.test_client() as client:
-        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-        yield client
-
-
-def sha256_of(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while block := source.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def finished(rt, response) -> Job:

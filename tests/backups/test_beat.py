@@ -36,9 +36,8 @@ def pool(tmp_path: Path) -> Iterator[Path]:
 def lax_env(db_url: str, redis_port: int, tmp_path: Path, pool: Path) -> dict[str, str]:
     """The test's DB and Redis, san-a's pool on XFS and a scheduler ticking every second."""
     config = tmp_path / "laxcluster.toml"
-    config.write_text(DEFAULTS.read_text().replace('pool_path = "var/lab/san-a/pool"', f'pool_path = "{pool}"')
-                      + "\n[backups]\ndispatch_every_s = 1.0\n")
-    return {"LAXCLUSTER_CONFIG": str(config), "LAXCLUSTER_VAR_DIR": str(tmp_path / "var"),
+    config.write_text(DEFAULTS.read_text().replace('pool_path = "var/lab/san-a/pool"', f'pool_path = "{pool}"'))
+    return {"LAXCLUSTER_CONFIG": str(config), "LAXCLUSTER_BACKUPS_DISPATCH_EVERY_S": "1.0", "LAXCLUSTER_VAR_DIR": str(tmp_path / "var"),
             "LAXCLUSTER_DB_URL": db_url, "LAXCLUSTER_REDIS_PORT": str(redis_port),
             "LAXCLUSTER_REDIS_DB": str(int.from_bytes(os.urandom(1), "big") % 15 + 1),
             "LAXCLUSTER_JOBS_HEARTBEAT_TTL_S": "3", "LAXCLUSTER_JOBS_DB_WRITE_INTERVAL_S": "0.2"}

@@ -1,12 +1,12 @@
 """Backups into a chunk store, with real files and the real reflink backend on a loop-mounted XFS."""
 
-import hashlib
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
+from tests.support import sha256_of, write_at
 from workers.san.backup import (
     BackupCancelled,
     ChunkCorrupt,
@@ -22,22 +22,6 @@ from workers.san.reflink import ReflinkBackend
 MiB = 1024 * 1024
 CHUNK = 256 * 1024
 VOLUME = 64 * MiB
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while block := source.read(MiB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_at(path: str | Path, offset: int, data: bytes) -> None:
-    with open(path, "r+b") as target:
-        target.seek(offset)
-        target.write(data)
-        target.flush()
-        os.fsync(target.fileno())
 
 
 def fill_realistic(path: str | Path) -> None:

@@ -3,6 +3,8 @@
 import pytest
 from sqlalchemy import select
 
+from api import create_app
+from cli.tokens import create_token
 from lab.template import build_tiny
 from models import VirtualMachine
 from models.db import transaction
@@ -41,3 +43,14 @@ def remove_domains_of_this_test(rt) -> None:
     for _, _, server in rt.config.servers():
         for name in names:
             domains.undefine(server.uri, name)
+
+
+@pytest.fixture
+def api(cluster, celery_app):
+    """A Flask test client of the API on the lab's inventory, as an admin."""
+    app = create_app(cluster, celery_app)
+    with transaction(cluster.sessions) as session:
+        token = create_token(session, "admin", "lab-test")
+    with app.test_client() as client:
+        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
+        yield client

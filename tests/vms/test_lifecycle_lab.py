@@ -8,10 +8,7 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from api import create_app
-from cli.tokens import create_token
 from models import SUCCEEDED, ClusterServer, Job, San, VirtualMachine, Volume
-from models.db import transaction
 from tasks.queues import CONTROL, san_queue
 from tasks.storage import target_for
 from tests.support import wait_for
@@ -23,14 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def api(cluster, celery_app):
-    app = create_app(cluster, celery_app)
-    with transaction(cluster.sessions) as session:
-        token = create_token(session, "admin", "lab-test")
-    with app.test_client() as client:
-        client.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {token}"
-        yield client
 
 
 def vm_row(rt, name: str) -> VirtualMachine:
