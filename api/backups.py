@@ -18,10 +18,12 @@ from api.changes import audit, submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso
-from models import San, Site, VirtualMachine, Volume
+from models import San, Site, Template, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks import backups as backup_jobs
-from tasks.queues import san_queue
+from api.vms import vm_name
+from tasks import vms
+from tasks.queues import CONTROL, san_queue
 from tasks.vms import VmNotFound
 from workers.errors import Conflict, NotFound
 
@@ -133,19 +135,23 @@ def verify(backup_id: str):
 
 
 @backups.post("/backups/<backup_id>/actions/restore")
-@operation("Restore a backup bit for bit, as a restore job: to a new volume on the backup's SAN (named `as`), "
-           "or in place onto its VM's disk while the VM is stopped", status=202, response=ref("Job"),
+@operation("Restore a backup bit for bit, as a job: to a new volume on the backup's SAN (named `as`), in place "
+           "onto its VM's disk while the VM is stopped, or as a new VM (`as_vm`, with a new lease) that is started",
+           status=202, response=ref("Job"),
            body={"type": "object", "properties": {
                "as": {"type": "string", "description": "name of the new volume (default: <volume>-r<backup>)"},
-               "in_place": {"type": "boolean", "default": False}}})
+               "in_place": {"type": "boolean", "default": False},
+               "as_vm": {"type": "string", "description": "name of a new VM made from the backup (like its VM)"}}})
 def restore(backup_id: str):
     body = validation.json_body()
-    validation.reject_unknown(body, {"as", "in_place"})
+    validation.reject_unknown(body, {"as", "in_place", "as_vm"})
     in_place = body.get("in_place", False)
     if not isinstance(in_place, bool):
         raise validation.invalid("in_place", "must be true or false")
-    if in_place and body.get("as") is not None:
-        raise validation.invalid("as", "a restore is either in place or to a new volume named `as`, not both")
+    if sum((in_place, body.get("as") is not None, body.get("as_vm") is not None)) > 1:
+        raise validation.invalid("as", "a restore goes in place, to a new volume `as` or to a new VM `as_vm`: one of them")
+    if body.get("as_vm") is not None:
+        return _restore_as_vm(backup_id, body["as_vm"])
     params: dict[str, Any] = {"backup": backup_id, "in_place": in_place}
     with context.session() as db:
         backup, _ = _backup(db, backup_id)
@@ -154,6 +160,24 @@ def restore(backup_id: str):
             params["as"] = _new_volume_name(db, body["as"], backup.san_name)
         target = f"vm/{backup.vm_name}" if in_place else f"restore/{params.get('as') or backup_id}"
     return submit_job(kind="restore", target=target, queue=queue, action="backup.restore", params=params)
+
+
+def _restore_as_vm(backup_id: str, name: Any):
+    """A new VM like the backed-up one (template, memory, vCPUs), its lease reserved now, its disk the backup's."""
+    new_name = vm_name(name, "as_vm")
+    with context.session() as db:
+        backup, _ = _backup(db, backup_id)
+        original = db.scalar(select(VirtualMachine).where(VirtualMachine.name == backup.vm_name))
+        if original is None or original.template_id is None:
+            raise VmNotFound(f"VM {backup.vm_name} is gone or was not made from a template: nothing to model "
+                             f"{new_name} on; restore to a volume with `as` instead", field="as_vm")
+        template = db.get(Template, original.template_id).name
+        request_ = vms.InstallRequest(name=new_name, template=template, memory_bytes=original.memory_bytes,
+                                      vcpus=original.vcpus, disk_bytes=backup.size_bytes, san=backup.san_name,
+                                      description=f"restored from backup {backup.id} of {backup.vm_name}")
+    return submit_job(kind="restore-vm", target=f"vm/{new_name}", queue=CONTROL, action="backup.restore",
+                      params={"vm": new_name, "backup": backup_id, "disk_bytes": backup.size_bytes},
+                      prepare=lambda db: vms.reserve_vm(db, context.runtime().config, request_))
 
 
 def backup_target(vm: str) -> str:

@@ -217,7 +217,7 @@ def install_request(body: dict[str, Any]) -> vms.InstallRequest:
     """The install request a POST /vms body asks for, every field checked (InvalidInput naming the first bad one)."""
     validation.reject_unknown(body, INSTALL_FIELDS)
     return vms.InstallRequest(
-        name=_vm_name(body.get("name")),
+        name=vm_name(body.get("name")),
         template=validation.name(body.get("template"), "template"),
         memory_bytes=sizes.memory(body.get("memory")),
         vcpus=_vcpus(body.get("vcpus")),
@@ -229,10 +229,11 @@ def install_request(body: dict[str, Any]) -> vms.InstallRequest:
     )
 
 
-def _vm_name(value: Any) -> str:
-    name = validation.name(value, "name")
+def vm_name(value: Any, field: str = "name") -> str:
+    """A new VM's name: `[a-z0-9-]`, starting with a letter or digit, short enough for its volumes' names."""
+    name = validation.name(value, field)
     if name.startswith("-") or len(name) > vms.MAX_VM_NAME:
-        raise validation.invalid("name", f"must start with a-z or 0-9 and be at most {vms.MAX_VM_NAME} characters")
+        raise validation.invalid(field, f"must start with a-z or 0-9 and be at most {vms.MAX_VM_NAME} characters")
     return name
 
 

@@ -59,6 +59,8 @@ class InstallRequest:
     server: str | None = None
     ssh_keys: list[str] = field(default_factory=list)
     description: str = ""
+    # The SAN whose template to use (a VM restored from a backup lives where the backup's disk is).
+    san: str | None = None
 
 
 def reserve_vm(session: Session, config: Config, request: InstallRequest) -> VirtualMachine:
@@ -70,7 +72,7 @@ def reserve_vm(session: Session, config: Config, request: InstallRequest) -> Vir
     if session.scalar(select(VirtualMachine.id).where(VirtualMachine.name == request.name)) is not None:
         raise VmExists(f"a VM named {request.name} exists", field="name", vm=request.name)
     server = _asked_server(session, request.server)
-    template = _template_for(session, request.template, server)
+    template = _template_for(session, request.template, server, request.san)
     cluster_id = server.cluster_id if server else _cluster_of_san(session, template.san_id)
     vm = VirtualMachine(name=request.name, template_id=template.id, cluster_id=cluster_id,
                         memory_bytes=request.memory_bytes, vcpus=request.vcpus, state="installing",
@@ -88,9 +90,12 @@ def _default_subnet(session: Session, config: Config) -> Subnet | None:
     return session.scalar(select(Subnet).where(Subnet.name == name)) if name else None
 
 
-def _template_for(session: Session, name: str, server: ClusterServer | None) -> Template:
-    """The template `name` on the SAN of the asked server's site, else on the first site (config order) that has it."""
+def _template_for(session: Session, name: str, server: ClusterServer | None, san: str | None = None) -> Template:
+    """The template `name` on the asked SAN, or on the SAN of the asked server's site, else on the
+    first site (config order) that has it."""
     query = select(Template).join(San, Template.san_id == San.id).where(Template.name == name)
+    if san is not None:
+        query = query.where(San.name == san)
     if server is not None:
         query = query.where(San.site_id == session.get(Cluster, server.cluster_id).site_id)
     template = session.scalar(query.order_by(San.site_id, Template.id))
@@ -141,20 +146,43 @@ def undo_install(ctx: JobContext) -> None:
 @workflow("install-vm", cleanup=undo_install)
 def install_vm(ctx: JobContext) -> dict[str, Any]:
     """Place the reserved VM, prepare its disks on the SAN, define and start it on its server."""
+    return place_prepare_and_start(ctx, ctx.params["vm"])
+
+
+@workflow("restore-vm", cleanup=undo_install)
+def restore_vm(ctx: JobContext) -> dict[str, Any]:
+    """A new VM from a backup: restore the backup to the reserved VM's disk, then install around that disk
+    (its seed, export, domain) instead of cloning the template."""
     name = ctx.params["vm"]
-    ctx.phase("place", progress=2)
+    with ctx.session() as session:
+        site, _ = site_and_san(session, find_vm(session, name))
+    ctx.phase("restore disk", progress=2)
+    ctx.run_child("restore", f"restore/{name}-disk", san_queue(site),
+                  {"backup": ctx.params["backup"], "in_place": False, "as": f"{name}-disk"},
+                  timeout=SAN_TIMEOUT_S, start=2, end=50)
+    return place_prepare_and_start(ctx, name, progress_from=50) | {"backup": ctx.params["backup"]}
+
+
+def place_prepare_and_start(ctx: JobContext, name: str, progress_from: float = 0) -> dict[str, Any]:
+    """The install's phases for a reserved VM; a disk already on the SAN (a restore) is kept, not cloned."""
+    span = (100 - progress_from) / 100
+
+    def at(percent: float) -> float:
+        return progress_from + percent * span
+
+    ctx.phase("place", progress=at(2))
     server_name = choose_server(ctx, name, ctx.params.get("server"))
     with ctx.session() as session:
         vm = find_vm(session, name)
         site, _ = site_and_san(session, vm)
         template_size = session.get(Template, vm.template_id).default_size_bytes
-    ctx.phase("prepare disks", progress=10)
+    ctx.phase("prepare disks", progress=at(10))
     disk_bytes = ctx.params.get("disk_bytes") or template_size
     disks = ctx.run_child("prepare-vm-disks", f"disks/{name}", san_queue(site),
-                          {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S, start=10, end=60)
-    ctx.phase("define and start", progress=60)
+                          {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S, start=at(10), end=at(60))
+    ctx.phase("define and start", progress=at(60))
     started = ctx.run_child("start-domain", f"domain/{name}", node_queue(server_name), {"vm": name, "server": server_name},
-                            timeout=NODE_TIMEOUT_S, start=60, end=98)
+                            timeout=NODE_TIMEOUT_S, start=at(60), end=at(98))
     return {"vm": name, "server": server_name, "target": disks["target"], "state": started["state"]}
 
 

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from models.db import transaction
+from models import VirtualMachine
 from models.protection import Backup, BackupPolicy, BackupStore
 from tests.api import factories
 from tests.api.conftest import bearer
@@ -163,3 +164,31 @@ def test_bad_policies_are_refused(rt, client, tokens, changes, field):
 def test_patching_a_missing_policy_is_not_found(rt, client, tokens):
     assert_problem(client.patch("/policies/none", json={"enabled": False}, headers=bearer(tokens["operator"])),
                    404, "PolicyNotFound")
+
+
+def test_a_restore_as_a_new_vm_reserves_it_like_the_original(rt, client, tokens):
+    add_store(rt)
+    with transaction(rt.sessions) as session:
+        factories.subnet(session)
+        factories.vm(session, "web", disk_bytes=64 * MIB, template_row=factories.template(session))
+        factories.vm(session, "orphan", disk_bytes=64 * MIB)
+    backup = add_backup(rt, "web", minutes_ago=1)
+    operator = bearer(tokens["operator"])
+    untemplated = client.post(f"/backups/{add_backup(rt, 'orphan', minutes_ago=1)}/actions/restore",
+                              json={"as_vm": "orphan-twin"}, headers=operator)
+    assert_problem(untemplated, 404, "VmNotFound")
+
+    job = client.post(f"/backups/{backup}/actions/restore", json={"as_vm": "web-twin"}, headers=operator)
+    assert job.status_code == 202, job.get_json()
+    assert (job.get_json()["kind"], job.get_json()["target"], job.get_json()["queue"]) == ("restore-vm", "vm/web-twin", "control")
+    with rt.sessions() as session:
+        vms = {vm.name: vm for vm in session.scalars(select(VirtualMachine))}
+    assert (vms["web-twin"].state, vms["web-twin"].memory_bytes, vms["web-twin"].template_id) == (
+        "installing", vms["web"].memory_bytes, vms["web"].template_id)
+
+    before = len(vms)
+    for body, status, code in (({"as_vm": "web"}, 409, "VmExists"), ({"as_vm": "Bad_Name"}, 422, "InvalidInput"),
+                               ({"as_vm": "x", "in_place": True}, 422, "InvalidInput")):
+        assert_problem(client.post(f"/backups/{backup}/actions/restore", json=body, headers=operator), status, code)
+    with rt.sessions() as session:
+        assert len(session.scalars(select(VirtualMachine)).all()) == before

@@ -75,6 +75,17 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
         assert restore.state == SUCCEEDED, restore.error_message
         assert sha256_of(backend.path_for_export(copy)) == sha256_of(backend.path_for_export(newest["snapshot"]))
 
+        twin = f"{name}-twin"
+        accepted = api.post(f"/backups/{newest['id']}/actions/restore", json={"as_vm": twin})
+        assert accepted.status_code == 202, accepted.get_json()
+        as_vm = finished(rt, accepted)
+        assert as_vm.state == SUCCEEDED, as_vm.error_message
+        shown_twin = api.get(f"/vms/{twin}").get_json()
+        assert shown_twin["state"] == "running" and shown_twin["ip"] != api.get(f"/vms/{name}").get_json()["ip"]
+        # The restored root disk boots and configures itself from the twin's own seed: its name, its lease.
+        assert boot_line(server_uri(rt, shown_twin["server"]), twin) == (twin, shown_twin["ip"])
+        assert run_job(rt, celery_app, "delete-vm", f"vm/{twin}", CONTROL, {"vm": twin}).state == SUCCEEDED
+
         store = LocalStore(str(tmp_path / "store"))
         digest = next(c["digest"] for c in store.get_manifest(newest["id"])["chunks"] if "digest" in c)
         with open(Path(store.path) / chunk_relpath(digest), "r+b") as chunk:
@@ -178,6 +189,17 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
         restore = finished(rt, api.post(f"/backups/{newest['id']}/actions/restore", json={"as": copy}))
         assert restore.state == SUCCEEDED, restore.error_message
         assert sha256_of(backend.path_for_export(copy)) == sha256_of(backend.path_for_export(newest["snapshot"]))
+
+        twin = f"{name}-twin"
+        accepted = api.post(f"/backups/{newest['id']}/actions/restore", json={"as_vm": twin})
+        assert accepted.status_code == 202, accepted.get_json()
+        as_vm = finished(rt, accepted)
+        assert as_vm.state == SUCCEEDED, as_vm.error_message
+        shown_twin = api.get(f"/vms/{twin}").get_json()
+        assert shown_twin["state"] == "running" and shown_twin["ip"] != api.get(f"/vms/{name}").get_json()["ip"]
+        # The restored root disk boots and configures itself from the twin's own seed: its name, its lease.
+        assert boot_line(server_uri(rt, shown_twin["server"]), twin) == (twin, shown_twin["ip"])
+        assert run_job(rt, celery_app, "delete-vm", f"vm/{twin}", CONTROL, {"vm": twin}).state == SUCCEEDED
 
         store = LocalStore(str(tmp_path / "store"))
         digest = next(c["digest"] for c in store.get_manifest(newest["id"])["chunks"] if "digest" in c)
