@@ -123,10 +123,18 @@ def show(backup_id: str):
 
 
 @backups.post("/backups/<backup_id>/actions/verify")
-@operation("Re-read and re-hash every chunk of a backup, as a verify-backup job; a bad chunk marks it corrupt",
-           status=202, response=ref("Job"), body={"type": "object", "properties": {}})
+@operation("Re-read and re-hash every chunk of a backup, as a verify-backup job; a bad chunk marks it corrupt. "
+           "With `boot`, the backup is then restored as a scratch VM and booted, and the job reports whether it "
+           "came up (the scratch VM is removed either way)",
+           status=202, response=ref("Job"), body={"type": "object", "properties": {"boot": {"type": "boolean", "default": False}}})
 def verify(backup_id: str):
-    validation.reject_unknown(validation.json_body(), set())
+    body = validation.json_body()
+    validation.reject_unknown(body, {"boot"})
+    if body.get("boot", False) not in (True, False):
+        raise validation.invalid("boot", "must be true or false")
+    if body.get("boot"):
+        scratch = f"verify-{backup_id.replace('-', '')[:12]}"
+        return _restore_as_vm(backup_id, scratch, kind="verify-boot", action="backup.verify")
     with context.session() as db:
         backup, _ = _backup(db, backup_id)
         queue = _queue_of_san(db, backup.san_name)
@@ -162,7 +170,7 @@ def restore(backup_id: str):
     return submit_job(kind="restore", target=target, queue=queue, action="backup.restore", params=params)
 
 
-def _restore_as_vm(backup_id: str, name: Any):
+def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm", action: str = "backup.restore"):
     """A new VM like the backed-up one (template, memory, vCPUs), its lease reserved now, its disk the backup's."""
     new_name = vm_name(name, "as_vm")
     with context.session() as db:
@@ -175,7 +183,7 @@ def _restore_as_vm(backup_id: str, name: Any):
         request_ = vms.InstallRequest(name=new_name, template=template, memory_bytes=original.memory_bytes,
                                       vcpus=original.vcpus, disk_bytes=backup.size_bytes, san=backup.san_name,
                                       description=f"restored from backup {backup.id} of {backup.vm_name}")
-    return submit_job(kind="restore-vm", target=f"vm/{new_name}", queue=CONTROL, action="backup.restore",
+    return submit_job(kind=kind, target=f"vm/{new_name}", queue=CONTROL, action=action,
                       params={"vm": new_name, "backup": backup_id, "disk_bytes": backup.size_bytes},
                       prepare=lambda db: vms.reserve_vm(db, context.runtime().config, request_))
 

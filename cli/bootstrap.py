@@ -53,9 +53,8 @@ def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:
         wanted += [("refresh-san", f"san/{name}", san_queue(site), {"san": name}) for name, site in sans]
         if with_lab:
             tiny = build_tiny(cfg.var_dir / "lab" / "templates" / "tiny")
-            boot = {"kernel": str(tiny.kernel.resolve()), "initrd": str(tiny.initrd.resolve()), "cmdline": tiny.cmdline}
             wanted += [("import-template", f"template/{name}/tiny", san_queue(site),
-                        {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()), "os": "busybox", "boot": boot})
+                        {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()), "os": "busybox", "boot": tiny.boot_info()})
                        for name, site in sans if name not in have_tiny]
         submitted = [_submit(rt, celery, *job) for job in wanted]
         return [_wait(rt, job.id) for job in submitted]

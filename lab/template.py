@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
@@ -58,6 +59,12 @@ class TinyTemplate:
     initrd: Path
     cmdline: str
     kernel_version: str
+
+    def boot_info(self) -> dict[str, Any]:
+        """The template's `boot` metadata: direct-boot files, and the console probe that tells it came up
+        (its shell prints the boot line it keeps in /etc/laxcluster-boot)."""
+        return {"kernel": str(self.kernel.resolve()), "initrd": str(self.initrd.resolve()), "cmdline": self.cmdline,
+                "probe": {"send": "cat /etc/laxcluster-boot\n", "expect": r"LAXCLUSTER-BOOT hostname=\S+ ip=\S+"}}
 
 
 def build_tiny(dest_dir: Path) -> TinyTemplate:

@@ -20,6 +20,7 @@ from workers.node.domain_xml import DirectBoot, DomainSpec, IscsiDisk, Nic, doma
 from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
+BOOT_TIMEOUT_S = 120
 # States a running job owns; events and the reconciler leave them alone.
 BUSY_STATES = ("installing", "deleting")
 
@@ -91,6 +92,19 @@ def power_domain(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         record_state(session, session.get(VirtualMachine, vm.id), state)
     return {"state": state.state if state else "undefined"}
+
+
+@workflow("probe-boot")
+def probe_boot(ctx: JobContext) -> dict[str, Any]:
+    """Did the VM's guest come up? With the template's console probe (`boot.probe`: what to send, what to
+    expect), the guest must answer it; without one, the domain must still run after a grace period."""
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+        template = session.get(Template, vm.template_id)
+        probe = (template.boot or {}).get("probe") if template else None
+    ctx.phase("watch the guest", progress=10)
+    up, detail = domains.came_up(server.libvirt_uri, vm.name, probe, float(ctx.params.get("timeout_s", BOOT_TIMEOUT_S)))
+    return {"came_up": up, "detail": detail}
 
 
 @workflow("remove-domain")

@@ -153,14 +153,37 @@ def install_vm(ctx: JobContext) -> dict[str, Any]:
 def restore_vm(ctx: JobContext) -> dict[str, Any]:
     """A new VM from a backup: restore the backup to the reserved VM's disk, then install around that disk
     (its seed, export, domain) instead of cloning the template."""
-    name = ctx.params["vm"]
+    return restore_as_vm(ctx, ctx.params["vm"], ctx.params["backup"], progress_from=0) | {"backup": ctx.params["backup"]}
+
+
+def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float) -> dict[str, Any]:
+    """Restore `backup` onto the reserved VM `name`'s disk, then place, prepare and start it."""
     with ctx.session() as session:
         site, _ = site_and_san(session, find_vm(session, name))
-    ctx.phase("restore disk", progress=2)
-    ctx.run_child("restore", f"restore/{name}-disk", san_queue(site),
-                  {"backup": ctx.params["backup"], "in_place": False, "as": f"{name}-disk"},
-                  timeout=SAN_TIMEOUT_S, start=2, end=50)
-    return place_prepare_and_start(ctx, name, progress_from=50) | {"backup": ctx.params["backup"]}
+    middle = progress_from + (100 - progress_from) / 2
+    ctx.phase("restore disk", progress=progress_from)
+    ctx.run_child("restore", f"restore/{name}-disk", san_queue(site), {"backup": backup, "in_place": False, "as": f"{name}-disk"},
+                  timeout=SAN_TIMEOUT_S, start=progress_from, end=middle)
+    return place_prepare_and_start(ctx, name, progress_from=middle)
+
+
+@workflow("verify-boot", cleanup=undo_install)
+def verify_boot(ctx: JobContext) -> dict[str, Any]:
+    """Verify a backup's chunks, restore it as the reserved scratch VM, boot it, report whether it came up,
+    and remove the scratch VM again."""
+    name, backup = ctx.params["vm"], ctx.params["backup"]
+    with ctx.session() as session:
+        site, _ = site_and_san(session, find_vm(session, name))
+    ctx.phase("verify chunks", progress=1)
+    ctx.run_child("verify-backup", f"backup-verify/{backup}", san_queue(site), {"backup": backup},
+                  timeout=SAN_TIMEOUT_S, start=1, end=30)
+    started = restore_as_vm(ctx, name, backup, progress_from=30)
+    ctx.phase("wait for the guest", progress=85)
+    probe = ctx.run_child("probe-boot", f"domain/{name}", node_queue(started["server"]),
+                          {"vm": name, "server": started["server"]}, timeout=NODE_TIMEOUT_S, start=85, end=95)
+    ctx.report.update(phase="remove scratch VM", progress=95)
+    undo_install(ctx)
+    return {"backup": backup, "vm": name, "verified": True, **probe}
 
 
 def place_prepare_and_start(ctx: JobContext, name: str, progress_from: float = 0) -> dict[str, Any]:

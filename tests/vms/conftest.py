@@ -29,9 +29,8 @@ def cluster(rt, celery_app, celery_worker, tiny):
                            range_start="192.0.2.2", range_end="192.0.2.4")
     celery_worker([CONTROL, san_queue("site-a"), node_queue("cs1"), node_queue("cs2"), node_queue("cs3")], concurrency=4)
     run_job(rt, celery_app, "refresh-servers", "servers", CONTROL, {})
-    boot = {"kernel": str(tiny.kernel), "initrd": str(tiny.initrd), "cmdline": tiny.cmdline}
     run_job(rt, celery_app, "import-template", "template/san-a/tiny", san_queue("site-a"),
-            {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk), "boot": boot})
+            {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk), "boot": tiny.boot_info()})
     yield rt
     remove_domains_of_this_test(rt)
 

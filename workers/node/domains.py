@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import libvirt
 
 from workers.errors import LaxError, NotFound
+from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
 from workers.node.host import connect
 
 STATE_NAMES = {
@@ -157,3 +158,36 @@ def _call(method, *args):
         return method(*args)
     except libvirt.libvirtError as error:
         raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
+
+
+def came_up(uri: str, name: str, probe: dict[str, str] | None, timeout: float, grace: float = 30.0) -> tuple[bool, str]:
+    """Whether the guest of `name` came up, and how we know.
+
+    With a console `probe` ({"send": text, "expect": regex}) the guest must answer it within
+    `timeout`; without one, the domain must still be running after `grace` seconds.
+    """
+    start_event_loop()
+    with session(uri) as conn:
+        domain = require(conn, name)
+        if probe is None:
+            deadline = time.monotonic() + min(grace, timeout)
+            while time.monotonic() < deadline:
+                if not domain.isActive():
+                    return False, "the domain stopped"
+                time.sleep(POLL_S)
+            return True, f"still running after {min(grace, timeout):.0f} s (no console probe for its template)"
+        return _answers_probe(domain, probe, timeout)
+
+
+def _answers_probe(domain: libvirt.virDomain, probe: dict[str, str], timeout: float) -> tuple[bool, str]:
+    deadline = time.monotonic() + timeout
+    with SerialConsole(domain) as console:
+        while time.monotonic() < deadline:
+            if not domain.isActive():
+                return False, "the domain stopped"
+            console.write(probe["send"].encode())
+            try:
+                return True, console.read_until(probe["expect"], timeout=3).group(0)
+            except ConsoleTimeout:
+                continue
+    return False, f"no answer matching {probe['expect']!r} on the console within {timeout:.0f} s"
