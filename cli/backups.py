@@ -81,25 +81,27 @@ def show(backup_id: str, as_json: bool) -> None:
 
 @backup.command("verify")
 @click.argument("backup_id")
+@click.option("--boot", is_flag=True, help="then restore it as a scratch VM, boot it and report whether it came up")
 @watch_option
-def verify(backup_id: str, watch: bool) -> None:
+def verify(backup_id: str, boot: bool, watch: bool) -> None:
     """Re-read and re-hash every chunk of a backup, as a job; a bad chunk fails it and marks the backup corrupt."""
     client = api()
-    show_job(client, client.post(f"/backups/{backup_id}/actions/verify"), watch)
+    show_job(client, client.post(f"/backups/{backup_id}/actions/verify", {"boot": boot}), watch)
 
 
 @backup.command("restore")
 @click.argument("backup_id")
-@click.option("--as", "as_name", help="restore to a new volume of this name (default: <volume>-r<backup>)")
+@click.option("--as", "as_vm", metavar="NEWVM", help="restore as a new VM like the backed-up one, with its own lease")
+@click.option("--to-volume", help="restore to a new volume of this name (the default, named <volume>-r<backup>)")
 @click.option("--in-place", is_flag=True, help="overwrite the VM's own disk (the VM must be stopped)")
 @watch_option
-def restore(backup_id: str, as_name: str | None, in_place: bool, watch: bool) -> None:
-    """Restore a backup bit for bit to a new volume, or in place onto its stopped VM's disk, as a job."""
-    if in_place and as_name:
-        raise click.UsageError("--as and --in-place exclude each other")
-    body: dict[str, Any] = {"in_place": in_place}
-    if as_name:
-        body["as"] = as_name
+def restore(backup_id: str, as_vm: str | None, to_volume: str | None, in_place: bool, watch: bool) -> None:
+    """Restore a backup bit for bit: to a new volume, as a new VM, or in place onto its stopped VM's disk, as a job."""
+    if sum((in_place, as_vm is not None, to_volume is not None)) > 1:
+        raise click.UsageError("--as, --to-volume and --in-place exclude each other")
+    body: dict[str, Any] = {"as_vm": as_vm} if as_vm else {"in_place": in_place}
+    if to_volume:
+        body["as"] = to_volume
     client = api()
     show_job(client, client.post(f"/backups/{backup_id}/actions/restore", body), watch)
 

@@ -59,12 +59,12 @@ def test_backup_commands_submit_jobs_and_list_backups(rt, api_url, tokens):
     assert "snapshot-backup backup/web" in submitted
     listed = ok(invoke(api_url, operator, "backup", "list", "web"))
     assert "0b7c5b0e-0000-4000-8000-00000000aaaa" in listed and "12.0 MiB" in listed and "64.0 MiB" in listed
-    restored = ok(invoke(api_url, operator, "backup", "restore", "0b7c5b0e-0000-4000-8000-00000000aaaa", "--as",
-                         "web-copy"))
+    restored = ok(invoke(api_url, operator, "backup", "restore", "0b7c5b0e-0000-4000-8000-00000000aaaa",
+                         "--to-volume", "web-copy"))
     assert "restore restore/web-copy" in restored
     ok(invoke(api_url, operator, "backup", "verify", "0b7c5b0e-0000-4000-8000-00000000aaaa"))
-    both = invoke(api_url, operator, "backup", "restore", "x", "--as", "y", "--in-place")
-    assert both.exit_code == 2
+    for exclusive in (["--as", "y", "--in-place"], ["--as", "y", "--to-volume", "z"]):
+        assert invoke(api_url, operator, "backup", "restore", "x", *exclusive).exit_code == 2
     with rt.sessions() as session:
         kinds = sorted(session.scalars(select(Job.kind)))
     assert kinds == ["restore", "snapshot-backup", "verify-backup"]
