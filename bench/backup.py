@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -40,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchkit import exit_on_sigterm, require_root_and, write_results
 from config.units import parse_size
 from lab import pool
 from workers.san.backup import CHUNK_SIZE, backup_volume, restore_volume
@@ -51,17 +51,10 @@ GIB = 1 << 30
 REGION = 4 * MIB
 CHANGE_BLOCK = 64 * 1024
 CHANGED_FRACTION = 0.01
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 GOALS = {"ratio_vs_zstd": (">=", 1.2), "diff_time_fraction": ("<=", 0.05), "diff_bytes_read_vs_changed": ("<=", 2.0)}
 WORDS = 600
 
 
-def check_prerequisites() -> None:
-    if os.geteuid() != 0:
-        raise SystemExit("bench/backup.py needs root (losetup, mount)")
-    missing = [tool for tool in ("mkfs.xfs", "losetup", "mount", "umount", "zstd", "sync") if not shutil.which(tool)]
-    if missing:
-        raise SystemExit(f"missing commands: {', '.join(missing)}")
 
 
 @contextmanager
@@ -261,16 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     size, chunk_size = parse_size(args.size), parse_size(args.chunk_size)
     if size <= 0 or size % REGION:
         raise SystemExit("--size must be a positive multiple of 4 MiB")
-    check_prerequisites()
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    require_root_and("bench/backup.py", ("mkfs.xfs", "losetup", "mount", "umount", "zstd", "sync"))
+    exit_on_sigterm()
     # Volume, store, zstd output and restored copy, plus room for XFS: sparse, so free until written.
     with scratch_pool(4 * size + GIB) as mountpoint:
         results = measure(size, chunk_size, mountpoint)
     print_report(results)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / Path(args.results).name
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    print(f"\nwrote {write_results(Path(args.results).name, results)}")
     return 0
 
 

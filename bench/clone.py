@@ -18,7 +18,6 @@ Run as root: `.venv/bin/python bench/clone.py [--small]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from benchkit import exit_on_sigterm, require_root_and, write_results
 from lab import pool
 from workers.san.reflink import ReflinkBackend, fiemap
 
@@ -46,7 +46,6 @@ RATIO_GOAL = 1.1
 NOISE_FLOOR_S = 0.010  # below this a clone's duration is scheduling noise, not work
 SPEEDUP_GOAL = 50
 SPACE_MARGIN = GIB  # XFS log and metadata written into the sparse image
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TEXT_BLOCK = (b"LaxCluster template block: compressible filler text. " * 80)[:BLOCK]
 
 
@@ -95,13 +94,6 @@ def check_free_space(directory: str, needed: int) -> int:
     return free
 
 
-def check_prerequisites() -> None:
-    """Exit with a message if we are not root or a needed command is missing."""
-    if os.geteuid() != 0:
-        raise SystemExit("bench/clone.py needs root (losetup, mount)")
-    missing = [tool for tool in ("mkfs.xfs", "losetup", "mount", "umount", "cp", "sync") if not shutil.which(tool)]
-    if missing:
-        raise SystemExit(f"missing commands: {', '.join(missing)}")
 
 
 @contextmanager
@@ -333,23 +325,15 @@ def measure(plan: Plan, mountpoint: Path) -> dict[str, Any]:
     return summarize(plan, clones, full_copy, facts, templates)
 
 
-def write_results(plan: Plan, results: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / plan.results_file
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so the cleanup in `finally` runs as it does for Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="64 MiB and 1 GiB templates: a quick check")
     plan = SMALL if parser.parse_args(argv).small else FULL
-    check_prerequisites()
+    require_root_and("bench/clone.py", ("mkfs.xfs", "losetup", "mount", "umount", "cp", "sync"))
     free = check_free_space(tempfile.gettempdir(), plan.data_bytes + SPACE_MARGIN)
     print(f"clone benchmark: {human(plan.small)} and {human(plan.large)} templates, "
           f"{human(plan.image_bytes)} sparse XFS image in {tempfile.gettempdir()} ({free / GIB:.0f} GiB free)")
@@ -357,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_pool(plan) as mountpoint:
         results = measure(plan, mountpoint)
     print_report(plan, results)
-    print(f"\nwrote {write_results(plan, results)}")
+    print(f"\nwrote {write_results(plan.results_file, results)}")
     return 0
 
 

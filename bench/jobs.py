@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
 import socket
 import statistics
 import sys
@@ -47,6 +46,7 @@ from celery import Celery
 from sqlalchemy import Engine, func, select
 
 import config
+from benchkit import exit_on_sigterm, write_results
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
 from models import FINAL_STATES, Job
@@ -54,7 +54,6 @@ from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.app import make_celery
 from tasks.queues import CONTROL
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT_S = 90
 WARMUP = 5  # round trips of each kind before timing: connections, imports, first DB pages
 ROUND_TRIP_TIMEOUT_S = 60
@@ -480,16 +479,8 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"log of {name}: {problem['lines']} problem lines, first: {problem['first']}")
 
 
-def write_results(results: dict[str, Any]) -> Path:
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / "jobs.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
 
 
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into SystemExit so the cleanup in `finally` runs as it does for Ctrl-C."""
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark failed: {error}", file=sys.stderr)
             return 1
     print_report(results)
-    print(f"\nwrote {write_results(results)}")
+    print(f"\nwrote {write_results('jobs.json', results)}")
     return 0
 
 

@@ -24,10 +24,8 @@ Run (root): `.venv/bin/python bench/migrate.py [--rounds 10]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
-import signal
 import socket
 import statistics
 import sys
@@ -44,6 +42,7 @@ import redis
 import requests
 
 import config
+from benchkit import exit_on_sigterm, write_results
 from cli.bootstrap import first_jobs
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
@@ -53,7 +52,6 @@ from tasks.inventory import sync_from_config
 from tasks.queues import all_queues
 from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600
 BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+)"
@@ -268,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/migrate.py needs root (it brings up a lab of namespaces and libvirtds)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()
     with tempfile.TemporaryDirectory(prefix="lx-bench-migrate-") as scratch:
         try:
             results = measure(args, Path(scratch))
@@ -276,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench failed: {error}", file=sys.stderr)
             return 1
     print_report(results)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    path = RESULTS_DIR / "migrate.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_results('migrate.json', results)}")
     return 0
 
 

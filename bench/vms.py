@@ -12,24 +12,20 @@ Run: `.venv/bin/python bench/vms.py [--vms 10000] [--rounds 30]`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 from sqlalchemy import insert, text
 
 import config
+from benchkit import write_results
 from api import create_app
 from cli.tokens import create_token
 from models import Cluster, ClusterServer, Lease, San, Site, Subnet, Template, VirtualMachine, Volume
 from models.db import migrate, transaction
 from tasks.app import make_celery
 from tasks.runtime import make_runtime
-
-RESULTS = Path(__file__).with_name("results") / "vms.json"
-
 
 def fill(rt, count: int) -> None:
     """Insert `count` VMs on two servers, each with a lease and a disk and seed volume, in bulk."""
@@ -106,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16} GET /vms p50 {ours['p50_ms']:7.1f} ms (p95 {ours['p95_ms']:7.1f})   "
                   f"plain SQL p50 {baseline['p50_ms']:6.1f} ms   ratio {ratio:5.1f}x")
         rt.engine.dispose()
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {write_results('vms.json', results)}")
     return 0
 
 

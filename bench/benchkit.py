@@ -1,0 +1,33 @@
+"""What every benchmark script needs: prerequisites, a clean exit on SIGTERM, the results file."""
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).with_name("results")
+
+
+def require_root_and(script: str, tools: tuple[str, ...]) -> None:
+    """Exit with a message unless we are root and every command in `tools` exists."""
+    if os.geteuid() != 0:
+        raise SystemExit(f"{script} needs root (losetup, mount)")
+    missing = [tool for tool in tools if not shutil.which(tool)]
+    if missing:
+        raise SystemExit(f"missing commands: {', '.join(missing)}")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the cleanup in `finally` runs as it does for Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write `bench/results/<name>` as JSON and return its path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
