@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchkit import exit_on_sigterm, require_root_and, write_results
+from benchkit import exit_on_sigterm, require_root_and, run_to_end, write_results
 from config.units import parse_size
 from lab import pool
 from workers.san.backup import CHUNK_SIZE, backup_volume, restore_volume
@@ -136,17 +135,6 @@ def change_one_percent(path: str, size: int) -> int:
     return len(blocks) * CHANGE_BLOCK
 
 
-def run_to_end(argv: list[str]) -> None:
-    """Run `argv`; on Ctrl-C or any error kill it and wait, so the pool can be unmounted."""
-    proc = subprocess.Popen(argv)
-    try:
-        returncode = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if returncode:
-        raise subprocess.CalledProcessError(returncode, argv)
 
 
 def timed(work, *args: Any, **kwargs: Any) -> tuple[float, Any]:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,3 +32,17 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path = RESULTS_DIR / name
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def run_to_end(argv: list[str]) -> None:
+    """Run `argv`; on Ctrl-C or any error kill it and wait for it, so a scratch pool can be unmounted
+    (subprocess.run does not wait after Ctrl-C, and a `sync` still running keeps the pool busy)."""
+    proc = subprocess.Popen(argv)
+    try:
+        returncode = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, argv)

@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from benchkit import exit_on_sigterm, require_root_and, write_results
+from benchkit import exit_on_sigterm, require_root_and, run_to_end, write_results
 from lab import pool
 from workers.san.reflink import ReflinkBackend, fiemap
 
@@ -184,19 +183,6 @@ def make_template(backend: ReflinkBackend, size: int, pattern: bytearray) -> Tem
     return Template(handle, size, elapsed, allocated, extents)
 
 
-def run_to_end(argv: list[str]) -> None:
-    """Run `argv`; raise CalledProcessError if it fails. On Ctrl-C or any error, kill it and wait
-    until it is gone (subprocess.run does not wait after Ctrl-C, and a `sync` still running keeps
-    the pool busy, so it could not be unmounted)."""
-    proc = subprocess.Popen(argv)
-    try:
-        returncode = proc.wait()
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    if returncode:
-        raise subprocess.CalledProcessError(returncode, argv)
 
 
 def sync_filesystem(path: Path | str) -> None:

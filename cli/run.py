@@ -1,7 +1,6 @@
 """`laxcluster run`: the whole embedded LaxCluster in the foreground, stopped cleanly by Ctrl-C."""
 
 import os
-import time
 
 import click
 import redis
@@ -11,6 +10,7 @@ import config
 from cli.bootstrap import first_jobs, lab_backup_stores
 from cli.services import Supervisor, api_service, celery_services, flower_password, redis_service
 from lab import cluster as lab_cluster
+from lab.processes import wait_until
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory import sync_from_config
 from workers.errors import LaxError
@@ -47,7 +47,7 @@ def run(with_lab: bool) -> None:
 def start_everything(cfg: config.Config, supervisor: Supervisor, with_lab: bool) -> None:
     step("redis")
     supervisor.start(redis_service(cfg))
-    wait_until(lambda: _redis_answers(cfg.redis_url), "redis to answer")
+    wait_until(lambda: _redis_answers(cfg.redis_url), READY_TIMEOUT_S, "redis to answer")
     step("database migrations")
     migrate(cfg.db_url)
     if with_lab:
@@ -63,7 +63,7 @@ def start_everything(cfg: config.Config, supervisor: Supervisor, with_lab: bool)
         supervisor.start(service)
     api = cfg.section("api")
     supervisor.start(api_service(cfg))
-    wait_until(lambda: _http_ok(f"http://{api['host']}:{api['port']}/health"), "the API to answer")
+    wait_until(lambda: _http_ok(f"http://{api['host']}:{api['port']}/health"), READY_TIMEOUT_S, "the API to answer")
 
 
 def print_banner(cfg: config.Config) -> None:
@@ -79,14 +79,6 @@ def print_banner(cfg: config.Config) -> None:
 
 def step(what: str) -> None:
     click.echo(f"starting {what} ...")
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"timed out waiting for {what}")
-        time.sleep(0.3)
 
 
 def _redis_answers(url: str) -> bool:

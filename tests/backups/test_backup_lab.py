@@ -14,8 +14,8 @@ from lab.topology import lab_dir
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.queues import CONTROL
 from tasks.volumes import san_place
-from tests.support import sha256_of, wait_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
+from tests.support import sha256_of
+from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.node import domains
 from workers.san.chunks import LocalStore, chunk_relpath
 
@@ -27,14 +27,7 @@ MiB = 1 << 20
 
 def finished(rt, response) -> Job:
     assert response.status_code == 202, response.get_data(as_text=True)
-    job_id = response.get_json()["id"]
-
-    def ended():
-        with rt.sessions() as session:
-            job = session.get(Job, job_id)
-            return job if job.is_final else None
-
-    return wait_for(ended, 180, f"job {job_id}")
+    return wait_job(rt, response.get_json()["id"])
 
 
 def power(rt, celery_app, verb: str, name: str) -> None:

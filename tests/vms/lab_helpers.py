@@ -20,13 +20,17 @@ def run_job(rt, celery_app, kind, target, queue, params, timeout=180) -> Job:
     with transaction(rt.sessions) as session:
         job, _ = jobs.submit(session, kind=kind, target=target, queue=queue, params=params)
     dispatch(celery_app, job)
+    return wait_job(rt, job.id, timeout)
 
+
+def wait_job(rt, job_id: str, timeout: float = 180) -> Job:
+    """The job once it has reached a final state (fails the test after `timeout` seconds)."""
     def ended():
         with rt.sessions() as session:
-            current = session.get(Job, job.id)
+            current = session.get(Job, job_id)
             return current if current.is_final else None
 
-    return wait_for(ended, timeout, f"{kind} job to end")
+    return wait_for(ended, timeout, f"job {job_id} to end")
 
 
 def unique(name: str) -> str:

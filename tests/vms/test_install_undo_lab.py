@@ -13,7 +13,7 @@ from tasks.queues import CONTROL
 from tasks.storage import target_for
 from tasks.vms import InstallRequest, reserve_vm
 from tests.support import wait_for
-from tests.vms.lab_helpers import install, unique
+from tests.vms.lab_helpers import install, unique, wait_job
 from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -70,10 +70,5 @@ def test_a_cancelled_install_is_undone(cluster, celery_app):
     with transaction(rt.sessions) as session:
         jobs.request_cancel(session, rt.redis, job.id)
 
-    def ended():
-        with rt.sessions() as session:
-            current = session.get(Job, job.id)
-            return current if current.is_final else None
-
-    assert wait_for(ended, 180, "the install to end").state == CANCELLED
+    assert wait_job(rt, job.id).state == CANCELLED
     assert_nothing_left(rt, name)

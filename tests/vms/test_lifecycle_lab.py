@@ -8,11 +8,11 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from models import SUCCEEDED, ClusterServer, Job, San, VirtualMachine, Volume
+from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
 from tasks.queues import CONTROL, san_queue
 from tasks.storage import target_for
 from tests.support import wait_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique
+from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.command import output
 from workers.node import domains
 
@@ -30,15 +30,6 @@ def vm_row(rt, name: str) -> VirtualMachine:
 def server_of(rt, name: str) -> str:
     with rt.sessions() as session:
         return session.get(ClusterServer, vm_row(rt, name).server_id).name
-
-
-def run_job_wait(rt, job_id: str, timeout: float = 180) -> Job:
-    def ended():
-        with rt.sessions() as session:
-            job = session.get(Job, job_id)
-            return job if job.is_final else None
-
-    return wait_for(ended, timeout, f"job {job_id}")
 
 
 def action(rt, celery_app, verb: str, name: str, **params):
@@ -110,15 +101,15 @@ def test_a_grown_disk_reaches_the_guest_at_its_next_start_and_a_shrink_needs_it_
 
     accepted = api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "192M"})
     assert accepted.status_code == 202
-    grown = run_job_wait(rt, accepted.get_json()["id"])
+    grown = wait_job(rt, accepted.get_json()["id"])
     assert grown.state == SUCCEEDED and "next stop and start" in grown.result["note"]
     assert lun_size(rt, rsz1, server) == 128 * MiB
 
-    refused = run_job_wait(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "96M"}).get_json()["id"])
+    refused = wait_job(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "96M"}).get_json()["id"])
     assert (refused.state, refused.error_code) == ("failed", "VolumeBusy")
 
     assert action(rt, celery_app, "destroy", rsz1).state == SUCCEEDED
-    shrunk = run_job_wait(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "160M"}).get_json()["id"])
+    shrunk = wait_job(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "160M"}).get_json()["id"])
     assert shrunk.state == SUCCEEDED, shrunk.error_message
     assert action(rt, celery_app, "start", rsz1).state == SUCCEEDED
     assert lun_size(rt, rsz1, server) == 160 * MiB
@@ -129,7 +120,7 @@ def test_sans_show_real_pool_facts(cluster, celery_app, api):
     rt = cluster
     accepted = api.post("/sans/san-a/refresh")
     assert accepted.status_code == 202
-    assert run_job_wait(rt, accepted.get_json()["id"]).state == SUCCEEDED
+    assert wait_job(rt, accepted.get_json()["id"]).state == SUCCEEDED
     san_a = next(s for s in api.get("/sans").get_json()["items"] if s["name"] == "san-a")
     stat = os.statvfs(rt.config.san("san-a")[1].pool_path)
     assert san_a["reflink"] is True
@@ -172,7 +163,7 @@ def test_a_qcow2_image_becomes_a_template_with_the_same_content(cluster, celery_
     name = unique("tq")
     accepted = api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(image)})
     assert accepted.status_code == 202, accepted.get_json()
-    assert run_job_wait(rt, accepted.get_json()["id"]).state == SUCCEEDED
+    assert wait_job(rt, accepted.get_json()["id"]).state == SUCCEEDED
     listed = {t["name"]: t for t in api.get("/templates").get_json()["items"]}
     assert listed[name]["san"] == "san-a"
     pool = rt.config.san("san-a")[1].pool_path
@@ -190,6 +181,6 @@ def test_a_failed_template_import_leaves_no_volume(cluster, celery_app, api, tin
         image.seek(l1_offset)
         image.write(struct.pack(">Q", 0x8000000000000201))
     name = unique("bad")
-    job = run_job_wait(rt, api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(broken)}).get_json()["id"])
+    job = wait_job(rt, api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(broken)}).get_json()["id"])
     assert (job.state, job.error_code) == ("failed", "CommandFailed")
     assert not list(rt.config.san("san-a")[1].pool_path.glob(f"tpl-{name}*"))
