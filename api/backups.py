@@ -20,11 +20,11 @@ from api.openapi import operation, ref
 from api.representations import iso
 from models import San, Site, Template, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
-from tasks import backups as backup_jobs
+from tasks.san import backups as backup_jobs
 from api.vms import vm_name
-from tasks import vms
+from tasks.inventory import vms
 from tasks.queues import CONTROL, san_queue
-from tasks.vms import VmNotFound
+from tasks.inventory.vms import VmNotFound
 from workers.errors import Conflict, NotFound
 
 backups = Blueprint("backups", __name__)

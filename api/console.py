@@ -21,7 +21,7 @@ from sqlalchemy import select
 from api import context, validation
 from api.openapi import operation
 from models import ClusterServer, VirtualMachine
-from tasks.vms import VmNotFound
+from tasks.inventory.vms import VmNotFound
 from workers.errors import Conflict, LaxError
 from workers.node.console import CHUNK, SerialConsole, start_event_loop
 from workers.node.host import ServerUnreachable, connect

@@ -9,7 +9,7 @@ from api import context, validation
 from api.changes import audit
 from api.openapi import operation
 from models import Lease, Subnet, VirtualMachine
-from tasks import ipam
+from tasks.inventory import ipam
 from workers.errors import NotFound
 
 subnets = Blueprint("subnets", __name__)

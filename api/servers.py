@@ -11,7 +11,7 @@ from api.representations import server_json
 from models import Cluster, ClusterServer
 from tasks import jobs
 from tasks.queues import CONTROL
-from tasks.servers import server_target
+from tasks.control.servers import server_target
 from workers.errors import NotFound
 
 blueprint = Blueprint("servers", __name__)

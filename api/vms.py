@@ -17,7 +17,7 @@ from api.openapi import operation, ref
 from api.representations import iso
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
-from tasks import vms
+from tasks.inventory import vms
 from tasks.queues import CONTROL
 from workers.errors import NotFound
 

@@ -48,7 +48,7 @@ from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
 from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import all_queues
 from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
 

@@ -12,7 +12,7 @@ from cli.services import Supervisor, api_service, celery_services, flower_passwo
 from lab import cluster as lab_cluster
 from lab.processes import wait_until
 from models.db import make_engine, make_session_factory, migrate, transaction
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from workers.errors import LaxError
 
 READY_TIMEOUT_S = 90

@@ -9,9 +9,11 @@ from config import Config
 from tasks import runtime
 from tasks.queues import CONTROL
 
-WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile", "tasks.diagnostics", "tasks.servers", "tasks.volumes",
-                    "tasks.domains", "tasks.vms", "tasks.migrate", "tasks.backups",
-                    "tasks.schedules"]
+WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile",
+                    "tasks.control.diagnostics", "tasks.control.servers", "tasks.control.vms", "tasks.control.migrate",
+                    "tasks.control.evacuate", "tasks.control.schedules",
+                    "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune",
+                    "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers"]
 
 
 def make_celery(config: Config) -> Celery:

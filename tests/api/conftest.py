@@ -10,7 +10,7 @@ from api import create_app
 from cli.tokens import create_token
 from models import ROLES
 from models.db import transaction
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tasks.runtime import Runtime
 
 

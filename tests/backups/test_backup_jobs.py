@@ -15,10 +15,10 @@ from config import DEFAULTS
 from models import CANCELLED, FAILED, SUCCEEDED, Job, VirtualMachine, Volume
 from models.db import transaction
 from models.protection import Backup, BackupStore
-import tasks.backups  # noqa: F401  (registers the backup job kinds)
+import tasks.san.backups  # noqa: F401  (registers the backup job kinds)
 from tasks import jobs
 from tasks.dispatch import cancel_key
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tasks.progress import channel
 from tasks.runner import execute
 from tasks.runtime import Runtime, make_runtime

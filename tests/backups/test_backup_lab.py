@@ -13,7 +13,7 @@ from sqlalchemy import select
 from lab.topology import lab_dir
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.queues import CONTROL
-from tasks.volumes import san_place
+from tasks.san.volumes import san_place
 from tests.support import sha256_of
 from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.node import domains

@@ -14,7 +14,7 @@ from config import DEFAULTS
 from models import SUCCEEDED, Job, utcnow
 from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, san_queue
 from tests.api import factories
 from tests.san.helpers import mounted_filesystem

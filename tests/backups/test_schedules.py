@@ -11,9 +11,10 @@ from models import SUCCEEDED, Job
 from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks import jobs
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tasks.runner import execute
-from tasks.schedules import dispatch_due
+from tasks.control.schedules import dispatch_due
+from tasks.san import prune  # noqa: F401 (registers prune-backups)
 from tasks.workflow import lookup
 from tests.api import factories
 from workers.san.backup import backup_volume

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from lab.template import TinyTemplate, build_tiny
 from models import ClusterServer, VirtualMachine
 from models.db import transaction
-from tasks.inventory import sync_from_config
+from tasks.inventory.config_sync import sync_from_config
 from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line, open_console, refused
 from tests.support import need_binary, wait_for
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml

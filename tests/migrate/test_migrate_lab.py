@@ -19,7 +19,7 @@ from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
-from tasks.vms import InstallRequest, reserve_vm
+from tasks.inventory.vms import InstallRequest, reserve_vm
 from tests.support import wait_for
 from tests.vms.lab_helpers import boot_line, run_job, server_uri
 from workers.node.host import connect

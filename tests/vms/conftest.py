@@ -8,8 +8,8 @@ from cli.tokens import create_token
 from lab.template import build_tiny
 from models import VirtualMachine
 from models.db import transaction
-from tasks import ipam
-from tasks.inventory import sync_from_config
+from tasks.inventory import ipam
+from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, node_queue, san_queue
 from tests.vms.lab_helpers import run_job
 from workers.node import domains

@@ -8,7 +8,7 @@ from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
-from tasks.vms import InstallRequest, reserve_vm
+from tasks.inventory.vms import InstallRequest, reserve_vm
 from tests.support import wait_for
 from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
 from workers.node.host import connect

@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import func, select
 
 from models import SUCCEEDED, Lease, VirtualMachine, Volume
-from tasks.placement import NoCapacity
+from tasks.inventory.placement import NoCapacity
 from tasks.queues import CONTROL
-from tasks.storage import target_for
+from tasks.san.storage import target_for
 from cli.tokens import create_token
 from models.db import transaction
 from tests.console.conftest import console_boot_line, served_api  # noqa: F401 (a fixture)

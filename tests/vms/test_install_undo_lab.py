@@ -10,8 +10,8 @@ from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
-from tasks.storage import target_for
-from tasks.vms import InstallRequest, reserve_vm
+from tasks.san.storage import target_for
+from tasks.inventory.vms import InstallRequest, reserve_vm
 from tests.support import wait_for
 from tests.vms.lab_helpers import install, unique, wait_job
 from workers.node import domains

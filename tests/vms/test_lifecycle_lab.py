@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
 from tasks.queues import CONTROL, san_queue
-from tasks.storage import target_for
+from tasks.san.storage import target_for
 from tests.support import wait_for
 from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.command import output

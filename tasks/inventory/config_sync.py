@@ -5,7 +5,7 @@ from sqlalchemy.orm import Session
 
 from config import Config
 from models import Cluster, ClusterServer, San, Site, Subnet
-from tasks import ipam
+from tasks.inventory import ipam
 
 
 def sync_from_config(session: Session, config: Config) -> None:

@@ -4,13 +4,12 @@ from typing import Any
 
 from sqlalchemy import select
 
-from models import SUCCEEDED, ClusterServer, utcnow
+from models import SUCCEEDED, ClusterServer
 from tasks.context import JobContext
 from tasks.jobs import TargetBusy
 from tasks.queues import node_queue
 from tasks.workflow import workflow
 from workers.errors import LaxError
-from workers.node.host import read_facts
 
 REFRESH_TIMEOUT_S = 120
 
@@ -44,30 +43,3 @@ def refresh_servers(ctx: JobContext) -> dict[str, Any]:
     if failed:
         raise RefreshFailed(f"could not refresh: {', '.join(failed)}", servers=outcome)
     return {"servers": outcome, "skipped_busy": busy}
-
-
-@workflow("refresh-server")
-def refresh_server(ctx: JobContext) -> dict[str, Any]:
-    """Read this server's facts through libvirt and store them on its row."""
-    name = ctx.target.removeprefix("server/")
-    with ctx.session() as session:
-        uri = session.scalar(select(ClusterServer.libvirt_uri).where(ClusterServer.name == name))
-    ctx.phase("read facts", progress=10)
-    try:
-        facts = read_facts(uri)
-    except LaxError:
-        _mark_reachable(ctx, name, False)
-        raise
-    ctx.phase("store facts", progress=90)
-    with ctx.session() as session:
-        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
-        for field, value in facts.as_dict().items():
-            setattr(server, field, value)
-        server.reachable, server.facts_updated_at = True, utcnow()
-    return facts.as_dict()
-
-
-def _mark_reachable(ctx: JobContext, name: str, reachable: bool) -> None:
-    with ctx.session() as session:
-        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
-        server.reachable = reachable

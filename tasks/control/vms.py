@@ -5,130 +5,20 @@ A workflow reads as its phases; its cleanup undoes them in reverse, so a failed 
 install leaves no volume, target, lease, domain or VM row behind.
 """
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
-from config import Config
-from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
-from tasks import ipam
+from models import ClusterServer, Template, VirtualMachine
 from tasks.context import JobContext
-from tasks.placement import place
+from tasks.inventory import ipam
+from tasks.inventory.placement import place
+from tasks.inventory.vms import find_vm, placed_on, site_and_san
 from tasks.queues import node_queue, san_queue
 from tasks.workflow import workflow
-from workers.errors import Conflict, InvalidInput, NotFound
-from workers.san.backend import validate_name
 
 SAN_TIMEOUT_S = 600
 NODE_TIMEOUT_S = 300
-MAX_VM_NAME = 57  # room for the "-disk"/"-seed" volume suffixes within 63 characters
-
-
-class VmExists(Conflict):
-    code = "VmExists"
-
-
-class VmNotFound(NotFound):
-    code = "VmNotFound"
-
-
-class TemplateNotFound(NotFound):
-    code = "TemplateNotFound"
-    http_status = 422
-
-
-class ServerNotFound(NotFound):
-    code = "ServerNotFound"
-    http_status = 422
-
-
-class VmNotPlaced(Conflict):
-    code = "VmNotPlaced"
-
-
-@dataclass(frozen=True)
-class InstallRequest:
-    name: str
-    template: str
-    memory_bytes: int
-    vcpus: int
-    disk_bytes: int
-    subnet: str | None = None
-    server: str | None = None
-    ssh_keys: list[str] = field(default_factory=list)
-    description: str = ""
-    # The SAN whose template to use (a VM restored from a backup lives where the backup's disk is).
-    san: str | None = None
-
-
-def reserve_vm(session: Session, config: Config, request: InstallRequest) -> VirtualMachine:
-    """Make the VM row (state `installing`) and its lease (from the asked or the default subnet) in
-    the caller's transaction."""
-    validate_name(request.name)
-    if len(request.name) > MAX_VM_NAME:
-        raise InvalidInput(f"VM names are at most {MAX_VM_NAME} characters", field="name")
-    if session.scalar(select(VirtualMachine.id).where(VirtualMachine.name == request.name)) is not None:
-        raise VmExists(f"a VM named {request.name} exists", field="name", vm=request.name)
-    server = _asked_server(session, request.server)
-    template = _template_for(session, request.template, server, request.san)
-    cluster_id = server.cluster_id if server else _cluster_of_san(session, template.san_id)
-    vm = VirtualMachine(name=request.name, template_id=template.id, cluster_id=cluster_id,
-                        memory_bytes=request.memory_bytes, vcpus=request.vcpus, state="installing",
-                        desired_state="running", ssh_keys=list(request.ssh_keys), description=request.description)
-    session.add(vm)
-    session.flush()
-    subnet = ipam.find_subnet(session, request.subnet) if request.subnet else _default_subnet(session, config)
-    if subnet is not None:
-        ipam.allocate_lease(session, subnet, vm)
-    return vm
-
-
-def _default_subnet(session: Session, config: Config) -> Subnet | None:
-    name = config.raw.get("default_subnet")
-    return session.scalar(select(Subnet).where(Subnet.name == name)) if name else None
-
-
-def _template_for(session: Session, name: str, server: ClusterServer | None, san: str | None = None) -> Template:
-    """The template `name` on the asked SAN, or on the SAN of the asked server's site, else on the
-    first site (config order) that has it."""
-    query = select(Template).join(San, Template.san_id == San.id).where(Template.name == name)
-    if san is not None:
-        query = query.where(San.name == san)
-    if server is not None:
-        query = query.where(San.site_id == session.get(Cluster, server.cluster_id).site_id)
-    template = session.scalar(query.order_by(San.site_id, Template.id))
-    if template is None:
-        where = f" at the site of {server.name}" if server is not None else ""
-        raise TemplateNotFound(f"no template {name}{where}", field="template")
-    return template
-
-
-def _asked_server(session: Session, name: str | None) -> ClusterServer | None:
-    if name is None:
-        return None
-    server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
-    if server is None:
-        raise ServerNotFound(f"no cluster server {name}", field="server")
-    return server
-
-
-def _cluster_of_san(session: Session, san_id: int) -> int | None:
-    site_id = session.get(San, san_id).site_id
-    return session.scalar(select(Cluster.id).where(Cluster.site_id == site_id).order_by(Cluster.id))
-
-
-def find_vm(session: Session, name: str) -> VirtualMachine:
-    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
-    if vm is None:
-        raise VmNotFound(f"no VM {name}", vm=name)
-    return vm
-
-
-def site_and_san(session: Session, vm: VirtualMachine) -> tuple[str, str]:
-    san = session.get(San, session.get(Template, vm.template_id).san_id)
-    return session.get(Site, san.site_id).name, san.name
 
 
 # -- install ------------------------------------------------------------------------------------
@@ -254,12 +144,6 @@ def _power(action: str):
 
 for _action in ("shutdown", "reboot", "destroy"):
     workflow(_action)(_power(_action))
-
-
-def placed_on(session: Session, vm: VirtualMachine) -> str:
-    if vm.server_id is None:
-        raise VmNotPlaced(f"{vm.name} is not placed on a server", vm=vm.name)
-    return session.get(ClusterServer, vm.server_id).name
 
 
 @workflow("delete-vm")

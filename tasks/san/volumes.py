@@ -20,14 +20,14 @@ from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.queues import san_queue
-from tasks.storage import backend_for, site_initiators, target_for
+from tasks.san.storage import backend_for, site_initiators, target_for
 from tasks.workflow import workflow
 from workers.command import output, run
 from workers.errors import Conflict, NotFound
 from workers.node.seed import make_seed
 from workers.san.backend import VolumeBackend
 from workers.san.shrink import safe_shrink
-from workers.san.tgt import Export, validate_iqn
+from workers.san.tgt import Export, TargetNotFound, validate_iqn
 
 DISK_LUN, SEED_LUN = 1, 2
 SECTOR = 512
@@ -253,3 +253,19 @@ def refresh_san(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         session.scalar(select(San).where(San.name == place.san.name)).facts = facts
     return facts
+
+
+@workflow("export-vm-disks")
+def export_vm_disks(ctx: JobContext) -> dict[str, Any]:
+    """Add an initiator to the ACL of the VM's target (its LUNs are already exported at install)."""
+    san = san_place(ctx.rt.config, ctx.params["san"])
+    iqn = vm_target_iqn(ctx.rt.config, san.site.name, ctx.params["vm"])
+    tgt = target_for(san.san)
+    target = tgt.find(iqn)
+    if target is None:
+        raise TargetNotFound(f"the SAN exports no target {iqn} for {ctx.params['vm']}: start the VM once to re-export it",
+                             iqn=iqn)
+    wanted = ctx.params["initiator"]
+    if wanted not in target.initiators:
+        tgt.bind_initiators(iqn, [*target.initiators, wanted])
+    return {"target": iqn, "initiators": sorted({*target.initiators, wanted}), "bound": wanted not in target.initiators}

@@ -23,7 +23,7 @@ from models.protection import Backup, BackupStore
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
-from tasks.volumes import san_place
+from tasks.san.volumes import san_place
 from tasks.workflow import workflow
 from workers.errors import Conflict, InvalidInput, LaxError, NotFound
 from workers.san.backend import VolumeBackend, VolumeExists, snapshot_handle

@@ -11,33 +11,27 @@ then garbage-collects the store's unreferenced chunks, unless a backup is writin
 """
 
 import logging
-from collections import defaultdict
 from datetime import datetime
-from typing import Any
 
 from celery import Celery
 from croniter import croniter
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import FINAL_STATES, Job, San, Site, VirtualMachine, Volume, utcnow
+from models import Job, San, Site, VirtualMachine, Volume, utcnow
 from models.db import transaction
-from models.protection import Backup, BackupPolicy, BackupStore
+from models.protection import BackupPolicy, BackupStore
 from tasks import jobs, runtime
 from tasks.app import app
-from tasks.backups import StoreRef, open_store, prune_target
-from tasks.context import JobContext
+from tasks.san.backups import prune_target
 from tasks.dispatch import dispatch
+from tasks.inventory.retention import prunable, selected_vms, unfinished_backup_jobs
 from tasks.progress import announce
 from tasks.queues import san_queue
 from tasks.runtime import Runtime
-from tasks.volumes import san_place
-from tasks.workflow import workflow
-from workers.san.backup import collect_garbage, retention_keep
 
 log = logging.getLogger(__name__)
 DISPATCH_TASK = "laxcluster.dispatch_backups"
-RETENTION_KEYS = ("keep_last", "daily", "weekly", "monthly")
 
 
 def latest_due(schedule: str, now: datetime) -> datetime:
@@ -70,14 +64,6 @@ def claim_due(session: Session, policy: BackupPolicy, now: datetime) -> datetime
     return due if claimed else None
 
 
-def selected_vms(session: Session, policy: BackupPolicy) -> list[str]:
-    """The VMs a policy names, plus those carrying its tag, that still exist."""
-    names = set(policy.selector.get("vms") or [])
-    tag = policy.selector.get("tag")
-    existing = session.execute(select(VirtualMachine.name, VirtualMachine.tags)).all()
-    return sorted(name for name, tags in existing if name in names or (tag and tag in (tags or [])))
-
-
 def site_of(session: Session, vm: str) -> str | None:
     return session.scalar(select(Site.name).join(San, San.site_id == Site.id).join(Volume, Volume.san_id == San.id)
                           .join(VirtualMachine, Volume.vm_id == VirtualMachine.id)
@@ -104,31 +90,6 @@ def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> li
         if created:
             submitted.append(job)
     return submitted
-
-
-def unfinished_backup_jobs(session: Session, store: str, policy: str | None = None) -> list[Job]:
-    """Backup jobs still queued or running that write to `store` (made by `policy`, if given)."""
-    rows = session.scalars(select(Job).where(Job.kind == "snapshot-backup", Job.state.not_in(FINAL_STATES)))
-    return [job for job in rows if job.params.get("store") == store
-            and (policy is None or job.params.get("policy") == policy)]
-
-
-def prunable(session: Session, policy: BackupPolicy) -> list[str]:
-    """Ids of the policy's backups its retention lets go (per volume, parents of kept ones stay)."""
-    retention = {key: int(policy.retention.get(key, 0)) for key in RETENTION_KEYS}
-    if not any(retention.values()):
-        return []
-    vms = selected_vms(session, policy) + list(policy.selector.get("vms") or [])
-    rows = session.scalars(select(Backup).where(Backup.store_id == policy.store_id, Backup.vm_name.in_(set(vms))))
-    by_volume: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_volume[(row.san_name, row.volume_name)].append(
-            {"id": row.id, "created_at": row.created_at, "parent": row.parent_id})
-    gone = []
-    for chain in by_volume.values():
-        keep = retention_keep(chain, **retention)
-        gone += [b["id"] for b in chain if b["id"] not in keep]
-    return gone
 
 
 def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
@@ -175,34 +136,3 @@ def dispatch_due(rt: Runtime, celery: Celery, now: datetime | None = None) -> di
 def dispatch_backups() -> dict[str, list[str]]:
     """The beat task: one scheduler tick."""
     return dispatch_due(runtime.current(), app)
-
-
-# -- prune-backups --------------------------------------------------------------------------------
-
-@workflow("prune-backups")
-def prune_backups(ctx: JobContext) -> dict[str, Any]:
-    """Delete the backups the policy's retention lets go (manifest, row, snapshot), newest first,
-    then delete the store's chunks no manifest references, unless a backup is writing to the store."""
-    with ctx.session() as session:
-        policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == ctx.params["policy"]))
-        gone = prunable(session, policy)
-        row = session.get(BackupStore, policy.store_id)
-        store = StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
-        doomed = list(session.scalars(select(Backup).where(Backup.id.in_(gone)).order_by(Backup.created_at.desc())))
-    ctx.phase("delete backups", progress=10)
-    with open_store(store) as chunk_store:
-        for backup in doomed:
-            chunk_store.delete_manifest(backup.id)
-            with ctx.session() as session:
-                session.delete(session.get(Backup, backup.id))
-            if backup.snapshot:
-                san_place(ctx.rt.config, backup.san_name).backend.delete_snapshot(backup.snapshot)
-        ctx.phase("collect garbage", progress=50)
-        with ctx.session() as session:
-            busy = bool(unfinished_backup_jobs(session, store.name))
-        collected = None
-        if not busy:
-            kept = [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()]
-            collected = collect_garbage(chunk_store, kept)
-    return {"policy": ctx.params["policy"], "deleted": [b.id for b in doomed], "garbage": collected,
-            "garbage_skipped": "a backup is writing to the store" if busy else None}

@@ -1,0 +1,1 @@
+"""Workflows on the `control` queue: what happens, in which order, on which queue."""

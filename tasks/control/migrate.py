@@ -1,0 +1,135 @@
+"""Moving VMs between cluster servers: `migrate` (one VM, live by default) and `evacuate` (every VM off
+a server that goes into maintenance).
+
+migrate, on the control queue, reads as its phases: pre-flight (every problem at once, nothing
+changed), export storage (the VM's iSCSI target lets the destination's initiator in), migrate (a
+`migrate-domain` child on the SOURCE server's queue holds the libvirt job), confirm. Whatever
+happens, the VM ends running on exactly one server and the DB says which: the node child settles
+both libvirts in its cleanup, the parent does so again in its own.
+"""
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import ClusterServer, Job, VirtualMachine
+from tasks.context import JobContext, raise_unless_succeeded
+from tasks.inventory.placement import NoCapacity, capacity, place
+from tasks.inventory.vms import find_vm, placed_on, site_and_san
+from tasks.node.migrate import settle_and_record
+from tasks.queues import node_queue, san_queue
+from tasks.workflow import workflow
+from workers.errors import Conflict, NotFound
+from workers.node import migrate as driver
+
+MIGRATE_TIMEOUT_S = 1800
+SAN_TIMEOUT_S = 300
+
+
+class PreflightFailed(Conflict):
+    """The migration cannot go ahead; `extra['problems']` lists every reason with what to do."""
+
+    code = "PreflightFailed"
+
+
+class ServerNotFound(NotFound):
+    code = "ServerNotFound"
+
+
+def vm_target(name: str) -> str:
+    return f"vm/{name}"
+
+
+def settle_after_migrate(ctx: JobContext) -> None:
+    """Wait for the node child to end, then make both libvirts and the DB agree on one server."""
+    children = _children(ctx, "migrate-domain")
+    if not children:
+        return  # nothing was moved yet: pre-flight and export change no libvirt
+    ctx.wait_for_children(children, MIGRATE_TIMEOUT_S, cancellable=False)
+    plan = _recorded(ctx)
+    settle_and_record(ctx, plan["vm"], plan["source"], plan["destination"])
+
+
+@workflow("migrate", cleanup=settle_after_migrate, rerun_after_crash=False)
+def migrate_vm(ctx: JobContext) -> dict[str, Any]:
+    """Move a VM to another server (live when it runs); with `check`, only report what stands in the way."""
+    started = time.monotonic()
+    name, live = ctx.params["vm"], bool(ctx.params.get("live", True))
+    ctx.phase("pre-flight", progress=2)
+    source, dest, problems = preflight(ctx, name, ctx.params.get("to"))
+    plan = {"vm": name, "source": source, "destination": dest, "live": live}
+    _record(ctx, {**plan, "problems": [p.as_dict() for p in problems]})
+    if ctx.params.get("check"):
+        return {**plan, "problems": [p.as_dict() for p in problems], "can_migrate": not problems}
+    if problems:
+        raise PreflightFailed(f"cannot migrate {name}: " + "; ".join(p.message for p in problems),
+                              problems=[p.as_dict() for p in problems])
+    ctx.phase("export storage", progress=5)
+    export_to(ctx, name, dest)
+    ctx.phase("migrate", progress=10)
+    child = ctx.spawn("migrate-domain", f"domain/{name}", node_queue(source),
+                      {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
+    (job,) = ctx.wait_for_children([child], MIGRATE_TIMEOUT_S, start=10, end=98)
+    raise_unless_succeeded(job)
+    return {**plan, **job.result, "total_ms": int((time.monotonic() - started) * 1000)}
+
+
+def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[driver.Problem]]:
+    """The VM's server, the destination (asked, or chosen by placement) and every problem found."""
+    with ctx.session() as session:
+        vm = find_vm(session, name)
+        source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))
+        try:
+            dest = _destination(session, ctx, vm, source, asked)
+        except NoCapacity as error:
+            return source.name, "", [driver.Problem(error.code, f"{error.message}: free memory or add a server")]
+        if dest.id == source.id:
+            return source.name, dest.name, [driver.Problem("SameServer", f"{name} already runs on {dest.name}")]
+        if dest.cluster_id != source.cluster_id:
+            return source.name, dest.name, [driver.Problem(
+                "OtherCluster", f"{dest.name} is not in {name}'s cluster, so it cannot reach its disks: "
+                                "choose a server of the same cluster")]
+        room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
+        need = driver.Room(room.memory_bytes, room.vcpus, vm.memory_bytes, vm.vcpus)
+        source_name, source_uri = source.name, source.libvirt_uri
+        dest_name, dest_uri, in_maintenance = dest.name, dest.libvirt_uri, dest.maintenance
+    problems = driver.preflight(source_uri, dest_uri, name, dest_name=dest_name, dest_maintenance=in_maintenance, room=need)
+    return source_name, dest_name, problems
+
+
+def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: ClusterServer,
+                 asked: str | None) -> ClusterServer:
+    if asked:
+        dest = session.scalar(select(ClusterServer).where(ClusterServer.name == asked))
+        if dest is None:
+            raise ServerNotFound(f"no cluster server {asked}", server=asked)
+        return dest
+    others = select(ClusterServer).where(ClusterServer.cluster_id == source.cluster_id, ClusterServer.id != source.id)
+    return place(session, ctx.rt.config, list(session.scalars(others)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+
+
+def export_to(ctx: JobContext, name: str, server: str) -> None:
+    """Make sure the VM's iSCSI target lets `server`'s initiator log in (a SAN child job)."""
+    with ctx.session() as session:
+        site, san = site_and_san(session, find_vm(session, name))
+        initiator = session.scalar(select(ClusterServer.initiator_iqn).where(ClusterServer.name == server))
+    ctx.run_child("export-vm-disks", f"disks/{name}", san_queue(site), {"vm": name, "san": san, "initiator": initiator},
+                  timeout=SAN_TIMEOUT_S, start=5, end=10)
+
+
+def _children(ctx: JobContext, kind: str) -> list[str]:
+    with ctx.session() as session:
+        return list(session.scalars(select(Job.id).where(Job.parent_id == ctx.job_id, Job.kind == kind)))
+
+
+def _record(ctx: JobContext, result: dict[str, Any]) -> None:
+    """Keep what is known so far on the job's result, so a failed job still shows it."""
+    with ctx.session() as session:
+        session.get(Job, ctx.job_id).result = result
+
+
+def _recorded(ctx: JobContext) -> dict[str, Any]:
+    with ctx.session() as session:
+        return dict(session.get(Job, ctx.job_id).result or {})

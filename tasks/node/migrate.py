@@ -1,0 +1,63 @@
+"""The node side of a migration, on the SOURCE server's queue: the libvirt migration job and the settle
+that makes the VM run on exactly one server, whatever happened."""
+
+from typing import Any
+
+from tasks import jobs
+from tasks.context import JobContext
+from tasks.dispatch import cancel_key
+from tasks.node.domains import domain_spec, record_state, vm_and_server
+from tasks.workflow import workflow
+from workers.node import domains
+from workers.node import migrate as driver
+from workers.node.domain_xml import domain_xml
+
+
+def settle_domain(ctx: JobContext) -> None:
+    settle_and_record(ctx, ctx.params["vm"], ctx.params["source"], ctx.params["destination"])
+
+
+@workflow("migrate-domain", cleanup=settle_domain, rerun_after_crash=False)
+def migrate_domain(ctx: JobContext) -> dict[str, Any]:
+    """Run the libvirt migration from this (the source) server, reporting its job stats as progress."""
+    name = ctx.params["vm"]
+    with ctx.session() as session:
+        vm, source = vm_and_server(session, name, ctx.params["source"])
+        _, dest = vm_and_server(session, name, ctx.params["destination"])
+        xml = domain_xml(domain_spec(session, vm, dest))
+        source_uri, dest_uri = source.libvirt_uri, dest.libvirt_uri
+    ctx.phase("transfer memory", progress=5)
+
+    def progress(sample: driver.MigrationProgress) -> None:
+        ctx.report.update(progress=5 + 0.9 * sample.percent, bytes_done=sample.memory_total - sample.memory_remaining,
+                          bytes_total=sample.memory_total,
+                          message=f"iteration {sample.iteration}, dirty rate {sample.dirty_rate} pages/s")
+
+    try:
+        outcome = driver.migrate(source_uri, dest_uri, name, xml, live=bool(ctx.params.get("live", True)),
+                                 on_progress=progress, should_abort=lambda: bool(ctx.rt.redis.exists(cancel_key(ctx.job_id))),
+                                 bandwidth_mib_s=ctx.params.get("bandwidth_mib_s"))
+    except driver.MigrationAborted:
+        raise jobs.JobCancelled(ctx.job_id) from None
+    ctx.phase("confirm", progress=96)
+    where = settle_and_record(ctx, name, ctx.params["source"], ctx.params["destination"])
+    if where != ctx.params["destination"]:
+        raise driver.MigrationFailed(f"libvirt reported success but {name} runs on {where}", server=where)
+    return outcome.as_dict()
+
+
+def settle_and_record(ctx: JobContext, name: str, source: str, dest: str) -> str:
+    """Make `name` run on exactly one of the two servers and record that one (and its state) in the DB."""
+    with ctx.session() as session:
+        _, src = vm_and_server(session, name, source)
+        _, dst = vm_and_server(session, name, dest)
+        uris = {source: src.libvirt_uri, dest: dst.libvirt_uri}
+    side = driver.settle(uris[source], uris[dest], name)
+    where = source if side == "source" else dest
+    state = domains.domain_state(uris[where], name)
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, name, where)
+        if vm is not None:
+            vm.server_id = server.id
+            record_state(session, vm, state)
+    return where
