@@ -23,7 +23,6 @@ from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.san import backups as backup_jobs
 from api.vms import vm_name
 from tasks.inventory import vms
-from tasks.queues import CONTROL, san_queue
 from tasks.inventory.vms import VmNotFound
 from workers.errors import Conflict, NotFound
 
@@ -94,10 +93,9 @@ def create(name: str):
     mode = validation.choice(body.get("mode", "full"), "mode", backup_jobs.MODES)
     params: dict[str, Any] = {"vm": validation.name(name, "name"), "mode": mode}
     with context.session() as db:
-        site = _site_of_vm(db, name)
+        _check_has_disks(db, name)
         params["store"] = _store_name(db, body.get("store"))
-    return submit_job(kind="snapshot-backup", target=backup_target(name), queue=san_queue(site),
-                      action="backup.create", params=params)
+    return submit_job("snapshot-backup", params)
 
 
 @backups.get("/backups")
@@ -134,12 +132,10 @@ def verify(backup_id: str):
         raise validation.invalid("boot", "must be true or false")
     if body.get("boot"):
         scratch = f"verify-{backup_id.replace('-', '')[:12]}"
-        return _restore_as_vm(backup_id, scratch, kind="verify-boot", action="backup.verify")
+        return _restore_as_vm(backup_id, scratch, kind="verify-boot")
     with context.session() as db:
-        backup, _ = _backup(db, backup_id)
-        queue = _queue_of_san(db, backup.san_name)
-    return submit_job(kind="verify-backup", target=f"backup-verify/{backup_id}", queue=queue,
-                      action="backup.verify", params={"backup": backup_id})
+        _backup(db, backup_id)
+    return submit_job("verify-backup", {"backup": backup_id})
 
 
 @backups.post("/backups/<backup_id>/actions/restore")
@@ -163,14 +159,13 @@ def restore(backup_id: str):
     params: dict[str, Any] = {"backup": backup_id, "in_place": in_place}
     with context.session() as db:
         backup, _ = _backup(db, backup_id)
-        queue = _queue_of_san(db, backup.san_name)
+        _check_san_exists(db, backup.san_name)
         if body.get("as") is not None:
             params["as"] = _new_volume_name(db, body["as"], backup.san_name)
-        target = f"vm/{backup.vm_name}" if in_place else f"restore/{params.get('as') or backup_id}"
-    return submit_job(kind="restore", target=target, queue=queue, action="backup.restore", params=params)
+    return submit_job("restore", params)
 
 
-def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm", action: str = "backup.restore"):
+def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm"):
     """A new VM like the backed-up one (template, memory, vCPUs), its lease reserved now, its disk the backup's."""
     new_name = vm_name(name, "as_vm")
     with context.session() as db:
@@ -183,8 +178,7 @@ def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm", actio
         request_ = vms.InstallRequest(name=new_name, template=template, memory_bytes=original.memory_bytes,
                                       vcpus=original.vcpus, disk_bytes=backup.size_bytes, san=backup.san_name,
                                       description=f"restored from backup {backup.id} of {backup.vm_name}")
-    return submit_job(kind=kind, target=f"vm/{new_name}", queue=CONTROL, action=action,
-                      params={"vm": new_name, "backup": backup_id, "disk_bytes": backup.size_bytes},
+    return submit_job(kind, {"vm": new_name, "backup": backup_id, "disk_bytes": backup.size_bytes},
                       prepare=lambda db: vms.reserve_vm(db, context.runtime().config, request_))
 
 
@@ -214,8 +208,8 @@ def _backup(db: Session, backup_id: str) -> tuple[Backup, str]:
     return row[0], row[1]
 
 
-def _site_of_vm(db: Session, name: str) -> str:
-    """The site of the SAN holding the VM's disks."""
+def _check_has_disks(db: Session, name: str) -> None:
+    """Refuse a backup of a VM that is gone or has no disk on a SAN."""
     vm_id = db.scalar(select(VirtualMachine.id).where(VirtualMachine.name == name))
     if vm_id is None:
         raise VmNotFound(f"no VM {name}", vm=name)
@@ -223,14 +217,11 @@ def _site_of_vm(db: Session, name: str) -> str:
                      .where(Volume.vm_id == vm_id, Volume.role == "disk").limit(1))
     if site is None:
         raise backup_jobs.NoDisks(f"VM {name} has no disk volumes", vm=name)
-    return site
 
 
-def _queue_of_san(db: Session, san: str) -> str:
-    site = db.scalar(select(Site.name).join(San, San.site_id == Site.id).where(San.name == san))
-    if site is None:
+def _check_san_exists(db: Session, san: str) -> None:
+    if db.scalar(select(San.id).where(San.name == san)) is None:
         raise NotFound(f"the backup's SAN {san} is gone", san=san)
-    return san_queue(site)
 
 
 def _store_name(db: Session, value: Any) -> str:

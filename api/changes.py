@@ -5,30 +5,19 @@ retry safe: the same key returns the job the first request made (200, nothing ru
 """
 
 from collections.abc import Callable
-from contextlib import suppress
 from typing import Any
 
-import redis
 from flask import Response, jsonify, request, url_for
-from kombu.exceptions import OperationalError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import context, validation
 from api.auth import current_caller
 from api.representations import job_json
-from models import FAILED, AuditEvent, Job
-from tasks import jobs
-from tasks.dispatch import dispatch
-from tasks.progress import announce
+from models import AuditEvent, Job
+from tasks import jobs, submission
+from tasks.kinds import kind_of, parse, stored
 from workers.errors import LaxError
-
-BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
-
-
-class BrokerUnavailable(LaxError):
-    code = "BrokerUnavailable"
-    http_status = 503
 
 
 class IdempotencyKeyReused(LaxError):
@@ -36,23 +25,20 @@ class IdempotencyKeyReused(LaxError):
     http_status = 422
 
 
-def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[str, Any] | None = None,
+def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str | None = None,
                prepare: Callable[[Session], None] | None = None) -> Response:
     """Record and dispatch a job for the current request; 202 + Location, or 200 for a repeated Idempotency-Key.
 
     `prepare(db)` runs first in the same transaction as the job (e.g. reserving the rows the job
     works on), so its rows and the job commit together or not at all; a repeated key skips it.
     """
-    params = params or {}
     key = validation.idempotency_key()
+    requester = submission.Requester(current_caller().name, request.remote_addr)
     try:
         with context.session() as db:
             if prepare is not None and not (key and _key_used(db, key)):
                 prepare(db)
-            job, created = jobs.submit(db, kind=kind, target=target, queue=queue, params=params,
-                                       requested_by=current_caller().name, idempotency_key=key)
-            if created:
-                audit(db, action, target, job_id=job.id, params=params)
+            job, created = submission.submit(db, kind, params, requester, target=target, idempotency_key=key)
     except jobs.TargetBusy:
         # Two requests with one key racing: the loser's lock claim fails on the winner's job.
         job = _job_with_key(key) if key else None
@@ -60,9 +46,9 @@ def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[
             raise
         created = False
     if not created:
-        _check_same_request(job, kind, target, params)
+        _check_same_request(job, kind, params, target)
         return job_response(job, 200)
-    _start(job)
+    submission.launch(context.runtime(), context.celery(), job)
     return job_response(job, 202)
 
 
@@ -79,22 +65,6 @@ def job_response(job: Job, status: int) -> Response:
     return response
 
 
-def _start(job: Job) -> None:
-    """Announce and dispatch a committed job; if the broker is down the job fails instead of waiting forever."""
-    rt = context.runtime()
-    try:
-        announce(rt.redis, job)
-        dispatch(context.celery(), job)
-    except BROKER_ERRORS as error:
-        failure = BrokerUnavailable(f"the job queue is unreachable ({type(error).__name__}); job {job.id} was not started",
-                                    job_id=job.id)
-        with context.session() as db:
-            failed = jobs.finish(db, jobs.get(db, job.id), FAILED, error=failure)
-        with suppress(*BROKER_ERRORS):
-            announce(rt.redis, failed)
-        raise failure from error
-
-
 def _key_used(db: Session, key: str) -> bool:
     return db.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None
 
@@ -104,7 +74,8 @@ def _job_with_key(key: str) -> Job | None:
         return db.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def _check_same_request(job: Job, kind: str, target: str, params: dict[str, Any]) -> None:
-    if (job.kind, job.target, job.params) != (kind, target, params):
+def _check_same_request(job: Job, kind: str, params: dict[str, Any] | None, target: str | None) -> None:
+    same_target = target is None or job.target == target
+    if not same_target or (job.kind, job.params) != (kind, stored(parse(kind_of(kind), params))):
         raise IdempotencyKeyReused(f"Idempotency-Key was already used for a different request (job {job.id})",
                                    job_id=job.id, field="Idempotency-Key")

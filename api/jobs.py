@@ -11,9 +11,8 @@ from api.events import job_events
 from api.openapi import list_of, operation, ref
 from api.representations import job_json
 from models import FINAL_STATES, STATES, Job
-from tasks import jobs
+from tasks import jobs, submission
 from tasks.progress import announce
-from tasks.queues import CONTROL
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -54,8 +53,8 @@ def show(job_id: str):
            status=202, response=ref("Job"))
 def cancel(job_id: str):
     rt = context.runtime()
+    job = submission.cancel(rt, context.celery(), job_id)
     with context.session() as db:
-        job = jobs.request_cancel(db, rt.redis, job_id)
         audit(db, "job.cancel", job.target, job_id=job.id)
     if job.state in FINAL_STATES:
         announce(rt.redis, job)
@@ -89,7 +88,7 @@ def noop():
     params = {"seconds": validation.number(body.get("seconds", 0), "seconds", 0, NOOP_MAX_SECONDS),
               "steps": validation.integer(body.get("steps", 1), "steps", 1, NOOP_MAX_STEPS)}
     name = validation.name(body["target"], "target") if "target" in body else _fresh_name(validation.idempotency_key())
-    return submit_job(kind="noop", target=f"noop/{name}", queue=CONTROL, action="job.noop", params=params)
+    return submit_job("noop", params, target=f"noop/{name}")
 
 
 def _escape_like(text: str) -> str:

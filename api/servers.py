@@ -10,7 +10,6 @@ from api.openapi import list_of, operation, ref
 from api.representations import server_json
 from models import Cluster, ClusterServer
 from tasks import jobs
-from tasks.queues import CONTROL
 from tasks.control.servers import server_target
 from workers.errors import NotFound
 
@@ -48,7 +47,7 @@ def show(name: str):
 @operation("Refresh every server's facts through libvirt, one child job per server", status=202, response=ref("Job"))
 def refresh():
     validation.reject_unknown(validation.json_body(), set())
-    return submit_job(kind="refresh-servers", target=REFRESH_TARGET, queue=CONTROL, action="servers.refresh")
+    return submit_job("refresh-servers")
 
 
 @blueprint.post("/servers/<name>/actions/evacuate")
@@ -58,8 +57,7 @@ def evacuate(name: str):
     validation.reject_unknown(validation.json_body(), set())
     with context.session() as db:
         _existing_server(db, name)
-    return submit_job(kind="evacuate", target=server_target(name), queue=CONTROL, action="server.evacuate",
-                      params={"server": name})
+    return submit_job("evacuate", {"server": name})
 
 
 @blueprint.post("/servers/<name>/actions/activate")

@@ -14,7 +14,6 @@ from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso, san_json
 from models import San, Template, VirtualMachine, Volume
-from tasks.queues import san_queue
 from workers.errors import Conflict, LaxError, NotFound
 
 sans = Blueprint("sans", __name__)
@@ -107,9 +106,8 @@ def san_volumes(name: str):
 def san_refresh(name: str):
     validation.reject_unknown(validation.json_body(), set())
     with context.session() as db:
-        site = find_san(db, name, "name", missing=SanNotFound).site.name
-    return submit_job(kind="refresh-san", target=f"san/{name}", queue=san_queue(site), action="san.refresh",
-                      params={"san": name})
+        find_san(db, name, "name", missing=SanNotFound)
+    return submit_job("refresh-san", {"san": name})
 
 
 def find_san(db: Session, name: Any, field: str, *, missing: type[LaxError]) -> San:
@@ -139,10 +137,8 @@ def volume_resize(volume_id: str):
     validation.reject_unknown(body, {"size"})
     size_bytes = sizes.disk(body.get("size"), "size")
     with context.session() as db:
-        volume, san, _ = _volume(db, volume_id)
-        site = san.site.name
-    return submit_job(kind="resize-volume", target=f"volume/{volume.id}", queue=san_queue(site), action="volume.resize",
-                      params={"volume_id": volume.id, "size_bytes": size_bytes})
+        volume, _, _ = _volume(db, volume_id)
+    return submit_job("resize-volume", {"volume_id": volume.id, "size_bytes": size_bytes})
 
 
 def volumes_query():
@@ -191,9 +187,7 @@ def template_import():
         san = find_san(db, params["san"], "san", missing=UnknownSan)
         if db.scalar(select(Template.id).where(Template.name == name, Template.san_id == san.id)) is not None:
             raise TemplateExists(f"template {name} exists on {san.name}", name=name, san=san.name)
-        site = san.site.name
-    return submit_job(kind="import-template", target=f"template/{san.name}/{name}", queue=san_queue(site),
-                      action="template.import", params=params)
+    return submit_job("import-template", params)
 
 
 def _absolute_path(value: Any) -> str:

@@ -18,7 +18,6 @@ from api.representations import iso
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import vms
-from tasks.queues import CONTROL
 from workers.errors import NotFound
 
 blueprint = Blueprint("vms", __name__)
@@ -153,8 +152,7 @@ def install():
     def reserve(db: Session) -> None:
         vms.reserve_vm(db, config, wanted)
 
-    return submit_job(kind="install-vm", target=vm_target(wanted.name), queue=CONTROL, action="vm.install",
-                      params={"vm": wanted.name, "disk_bytes": wanted.disk_bytes, "server": wanted.server},
+    return submit_job("install-vm", {"vm": wanted.name, "disk_bytes": wanted.disk_bytes, "server": wanted.server},
                       prepare=reserve)
 
 
@@ -179,7 +177,7 @@ def act(name: str, action: str):
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
     if action == "migrate":
         params.update(migrate_params(body))
-    return submit_job(kind=action, target=vm_target(name), queue=CONTROL, action=f"vm.{action}", params=params)
+    return submit_job(action, params)
 
 
 @blueprint.delete("/vms/<name>")
@@ -187,8 +185,7 @@ def act(name: str, action: str):
            status=202, response=ref("Job"))
 def delete(name: str):
     validation.reject_unknown(validation.json_body(), set())
-    return submit_job(kind="delete-vm", target=vm_target(name), queue=CONTROL, action="vm.delete",
-                      params={"vm": _existing_vm(name)})
+    return submit_job("delete-vm", {"vm": _existing_vm(name)})
 
 
 def migrate_params(body: dict[str, Any]) -> dict[str, Any]:

@@ -7,16 +7,14 @@ from sqlalchemy import select
 import config
 from lab import cluster as lab_cluster, topology
 from lab.template import build_tiny
-from models import BackupStore, Job, San, Site, Template
+from models import BackupStore, Job, San, Template
 from models.db import transaction
-from tasks import jobs
+from tasks import jobs, submission
 from tasks.app import make_celery
-from tasks.dispatch import dispatch
-from tasks.progress import announce
-from tasks.queues import CONTROL, san_queue
 from tasks.runtime import make_runtime
 
 BOOTSTRAP_TIMEOUT_S = 300
+LAUNCHER = submission.Requester("laxcluster run")
 
 
 def lab_backup_stores(cfg: config.Config) -> list[str]:
@@ -46,34 +44,30 @@ def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:
     celery = make_celery(cfg)
     try:
         with transaction(rt.sessions) as session:
-            sans = [(san.name, site.name) for san, site in session.execute(select(San, Site).join(Site))]
+            sans = list(session.scalars(select(San.name)))
             have_tiny = set(session.scalars(select(San.name).join(Template, Template.san_id == San.id)
                                             .where(Template.name == "tiny")))
-        wanted = [("refresh-servers", "servers", CONTROL, {})]
-        wanted += [("refresh-san", f"san/{name}", san_queue(site), {"san": name}) for name, site in sans]
+        wanted = [("refresh-servers", {})] + [("refresh-san", {"san": name}) for name in sans]
         if with_lab:
             tiny = build_tiny(cfg.var_dir / "lab" / "templates" / "tiny")
-            wanted += [("import-template", f"template/{name}/tiny", san_queue(site),
-                        {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()), "os": "busybox", "boot": tiny.boot_info()})
-                       for name, site in sans if name not in have_tiny]
-        submitted = [_submit(rt, celery, *job) for job in wanted]
+            wanted += [("import-template", {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()),
+                                            "os": "busybox", "boot": tiny.boot_info()})
+                       for name in sans if name not in have_tiny]
+        submitted = [_start(rt, celery, kind, params) for kind, params in wanted]
         return [_wait(rt, job.id) for job in submitted]
     finally:
         celery.close()
         rt.engine.dispose()
 
 
-def _submit(rt, celery, kind: str, target: str, queue: str, params: dict) -> Job:
+def _start(rt, celery, kind: str, params: dict) -> Job:
     """Start the job, or, when an earlier run left one for the same target, send that one again."""
     try:
-        with transaction(rt.sessions) as session:
-            job, _ = jobs.submit(session, kind=kind, target=target, queue=queue, params=params,
-                                 requested_by="laxcluster run")
-        announce(rt.redis, job)
+        return submission.start(rt, celery, kind, params, LAUNCHER)
     except jobs.TargetBusy as busy:
         with rt.sessions() as session:
             job = session.get(Job, busy.extra["job_id"])
-    dispatch(celery, job)
+    submission.launch(rt, celery, job)
     return job
 
 

@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Float, ForeignKey, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, new_id, utcnow
@@ -14,6 +14,7 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("parent_id", "step"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(31), index=True)
@@ -32,6 +33,12 @@ class Job(Base):
     requested_by: Mapped[str] = mapped_column(String(127), default="system")
     idempotency_key: Mapped[str | None] = mapped_column(String(127), unique=True)
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # A child's name inside its parent's workflow: a resumed parent finds the child it made before.
+    step: Mapped[str | None] = mapped_column(String(191))
+    # A parent waiting for its children holds no worker; they wake it when they end.
+    waiting: Mapped[bool] = mapped_column(default=False, index=True)
+    # What a resumed run needs: the awaited children, remembered values, a pending cleanup.
+    continuation: Mapped[dict] = mapped_column(default=dict)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     attempt: Mapped[int] = mapped_column(default=0)
     worker: Mapped[str | None] = mapped_column(String(255))

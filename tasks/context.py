@@ -1,20 +1,29 @@
-"""What a workflow sees of its job: parameters, progress reporting, cancel checks, child jobs."""
+"""What a workflow sees of its job: parameters, progress reporting, cancel checks, child jobs.
 
-import time
-from collections.abc import Iterator
+Waiting for children never blocks a worker: `wait_for_children` returns the children when they have
+ended and otherwise raises `Suspended` (see tasks.continuations), so a workflow runs again from the
+start when they end. Its children are named steps, found again on every run.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from models import FINAL_STATES, SUCCEEDED, Job
+from models import FINAL_STATES, SUCCEEDED, Job, utcnow
 from models.db import transaction
-from tasks import jobs
-from tasks.dispatch import cancel_key, dispatch
-from tasks.progress import Reporter, announce
+from tasks import jobs, submission
+from tasks.continuations import Suspended, Wait, deadline_for
+from tasks.dispatch import cancel_key
+from tasks.progress import Reporter
 from tasks.runtime import Runtime
+
+T = TypeVar("T")
 
 
 class JobContext:
@@ -27,7 +36,15 @@ class JobContext:
         self.params: dict[str, Any] = dict(job.params)
         self.attempt = job.attempt
         self.requested_by = job.requested_by
+        self.started_at = job.started_at
         self.report = reporter
+        self.continuation: dict[str, Any] = dict(job.continuation or {})
+        self._stage = "run"
+        self._seen: dict[str, int] = {}
+        # A job that already has children runs again after a wait: its phases up to the first new
+        # child were reported before, so they are held back instead of replayed to watchers.
+        self._replaying = self._has_children()
+        self._held_phase: tuple[str, float | None] | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -38,6 +55,9 @@ class JobContext:
     def phase(self, name: str, progress: float | None = None) -> None:
         """Enter a named phase; a cancel requested meanwhile stops the job here."""
         self.check_cancel()
+        if self._replaying:
+            self._held_phase = (name, progress)
+            return
         self.report.update(phase=name, progress=progress)
 
     def check_cancel(self) -> None:
@@ -45,50 +65,93 @@ class JobContext:
         if self.rt.redis.exists(cancel_key(self.job_id)):
             raise jobs.JobCancelled(self.job_id)
 
-    def spawn(self, kind: str, target: str, queue: str, params: dict[str, Any] | None = None) -> str:
-        """Submit and dispatch a child job of this one; TargetBusy if its target is locked."""
+    def enter_cleanup(self) -> None:
+        """Children made from here on belong to the cleanup, apart from those of the run it undoes."""
+        self._stage, self._seen = "cleanup", {}
+
+    def once(self, name: str, compute: Callable[[], T]) -> T:
+        """`compute()` on the first run, the remembered value on every later one (JSON-serialisable values)."""
+        memo = self.continuation.setdefault("memo", {})
+        if name not in memo:
+            memo[name] = compute()
+            with self.session() as session:
+                session.get(Job, self.job_id).continuation = dict(self.continuation)
+        return memo[name]
+
+    def spawn(self, kind: str, params: dict[str, Any] | None = None, *, step: str | None = None) -> str:
+        """Start a child job of this one, or find the one an earlier run started for this step.
+
+        The step defaults to the kind and parameters, numbered by how often this run asked for them.
+        TargetBusy if the child's target is locked by another job.
+        """
+        key = self._step_key(step or f"{kind}:{json.dumps(params or {}, sort_keys=True)}")
         with self.session() as session:
-            child, _ = jobs.submit(session, kind=kind, target=target, queue=queue, params=params,
-                                   requested_by=self.requested_by, parent_id=self.job_id)
-        announce(self.rt.redis, child)
-        dispatch(self.app, child)
+            existing = session.scalar(select(Job.id).where(Job.parent_id == self.job_id, Job.step == key))
+        if existing is not None:
+            return existing
+        self._stop_replaying()
+        with self.session() as session:
+            child, _ = submission.submit(session, kind, params, submission.Requester(self.requested_by),
+                                         parent_id=self.job_id, step=key)
+        submission.launch(self.rt, self.app, child)
         return child.id
 
-    def run_child(self, kind: str, target: str, queue: str, params: dict[str, Any], *, timeout: float,
-                  start: float, end: float, cancellable: bool = True) -> dict[str, Any]:
-        """Run one child job on `queue` to its end and return its result; its failure becomes ours.
+    def run_child(self, kind: str, params: dict[str, Any], *, timeout: float, start: float, end: float,
+                  cancellable: bool = True) -> dict[str, Any]:
+        """Run one child job to its end and return its result; its failure becomes ours.
 
         Cleanup paths pass `cancellable=False`: undoing work must finish even when the job was cancelled.
         """
-        child_id = self.spawn(kind, target, queue, params)
+        child_id = self.spawn(kind, params)
         (child,) = self.wait_for_children([child_id], timeout, start, end, cancellable=cancellable)
         raise_unless_succeeded(child)
         return dict(child.result)
 
     def wait_for_children(self, child_ids: list[str], timeout: float, start: float = 0.0, end: float = 100.0,
                           *, cancellable: bool = True) -> list[Job]:
-        """Wait until every child job is final, mapping their mean progress onto [start, end] (and a
-        lone child's bytes onto this job's). A cancel of this job cancels the children still running
-        and raises JobCancelled.
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            children = self.children(child_ids)
-            if all(child.state in FINAL_STATES for child in children):
-                return children
-            mean = sum(100.0 if c.state in FINAL_STATES else c.progress for c in children) / max(len(children), 1)
-            lone = children[0] if len(children) == 1 else None
-            self.report.update(progress=start + (end - start) * mean / 100.0,
-                               bytes_done=lone.bytes_done if lone else None, bytes_total=lone.bytes_total if lone else None)
-            if cancellable:
-                self.pass_cancel_on(child_ids)
-            if time.monotonic() > deadline:
-                raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
-            time.sleep(0.2)
+        """The children once every one has ended; until then the job suspends, its progress on [start, end]
+        following theirs. A cancel of this job cancels the children still running and raises JobCancelled."""
+        return self._wait(child_ids, timeout, Wait(child_ids, "", start, end, 0, len(child_ids)), cancellable)
+
+    def wait_for_any(self, child_ids: list[str], timeout: float, start: float, end: float, *, done: int,
+                     total: int) -> list[Job]:
+        """The children once one of them has ended (to start the next of a batch); progress counts
+        `done` ended children of `total`."""
+        return self._wait(child_ids, timeout, Wait(child_ids, "", start, end, done, total, any=True), True)
+
+    def _wait(self, child_ids: list[str], timeout: float, wait: Wait, cancellable: bool) -> list[Job]:
+        children = self.children(child_ids)
+        if cancellable:
+            self.pass_cancel_on(child_ids)
+        ended = [child.state in FINAL_STATES for child in children]
+        if all(ended) or (wait.any and any(ended)):
+            return children
+        deadline = deadline_for(children, timeout)
+        if utcnow() >= deadline:
+            raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
+        raise Suspended(Wait(**{**wait.as_dict(), "deadline": deadline.isoformat()}))
 
     def children(self, child_ids: list[str]) -> list[Job]:
         with self.session() as session:
-            return list(session.scalars(select(Job).where(Job.id.in_(child_ids))))
+            by_id = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(child_ids)))}
+        return [by_id[child_id] for child_id in child_ids]
+
+    def children_of_kind(self, kind: str) -> list[str]:
+        with self.session() as session:
+            return list(session.scalars(select(Job.id).where(Job.parent_id == self.job_id, Job.kind == kind)))
+
+    def elapsed_ms(self) -> int:
+        """Time since the job started, across the runs it took (a wait for children ends a run)."""
+        return int((utcnow() - self.started_at).total_seconds() * 1000)
+
+    def record_result(self, result: dict[str, Any]) -> None:
+        """Keep what is known so far on the job's result, so a failed job still shows it."""
+        with self.session() as session:
+            session.get(Job, self.job_id).result = result
+
+    def recorded_result(self) -> dict[str, Any]:
+        with self.session() as session:
+            return dict(session.get(Job, self.job_id).result or {})
 
     def pass_cancel_on(self, child_ids: list[str]) -> None:
         """If this job was asked to cancel, cancel its children still running and raise JobCancelled."""
@@ -101,6 +164,22 @@ class JobContext:
                 except jobs.JobFinished:
                     continue
         raise jobs.JobCancelled(self.job_id)
+
+    def _step_key(self, base: str) -> str:
+        count = self._seen.get(base, 0)
+        self._seen[base] = count + 1
+        digest = hashlib.sha256(base.encode()).hexdigest()[:24]
+        return f"{self._stage}:{digest}#{count}"
+
+    def _stop_replaying(self) -> None:
+        if self._replaying:
+            self._replaying = False
+            if self._held_phase is not None:
+                self.report.update(phase=self._held_phase[0], progress=self._held_phase[1])
+
+    def _has_children(self) -> bool:
+        with self.session() as session:
+            return bool(session.scalar(select(func.count()).select_from(Job).where(Job.parent_id == self.job_id)))
 
 
 def raise_unless_succeeded(child: Job) -> None:

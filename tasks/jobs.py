@@ -51,7 +51,8 @@ class ChildrenTimedOut(LaxError):
 
 
 def submit(session: Session, *, kind: str, target: str, queue: str, params: dict[str, Any] | None = None,
-           requested_by: str = "system", idempotency_key: str | None = None, parent_id: str | None = None) -> tuple[Job, bool]:
+           requested_by: str = "system", idempotency_key: str | None = None, parent_id: str | None = None,
+           step: str | None = None) -> tuple[Job, bool]:
     """Record a new queued job holding the lock on `target`; return (job, created).
 
     The same idempotency key returns the job it first made (created=False) and runs nothing new.
@@ -63,7 +64,7 @@ def submit(session: Session, *, kind: str, target: str, queue: str, params: dict
         if existing is not None:
             return existing, False
     job = Job(kind=kind, target=target, queue=queue, params=params or {}, requested_by=requested_by,
-              idempotency_key=idempotency_key, parent_id=parent_id, state=QUEUED)
+              idempotency_key=idempotency_key, parent_id=parent_id, step=step, state=QUEUED)
     session.add(job)
     try:
         with session.begin_nested():
@@ -91,9 +92,34 @@ def claim(session: Session, job_id: str, attempt: int, worker: str) -> Job | Non
     claimed = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.state.in_((QUEUED, RUNNING)))
-        .values(state=RUNNING, attempt=Job.attempt + 1, worker=worker, started_at=utcnow(), updated_at=utcnow())
+        .values(state=RUNNING, attempt=Job.attempt + 1, waiting=False, worker=worker, started_at=utcnow(),
+                updated_at=utcnow())
     ).rowcount
     return session.get(Job, job_id, populate_existing=True) if claimed else None
+
+
+def claim_resume(session: Session, job_id: str, attempt: int, worker: str) -> Job | None:
+    """Take a waiting parent back up; None unless it still waits in `attempt` (a duplicate wake is stale).
+
+    A resume is not a new attempt: only a crash counts toward `max_attempts`.
+    """
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, Job.state == RUNNING, Job.waiting.is_(True))
+        .values(waiting=False, worker=worker, updated_at=utcnow())
+    ).rowcount
+    return session.get(Job, job_id, populate_existing=True) if claimed else None
+
+
+def suspend(session: Session, job_id: str, continuation: dict[str, Any]) -> Job:
+    """Mark a running job as waiting for its children, keeping what its next run needs."""
+    job = get(session, job_id)
+    job.waiting, job.continuation, job.updated_at = True, continuation, utcnow()
+    return job
+
+
+def unfinished_children(session: Session, job_id: str) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.parent_id == job_id, Job.state.not_in(FINAL_STATES))))
 
 
 def finish(session: Session, job: Job, state: str, *, result: dict[str, Any] | None = None,
@@ -112,10 +138,17 @@ def finish(session: Session, job: Job, state: str, *, result: dict[str, Any] | N
 
 
 def request_cancel(session: Session, client: redis.Redis, job_id: str) -> Job:
-    """Cancel a job: a queued one ends `cancelled` now; a running one is flagged and stops at its next check."""
+    """Cancel a job: a queued one ends `cancelled` now; a running one is flagged and stops at its next check.
+
+    A parent waiting for its children runs no code to see the flag, so its children are cancelled
+    instead (unless it waits for its cleanup, which must finish); their ends wake it.
+    """
     job = get(session, job_id)
     if job.state in FINAL_STATES:
         raise JobFinished(f"job {job_id} already {job.state}", job_id=job_id, state=job.state)
+    if job.waiting and "cleanup" not in job.continuation:
+        for child in unfinished_children(session, job_id):
+            request_cancel(session, client, child.id)
     client.set(cancel_key(job_id), 1, ex=7 * 24 * 3600)
     still_queued = session.execute(
         update(Job).where(Job.id == job_id, Job.state == QUEUED)

@@ -12,9 +12,11 @@ import time
 from typing import Any
 
 import redis
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import FINAL_STATES, Job, utcnow
+from tasks.continuations import Wait
 
 HISTORY_LIMIT = 1000
 KEY_TTL_S = 7 * 24 * 3600
@@ -65,13 +67,16 @@ def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[st
 class Reporter:
     """Progress of one running job. Cheap to call often: the DB is written at most every `db_interval`s."""
 
-    def __init__(self, job_id: str, sessions: sessionmaker[Session], client: redis.Redis, db_interval: float = 1.0) -> None:
+    def __init__(self, job_id: str, sessions: sessionmaker[Session], client: redis.Redis, db_interval: float = 1.0,
+                 *, resumed_from: Job | None = None) -> None:
         self.job_id = job_id
         self._sessions = sessions
         self._redis = client
         self._db_interval = db_interval
         self._last_db_write = 0.0
         self._state: dict[str, Any] = {"phase": "", "progress": 0.0, "bytes_done": None, "bytes_total": None, "rate_bps": None}
+        if resumed_from is not None:
+            self._state.update(phase=resumed_from.phase, progress=resumed_from.progress)
         self._rate_mark: tuple[float, int] | None = None
 
     def update(self, *, phase: str | None = None, progress: float | None = None,
@@ -103,6 +108,8 @@ class Reporter:
             for name, value in self._state.items():
                 setattr(job, name, value)
             job.updated_at = utcnow()
+            if job.parent_id is not None:
+                roll_up(session, self._redis, job.parent_id)
 
     def _rate(self, bytes_done: int) -> float | None:
         now = time.monotonic()
@@ -119,3 +126,26 @@ class Reporter:
 def announce(client: redis.Redis, job: Job) -> dict[str, Any]:
     """Publish a job's state change (queued, running, final) as an event."""
     return publish(client, job.id, job_snapshot(job))
+
+
+def roll_up(session: Session, client: redis.Redis, parent_id: str) -> None:
+    """Carry children's progress up to a parent that waits for them (it runs no code to do so itself):
+    their mean progress onto the parent's span, and a lone child's bytes."""
+    parent = session.get(Job, parent_id)
+    wait = Wait.of(parent) if parent is not None and parent.waiting else None
+    if wait is None:
+        return
+    children = list(session.scalars(select(Job).where(Job.id.in_(wait.ids))))
+    share = sum(100.0 if child.state in FINAL_STATES else child.progress for child in children) / 100.0
+    progress = wait.start + (wait.end - wait.start) * (wait.done + share) / max(wait.total, 1)
+    lone = children[0] if wait.total == 1 and len(children) == 1 else None
+    if progress <= parent.progress and lone is None:
+        return
+    parent.progress = max(parent.progress, min(progress, 100.0))
+    if lone is not None:
+        parent.bytes_done, parent.bytes_total, parent.rate_bps = lone.bytes_done, lone.bytes_total, lone.rate_bps
+    publish(client, parent.id, {"job_id": parent.id, "state": parent.state, "phase": parent.phase,
+                                "progress": round(parent.progress, 2), "bytes_done": parent.bytes_done,
+                                "bytes_total": parent.bytes_total, "rate_bps": parent.rate_bps})
+    if parent.parent_id is not None:
+        roll_up(session, client, parent.parent_id)

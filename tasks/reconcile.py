@@ -5,7 +5,8 @@ A running job keeps `job:<id>:alive` fresh (tasks.runner.Heartbeat). When that k
 worker died mid-job: the job is dispatched again for its current attempt (its steps are
 idempotent), or, after `max_attempts` or for kinds that must not re-run, dispatched to run its
 cleanup only and end `failed` with WorkerLost. A job queued for long is sent again, in case
-its message was lost.
+its message was lost. A parent waiting for its children is woken when they have ended or their
+time is up, in case the wake-up of the last child was lost.
 """
 
 from datetime import timedelta
@@ -17,6 +18,7 @@ from models import QUEUED, RUNNING, ClusterServer, Job, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
+from tasks.continuations import wake
 from tasks.dispatch import alive_key, dispatch
 from tasks.queues import CONTROL, node_queue
 from tasks.runtime import Runtime
@@ -46,9 +48,11 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
     grace = utcnow() - timedelta(seconds=ttl)
     done: dict[str, list[str]] = {"rerun": [], "rollback": []}
     with transaction(rt.sessions) as session:
-        orphans = [job for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.updated_at < grace))
+        orphans = [job for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.waiting.is_(False),
+                                                                    Job.updated_at < grace))
                    if not rt.redis.exists(alive_key(job.id))]
     done["redispatched"] = redispatch_stale_queued(rt, settings)
+    done["woken"] = wake_waiting(rt)
     for job in orphans:
         # Claim the re-dispatch for one heartbeat period, so the next tick does not send it again.
         if not rt.redis.set(alive_key(job.id), "requeued", ex=ttl * 2, nx=True):
@@ -57,6 +61,20 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
         dispatch(app, job, rollback=not rerun)
         done["rerun" if rerun else "rollback"].append(job.id)
     return done
+
+
+def wake_waiting(rt: Runtime) -> list[str]:
+    """Resume waiting parents whose children have ended (or run out of time) without waking them."""
+    hold = int(rt.config.section("jobs")["requeue_after_s"])
+    woken = []
+    with transaction(rt.sessions) as session:
+        for job in session.scalars(select(Job).where(Job.state == RUNNING, Job.waiting.is_(True))).all():
+            # One wake per attempt for a while, so a busy queue does not fill with duplicates.
+            if rt.redis.exists(f"job:{job.id}:woken:{job.attempt}") or not wake(session, app, job.id):
+                continue
+            rt.redis.set(f"job:{job.id}:woken:{job.attempt}", 1, ex=hold)
+            woken.append(job.id)
+    return woken
 
 
 def redispatch_stale_queued(rt: Runtime, settings: dict) -> list[str]:

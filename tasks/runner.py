@@ -1,4 +1,8 @@
-"""The one Celery task that runs every job: claim, heartbeat, run the workflow, clean up, finish."""
+"""The one Celery task that runs every job: claim, heartbeat, run the workflow, clean up, finish.
+
+A workflow waiting for children suspends (tasks.continuations): the runner records the wait, frees
+the worker, and the children's ends dispatch the job again with `resume`.
+"""
 
 import logging
 import socket
@@ -10,6 +14,7 @@ from models.db import transaction
 from tasks import jobs, runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.continuations import Suspended, wake
 from tasks.dispatch import RUN_JOB, alive_key
 from tasks.progress import Reporter, announce
 from tasks.runtime import Runtime
@@ -27,26 +32,44 @@ class CleanupFailed(LaxError):
     code = "CleanupFailed"
 
 
+WAITING = "waiting"
+
+
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
-def run_job(job_id: str, attempt: int, rollback: bool = False) -> str:
-    """Run (or, with `rollback`, only undo) attempt `attempt` of a job; a stale message does nothing."""
+def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = False) -> str:
+    """Run (or, with `rollback`, only undo; with `resume`, take up again after its children) attempt
+    `attempt` of a job; a stale message does nothing."""
     rt = runtime.current()
+    worker = f"{socket.gethostname()}:{threading.get_native_id()}"
     with transaction(rt.sessions) as session:
-        job = jobs.claim(session, job_id, attempt, worker=f"{socket.gethostname()}:{threading.get_native_id()}")
+        claim = jobs.claim_resume if resume else jobs.claim
+        job = claim(session, job_id, attempt, worker=worker)
     if job is None:
         return "stale"
-    announce(rt.redis, job)
+    if not resume:
+        announce(rt.redis, job)
     with Heartbeat(rt, job.id):
-        return execute(rt, job, lookup(job.kind), rollback=rollback)
+        outcome = execute(rt, job, lookup(job.kind), rollback=rollback)
+    if outcome == WAITING:
+        # A child may have ended before the job was marked waiting, and found nobody to wake.
+        with transaction(rt.sessions) as session:
+            wake(session, app, job.id)
+    return outcome
 
 
 def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) -> str:
-    ctx = JobContext(rt, app, job, Reporter(job.id, rt.sessions, rt.redis, rt.config.section("jobs")["db_write_interval_s"]))
+    ctx = JobContext(rt, app, job, Reporter(job.id, rt.sessions, rt.redis, rt.config.section("jobs")["db_write_interval_s"],
+                                            resumed_from=job))
+    pending = ctx.continuation.get("cleanup")
+    if pending is not None:
+        return _end(rt, ctx, flow, pending["state"], _error_from(pending["error"]))
     try:
         if rollback:
             raise jobs.WorkerLost(f"the worker running job {job.id} died; its work was rolled back")
         ctx.check_cancel()
         result = flow.run(ctx) or {}
+    except Suspended as suspended:
+        return _suspend(rt, ctx, suspended)
     except jobs.JobCancelled:
         return _end(rt, ctx, flow, CANCELLED, error=None)
     except LaxError as error:
@@ -60,9 +83,14 @@ def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) ->
 def _end(rt: Runtime, ctx: JobContext, flow: Workflow, state: str, error: LaxError | None) -> str:
     """Undo the job's half-done work, then record how it ended."""
     if flow.cleanup is not None:
-        ctx.report.update(phase="cleanup")
+        if "cleanup" not in ctx.continuation:
+            ctx.continuation["cleanup"] = {"state": state, "error": _error_as_dict(error)}
+            ctx.report.update(phase="cleanup")
+        ctx.enter_cleanup()
         try:
             flow.cleanup(ctx)
+        except Suspended as suspended:
+            return _suspend(rt, ctx, suspended)
         except Exception as cleanup_error:
             log.exception("cleanup of job %s failed", ctx.job_id)
             reason = f"; first: {error.message}" if error else ""
@@ -74,7 +102,31 @@ def _finish(rt: Runtime, job_id: str, state: str, *, result: dict[str, Any] | No
     with transaction(rt.sessions) as session:
         job = jobs.finish(session, jobs.get(session, job_id), state, result=result, error=error)
     announce(rt.redis, job)
+    if job.parent_id is not None:
+        with transaction(rt.sessions) as session:
+            wake(session, app, job.parent_id)
     return state
+
+
+def _suspend(rt: Runtime, ctx: JobContext, suspended: Suspended) -> str:
+    """Record what the job waits for and give the worker back; the children's ends resume it."""
+    ctx.report.flush()
+    with transaction(rt.sessions) as session:
+        jobs.suspend(session, ctx.job_id, {**ctx.continuation, "wait": suspended.wait.as_dict()})
+    return WAITING
+
+
+def _error_as_dict(error: LaxError | None) -> dict[str, Any] | None:
+    return None if error is None else {"code": error.code, "message": error.message, "extra": error.extra}
+
+
+def _error_from(recorded: dict[str, Any] | None) -> LaxError | None:
+    """The error a cleanup that waited was undoing, as it was when the cleanup began."""
+    if recorded is None:
+        return None
+    error = LaxError(recorded["message"], **recorded["extra"])
+    error.code = recorded["code"]
+    return error
 
 
 class Heartbeat:

@@ -4,6 +4,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tasks.kinds import kind_of, load_workflows
+
 if TYPE_CHECKING:
     from tasks.context import JobContext
 
@@ -34,4 +36,7 @@ def workflow(kind: str, *, cleanup: Cleanup | None = None, rerun_after_crash: bo
 
 
 def lookup(kind: str) -> Workflow:
+    """The workflow of `kind`, importing the module its declaration names if this process has not yet."""
+    if kind not in WORKFLOWS:
+        load_workflows(kind_of(kind))
     return WORKFLOWS[kind]

@@ -1,6 +1,5 @@
 """`evacuate`: put a server into maintenance and move every VM on it elsewhere, as migrate jobs."""
 
-import time
 from typing import Any
 
 from sqlalchemy import select
@@ -9,13 +8,11 @@ from sqlalchemy.orm import Session
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, VirtualMachine
 from tasks import jobs
 from tasks.context import JobContext
-from tasks.control.migrate import ServerNotFound, _record, vm_target
+from tasks.control.migrate import MIGRATE_TIMEOUT_S, ServerNotFound
 from tasks.inventory.placement import NoCapacity, capacity, place
-from tasks.queues import CONTROL
 from tasks.workflow import workflow
 from workers.errors import LaxError
 
-POLL_S = 0.5
 EVACUATE_AT_ONCE = 2
 
 
@@ -27,8 +24,23 @@ class EvacuationIncomplete(LaxError):
 @workflow("evacuate")
 def evacuate(ctx: JobContext) -> dict[str, Any]:
     """Put a server into maintenance and move every VM on it elsewhere, a few at a time, as migrate jobs."""
-    name = ctx.target.removeprefix("server/")
+    name = ctx.params["server"]
     ctx.phase("maintenance", progress=1)
+    # Planned once: VMs that have left by a later run are no longer on the server, but still in the plan.
+    planned = ctx.once("plan", lambda: _enter_maintenance_and_plan(ctx, name))
+    plan, failed, total = planned["plan"], dict(planned["failed"]), planned["total"]
+    ctx.phase("migrate", progress=2)
+    moved, refused = _migrate_all(ctx, plan, total)
+    failed.update(refused)
+    result = {"server": name, "moved": moved, "failed": failed}
+    ctx.record_result(result)
+    if failed:
+        raise EvacuationIncomplete(f"{len(failed)} of {total} VMs could not leave {name}: "
+                                   + "; ".join(f"{vm}: {why}" for vm, why in failed.items()), failed=failed)
+    return result
+
+
+def _enter_maintenance_and_plan(ctx: JobContext, name: str) -> dict[str, Any]:
     with ctx.session() as session:
         server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
         if server is None:
@@ -37,15 +49,7 @@ def evacuate(ctx: JobContext) -> dict[str, Any]:
         vms = list(session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)
                                    .order_by(VirtualMachine.name)))
         plan, failed = plan_destinations(session, ctx, server, vms)
-    ctx.phase("migrate", progress=2)
-    moved, refused = _migrate_all(ctx, plan, len(vms))
-    failed.update(refused)
-    result = {"server": name, "moved": moved, "failed": failed}
-    _record(ctx, result)
-    if failed:
-        raise EvacuationIncomplete(f"{len(failed)} of {len(vms)} VMs could not leave {name}: "
-                                   + "; ".join(f"{vm}: {why}" for vm, why in failed.items()), failed=failed)
-    return result
+    return {"plan": plan, "failed": failed, "total": len(vms)}
 
 
 def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer,
@@ -79,27 +83,41 @@ def _room_left(session: Session, ctx: JobContext, server: ClusterServer, vm: Vir
 
 
 def _migrate_all(ctx: JobContext, plan: dict[str, str], total: int) -> tuple[dict[str, str], dict[str, str]]:
-    """Run one migrate child per planned VM, EVACUATE_AT_ONCE at a time; return {vm: new server} and {vm: why not}."""
-    pending, running = list(plan), {}
+    """One migrate child per planned VM, EVACUATE_AT_ONCE at a time; {vm: new server} and {vm: why not}
+    once all have ended. While some run, the job waits for the next to end without holding a worker."""
+    started = {vm: ctx.once(f"migrate {vm}", lambda vm=vm: _start_migration(ctx, vm, plan[vm]))
+               for vm in _next_batch(ctx, plan)}
+    children = ctx.children([outcome["job"] for outcome in started.values() if "job" in outcome])
+    running = [job.id for job in children if job.state not in FINAL_STATES]
+    if running or len(started) < len(plan):
+        ended = len(started) - len(running) + total - len(plan)
+        ctx.wait_for_any(running, MIGRATE_TIMEOUT_S, 2, 99, done=ended, total=total)
+        return _migrate_all(ctx, plan, total)
+    by_id = {job.id: job for job in children}
     moved, failed = {}, {}
-    while pending or running:
-        while pending and len(running) < EVACUATE_AT_ONCE:
-            vm = pending.pop(0)
-            try:
-                running[ctx.spawn("migrate", vm_target(vm), CONTROL, {"vm": vm, "to": plan[vm], "live": True})] = vm
-            except jobs.TargetBusy as error:
-                failed[vm] = f"busy with job {error.extra['job_id']}"
-        children = ctx.children(list(running))
-        for job in children:
-            if job.state in FINAL_STATES:
-                vm = running.pop(job.id)
-                if job.state == SUCCEEDED:
-                    moved[vm] = job.result.get("destination")
-                else:
-                    failed[vm] = job.error_message or job.state
-        done = total - len(plan) + len(moved) + len(failed) + sum(j.progress / 100 for j in children
-                                                                  if j.state not in FINAL_STATES)
-        ctx.report.update(progress=2 + 97 * done / max(total, 1))
-        ctx.pass_cancel_on(list(running))
-        time.sleep(POLL_S)
+    for vm, outcome in started.items():
+        job = by_id.get(outcome.get("job"))
+        if job is None:
+            failed[vm] = outcome["busy"]
+        elif job.state == SUCCEEDED:
+            moved[vm] = job.result.get("destination")
+        else:
+            failed[vm] = job.error_message or job.state
     return moved, failed
+
+
+def _next_batch(ctx: JobContext, plan: dict[str, str]) -> list[str]:
+    """The VMs whose migration has started, plus the next ones while fewer than EVACUATE_AT_ONCE run."""
+    memo = ctx.continuation.get("memo", {})
+    begun = [vm for vm in plan if f"migrate {vm}" in memo]
+    children = ctx.children([memo[f"migrate {vm}"]["job"] for vm in begun if "job" in memo[f"migrate {vm}"]])
+    running = sum(job.state not in FINAL_STATES for job in children)
+    waiting = [vm for vm in plan if vm not in begun]
+    return begun + waiting[:max(EVACUATE_AT_ONCE - running, 0)]
+
+
+def _start_migration(ctx: JobContext, vm: str, destination: str) -> dict[str, str]:
+    try:
+        return {"job": ctx.spawn("migrate", {"vm": vm, "to": destination, "live": True}, step=f"evacuate {vm}")}
+    except jobs.TargetBusy as error:
+        return {"busy": f"busy with job {error.extra['job_id']}"}

@@ -8,18 +8,16 @@ happens, the VM ends running on exactly one server and the DB says which: the no
 both libvirts in its cleanup, the parent does so again in its own.
 """
 
-import time
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import ClusterServer, Job, VirtualMachine
+from models import ClusterServer, VirtualMachine
 from tasks.context import JobContext, raise_unless_succeeded
 from tasks.inventory.placement import NoCapacity, capacity, place
 from tasks.inventory.vms import find_vm, placed_on, site_and_san
 from tasks.node.migrate import settle_and_record
-from tasks.queues import node_queue, san_queue
 from tasks.workflow import workflow
 from workers.errors import Conflict, NotFound
 from workers.node import migrate as driver
@@ -44,36 +42,41 @@ def vm_target(name: str) -> str:
 
 def settle_after_migrate(ctx: JobContext) -> None:
     """Wait for the node child to end, then make both libvirts and the DB agree on one server."""
-    children = _children(ctx, "migrate-domain")
+    children = ctx.children_of_kind("migrate-domain")
     if not children:
         return  # nothing was moved yet: pre-flight and export change no libvirt
     ctx.wait_for_children(children, MIGRATE_TIMEOUT_S, cancellable=False)
-    plan = _recorded(ctx)
+    plan = ctx.recorded_result()
     settle_and_record(ctx, plan["vm"], plan["source"], plan["destination"])
 
 
 @workflow("migrate", cleanup=settle_after_migrate, rerun_after_crash=False)
 def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     """Move a VM to another server (live when it runs); with `check`, only report what stands in the way."""
-    started = time.monotonic()
     name, live = ctx.params["vm"], bool(ctx.params.get("live", True))
     ctx.phase("pre-flight", progress=2)
-    source, dest, problems = preflight(ctx, name, ctx.params.get("to"))
-    plan = {"vm": name, "source": source, "destination": dest, "live": live}
-    _record(ctx, {**plan, "problems": [p.as_dict() for p in problems]})
+    # Checked once: after the move a later run would find the VM on its destination already.
+    checked = ctx.once("pre-flight", lambda: _checked(ctx, name, ctx.params.get("to")))
+    problems = checked.pop("problems")
+    plan = {"vm": name, **checked, "live": live}
+    ctx.record_result({**plan, "problems": problems})
     if ctx.params.get("check"):
-        return {**plan, "problems": [p.as_dict() for p in problems], "can_migrate": not problems}
+        return {**plan, "problems": problems, "can_migrate": not problems}
     if problems:
-        raise PreflightFailed(f"cannot migrate {name}: " + "; ".join(p.message for p in problems),
-                              problems=[p.as_dict() for p in problems])
+        raise PreflightFailed(f"cannot migrate {name}: " + "; ".join(p["message"] for p in problems),
+                              problems=problems)
     ctx.phase("export storage", progress=5)
-    export_to(ctx, name, dest)
+    export_to(ctx, name, plan["destination"])
     ctx.phase("migrate", progress=10)
-    child = ctx.spawn("migrate-domain", f"domain/{name}", node_queue(source),
-                      {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
+    child = ctx.spawn("migrate-domain", {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
     (job,) = ctx.wait_for_children([child], MIGRATE_TIMEOUT_S, start=10, end=98)
     raise_unless_succeeded(job)
-    return {**plan, **job.result, "total_ms": int((time.monotonic() - started) * 1000)}
+    return {**plan, **job.result, "total_ms": ctx.elapsed_ms()}
+
+
+def _checked(ctx: JobContext, name: str, asked: str | None) -> dict[str, Any]:
+    source, dest, problems = preflight(ctx, name, asked)
+    return {"source": source, "destination": dest, "problems": [p.as_dict() for p in problems]}
 
 
 def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[driver.Problem]]:
@@ -115,21 +118,5 @@ def export_to(ctx: JobContext, name: str, server: str) -> None:
     with ctx.session() as session:
         site, san = site_and_san(session, find_vm(session, name))
         initiator = session.scalar(select(ClusterServer.initiator_iqn).where(ClusterServer.name == server))
-    ctx.run_child("export-vm-disks", f"disks/{name}", san_queue(site), {"vm": name, "san": san, "initiator": initiator},
-                  timeout=SAN_TIMEOUT_S, start=5, end=10)
-
-
-def _children(ctx: JobContext, kind: str) -> list[str]:
-    with ctx.session() as session:
-        return list(session.scalars(select(Job.id).where(Job.parent_id == ctx.job_id, Job.kind == kind)))
-
-
-def _record(ctx: JobContext, result: dict[str, Any]) -> None:
-    """Keep what is known so far on the job's result, so a failed job still shows it."""
-    with ctx.session() as session:
-        session.get(Job, ctx.job_id).result = result
-
-
-def _recorded(ctx: JobContext) -> dict[str, Any]:
-    with ctx.session() as session:
-        return dict(session.get(Job, ctx.job_id).result or {})
+    ctx.run_child("export-vm-disks", {"vm": name, "san": san, "initiator": initiator}, timeout=SAN_TIMEOUT_S,
+                  start=5, end=10)

@@ -18,16 +18,12 @@ from croniter import croniter
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
-from models import Job, San, Site, VirtualMachine, Volume, utcnow
+from models import Job, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from models.protection import BackupPolicy, BackupStore
-from tasks import jobs, runtime
+from tasks import jobs, runtime, submission
 from tasks.app import app
-from tasks.san.backups import prune_target
-from tasks.dispatch import dispatch
 from tasks.inventory.retention import prunable, selected_vms, unfinished_backup_jobs
-from tasks.progress import announce
-from tasks.queues import san_queue
 from tasks.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -64,10 +60,9 @@ def claim_due(session: Session, policy: BackupPolicy, now: datetime) -> datetime
     return due if claimed else None
 
 
-def site_of(session: Session, vm: str) -> str | None:
-    return session.scalar(select(Site.name).join(San, San.site_id == Site.id).join(Volume, Volume.san_id == San.id)
-                          .join(VirtualMachine, Volume.vm_id == VirtualMachine.id)
-                          .where(VirtualMachine.name == vm, Volume.role == "disk").limit(1))
+def has_disk(session: Session, vm: str) -> bool:
+    return session.scalar(select(Volume.id).join(VirtualMachine, Volume.vm_id == VirtualMachine.id)
+                          .where(VirtualMachine.name == vm, Volume.role == "disk").limit(1)) is not None
 
 
 def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> list[Job]:
@@ -75,15 +70,13 @@ def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> li
     store = session.get(BackupStore, policy.store_id).name
     submitted = []
     for vm in selected_vms(session, policy):
-        site = site_of(session, vm)
-        if site is None:
+        if not has_disk(session, vm):
             continue
         params = {"vm": vm, "mode": mode_for(policy, due), "store": store, "policy": policy.name}
         try:
             with session.begin_nested():
-                job, created = jobs.submit(session, kind="snapshot-backup", target=f"backup/{vm}",
-                                           queue=san_queue(site), params=params, requested_by=f"policy/{policy.name}",
-                                           idempotency_key=f"policy:{policy.id}:{due.isoformat()}:{vm}")
+                job, created = submission.submit(session, "snapshot-backup", params, _requester(policy),
+                                                 idempotency_key=f"policy:{policy.id}:{due.isoformat()}:{vm}")
         except jobs.TargetBusy as busy:
             log.warning("policy %s: backup of %s skipped at %s: %s", policy.name, vm, due, busy.message)
             continue
@@ -92,19 +85,20 @@ def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> li
     return submitted
 
 
+def _requester(policy: BackupPolicy) -> submission.Requester:
+    return submission.Requester(f"policy/{policy.name}")
+
+
 def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
     """A prune-backups job for the policy when its retention lets backups go and none of its backups is unfinished."""
     store = session.get(BackupStore, policy.store_id)
     if unfinished_backup_jobs(session, store.name, policy.name) or not prunable(session, policy):
         return None
-    site = next((site_of(session, vm) for vm in selected_vms(session, policy) if site_of(session, vm)), None)
-    if site is None:
+    if not any(has_disk(session, vm) for vm in selected_vms(session, policy)):
         return None
     try:
         with session.begin_nested():
-            job, _ = jobs.submit(session, kind="prune-backups", target=prune_target(store.name),
-                                 queue=san_queue(site), params={"policy": policy.name},
-                                 requested_by=f"policy/{policy.name}")
+            job, _ = submission.submit(session, "prune-backups", {"policy": policy.name}, _requester(policy))
     except jobs.TargetBusy:
         return None
     return job
@@ -126,8 +120,7 @@ def dispatch_due(rt: Runtime, celery: Celery, now: datetime | None = None) -> di
             if pruning is not None:
                 new_jobs.append(pruning)
     for job in new_jobs:
-        announce(rt.redis, job)
-        dispatch(celery, job)
+        submission.launch(rt, celery, job)
         made["prunes" if job.kind == "prune-backups" else "backups"].append(job.id)
     return made
 

@@ -7,7 +7,6 @@ from sqlalchemy import select
 from models import SUCCEEDED, ClusterServer
 from tasks.context import JobContext
 from tasks.jobs import TargetBusy
-from tasks.queues import node_queue
 from tasks.workflow import workflow
 from workers.errors import LaxError
 
@@ -27,14 +26,8 @@ def server_target(name: str) -> str:
 def refresh_servers(ctx: JobContext) -> dict[str, Any]:
     """Fan out one refresh-server child job per server, on that server's queue, and wait for all."""
     ctx.phase("dispatch", progress=0)
-    with ctx.session() as session:
-        names = list(session.scalars(select(ClusterServer.name).order_by(ClusterServer.name)))
-    children, busy = {}, []
-    for name in names:
-        try:
-            children[name] = ctx.spawn("refresh-server", server_target(name), node_queue(name))
-        except TargetBusy as error:
-            busy.append({"server": name, "job_id": error.extra["job_id"]})
+    spawned = ctx.once("children", lambda: _spawn_refreshes(ctx))
+    children = spawned["children"]
     ctx.phase("refresh", progress=5)
     finished = ctx.wait_for_children(list(children.values()), REFRESH_TIMEOUT_S, start=5, end=100)
     by_id = {job.id: job for job in finished}
@@ -42,4 +35,16 @@ def refresh_servers(ctx: JobContext) -> dict[str, Any]:
     failed = [name for name, state in outcome.items() if state != SUCCEEDED]
     if failed:
         raise RefreshFailed(f"could not refresh: {', '.join(failed)}", servers=outcome)
-    return {"servers": outcome, "skipped_busy": busy}
+    return {"servers": outcome, "skipped_busy": spawned["busy"]}
+
+
+def _spawn_refreshes(ctx: JobContext) -> dict[str, Any]:
+    with ctx.session() as session:
+        names = list(session.scalars(select(ClusterServer.name).order_by(ClusterServer.name)))
+    children, busy = {}, []
+    for name in names:
+        try:
+            children[name] = ctx.spawn("refresh-server", {"server": name})
+        except TargetBusy as error:
+            busy.append({"server": name, "job_id": error.extra["job_id"]})
+    return {"children": children, "busy": busy}

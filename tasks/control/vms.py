@@ -14,7 +14,6 @@ from tasks.context import JobContext
 from tasks.inventory import ipam
 from tasks.inventory.placement import place
 from tasks.inventory.vms import find_vm, placed_on, site_and_san
-from tasks.queues import node_queue, san_queue
 from tasks.workflow import workflow
 
 SAN_TIMEOUT_S = 600
@@ -48,11 +47,9 @@ def restore_vm(ctx: JobContext) -> dict[str, Any]:
 
 def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float) -> dict[str, Any]:
     """Restore `backup` onto the reserved VM `name`'s disk, then place, prepare and start it."""
-    with ctx.session() as session:
-        site, _ = site_and_san(session, find_vm(session, name))
     middle = progress_from + (100 - progress_from) / 2
     ctx.phase("restore disk", progress=progress_from)
-    ctx.run_child("restore", f"restore/{name}-disk", san_queue(site), {"backup": backup, "in_place": False, "as": f"{name}-disk"},
+    ctx.run_child("restore", {"backup": backup, "in_place": False, "as": f"{name}-disk"},
                   timeout=SAN_TIMEOUT_S, start=progress_from, end=middle)
     return place_prepare_and_start(ctx, name, progress_from=middle)
 
@@ -62,15 +59,11 @@ def verify_boot(ctx: JobContext) -> dict[str, Any]:
     """Verify a backup's chunks, restore it as the reserved scratch VM, boot it, report whether it came up,
     and remove the scratch VM again."""
     name, backup = ctx.params["vm"], ctx.params["backup"]
-    with ctx.session() as session:
-        site, _ = site_and_san(session, find_vm(session, name))
     ctx.phase("verify chunks", progress=1)
-    ctx.run_child("verify-backup", f"backup-verify/{backup}", san_queue(site), {"backup": backup},
-                  timeout=SAN_TIMEOUT_S, start=1, end=30)
+    ctx.run_child("verify-backup", {"backup": backup}, timeout=SAN_TIMEOUT_S, start=1, end=30)
     started = restore_as_vm(ctx, name, backup, progress_from=30)
     ctx.phase("wait for the guest", progress=85)
-    probe = ctx.run_child("probe-boot", f"domain/{name}", node_queue(started["server"]),
-                          {"vm": name, "server": started["server"]}, timeout=NODE_TIMEOUT_S, start=85, end=95)
+    probe = ctx.run_child("probe-boot", {"vm": name, "server": started["server"]}, timeout=NODE_TIMEOUT_S, start=85, end=95)
     ctx.report.update(phase="remove scratch VM", progress=95)
     undo_install(ctx)
     return {"backup": backup, "vm": name, "verified": True, **probe}
@@ -86,21 +79,24 @@ def place_prepare_and_start(ctx: JobContext, name: str, progress_from: float = 0
     ctx.phase("place", progress=at(2))
     server_name = choose_server(ctx, name, ctx.params.get("server"))
     with ctx.session() as session:
-        vm = find_vm(session, name)
-        site, _ = site_and_san(session, vm)
-        template_size = session.get(Template, vm.template_id).default_size_bytes
+        template_size = session.get(Template, find_vm(session, name).template_id).default_size_bytes
     ctx.phase("prepare disks", progress=at(10))
     disk_bytes = ctx.params.get("disk_bytes") or template_size
-    disks = ctx.run_child("prepare-vm-disks", f"disks/{name}", san_queue(site),
-                          {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S, start=at(10), end=at(60))
+    disks = ctx.run_child("prepare-vm-disks", {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S,
+                          start=at(10), end=at(60))
     ctx.phase("define and start", progress=at(60))
-    started = ctx.run_child("start-domain", f"domain/{name}", node_queue(server_name), {"vm": name, "server": server_name},
-                            timeout=NODE_TIMEOUT_S, start=at(60), end=at(98))
+    started = ctx.run_child("start-domain", {"vm": name, "server": server_name}, timeout=NODE_TIMEOUT_S,
+                            start=at(60), end=at(98))
     return {"vm": name, "server": server_name, "target": disks["target"], "state": started["state"]}
 
 
 def choose_server(ctx: JobContext, name: str, asked: str | None) -> str:
-    """Pick (and record on the VM) the server: the one asked for if it has room, else the roomiest."""
+    """Pick (and record on the VM) the server: the one asked for if it has room, else the roomiest.
+    Chosen once: a later run of the job (after a wait) keeps the server its disks were made for."""
+    return ctx.once("server", lambda: _place(ctx, name, asked))
+
+
+def _place(ctx: JobContext, name: str, asked: str | None) -> str:
     with ctx.session() as session:
         vm = find_vm(session, name)
         query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
@@ -118,14 +114,11 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
     """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
     name = ctx.params["vm"]
     with ctx.session() as session:
-        vm = find_vm(session, name)
-        server = placed_on(session, vm)
-        site, _ = site_and_san(session, vm)
+        server = placed_on(session, find_vm(session, name))
     ctx.phase("refresh LUNs", progress=10)
-    ctx.run_child("refresh-luns", f"disks/{name}", san_queue(site), {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
+    ctx.run_child("refresh-luns", {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
     ctx.phase("start", progress=30)
-    return ctx.run_child("start-domain", f"domain/{name}", node_queue(server), {"vm": name, "server": server},
-                         timeout=NODE_TIMEOUT_S, start=30, end=98)
+    return ctx.run_child("start-domain", {"vm": name, "server": server}, timeout=NODE_TIMEOUT_S, start=30, end=98)
 
 
 def _power(action: str):
@@ -135,8 +128,7 @@ def _power(action: str):
             server = placed_on(session, find_vm(session, name))
         ctx.phase(action, progress=5)
         params = {"vm": name, "server": server, "action": action, **({"timeout_s": ctx.params["timeout_s"]} if "timeout_s" in ctx.params else {})}
-        return ctx.run_child("power-domain", f"domain/{name}", node_queue(server), params,
-                             timeout=NODE_TIMEOUT_S, start=5, end=98)
+        return ctx.run_child("power-domain", params, timeout=NODE_TIMEOUT_S, start=5, end=98)
 
     run.__doc__ = f"{action.capitalize()} a VM on its server."
     return run
@@ -163,12 +155,12 @@ def remove_vm_everywhere(ctx: JobContext, progress_from: float) -> None:
         if vm is None:
             return
         server = session.get(ClusterServer, vm.server_id).name if vm.server_id else None
-        site, san = site_and_san(session, vm)
+        _, san = site_and_san(session, vm)
     # Cleanup reports without ctx.phase: that checks for cancel, and undoing must not be cancelled.
     if server:
         ctx.report.update(phase="remove domain", progress=progress_from)
-        ctx.run_child("remove-domain", f"domain/{name}", node_queue(server), {"vm": name, "server": server},
-                      timeout=NODE_TIMEOUT_S, start=progress_from, end=50, cancellable=False)
+        ctx.run_child("remove-domain", {"vm": name, "server": server}, timeout=NODE_TIMEOUT_S, start=progress_from,
+                      end=50, cancellable=False)
     ctx.report.update(phase="remove disks", progress=50)
-    ctx.run_child("remove-vm-disks", f"disks/{name}", san_queue(site), {"vm": name, "san": san},
-                  timeout=SAN_TIMEOUT_S, start=50, end=95, cancellable=False)
+    ctx.run_child("remove-vm-disks", {"vm": name, "san": san}, timeout=SAN_TIMEOUT_S, start=50, end=95,
+                  cancellable=False)

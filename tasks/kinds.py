@@ -1,0 +1,307 @@
+"""Every job kind, declared once: its typed parameters, the queue it runs on, the target it locks,
+the audit action it is recorded under, and the module whose workflow runs it.
+
+Parameters are pydantic models: validated when a job is submitted, stored as JSON on the job,
+read as attributes in the workflow, and the source of the API's request schemas where they match.
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from models import San, Site, VirtualMachine, Volume
+from models.protection import Backup, BackupPolicy, BackupStore
+from tasks.queues import CONTROL, node_queue, san_queue
+from workers.errors import InvalidInput, NotFound
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class Noop(Params):
+    seconds: float = 0.0
+    steps: int = 1
+
+
+class OfVm(Params):
+    vm: str
+
+
+class InstallVm(OfVm):
+    disk_bytes: int | None = None
+    server: str | None = None
+
+
+class VmFromBackup(OfVm):
+    backup: str
+    disk_bytes: int | None = None
+
+
+class Power(OfVm):
+    timeout_s: int | None = None
+
+
+class Migrate(OfVm):
+    to: str | None = None
+    live: bool = True
+    check: bool = False
+    bandwidth_mib_s: int | None = None
+
+
+class OfServer(Params):
+    server: str
+
+
+class OfSan(Params):
+    san: str
+
+
+class VmDisks(OfVm):
+    disk_bytes: int
+
+
+class VmOnSan(OfVm):
+    san: str
+
+
+class ExportVmDisks(VmOnSan):
+    initiator: str
+
+
+class ImportTemplate(OfSan):
+    name: str
+    source_path: str
+    os: str = "linux"
+    boot: dict[str, Any] | None = None
+    default_size_bytes: int | None = None
+
+
+class ResizeVolume(Params):
+    volume_id: int
+    size_bytes: int
+
+
+class SnapshotBackup(OfVm):
+    mode: Literal["full", "diff"] = "full"
+    store: str | None = None
+    policy: str | None = None
+
+
+class OfBackup(Params):
+    backup: str
+
+
+class Restore(OfBackup):
+    in_place: bool = False
+    as_volume: str | None = Field(None, alias="as")
+
+
+class OfPolicy(Params):
+    policy: str
+
+
+class VmOnServer(OfVm):
+    server: str
+
+
+class ProbeBoot(VmOnServer):
+    timeout_s: int | None = None
+
+
+class PowerDomain(VmOnServer):
+    action: Literal["shutdown", "reboot", "destroy"]
+    timeout_s: int | None = None
+
+
+class MigrateDomain(OfVm):
+    source: str
+    destination: str
+    live: bool = True
+    bandwidth_mib_s: int | None = None
+
+
+Queue = Callable[[Session, Any], str]
+Target = Callable[[Session, Any], str]
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    params: type[Params]
+    queue: Queue
+    target: Target | None  # None: the submitter names the target
+    module: str
+    action: str = ""  # the audit action of a top-level job of this kind
+
+
+def on_control(_: Session, __: Params) -> str:
+    return CONTROL
+
+
+def on_server(field: str) -> Queue:
+    return lambda _, params: node_queue(getattr(params, field))
+
+
+def on_san_of(resolve: Callable[[Session, Any], str]) -> Queue:
+    """The queue of the site whose SAN `resolve` names."""
+    return lambda session, params: san_queue(site_of_san(session, resolve(session, params)))
+
+
+def site_of_san(session: Session, san: str) -> str:
+    site = session.scalar(select(Site.name).join(San, San.site_id == Site.id).where(San.name == san))
+    if site is None:
+        raise NotFound(f"no SAN {san}", san=san)
+    return site
+
+
+def san_of_vm(session: Session, params: OfVm) -> str:
+    """The SAN holding the VM's disk, or, before it has one, the SAN of its template."""
+    from tasks.inventory.vms import find_vm, site_and_san
+
+    vm = find_vm(session, params.vm)
+    on_disk = session.scalar(select(San.name).join(Volume, Volume.san_id == San.id)
+                             .where(Volume.vm_id == vm.id, Volume.role == "disk").limit(1))
+    return on_disk or site_and_san(session, vm)[1]
+
+
+def san_of_volume(session: Session, params: ResizeVolume) -> str:
+    return _existing(session.scalar(select(San.name).join(Volume, Volume.san_id == San.id)
+                                    .where(Volume.id == params.volume_id)), f"no volume {params.volume_id}")
+
+
+def san_of_backup(session: Session, params: OfBackup) -> str:
+    return _existing(session.scalar(select(Backup.san_name).where(Backup.id == params.backup)), f"no backup {params.backup}")
+
+
+def san_of_policy(session: Session, params: OfPolicy) -> str:
+    """The SAN of the first of the policy's VMs that has a disk."""
+    from tasks.inventory.retention import selected_vms
+
+    policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == params.policy))
+    for vm in selected_vms(session, _existing(policy, f"no policy {params.policy}")):
+        san = session.scalar(select(San.name).join(Volume, Volume.san_id == San.id).join(VirtualMachine)
+                             .where(VirtualMachine.name == vm, Volume.role == "disk").limit(1))
+        if san is not None:
+            return san
+    raise NotFound(f"policy {params.policy} selects no VM with a disk", policy=params.policy)
+
+
+def prune_target(session: Session, params: OfPolicy) -> str:
+    store = session.scalar(select(BackupStore.name).join(BackupPolicy, BackupPolicy.store_id == BackupStore.id)
+                           .where(BackupPolicy.name == params.policy))
+    return f"prune/{_existing(store, f'no policy {params.policy}')}"
+
+
+def restore_target(session: Session, params: Restore) -> str:
+    """In place, the restore holds the VM; to a new volume, that volume."""
+    if params.in_place:
+        vm = session.scalar(select(Backup.vm_name).where(Backup.id == params.backup))
+        return f"vm/{_existing(vm, f'no backup {params.backup}')}"
+    return f"restore/{params.as_volume or params.backup}"
+
+
+def _existing(value: Any, message: str) -> Any:
+    if value is None:
+        raise NotFound(message)
+    return value
+
+
+def vm_target(_: Session, params: OfVm) -> str:
+    return f"vm/{params.vm}"
+
+
+def disks_target(_: Session, params: OfVm) -> str:
+    return f"disks/{params.vm}"
+
+
+def domain_target(_: Session, params: OfVm) -> str:
+    return f"domain/{params.vm}"
+
+
+def server_target(_: Session, params: OfServer) -> str:
+    return f"server/{params.server}"
+
+
+CONTROL_VMS, CONTROL_MIGRATE = "tasks.control.vms", "tasks.control.migrate"
+SAN_VOLUMES, SAN_BACKUPS, NODE_DOMAINS = "tasks.san.volumes", "tasks.san.backups", "tasks.node.domains"
+
+KINDS: dict[str, Kind] = {kind.name: kind for kind in [
+    Kind("noop", Noop, on_control, None, "tasks.control.diagnostics", "job.noop"),
+    Kind("refresh-servers", NoParams, on_control, lambda _, __: "servers", "tasks.control.servers", "servers.refresh"),
+    Kind("install-vm", InstallVm, on_control, vm_target, CONTROL_VMS, "vm.install"),
+    Kind("restore-vm", VmFromBackup, on_control, vm_target, CONTROL_VMS, "backup.restore"),
+    Kind("verify-boot", VmFromBackup, on_control, vm_target, CONTROL_VMS, "backup.verify"),
+    Kind("start", Power, on_control, vm_target, CONTROL_VMS, "vm.start"),
+    Kind("shutdown", Power, on_control, vm_target, CONTROL_VMS, "vm.shutdown"),
+    Kind("reboot", Power, on_control, vm_target, CONTROL_VMS, "vm.reboot"),
+    Kind("destroy", Power, on_control, vm_target, CONTROL_VMS, "vm.destroy"),
+    Kind("delete-vm", OfVm, on_control, vm_target, CONTROL_VMS, "vm.delete"),
+    Kind("migrate", Migrate, on_control, vm_target, CONTROL_MIGRATE, "vm.migrate"),
+    Kind("evacuate", OfServer, on_control, server_target, "tasks.control.evacuate", "server.evacuate"),
+    Kind("prepare-vm-disks", VmDisks, on_san_of(san_of_vm), disks_target, SAN_VOLUMES),
+    Kind("remove-vm-disks", VmOnSan, on_san_of(lambda _, p: p.san), disks_target, SAN_VOLUMES),
+    Kind("refresh-luns", OfVm, on_san_of(san_of_vm), disks_target, SAN_VOLUMES),
+    Kind("export-vm-disks", ExportVmDisks, on_san_of(lambda _, p: p.san), disks_target, SAN_VOLUMES),
+    Kind("import-template", ImportTemplate, on_san_of(lambda _, p: p.san),
+         lambda _, p: f"template/{p.san}/{p.name}", SAN_VOLUMES, "template.import"),
+    Kind("resize-volume", ResizeVolume, on_san_of(san_of_volume), lambda _, p: f"volume/{p.volume_id}", SAN_VOLUMES,
+         "volume.resize"),
+    Kind("refresh-san", OfSan, on_san_of(lambda _, p: p.san), lambda _, p: f"san/{p.san}", SAN_VOLUMES, "san.refresh"),
+    Kind("snapshot-backup", SnapshotBackup, on_san_of(san_of_vm), lambda _, p: f"backup/{p.vm}", SAN_BACKUPS,
+         "backup.create"),
+    Kind("verify-backup", OfBackup, on_san_of(san_of_backup), lambda _, p: f"backup-verify/{p.backup}", SAN_BACKUPS,
+         "backup.verify"),
+    Kind("restore", Restore, on_san_of(san_of_backup), restore_target, SAN_BACKUPS, "backup.restore"),
+    Kind("prune-backups", OfPolicy, on_san_of(san_of_policy), prune_target, "tasks.san.prune", "backup.prune"),
+    Kind("start-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("power-domain", PowerDomain, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("probe-boot", ProbeBoot, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("remove-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("migrate-domain", MigrateDomain, on_server("source"), domain_target, "tasks.node.migrate"),
+    Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
+]}
+
+
+class UnknownKind(InvalidInput):
+    code = "UnknownKind"
+
+
+def kind_of(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise UnknownKind(f"no job kind {name}", kind=name) from None
+
+
+def parse(kind: Kind, params: dict[str, Any] | Params | None) -> Params:
+    """The kind's typed parameters from a dict (or as given); InvalidInput naming what is wrong."""
+    if isinstance(params, kind.params):
+        return params
+    from pydantic import ValidationError
+
+    try:
+        return kind.params.model_validate(params or {})
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise InvalidInput(f"{kind.name}: {field}: {first['msg']}", field=field, kind=kind.name) from None
+
+
+def stored(params: Params) -> dict[str, Any]:
+    """The parameters as the job row keeps them: what was given, under its wire names."""
+    return params.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def load_workflows(kind: Kind) -> None:
+    """Import the module that registers the kind's workflow (each process loads what it runs)."""
+    importlib.import_module(kind.module)
