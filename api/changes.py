@@ -17,23 +17,13 @@ from sqlalchemy.orm import Session
 from api import context, validation
 from api.auth import current_caller
 from api.representations import job_json
+from errors import BrokerUnavailable, IdempotencyKeyReused, TargetBusy
 from models import FAILED, AuditEvent, Job
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.progress import announce
-from workers.errors import LaxError
 
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
-
-
-class BrokerUnavailable(LaxError):
-    code = "BrokerUnavailable"
-    http_status = 503
-
-
-class IdempotencyKeyReused(LaxError):
-    code = "IdempotencyKeyReused"
-    http_status = 422
 
 
 def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[str, Any] | None = None,
@@ -53,7 +43,7 @@ def submit_job(*, kind: str, target: str, queue: str, action: str, params: dict[
                                        requested_by=current_caller().name, idempotency_key=key)
             if created:
                 audit(db, action, target, job_id=job.id, params=params)
-    except jobs.TargetBusy:
+    except TargetBusy:
         # Two requests with one key racing: the loser's lock claim fails on the winner's job.
         job = _job_with_key(key) if key else None
         if job is None:

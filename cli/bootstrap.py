@@ -5,6 +5,7 @@ import time
 from sqlalchemy import select
 
 import config
+from errors import TargetBusy
 from lab import cluster as lab_cluster, topology
 from lab.template import build_tiny
 from models import BackupStore, Job, San, Site, Template
@@ -70,7 +71,7 @@ def _submit(rt, celery, kind: str, target: str, queue: str, params: dict) -> Job
             job, _ = jobs.submit(session, kind=kind, target=target, queue=queue, params=params,
                                  requested_by="laxcluster run")
         announce(rt.redis, job)
-    except jobs.TargetBusy as busy:
+    except TargetBusy as busy:
         with rt.sessions() as session:
             job = session.get(Job, busy.extra["job_id"])
     dispatch(celery, job)

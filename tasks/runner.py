@@ -5,6 +5,7 @@ import socket
 import threading
 from typing import Any
 
+from errors import CleanupFailed, InternalError, LaxError
 from models import CANCELLED, FAILED, SUCCEEDED, Job
 from models.db import transaction
 from tasks import jobs, runtime
@@ -14,17 +15,8 @@ from tasks.dispatch import RUN_JOB, alive_key
 from tasks.progress import Reporter, announce
 from tasks.runtime import Runtime
 from tasks.workflow import Workflow, lookup
-from workers.errors import LaxError
 
 log = logging.getLogger(__name__)
-
-
-class InternalError(LaxError):
-    code = "InternalError"
-
-
-class CleanupFailed(LaxError):
-    code = "CleanupFailed"
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)

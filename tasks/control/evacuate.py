@@ -6,22 +6,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import EvacuationIncomplete, NoCapacity, ServerNotFound, TargetBusy
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, VirtualMachine
-from tasks import jobs
 from tasks.context import JobContext
-from tasks.control.migrate import ServerNotFound, _record, vm_target
-from tasks.inventory.placement import NoCapacity, capacity, place
+from tasks.control.migrate import _record, vm_target
+from tasks.inventory.placement import capacity, place
 from tasks.queues import CONTROL
 from tasks.workflow import workflow
-from workers.errors import LaxError
 
 POLL_S = 0.5
 EVACUATE_AT_ONCE = 2
-
-
-class EvacuationIncomplete(LaxError):
-    code = "EvacuationIncomplete"
-    http_status = 409
 
 
 @workflow("evacuate")
@@ -87,7 +81,7 @@ def _migrate_all(ctx: JobContext, plan: dict[str, str], total: int) -> tuple[dic
             vm = pending.pop(0)
             try:
                 running[ctx.spawn("migrate", vm_target(vm), CONTROL, {"vm": vm, "to": plan[vm], "live": True})] = vm
-            except jobs.TargetBusy as error:
+            except TargetBusy as error:
                 failed[vm] = f"busy with job {error.extra['job_id']}"
         children = ctx.children(list(running))
         for job in children:

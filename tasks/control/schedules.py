@@ -18,6 +18,7 @@ from croniter import croniter
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from errors import TargetBusy
 from models import Job, San, Site, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from models.protection import BackupPolicy, BackupStore
@@ -84,7 +85,7 @@ def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> li
                 job, created = jobs.submit(session, kind="snapshot-backup", target=f"backup/{vm}",
                                            queue=san_queue(site), params=params, requested_by=f"policy/{policy.name}",
                                            idempotency_key=f"policy:{policy.id}:{due.isoformat()}:{vm}")
-        except jobs.TargetBusy as busy:
+        except TargetBusy as busy:
             log.warning("policy %s: backup of %s skipped at %s: %s", policy.name, vm, due, busy.message)
             continue
         if created:
@@ -105,7 +106,7 @@ def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
             job, _ = jobs.submit(session, kind="prune-backups", target=prune_target(store.name),
                                  queue=san_queue(site), params={"policy": policy.name},
                                  requested_by=f"policy/{policy.name}")
-    except jobs.TargetBusy:
+    except TargetBusy:
         return None
     return job
 
