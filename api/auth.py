@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from api import context
 from api.openapi import ANYONE, described, required_role
-from api.problems import Forbidden, Unauthorized
+from errors import Forbidden, Unauthorized
 from models import ROLES, ApiToken, utcnow
 
 TOUCH_INTERVAL = timedelta(minutes=1)

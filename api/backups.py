@@ -18,13 +18,12 @@ from api.changes import audit, submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso
+from errors import BackupNotFound, Conflict, NoDisks, NotFound, PolicyExists, PolicyNotFound, StoreExists, UnknownStore, VmNotFound
 from models import San, Site, Template, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.san import backups as backup_jobs
 from api.vms import vm_name
 from tasks.inventory import vms
-from tasks.inventory.vms import VmNotFound
-from workers.errors import Conflict, NotFound
 
 backups = Blueprint("backups", __name__)
 stores = Blueprint("stores", __name__)
@@ -38,25 +37,6 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _TEXT = {"type": "string"}
 _NTEXT = {"type": ["string", "null"]}
 _INT = {"type": "integer"}
-
-
-class StoreExists(Conflict):
-    code = "StoreExists"
-
-
-class PolicyExists(Conflict):
-    code = "PolicyExists"
-
-
-class PolicyNotFound(NotFound):
-    code = "PolicyNotFound"
-
-
-class UnknownStore(NotFound):
-    """A store named in a request body does not exist: the request is invalid rather than its URL."""
-
-    code = "StoreNotFound"
-    http_status = 422
 
 
 BACKUP_SCHEMA = {"type": "object", "properties": {
@@ -201,10 +181,10 @@ def _backups_query():
 
 def _backup(db: Session, backup_id: str) -> tuple[Backup, str]:
     if not isinstance(backup_id, str) or len(backup_id) > 36:
-        raise backup_jobs.BackupNotFound(f"no backup {backup_id}", backup=backup_id)
+        raise BackupNotFound(f"no backup {backup_id}", backup=backup_id)
     row = db.execute(_backups_query().where(Backup.id == backup_id)).first()
     if row is None:
-        raise backup_jobs.BackupNotFound(f"no backup {backup_id}", backup=backup_id)
+        raise BackupNotFound(f"no backup {backup_id}", backup=backup_id)
     return row[0], row[1]
 
 
@@ -216,7 +196,7 @@ def _check_has_disks(db: Session, name: str) -> None:
     site = db.scalar(select(Site.name).join(San, San.site_id == Site.id).join(Volume, Volume.san_id == San.id)
                      .where(Volume.vm_id == vm_id, Volume.role == "disk").limit(1))
     if site is None:
-        raise backup_jobs.NoDisks(f"VM {name} has no disk volumes", vm=name)
+        raise NoDisks(f"VM {name} has no disk volumes", vm=name)
 
 
 def _check_san_exists(db: Session, san: str) -> None:

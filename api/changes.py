@@ -15,14 +15,10 @@ from api import context, validation
 from api.auth import current_caller
 from api.representations import job_json
 from models import AuditEvent, Job
-from tasks import jobs, submission
+from tasks import submission
 from tasks.kinds import kind_of, parse, stored
-from workers.errors import LaxError
+from errors import IdempotencyKeyReused, TargetBusy
 
-
-class IdempotencyKeyReused(LaxError):
-    code = "IdempotencyKeyReused"
-    http_status = 422
 
 
 def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str | None = None,
@@ -39,7 +35,7 @@ def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str |
             if prepare is not None and not (key and _key_used(db, key)):
                 prepare(db)
             job, created = submission.submit(db, kind, params, requester, target=target, idempotency_key=key)
-    except jobs.TargetBusy:
+    except TargetBusy:
         # Two requests with one key racing: the loser's lock claim fails on the winner's job.
         job = _job_with_key(key) if key else None
         if job is None:

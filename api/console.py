@@ -20,24 +20,14 @@ from sqlalchemy import select
 
 from api import context, validation
 from api.openapi import operation
+from errors import ServerUnreachable, UpgradeRequired, VmNotFound, VmNotRunning
 from models import ClusterServer, VirtualMachine
-from tasks.inventory.vms import VmNotFound
-from workers.errors import Conflict, LaxError
 from workers.node.console import CHUNK, SerialConsole, start_event_loop
-from workers.node.host import ServerUnreachable, connect
+from workers.node.host import connect
 
 blueprint = Blueprint("console", __name__)
 # How long the relay waits for keystrokes before it looks for console output again.
 POLL_S = 0.05
-
-
-class VmNotRunning(Conflict):
-    code = "VmNotRunning"
-
-
-class UpgradeRequired(LaxError):
-    code = "UpgradeRequired"
-    http_status = 426
 
 
 @dataclass

@@ -8,9 +8,9 @@ from sqlalchemy import select
 from api import context, validation
 from api.changes import audit
 from api.openapi import operation
+from errors import SubnetNotFound
 from models import Lease, Subnet, VirtualMachine
 from tasks.inventory import ipam
-from workers.errors import NotFound
 
 subnets = Blueprint("subnets", __name__)
 leases = Blueprint("leases", __name__)
@@ -19,12 +19,6 @@ HOSTS_FORMATS = ("dnsmasq", "isc")
 SUBNET_FIELDS = {"name", "cidr", "gateway", "dns", "range_start", "range_end", "mac_prefix"}
 MAX_DNS_SERVERS = 8
 _TEXT = {"type": "string"}
-
-
-class UnknownSubnet(NotFound):
-    """A subnet named in the URL does not exist (a subnet named in a body is ipam.SubnetNotFound, 422)."""
-
-    code = "SubnetNotFound"
 
 
 def subnet_json(subnet: Subnet) -> dict[str, Any]:
@@ -107,7 +101,7 @@ def lease_index():
 def _subnet(db, name: str) -> Subnet:
     subnet = db.scalar(select(Subnet).where(Subnet.name == name))
     if subnet is None:
-        raise UnknownSubnet(f"no subnet {name}", name=name)
+        raise SubnetNotFound(f"no subnet {name}", name=name)
     return subnet
 
 

@@ -14,27 +14,12 @@ from flask import Flask, Response
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from workers.errors import LaxError
+from errors import InternalError, LaxError, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 # Fields of the problem itself; details from an error's `extra` never overwrite them.
 RESERVED = frozenset({"type", "title", "status", "detail", "code", "instance"})
-
-
-class Unauthorized(LaxError):
-    code = "Unauthorized"
-    http_status = 401
-
-
-class Forbidden(LaxError):
-    code = "Forbidden"
-    http_status = 403
-
-
-class ServiceUnavailable(LaxError):
-    code = "ServiceUnavailable"
-    http_status = 503
 
 
 def problem(status: int, code: str, detail: str, **extra: Any) -> Response:
@@ -84,7 +69,7 @@ def _from_backend_outage(error: Exception) -> Response:
 
 def _from_crash(error: Exception) -> Response:
     log.exception("unhandled error in a request")
-    return problem(500, "InternalError", "the server failed to handle this request; see its log")
+    return problem(InternalError.http_status, InternalError.code, "the server failed to handle this request; see its log")
 
 
 def _title(code: str) -> str:

@@ -8,17 +8,13 @@ from api import context, validation
 from api.changes import audit, submit_job
 from api.openapi import list_of, operation, ref
 from api.representations import server_json
+from errors import ServerNotFound, TargetBusy
 from models import Cluster, ClusterServer
 from tasks import jobs
 from tasks.control.servers import server_target
-from workers.errors import NotFound
 
 blueprint = Blueprint("servers", __name__)
 REFRESH_TARGET = "servers"
-
-
-class ServerNotFound(NotFound):
-    code = "ServerNotFound"
 
 
 def _servers():
@@ -68,7 +64,7 @@ def activate(name: str):
         server = _existing_server(db, name)
         holder = jobs.holder_of(db, server_target(name))
         if holder is not None:
-            raise jobs.TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_target(name))
+            raise TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_target(name))
         server.maintenance = False
         audit(db, "server.activate", server_target(name))
         return jsonify(server_json(server))

@@ -13,8 +13,8 @@ from api.changes import submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso, san_json
+from errors import LaxError, SanNotFound, TemplateExists, UnknownSan, VolumeNotFound
 from models import San, Template, VirtualMachine, Volume
-from workers.errors import Conflict, LaxError, NotFound
 
 sans = Blueprint("sans", __name__)
 templates = Blueprint("templates", __name__)
@@ -24,25 +24,6 @@ OS_NAME = re.compile(r"^[a-z0-9._-]{1,63}$")
 MAX_PATH = 1023
 _INT = {"type": ["integer", "null"]}
 _TEXT = {"type": "string"}
-
-
-class SanNotFound(NotFound):
-    code = "SanNotFound"
-
-
-class VolumeNotFound(NotFound):
-    code = "VolumeNotFound"
-
-
-class UnknownSan(NotFound):
-    """A SAN named in a request body does not exist: the request is invalid rather than its URL."""
-
-    code = "SanNotFound"
-    http_status = 422
-
-
-class TemplateExists(Conflict):
-    code = "TemplateExists"
 
 
 SAN_SCHEMA = {"type": "object", "properties": {

@@ -6,7 +6,7 @@ from typing import Any
 from flask import request
 
 from config.units import parse_size
-from workers.errors import InvalidInput
+from errors import InvalidInput
 
 NAME = re.compile(r"^[a-z0-9-]{1,63}$")
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,100}$")

@@ -16,9 +16,9 @@ from api.changes import submit_job
 from api.openapi import operation, ref
 from api.representations import iso
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
+from errors import UnknownAction, VmNotFound
 from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import vms
-from workers.errors import NotFound
 
 blueprint = Blueprint("vms", __name__)
 
@@ -33,10 +33,6 @@ MAX_SSH_KEYS, MAX_SSH_KEY_LENGTH, MAX_DESCRIPTION = 32, 8192, 1024
 MAX_SHUTDOWN_TIMEOUT_S = 3600
 SSH_KEY = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$")
 STATE = re.compile(r"^[a-z ]{1,31}$")
-
-
-class UnknownAction(NotFound):
-    code = "UnknownAction"
 
 
 _INT = {"type": ["integer", "null"]}
@@ -94,7 +90,7 @@ def show(name: str):
     with context.session() as db:
         row = db.execute(_overview().where(VirtualMachine.name == name)).first()
         if row is None:
-            raise vms.VmNotFound(f"no VM {name}", vm=name)
+            raise VmNotFound(f"no VM {name}", vm=name)
         vm = row[0]
         shown = vm_json(*row)
         _add_addresses(db, {vm.id: shown})
@@ -265,5 +261,5 @@ def _existing_vm(name: str) -> str:
     validation.name(name, "name")
     with context.session() as db:
         if db.scalar(select(VirtualMachine.id).where(VirtualMachine.name == name)) is None:
-            raise vms.VmNotFound(f"no VM {name}", vm=name)
+            raise VmNotFound(f"no VM {name}", vm=name)
     return name

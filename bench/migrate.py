@@ -46,11 +46,12 @@ from benchkit import exit_on_sigterm, write_results
 from cli.bootstrap import first_jobs
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
+from errors import ConsoleTimeout
 from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import all_queues
-from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
+from workers.node.console import SerialConsole, start_event_loop
 
 READY_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600

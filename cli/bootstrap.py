@@ -5,11 +5,12 @@ import time
 from sqlalchemy import select
 
 import config
+from errors import TargetBusy
 from lab import cluster as lab_cluster, topology
 from lab.template import build_tiny
 from models import BackupStore, Job, San, Template
 from models.db import transaction
-from tasks import jobs, submission
+from tasks import submission
 from tasks.app import make_celery
 from tasks.runtime import make_runtime
 
@@ -64,7 +65,7 @@ def _start(rt, celery, kind: str, params: dict) -> Job:
     """Start the job, or, when an earlier run left one for the same target, send that one again."""
     try:
         return submission.start(rt, celery, kind, params, LAUNCHER)
-    except jobs.TargetBusy as busy:
+    except TargetBusy as busy:
         with rt.sessions() as session:
             job = session.get(Job, busy.extra["job_id"])
     submission.launch(rt, celery, job)

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 import config
+from errors import LaxError
 from lab import cluster
-from workers.errors import LaxError
 
 
 @click.group()

@@ -9,11 +9,11 @@ import requests
 import config
 from cli.bootstrap import first_jobs, lab_backup_stores
 from cli.services import Supervisor, api_service, celery_services, flower_password, redis_service
+from errors import LaxError
 from lab import cluster as lab_cluster
 from lab.processes import wait_until
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
-from workers.errors import LaxError
 
 READY_TIMEOUT_S = 90
 

@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 
 import libvirt
 
+from errors import LabError
 from lab import processes
-from lab.errors import LabError
 
 DAEMONS = ("virtlogd", "virtlockd", "libvirtd")
 # Per-server directory name -> where the server's daemons see it.

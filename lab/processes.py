@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from lab.errors import LabError, LabTimeout
+from errors import LabError, LabTimeout
 
 T = TypeVar("T")
 

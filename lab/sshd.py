@@ -12,8 +12,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from errors import LabError
 from lab import processes
-from lab.errors import LabError
 from workers.command import run
 
 START_TIMEOUT_S = 15

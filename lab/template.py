@@ -26,8 +26,8 @@ from typing import Any
 
 import zstandard
 
+from errors import TemplateBuildFailed
 from workers.command import output, run
-from workers.errors import LaxError
 
 # Bump when the layout of what is built changes in a way the inputs below do not show.
 BUILD_FORMAT = 1
@@ -43,11 +43,6 @@ WANTED_MODULES = (
     "button", "evdev",
 )
 INPUTS_FILE = "tiny.inputs"
-
-
-class TemplateBuildFailed(LaxError):
-    code = "TemplateBuildFailed"
-    http_status = 500
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from errors import CommandFailed, LabError
 from lab import processes
-from lab.errors import LabError
 from workers.command import run
-from workers.errors import CommandFailed
 from workers.san.tgt import Tgt
 
 SOCKET_DIR = Path("/var/run/tgtd")

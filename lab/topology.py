@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import Config
-from workers.errors import InvalidInput
+from errors import InvalidInput
 
 IFNAME_MAX = 15  # the kernel's limit on interface names (IFNAMSIZ - 1)
 LIBVIRT_TCP_PORT = 16509

@@ -15,6 +15,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from errors import ChildFailed, ChildrenTimedOut, JobFinished
 from models import FINAL_STATES, SUCCEEDED, Job, utcnow
 from models.db import transaction
 from tasks import jobs, submission
@@ -128,7 +129,7 @@ class JobContext:
             return children
         deadline = deadline_for(children, timeout)
         if utcnow() >= deadline:
-            raise jobs.ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
+            raise ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
         raise Suspended(Wait(**{**wait.as_dict(), "deadline": deadline.isoformat()}))
 
     def children(self, child_ids: list[str]) -> list[Job]:
@@ -161,7 +162,7 @@ class JobContext:
             with self.session() as session:
                 try:
                     jobs.request_cancel(session, self.rt.redis, child_id)
-                except jobs.JobFinished:
+                except JobFinished:
                     continue
         raise jobs.JobCancelled(self.job_id)
 
@@ -186,7 +187,7 @@ def raise_unless_succeeded(child: Job) -> None:
     """Raise a child's failure as the parent's, under the child's own code (NoSpace, MigrationFailed ...)."""
     if child.state == SUCCEEDED:
         return
-    error = jobs.ChildFailed(f"{child.kind} on {child.queue} {child.state}: {child.error_message or 'cancelled'}",
+    error = ChildFailed(f"{child.kind} on {child.queue} {child.state}: {child.error_message or 'cancelled'}",
                              child_job=child.id)
     error.code = child.error_code or error.code
     raise error

@@ -13,41 +13,13 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from errors import JobFinished, JobNotFound, LaxError, TargetBusy
 from models import CANCELLED, FINAL_STATES, QUEUED, RUNNING, Job, JobLock, utcnow
 from tasks.dispatch import cancel_key
-from workers.errors import Conflict, LaxError, NotFound
-
-
-class TargetBusy(Conflict):
-    code = "TargetBusy"
-
-
-class JobNotFound(NotFound):
-    code = "JobNotFound"
-
-
-class JobFinished(Conflict):
-    code = "JobFinished"
 
 
 class JobCancelled(Exception):
     """Raised inside a workflow at a cancel check; the runner cleans up and ends the job `cancelled`."""
-
-
-class WorkerLost(LaxError):
-    code = "WorkerLost"
-
-
-class ChildFailed(LaxError):
-    """A child job did not succeed; `extra` names it and its error code."""
-
-    code = "ChildFailed"
-    http_status = 502
-
-
-class ChildrenTimedOut(LaxError):
-    code = "ChildrenTimedOut"
-    http_status = 504
 
 
 def submit(session: Session, *, kind: str, target: str, queue: str, params: dict[str, Any] | None = None,

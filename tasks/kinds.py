@@ -14,10 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import InvalidInput, NotFound, UnknownKind
 from models import San, Site, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.queues import CONTROL, node_queue, san_queue
-from workers.errors import InvalidInput, NotFound
 
 
 class Params(BaseModel):
@@ -270,10 +270,6 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("migrate-domain", MigrateDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
 ]}
-
-
-class UnknownKind(InvalidInput):
-    code = "UnknownKind"
 
 
 def kind_of(name: str) -> Kind:

@@ -9,6 +9,7 @@ import socket
 import threading
 from typing import Any
 
+from errors import CleanupFailed, InternalError, LaxError, WorkerLost
 from models import CANCELLED, FAILED, SUCCEEDED, Job
 from models.db import transaction
 from tasks import jobs, runtime
@@ -19,17 +20,8 @@ from tasks.dispatch import RUN_JOB, alive_key
 from tasks.progress import Reporter, announce
 from tasks.runtime import Runtime
 from tasks.workflow import Workflow, lookup
-from workers.errors import LaxError
 
 log = logging.getLogger(__name__)
-
-
-class InternalError(LaxError):
-    code = "InternalError"
-
-
-class CleanupFailed(LaxError):
-    code = "CleanupFailed"
 
 
 WAITING = "waiting"
@@ -65,7 +57,7 @@ def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) ->
         return _end(rt, ctx, flow, pending["state"], _error_from(pending["error"]))
     try:
         if rollback:
-            raise jobs.WorkerLost(f"the worker running job {job.id} died; its work was rolled back")
+            raise WorkerLost(f"the worker running job {job.id} died; its work was rolled back")
         ctx.check_cancel()
         result = flow.run(ctx) or {}
     except Suspended as suspended:

@@ -12,6 +12,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from sqlalchemy.orm import Session
 
+from errors import BrokerUnavailable
 from models import FAILED, AuditEvent, Job
 from models.db import transaction
 from tasks import jobs
@@ -20,14 +21,8 @@ from tasks.dispatch import dispatch
 from tasks.kinds import Params, kind_of, parse, stored
 from tasks.progress import announce
 from tasks.runtime import Runtime
-from workers.errors import LaxError
 
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
-
-
-class BrokerUnavailable(LaxError):
-    code = "BrokerUnavailable"
-    http_status = 503
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import pytest
 
-from lab.errors import LabTimeout
+from errors import LabTimeout
 from lab.processes import wait_until
 
 T = TypeVar("T")

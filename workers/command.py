@@ -3,7 +3,7 @@
 import subprocess
 from collections.abc import Sequence
 
-from workers.errors import CommandFailed
+from errors import CommandFailed
 
 
 def run(argv: Sequence[str], *, check: bool = True, input: bytes | None = None, timeout: float = 600) -> subprocess.CompletedProcess[bytes]:

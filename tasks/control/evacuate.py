@@ -5,20 +5,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import EvacuationIncomplete, NoCapacity, ServerNotFound, TargetBusy
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, VirtualMachine
-from tasks import jobs
 from tasks.context import JobContext
-from tasks.control.migrate import MIGRATE_TIMEOUT_S, ServerNotFound
-from tasks.inventory.placement import NoCapacity, capacity, place
+from tasks.control.migrate import MIGRATE_TIMEOUT_S
+from tasks.inventory.placement import capacity, place
 from tasks.workflow import workflow
-from workers.errors import LaxError
 
 EVACUATE_AT_ONCE = 2
-
-
-class EvacuationIncomplete(LaxError):
-    code = "EvacuationIncomplete"
-    http_status = 409
 
 
 @workflow("evacuate")
@@ -119,5 +113,5 @@ def _next_batch(ctx: JobContext, plan: dict[str, str]) -> list[str]:
 def _start_migration(ctx: JobContext, vm: str, destination: str) -> dict[str, str]:
     try:
         return {"job": ctx.spawn("migrate", {"vm": vm, "to": destination, "live": True}, step=f"evacuate {vm}")}
-    except jobs.TargetBusy as error:
+    except TargetBusy as error:
         return {"busy": f"busy with job {error.extra['job_id']}"}

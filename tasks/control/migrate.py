@@ -13,27 +13,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import NoCapacity, PreflightFailed, ServerNotFound
 from models import ClusterServer, VirtualMachine
 from tasks.context import JobContext, raise_unless_succeeded
-from tasks.inventory.placement import NoCapacity, capacity, place
+from tasks.inventory.placement import capacity, place
 from tasks.inventory.vms import find_vm, placed_on, site_and_san
 from tasks.node.migrate import settle_and_record
 from tasks.workflow import workflow
-from workers.errors import Conflict, NotFound
 from workers.node import migrate as driver
 
 MIGRATE_TIMEOUT_S = 1800
 SAN_TIMEOUT_S = 300
-
-
-class PreflightFailed(Conflict):
-    """The migration cannot go ahead; `extra['problems']` lists every reason with what to do."""
-
-    code = "PreflightFailed"
-
-
-class ServerNotFound(NotFound):
-    code = "ServerNotFound"
 
 
 def vm_target(name: str) -> str:

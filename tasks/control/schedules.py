@@ -18,10 +18,11 @@ from croniter import croniter
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from errors import TargetBusy
 from models import Job, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from models.protection import BackupPolicy, BackupStore
-from tasks import jobs, runtime, submission
+from tasks import runtime, submission
 from tasks.app import app
 from tasks.inventory.retention import prunable, selected_vms, unfinished_backup_jobs
 from tasks.runtime import Runtime
@@ -77,7 +78,7 @@ def enqueue_backups(session: Session, policy: BackupPolicy, due: datetime) -> li
             with session.begin_nested():
                 job, created = submission.submit(session, "snapshot-backup", params, _requester(policy),
                                                  idempotency_key=f"policy:{policy.id}:{due.isoformat()}:{vm}")
-        except jobs.TargetBusy as busy:
+        except TargetBusy as busy:
             log.warning("policy %s: backup of %s skipped at %s: %s", policy.name, vm, due, busy.message)
             continue
         if created:
@@ -99,7 +100,7 @@ def enqueue_prune(session: Session, policy: BackupPolicy) -> Job | None:
     try:
         with session.begin_nested():
             job, _ = submission.submit(session, "prune-backups", {"policy": policy.name}, _requester(policy))
-    except jobs.TargetBusy:
+    except TargetBusy:
         return None
     return job
 

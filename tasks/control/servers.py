@@ -4,18 +4,12 @@ from typing import Any
 
 from sqlalchemy import select
 
+from errors import RefreshFailed, TargetBusy
 from models import SUCCEEDED, ClusterServer
 from tasks.context import JobContext
-from tasks.jobs import TargetBusy
 from tasks.workflow import workflow
-from workers.errors import LaxError
 
 REFRESH_TIMEOUT_S = 120
-
-
-class RefreshFailed(LaxError):
-    code = "RefreshFailed"
-    http_status = 502
 
 
 def server_target(name: str) -> str:

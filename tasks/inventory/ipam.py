@@ -6,24 +6,11 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import InvalidInput, NoAddress, SubnetExists, UnknownSubnet
 from models import Lease, Subnet, VirtualMachine
-from workers.errors import Conflict, InvalidInput, NotFound
 
 MAC_PREFIXES = {"qemu": "52:54:00", "kvm": "52:54:00", "xen": "00:16:3e"}
 MAC_ATTEMPTS = 64
-
-
-class SubnetExists(Conflict):
-    code = "SubnetExists"
-
-
-class SubnetNotFound(NotFound):
-    code = "SubnetNotFound"
-    http_status = 422
-
-
-class NoAddress(Conflict):
-    code = "NoAddress"
 
 
 def create_subnet(session: Session, *, name: str, cidr: str, gateway: str | None, dns: list[str],
@@ -50,7 +37,7 @@ def create_subnet(session: Session, *, name: str, cidr: str, gateway: str | None
 def find_subnet(session: Session, name: str) -> Subnet:
     subnet = session.scalar(select(Subnet).where(Subnet.name == name))
     if subnet is None:
-        raise SubnetNotFound(f"no subnet {name}", field="subnet", name=name)
+        raise UnknownSubnet(f"no subnet {name}", field="subnet", name=name)
     return subnet
 
 

@@ -6,13 +6,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from config import Config, parse_size
+from errors import NoCapacity
 from models import ClusterServer, VirtualMachine
-from workers.errors import LaxError
-
-
-class NoCapacity(LaxError):
-    code = "NoCapacity"
-    http_status = 409
 
 
 @dataclass(frozen=True)

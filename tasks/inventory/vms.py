@@ -6,34 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
+from errors import InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmNotFound, VmNotPlaced
 from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
 from tasks.inventory import ipam
-from workers.errors import Conflict, InvalidInput, NotFound
 from workers.san.backend import validate_name
 
 MAX_VM_NAME = 57  # room for the "-disk"/"-seed" volume suffixes within 63 characters
-
-
-class VmExists(Conflict):
-    code = "VmExists"
-
-
-class VmNotFound(NotFound):
-    code = "VmNotFound"
-
-
-class TemplateNotFound(NotFound):
-    code = "TemplateNotFound"
-    http_status = 422
-
-
-class ServerNotFound(NotFound):
-    code = "ServerNotFound"
-    http_status = 422
-
-
-class VmNotPlaced(Conflict):
-    code = "VmNotPlaced"
 
 
 @dataclass(frozen=True)
@@ -98,7 +76,7 @@ def _asked_server(session: Session, name: str | None) -> ClusterServer | None:
         return None
     server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
     if server is None:
-        raise ServerNotFound(f"no cluster server {name}", field="server")
+        raise UnknownServer(f"no cluster server {name}", field="server")
     return server
 
 

@@ -3,6 +3,7 @@ that makes the VM run on exactly one server, whatever happened."""
 
 from typing import Any
 
+from errors import MigrationAborted, MigrationFailed
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
@@ -37,12 +38,12 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
         outcome = driver.migrate(source_uri, dest_uri, name, xml, live=bool(ctx.params.get("live", True)),
                                  on_progress=progress, should_abort=lambda: bool(ctx.rt.redis.exists(cancel_key(ctx.job_id))),
                                  bandwidth_mib_s=ctx.params.get("bandwidth_mib_s"))
-    except driver.MigrationAborted:
+    except MigrationAborted:
         raise jobs.JobCancelled(ctx.job_id) from None
     ctx.phase("confirm", progress=96)
     where = settle_and_record(ctx, name, ctx.params["source"], ctx.params["destination"])
     if where != ctx.params["destination"]:
-        raise driver.MigrationFailed(f"libvirt reported success but {name} runs on {where}", server=where)
+        raise MigrationFailed(f"libvirt reported success but {name} runs on {where}", server=where)
     return outcome.as_dict()
 
 

@@ -4,10 +4,10 @@ from typing import Any
 
 from sqlalchemy import select
 
+from errors import LaxError
 from models import ClusterServer, utcnow
 from tasks.context import JobContext
 from tasks.workflow import workflow
-from workers.errors import LaxError
 from workers.node.host import read_facts
 
 

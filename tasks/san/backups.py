@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import BackupCancelled, BackupCorrupt, BackupNotFound, ManifestNotFound, NoDisks, NoStoreChosen, NotFound, StoreBusy, StoreNotFound, UnknownStoreKind, VmNotStopped, VolumeExists
 from models import San, VirtualMachine, Volume, utcnow
 from models.protection import Backup, BackupStore
 from tasks import jobs
@@ -25,10 +26,9 @@ from tasks.context import JobContext
 from tasks.dispatch import cancel_key
 from tasks.san.volumes import san_place
 from tasks.workflow import workflow
-from workers.errors import Conflict, InvalidInput, LaxError, NotFound
-from workers.san.backend import VolumeBackend, VolumeExists, snapshot_handle
-from workers.san.backup import BackupCancelled, backup_volume, restore_volume, verify_backup
-from workers.san.chunks import ChunkStore, LocalStore, ManifestNotFound
+from workers.san.backend import VolumeBackend, snapshot_handle
+from workers.san.backup import backup_volume, restore_volume, verify_backup
+from workers.san.chunks import ChunkStore, LocalStore
 from workers.san.ssh_store import SshStore
 
 STORE_KINDS = ("local", "ssh")
@@ -38,39 +38,6 @@ USABLE = ("complete", "verified")
 STOPPED_STATES = ("shut off", "shutoff", "crashed", "defined", "stopped")
 ERROR_LIMIT = 2047
 PRUNE_WAIT_S = 600
-
-
-class StoreNotFound(NotFound):
-    code = "StoreNotFound"
-
-
-class BackupNotFound(NotFound):
-    code = "BackupNotFound"
-
-
-class NoStoreChosen(InvalidInput):
-    code = "NoStoreChosen"
-
-
-class UnknownStoreKind(InvalidInput):
-    code = "UnknownStoreKind"
-
-
-class NoDisks(Conflict):
-    code = "NoDisks"
-
-
-class StoreBusy(Conflict):
-    code = "StoreBusy"
-
-
-class VmNotStopped(Conflict):
-    code = "VmNotStopped"
-
-
-class BackupCorrupt(LaxError):
-    code = "BackupCorrupt"
-    http_status = 409
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,11 @@
 """The SAN's drivers for a configured SAN: its volume backend and its tgt iSCSI target."""
 
 from config import Config, SanConfig, SiteConfig
+from errors import UnknownBackend
 from workers.san.backend import VolumeBackend
 from workers.san.lvm import LvmThinBackend
 from workers.san.reflink import ReflinkBackend
 from workers.san.tgt import Tgt
-from workers.errors import InvalidInput
-
-
-class UnknownBackend(InvalidInput):
-    code = "UnknownBackend"
 
 
 def backend_for(san: SanConfig) -> VolumeBackend:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
+from errors import NotFound, TargetNotFound, VolumeBusy
 from models import Lease, San, Subnet, Template, VirtualMachine, Volume
 from tasks import runtime
 from tasks.app import app
@@ -23,18 +24,13 @@ from tasks.queues import san_queue
 from tasks.san.storage import backend_for, site_initiators, target_for
 from tasks.workflow import workflow
 from workers.command import output, run
-from workers.errors import Conflict, NotFound
 from workers.node.seed import make_seed
 from workers.san.backend import VolumeBackend
 from workers.san.shrink import safe_shrink
-from workers.san.tgt import Export, TargetNotFound, validate_iqn
+from workers.san.tgt import Export, validate_iqn
 
 DISK_LUN, SEED_LUN = 1, 2
 SECTOR = 512
-
-
-class VolumeBusy(Conflict):
-    code = "VolumeBusy"
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def test_bad_backup_requests_are_refused(rt, client, tokens):
     add_store(rt, "one")
     add_store(rt, "two")
     assert_problem(client.post("/vms/web/backups", json={}, headers=operator), 422, "NoStoreChosen")
-    assert_problem(client.post("/vms/web/backups", json={"store": "three"}, headers=operator), 422, "StoreNotFound")
+    assert_problem(client.post("/vms/web/backups", json={"store": "three"}, headers=operator), 422, "UnknownStore")
     assert assert_problem(client.post("/vms/web/backups", json={"mode": "incremental", "store": "one"},
                                       headers=operator), 422, "InvalidInput")["field"] == "mode"
     assert_problem(client.post("/vms/nobody/backups", json={"store": "one"}, headers=operator), 404, "VmNotFound")

@@ -5,6 +5,7 @@ import json
 from sqlalchemy import func, select
 
 from api import create_app
+from errors import WorkerLost
 from models import FAILED, AuditEvent, Job, JobLock
 from models.db import transaction
 from tasks import jobs
@@ -144,7 +145,7 @@ def test_a_quiet_stream_keeps_alive_and_notices_an_end_only_the_db_knows(rt, cli
     assert received[0].startswith("retry:") and '"state": "queued"' in received[1]
     assert next(chunks).decode() == ": keep-alive\n\n"
     with transaction(rt.sessions) as session:  # ended without an event, as a reconciler might
-        jobs.finish(session, jobs.get(session, job["id"]), FAILED, error=jobs.WorkerLost("gone"))
+        jobs.finish(session, jobs.get(session, job["id"]), FAILED, error=WorkerLost("gone"))
     rest = "".join(chunk.decode() for chunk in chunks)
     final = json.loads(rest.split("data: ")[-1])
     assert (final["state"], final["error"]["code"], final["source"]) == ("failed", "WorkerLost", "db")

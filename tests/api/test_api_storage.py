@@ -101,7 +101,7 @@ def test_a_template_import_is_a_job_on_the_sans_queue(rt, client, tokens):
     ({"source_path": "images/tiny.raw"}, 422, "InvalidInput", "source_path"),
     ({"source_path": "/srv/../etc/shadow"}, 422, "InvalidInput", "source_path"),
     ({"source_path": "/srv/a\nb"}, 422, "InvalidInput", "source_path"),
-    ({"san": "san-z"}, 422, "SanNotFound", "san"),
+    ({"san": "san-z"}, 422, "UnknownSan", "san"),
     ({"name": "Tiny"}, 422, "InvalidInput", "name"),
     ({"os": "Debian 12"}, 422, "InvalidInput", "os"),
     ({"default_size": "1024"}, 422, "InvalidInput", "default_size"),

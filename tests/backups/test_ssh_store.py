@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from errors import ChunkMissing, StoreUnreachable
 from tests.backups.ssh_helpers import SshServer, run_sshd
 from workers.san.backup import backup_volume, collect_garbage, restore_volume, verify_backup
-from workers.san.chunks import ChunkMissing, chunk_relpath
-from workers.san.ssh_store import SshStore, StoreUnreachable
+from workers.san.chunks import chunk_relpath
+from workers.san.ssh_store import SshStore
 
 CHUNK = 256 * 1024
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from sqlalchemy import select
 
+from errors import TargetBusy
 from models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobLock
 from models.db import transaction
 from tasks import jobs
@@ -31,7 +32,7 @@ def final(rt, job_id: str, timeout: float = 30) -> Job:
 
 def test_a_target_is_locked_until_its_job_ends(rt):
     first = submit_noop(rt)
-    with pytest.raises(jobs.TargetBusy) as busy, transaction(rt.sessions) as session:
+    with pytest.raises(TargetBusy) as busy, transaction(rt.sessions) as session:
         jobs.submit(session, kind="noop", target="vm/t1", queue=CONTROL)
     assert busy.value.extra["job_id"] == first.id
     assert busy.value.http_status == 409

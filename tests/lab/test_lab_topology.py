@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 import config
+from errors import InvalidInput
 from lab.testing import make_test_config
 from lab.topology import IFNAME_MAX, build, san_portal, server_uri, tgt_control_port
-from workers.errors import InvalidInput
 
 
 def test_default_lab_has_every_host_with_its_configured_addresses() -> None:

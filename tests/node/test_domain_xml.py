@@ -10,8 +10,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from errors import InvalidInput
 from tests.support import need_binary
-from workers.errors import InvalidInput
 from workers.node.domain_xml import (
     DirectBoot,
     DomainSpec,

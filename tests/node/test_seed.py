@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from errors import InvalidInput
 from tests.support import need_binary
-from workers.errors import InvalidInput
 from workers.node.seed import make_seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMkDnq0lN0sX2m0Z1Wb0hQ operator@laptop"

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from errors import LaxError
 from tests.support import free_port, need_binary, need_root, wait_for
-from workers.errors import LaxError
 from workers.san.tgt import Tgt
 
 # mkfs.xfs refuses filesystems under 300 MB; the images are sparse, so this costs no disk.

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from errors import BackupCancelled, ChunkCorrupt
 from tests.support import sha256_of, write_at
 from workers.san.backup import (
-    BackupCancelled,
-    ChunkCorrupt,
     backup_volume,
     collect_garbage,
     restore_volume,

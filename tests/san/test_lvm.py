@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from errors import ShrinkRefused, VolumeNotFound
 from tests.san.helpers import detach_all
 from tests.support import need_binary, need_root
-from workers.san.backend import ShrinkRefused, VolumeNotFound
 from workers.san.lvm import (
     LvmThinBackend,
     device_mapper_available,

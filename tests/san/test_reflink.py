@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.san.backend import InvalidName, ShrinkRefused, VolumeExists, VolumeNotFound, align_and_merge
+from errors import InvalidName, ShrinkRefused, VolumeExists, VolumeNotFound
+from workers.san.backend import align_and_merge
 from workers.san.reflink import FIEMAP_EXTENT_UNWRITTEN, Extent, ReflinkBackend, changed_by_extents, fiemap, subtract
 
 MiB = 1 << 20

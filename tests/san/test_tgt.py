@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from errors import InvalidIqn, IscsiTargetBusy
 from tests.san.helpers import TgtDaemon
 from tests.support import need_binary, wait_for
 from workers.san.tgt import (
     Export,
-    InvalidIqn,
     Target,
-    TargetBusy,
     lowest_free_tid,
     parse_targets,
     target_iqn,
@@ -135,7 +134,7 @@ def test_second_target_gets_the_next_tid_and_busy_target_is_not_deleted(tgtd: Tg
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: tgt.find(second).sessions == 1, 20, "QEMU to log in")
-        with pytest.raises(TargetBusy):
+        with pytest.raises(IscsiTargetBusy):
             tgt.unexport(second)
         assert tgt.find(second) is not None
     finally:

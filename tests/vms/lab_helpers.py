@@ -3,6 +3,7 @@
 import re
 import secrets
 
+from errors import ConsoleTimeout
 from models import Job
 from models.db import transaction
 from tasks import jobs
@@ -10,7 +11,7 @@ from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.inventory.vms import InstallRequest, reserve_vm
 from tests.support import wait_for
-from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
+from workers.node.console import SerialConsole, start_event_loop
 from workers.node.host import connect
 
 BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from errors import NoCapacity
 from models import SUCCEEDED, Lease, VirtualMachine, Volume
-from tasks.inventory.placement import NoCapacity
 from tasks.queues import CONTROL
 from tasks.san.storage import target_for
 from cli.tokens import create_token

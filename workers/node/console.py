@@ -11,7 +11,7 @@ from types import TracebackType
 
 import libvirt
 
-from workers.errors import LaxError
+from errors import ConsoleClosed, ConsoleTimeout
 
 POLL_INTERVAL = 0.05
 CHUNK = 4096
@@ -41,18 +41,6 @@ def start_event_loop() -> None:
 
         _loop_thread = threading.Thread(target=run_forever, name="libvirt-events", daemon=True)
         _loop_thread.start()
-
-
-class ConsoleTimeout(LaxError):
-    """The console did not show what was awaited in time; `extra['tail']` has its last output."""
-
-    code = "ConsoleTimeout"
-    http_status = 504
-
-
-class ConsoleClosed(LaxError):
-    code = "ConsoleClosed"
-    http_status = 502
 
 
 class SerialConsole:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from workers.errors import InvalidInput
+from errors import InvalidInput
 
 Hypervisor = Literal["qemu", "kvm", "xen"]
 HYPERVISORS = ("qemu", "kvm", "xen")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import libvirt
 
-from workers.errors import LaxError, NotFound
-from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
+from errors import ConsoleTimeout, DomainFailed, DomainNotFound, ShutdownTimedOut
+from workers.node.console import SerialConsole, start_event_loop
 from workers.node.host import connect
 
 STATE_NAMES = {
@@ -26,20 +26,6 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
 POLL_S = 0.2
-
-
-class DomainNotFound(NotFound):
-    code = "DomainNotFound"
-
-
-class DomainFailed(LaxError):
-    code = "DomainFailed"
-    http_status = 502
-
-
-class ShutdownTimedOut(LaxError):
-    code = "ShutdownTimedOut"
-    http_status = 504
 
 
 @dataclass(frozen=True)

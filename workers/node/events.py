@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import libvirt
 
+from errors import LaxError
 from workers.node.console import start_event_loop
 from workers.node.host import connect
-from workers.errors import LaxError
 
 log = logging.getLogger(__name__)
 RECONNECT_S = 5.0

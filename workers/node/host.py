@@ -6,12 +6,8 @@ from typing import Any
 
 import libvirt
 
-from workers.errors import LaxError
+from errors import ServerUnreachable
 
-
-class ServerUnreachable(LaxError):
-    code = "ServerUnreachable"
-    http_status = 502
 
 
 @dataclass(frozen=True)

@@ -15,31 +15,14 @@ from urllib.parse import urlparse
 
 import libvirt
 
-from workers.errors import LaxError
-from workers.node.domains import DomainFailed, DomainNotFound, lookup, session
-from workers.node.host import ServerUnreachable, connect
+from errors import DomainFailed, DomainNotFound, MigrationAborted, MigrationFailed, ServerUnreachable, SplitBrain
+from workers.node.domains import lookup, session
+from workers.node.host import connect
 
 POLL_S = 0.5
 # After abortJob, how long QEMU gets to stop the transfer and give the source back.
 ABORT_GRACE_S = 60.0
 MIGRATE_FLAGS = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-
-
-class MigrationFailed(LaxError):
-    code = "MigrationFailed"
-    http_status = 502
-
-
-class MigrationAborted(LaxError):
-    code = "MigrationAborted"
-    http_status = 409
-
-
-class SplitBrain(LaxError):
-    """The domain runs on both servers at once: a person must decide which copy to keep."""
-
-    code = "SplitBrain"
-    http_status = 409
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from errors import InvalidInput
 from workers.command import run
-from workers.errors import InvalidInput
 
 LABEL = "CIDATA"
 SIZE_KIB = 1024

@@ -12,51 +12,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
-from workers.errors import Conflict, InvalidInput, LaxError, NotFound
+from errors import InvalidName, InvalidSize
 
 SECTOR = 512
 NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62})")
 
 Range = tuple[int, int]  # (offset, length) in bytes
-
-
-class VolumeNotFound(NotFound):
-    code = "VolumeNotFound"
-
-
-class VolumeExists(Conflict):
-    code = "VolumeExists"
-
-
-class NoSpace(LaxError):
-    code = "NoSpace"
-    http_status = 507
-
-
-class ShrinkRefused(Conflict):
-    """A plain resize asked to shrink; only the safe shrink (workers.san.shrink) may."""
-
-    code = "ShrinkRefused"
-
-
-class UnknownFilesystem(Conflict):
-    """Safe shrink found content it does not understand (only ext2/3/4 can be shrunk)."""
-
-    code = "UnknownFilesystem"
-
-
-class DataWouldNotFit(Conflict):
-    """Safe shrink refused: the filesystem's data needs more room than the new size."""
-
-    code = "DataWouldNotFit"
-
-
-class InvalidName(InvalidInput):
-    code = "InvalidName"
-
-
-class InvalidSize(InvalidInput):
-    code = "InvalidSize"
 
 
 def validate_name(name: str) -> str:

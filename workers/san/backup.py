@@ -30,7 +30,7 @@ from typing import Any
 
 import zstandard
 
-from workers.errors import Conflict, InvalidInput, LaxError
+from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, InvalidRetention, LaxError
 from workers.san.chunks import ChunkStore
 
 FORMAT = 1
@@ -51,28 +51,6 @@ IN_FLIGHT_PER_THREAD = 2
 Range = tuple[int, int]
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-
-
-class BackupCancelled(LaxError):
-    code = "Cancelled"
-    http_status = 409
-
-
-class BackupMismatch(Conflict):
-    """A differential's parent does not fit (other chunk size), or ranges were given without a parent."""
-
-    code = "BackupMismatch"
-
-
-class ChunkCorrupt(LaxError):
-    """A stored chunk does not decompress or hash to its name."""
-
-    code = "ChunkCorrupt"
-    http_status = 500
-
-
-class InvalidRetention(InvalidInput):
-    code = "InvalidRetention"
 
 
 def chunk_digest(data: bytes | memoryview) -> str:

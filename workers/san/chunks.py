@@ -19,23 +19,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import Any
 
-from workers.errors import InvalidInput, NotFound
+from errors import ChunkMissing, InvalidStoreName, ManifestNotFound
 
 DIGEST_RE = re.compile(r"[0-9a-f]{16,128}")
 BACKUP_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 TEMP_SUFFIX = ".tmp"
-
-
-class ChunkMissing(NotFound):
-    code = "ChunkMissing"
-
-
-class ManifestNotFound(NotFound):
-    code = "ManifestNotFound"
-
-
-class InvalidStoreName(InvalidInput):
-    code = "InvalidStoreName"
 
 
 def check_digest(digest: str) -> str:

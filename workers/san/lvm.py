@@ -14,14 +14,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any
 
+from errors import ShrinkRefused, VolumeExists, VolumeNotFound
 from workers.command import output, run
 from workers.san.backend import (
     SECTOR,
     Range,
-    ShrinkRefused,
     VolumeBackend,
-    VolumeExists,
-    VolumeNotFound,
     align_and_merge,
     is_snapshot,
     parse_snapshot,

@@ -18,13 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from errors import NoSpace, ShrinkRefused, VolumeExists, VolumeNotFound
 from workers.san.backend import (
-    NoSpace,
     Range,
     VolumeBackend,
-    VolumeExists,
-    VolumeNotFound,
-    ShrinkRefused,
     align_and_merge,
     is_snapshot,
     parse_snapshot,

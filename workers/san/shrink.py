@@ -13,13 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from errors import CommandFailed, DataWouldNotFit, FilesystemDamaged, InvalidSize, UnknownFilesystem
 from workers.command import output, run
-from workers.errors import CommandFailed, LaxError
 from workers.san.backend import (
     SECTOR,
-    DataWouldNotFit,
-    InvalidSize,
-    UnknownFilesystem,
     VolumeBackend,
     validate_size,
 )
@@ -27,13 +24,6 @@ from workers.san.backend import (
 EXT_TYPES = {"ext2", "ext3", "ext4"}
 DOS_EXTENDED_TYPES = {"5", "f", "85"}
 E2FSCK_CLEAN_OR_FIXED = {0, 1, 2}
-
-
-class FilesystemDamaged(LaxError):
-    """e2fsck could not repair the filesystem; nothing was shrunk."""
-
-    code = "FilesystemDamaged"
-    http_status = 409
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,10 @@ from typing import Any
 
 import paramiko
 
-from workers.errors import InvalidInput, LaxError
+from errors import ChunkMissing, InvalidInput, InvalidStoreLocation, ManifestNotFound, StoreUnreachable
 from workers.san.chunks import (
     TEMP_SUFFIX,
-    ChunkMissing,
     ChunkStore,
-    ManifestNotFound,
     chunk_relpath,
     encode_manifest,
     manifest_relpath,
@@ -33,15 +31,6 @@ from workers.san.chunks import (
 
 CONNECT_TIMEOUT_S = 15
 KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
-
-
-class StoreUnreachable(LaxError):
-    code = "StoreUnreachable"
-    http_status = 502
-
-
-class InvalidStoreLocation(InvalidInput):
-    code = "InvalidStoreLocation"
 
 
 def parse_location(location: str) -> tuple[str, str, str]:

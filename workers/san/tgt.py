@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from errors import CommandFailed, Conflict, InvalidInput, InvalidIqn, IscsiTargetBusy, TargetNotFound
 from workers.command import output, run
-from workers.errors import CommandFailed, Conflict, InvalidInput, NotFound
 from workers.san.backend import validate_name
 
 IQN_RE = re.compile(r"iqn\.\d{4}-\d{2}\.[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?(?::[a-z0-9][a-z0-9.:_-]*)?")
@@ -22,20 +22,6 @@ AUTHORITY_RE = re.compile(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?")
 DATE_RE = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
 MAX_LUN = 255
 TID_RACE_RETRIES = 3
-
-
-class InvalidIqn(InvalidInput):
-    code = "InvalidIqn"
-
-
-class TargetNotFound(NotFound):
-    code = "TargetNotFound"
-
-
-class TargetBusy(Conflict):
-    """The target still has initiators logged in."""
-
-    code = "TargetBusy"
 
 
 def validate_iqn(iqn: str) -> str:
@@ -170,13 +156,13 @@ class Tgt:
             run(self.argv("--op", "unbind", "--mode", "target", "--tid", str(target.tid), "--initiator-name", name))
 
     def unexport(self, iqn: str, *, force: bool = False) -> None:
-        """Delete target `iqn` and its LUNs; a missing target is fine. Refuses (TargetBusy) while
+        """Delete target `iqn` and its LUNs; a missing target is fine. Refuses (IscsiTargetBusy) while
         initiators are logged in, unless `force`."""
         target = self.find(validate_iqn(iqn))
         if target is None:
             return
         if target.sessions and not force:
-            raise TargetBusy(f"{iqn} has {target.sessions} initiator session(s) logged in", iqn=iqn,
+            raise IscsiTargetBusy(f"{iqn} has {target.sessions} initiator session(s) logged in", iqn=iqn,
                              sessions=target.sessions)
         run(self.argv("--op", "delete", "--mode", "target", "--tid", str(target.tid), *(["--force"] if force else [])))
 
