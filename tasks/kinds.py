@@ -130,6 +130,22 @@ class MigrateDomain(OfVm):
     bandwidth_mib_s: int | None = None
 
 
+class PreflightMigration(OfVm):
+    source: str
+    destination: str
+    destination_uri: str
+    destination_maintenance: bool
+    free_memory_bytes: int
+    free_vcpus: int
+    memory_bytes: int
+    vcpus: int
+
+
+class SettleDomain(OfVm):
+    source: str
+    destination: str
+
+
 Queue = Callable[[Session, Any], str]
 Target = Callable[[Session, Any], str]
 
@@ -268,6 +284,9 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("probe-boot", ProbeBoot, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("remove-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("migrate-domain", MigrateDomain, on_server("source"), domain_target, "tasks.node.migrate"),
+    Kind("preflight-migration", PreflightMigration, on_server("source"), lambda _, p: f"preflight/{p.vm}",
+         "tasks.node.migrate"),
+    Kind("settle-domain", SettleDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
 ]}
 

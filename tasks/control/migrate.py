@@ -2,10 +2,12 @@
 a server that goes into maintenance).
 
 migrate, on the control queue, reads as its phases: pre-flight (every problem at once, nothing
-changed), export storage (the VM's iSCSI target lets the destination's initiator in), migrate (a
-`migrate-domain` child on the SOURCE server's queue holds the libvirt job), confirm. Whatever
+changed: the inventory's checks here, libvirt's in a `preflight-migration` child on the SOURCE
+server's queue), export storage (the VM's iSCSI target lets the destination's initiator in), migrate
+(a `migrate-domain` child on the SOURCE server's queue holds the libvirt job), confirm. Whatever
 happens, the VM ends running on exactly one server and the DB says which: the node child settles
-both libvirts in its cleanup, the parent does so again in its own.
+both libvirts in its cleanup, the parent does so again in its own (a `settle-domain` child on the
+same queue). The control worker itself never talks to a hypervisor.
 """
 
 from typing import Any
@@ -18,12 +20,13 @@ from models import ClusterServer, VirtualMachine
 from tasks.context import JobContext, raise_unless_succeeded
 from tasks.inventory.placement import capacity, place
 from tasks.inventory.vms import find_vm, placed_on, site_and_san
-from tasks.node.migrate import settle_and_record
 from tasks.workflow import workflow
-from workers.node import migrate as driver
 
 MIGRATE_TIMEOUT_S = 1800
 SAN_TIMEOUT_S = 300
+NODE_TIMEOUT_S = 300
+
+Problem = dict[str, str]  # {"code": ..., "message": ...}: one reason the move cannot go, with what to do
 
 
 def vm_target(name: str) -> str:
@@ -37,7 +40,8 @@ def settle_after_migrate(ctx: JobContext) -> None:
         return  # nothing was moved yet: pre-flight and export change no libvirt
     ctx.wait_for_children(children, MIGRATE_TIMEOUT_S, cancellable=False)
     plan = ctx.recorded_result()
-    settle_and_record(ctx, plan["vm"], plan["source"], plan["destination"])
+    ctx.run_child("settle-domain", {"vm": plan["vm"], "source": plan["source"], "destination": plan["destination"]},
+                  timeout=NODE_TIMEOUT_S, start=98, end=100, cancellable=False)
 
 
 @workflow("migrate", cleanup=settle_after_migrate, rerun_after_crash=False)
@@ -66,30 +70,35 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
 
 def _checked(ctx: JobContext, name: str, asked: str | None) -> dict[str, Any]:
     source, dest, problems = preflight(ctx, name, asked)
-    return {"source": source, "destination": dest, "problems": [p.as_dict() for p in problems]}
+    return {"source": source, "destination": dest, "problems": problems}
 
 
-def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[driver.Problem]]:
-    """The VM's server, the destination (asked, or chosen by placement) and every problem found."""
+def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[Problem]]:
+    """The VM's server, the destination (asked, or chosen by placement) and every problem found: the
+    inventory's here, libvirt's (and the destination's room) from a child job on the source server."""
     with ctx.session() as session:
         vm = find_vm(session, name)
         source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))
         try:
             dest = _destination(session, ctx, vm, source, asked)
         except NoCapacity as error:
-            return source.name, "", [driver.Problem(error.code, f"{error.message}: free memory or add a server")]
+            return source.name, "", [_problem(error.code, f"{error.message}: free memory or add a server")]
         if dest.id == source.id:
-            return source.name, dest.name, [driver.Problem("SameServer", f"{name} already runs on {dest.name}")]
+            return source.name, dest.name, [_problem("SameServer", f"{name} already runs on {dest.name}")]
         if dest.cluster_id != source.cluster_id:
-            return source.name, dest.name, [driver.Problem(
+            return source.name, dest.name, [_problem(
                 "OtherCluster", f"{dest.name} is not in {name}'s cluster, so it cannot reach its disks: "
                                 "choose a server of the same cluster")]
         room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
-        need = driver.Room(room.memory_bytes, room.vcpus, vm.memory_bytes, vm.vcpus)
-        source_name, source_uri = source.name, source.libvirt_uri
-        dest_name, dest_uri, in_maintenance = dest.name, dest.libvirt_uri, dest.maintenance
-    problems = driver.preflight(source_uri, dest_uri, name, dest_name=dest_name, dest_maintenance=in_maintenance, room=need)
-    return source_name, dest_name, problems
+        check = {"vm": name, "source": source.name, "destination": dest.name, "destination_uri": dest.libvirt_uri,
+                 "destination_maintenance": dest.maintenance, "free_memory_bytes": room.memory_bytes,
+                 "free_vcpus": room.vcpus, "memory_bytes": vm.memory_bytes, "vcpus": vm.vcpus}
+    found = ctx.run_child("preflight-migration", check, timeout=NODE_TIMEOUT_S, start=2, end=5)
+    return check["source"], check["destination"], list(found["problems"])
+
+
+def _problem(code: str, message: str) -> Problem:
+    return {"code": code, "message": message}
 
 
 def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: ClusterServer,

@@ -27,7 +27,8 @@ def capacity(session: Session, config: Config, server: ClusterServer, *, exclude
     placed = placed.where(VirtualMachine.server_id == server.id)
     if exclude_vm is not None:
         placed = placed.where(VirtualMachine.id != exclude_vm)
-    used_memory, used_vcpus = session.execute(placed).one()
+    # int(): PostgreSQL's SUM of a bigint is a numeric (Decimal), which does not mix with float.
+    used_memory, used_vcpus = (int(value) for value in session.execute(placed).one())
     total = server.memory_total_bytes or 0
     ceiling = min(server.memory_limit_bytes or total, total) * float(settings["memory_overcommit"])
     free_now = (server.memory_free_bytes or 0) - parse_size(settings["memory_reserve"])

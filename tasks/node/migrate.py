@@ -1,5 +1,5 @@
-"""The node side of a migration, on the SOURCE server's queue: the libvirt migration job and the settle
-that makes the VM run on exactly one server, whatever happened."""
+"""The node side of a migration, on the SOURCE server's queue: the libvirt pre-flight checks, the libvirt
+migration job and the settle that makes the VM run on exactly one server, whatever happened."""
 
 from typing import Any
 
@@ -14,8 +14,30 @@ from workers.node import migrate as driver
 from workers.node.domain_xml import domain_xml
 
 
+@workflow("preflight-migration")
+def preflight_migration(ctx: JobContext) -> dict[str, Any]:
+    """What this (the source) server's and the destination's libvirt say against the move, beside the room
+    placement reported: `problems`, a list of {code, message}, empty when the VM can go. Changes nothing."""
+    name = ctx.params["vm"]
+    with ctx.session() as session:
+        _, source = vm_and_server(session, name, ctx.params["source"])
+        source_uri = source.libvirt_uri
+    room = driver.Room(int(ctx.params["free_memory_bytes"]), int(ctx.params["free_vcpus"]),
+                       int(ctx.params["memory_bytes"]), int(ctx.params["vcpus"]))
+    problems = driver.preflight(source_uri, ctx.params["destination_uri"], name, dest_name=ctx.params["destination"],
+                                dest_maintenance=bool(ctx.params["destination_maintenance"]), room=room)
+    return {"problems": [problem.as_dict() for problem in problems]}
+
+
 def settle_domain(ctx: JobContext) -> None:
     settle_and_record(ctx, ctx.params["vm"], ctx.params["source"], ctx.params["destination"])
+
+
+@workflow("settle-domain")
+def settle_domain_job(ctx: JobContext) -> dict[str, Any]:
+    """After a migration, however it ended: make the VM run on exactly one of `source` and `destination`
+    and record which (the control workflow's cleanup runs this on the source server's queue)."""
+    return {"server": settle_and_record(ctx, ctx.params["vm"], ctx.params["source"], ctx.params["destination"])}
 
 
 @workflow("migrate-domain", cleanup=settle_domain, rerun_after_crash=False)

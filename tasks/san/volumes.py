@@ -4,8 +4,6 @@ Volume names: `<vm>-disk` and `<vm>-seed` for a VM, `tpl-<template>` for a templ
 is idempotent (an existing volume or export is kept), so a re-run after a crash converges.
 """
 
-import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +21,13 @@ from tasks.context import JobContext
 from tasks.queues import san_queue
 from tasks.san.storage import backend_for, site_initiators, target_for
 from tasks.workflow import workflow
-from workers.command import output, run
-from workers.node.seed import make_seed
 from workers.san.backend import VolumeBackend
+from workers.san.images import write_image
+from workers.san.seed import write_seed
 from workers.san.shrink import safe_shrink
 from workers.san.tgt import Export, validate_iqn
 
 DISK_LUN, SEED_LUN = 1, 2
-SECTOR = 512
 
 
 @dataclass(frozen=True)
@@ -47,15 +44,6 @@ def san_place(config: Config, san_name: str) -> SanPlace:
 
 def vm_target_iqn(config: Config, site: str, vm: str) -> str:
     return validate_iqn(f"{config.raw['iqn_prefix']}:{site}.{vm}")
-
-
-def write_image(backend: VolumeBackend, name: str, source: Path) -> str:
-    """Create volume `name` holding the raw or qcow2 image `source` (converted by qemu-img)."""
-    info = json.loads(output(["qemu-img", "info", "--output=json", str(source)]))
-    size = -(-int(info["virtual-size"]) // SECTOR) * SECTOR
-    handle = name if backend.exists(name) else backend.create(name, size)
-    run(["qemu-img", "convert", "-n", "-f", info["format"], "-O", "raw", str(source), backend.path_for_export(handle)])
-    return handle
 
 
 # -- VM disks -------------------------------------------------------------------------------------
@@ -115,11 +103,9 @@ def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Le
 
 def _write_seed(backend: VolumeBackend, vm: VirtualMachine, lease: Lease | None, subnet: Subnet | None) -> str:
     prefix = subnet.cidr.split("/")[1] if subnet else None
-    with tempfile.TemporaryDirectory() as scratch:
-        image = make_seed(Path(scratch) / "seed.img", hostname=vm.name, mac=lease.mac if lease else None,
-                          ip_cidr=f"{lease.ip}/{prefix}" if lease else None,
-                          gateway=subnet.gateway if subnet else None, ssh_keys=list(vm.ssh_keys))
-        return write_image(backend, f"{vm.name}-seed", image)
+    return write_seed(backend, f"{vm.name}-seed", hostname=vm.name, mac=lease.mac if lease else None,
+                      ip_cidr=f"{lease.ip}/{prefix}" if lease else None, gateway=subnet.gateway if subnet else None,
+                      ssh_keys=list(vm.ssh_keys))
 
 
 def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:

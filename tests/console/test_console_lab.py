@@ -28,7 +28,7 @@ from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line
 from tests.support import need_binary, wait_for
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml
 from workers.node.host import connect
-from workers.node.seed import make_seed
+from workers.san.seed import make_seed
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MAC = "52:54:00:4c:58:09"

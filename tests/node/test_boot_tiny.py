@@ -16,7 +16,7 @@ from tests.san.helpers import TgtDaemon
 from tests.support import need_binary, wait_for
 from workers.node.console import SerialConsole
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, IscsiDisk, Nic, domain_xml
-from workers.node.seed import make_seed
+from workers.san.seed import make_seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTinyBootTest0 tester@lab"
 BOOT_LINE = re.compile(r"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)")

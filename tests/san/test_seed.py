@@ -1,4 +1,4 @@
-"""NoCloud seed images: a VFAT volume labelled CIDATA with the three standard files."""
+"""NoCloud seed images: a VFAT volume labelled CIDATA with the three standard files, written into a SAN volume."""
 
 import subprocess
 from pathlib import Path
@@ -7,14 +7,15 @@ import pytest
 
 from errors import InvalidInput
 from tests.support import need_binary
-from workers.node.seed import make_seed
+from workers.san.reflink import ReflinkBackend
+from workers.san.seed import make_seed, write_seed
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIMkDnq0lN0sX2m0Z1Wb0hQ operator@laptop"
 
 
 @pytest.fixture(autouse=True)
 def _tools() -> None:
-    need_binary("mkfs.vfat", "mcopy", "mtype", "blkid")
+    need_binary("mkfs.vfat", "mcopy", "mtype", "blkid", "qemu-img")
 
 
 def seed_file(image: Path, name: str) -> str:
@@ -51,6 +52,19 @@ def test_making_a_seed_again_replaces_it(tmp_path: Path) -> None:
     make_seed(path, hostname="two", mac=None, ip_cidr=None, gateway=None, ssh_keys=[])
     assert "local-hostname: two" in seed_file(path, "meta-data")
     assert [p.name for p in tmp_path.iterdir()] == ["seed.img"]
+
+
+def test_a_seed_is_written_into_a_volume_again_and_again(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    backend = ReflinkBackend(str(pool))
+    handle = write_seed(backend, "web1-seed", hostname="web1", mac=None, ip_cidr=None, gateway=None, ssh_keys=[KEY])
+    assert handle == "web1-seed" and backend.size(handle) == 1024 * 1024
+    volume = Path(backend.path_for_export(handle))
+    assert "local-hostname: web1" in seed_file(volume, "meta-data")
+    write_seed(backend, "web1-seed", hostname="web1", mac=None, ip_cidr="10.0.0.5/24", gateway=None, ssh_keys=[])
+    assert "address: 10.0.0.5/24" in seed_file(volume, "network-config")
+    assert sorted(p.name for p in pool.iterdir()) == ["web1-seed.img"]
 
 
 @pytest.mark.parametrize(

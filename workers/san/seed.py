@@ -3,7 +3,8 @@
 The seed is the standard cloud-init NoCloud volume: a small VFAT image labelled CIDATA
 holding `meta-data`, `user-data` (#cloud-config) and `network-config` (version 1), built
 without mounting (mkfs.vfat from dosfstools, mcopy from mtools). Standard cloud images
-configure themselves from it; the lab's tiny template reads the same files.
+configure themselves from it; the lab's tiny template reads the same files. It is written on
+the SAN, straight into the VM's seed volume (`write_seed`).
 """
 
 import ipaddress
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from errors import InvalidInput
 from workers.command import run
+from workers.san.backend import VolumeBackend
+from workers.san.images import write_image
 
 LABEL = "CIDATA"
 SIZE_KIB = 1024
@@ -60,6 +63,15 @@ def make_seed(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def write_seed(backend: VolumeBackend, name: str, *, hostname: str, mac: str | None, ip_cidr: str | None,
+               gateway: str | None, ssh_keys: list[str]) -> str:
+    """Build the seed image (as `make_seed`) in a scratch directory and write it into volume `name`; return its handle."""
+    with tempfile.TemporaryDirectory() as scratch:
+        image = make_seed(Path(scratch) / "seed.img", hostname=hostname, mac=mac, ip_cidr=ip_cidr, gateway=gateway,
+                          ssh_keys=ssh_keys)
+        return write_image(backend, name, image)
 
 
 def meta_data(hostname: str) -> str:
