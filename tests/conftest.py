@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import config
+from lab.processes import free_port, wait_until
 from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
-from tests.support import free_port, missing, need_binary, need_root, wait_for
+from tests.support import missing, need_binary, need_root
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_JOB_SETTINGS = {
@@ -38,7 +39,7 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         import redis
 
         client = redis.Redis(port=port)
-        wait_for(lambda: _pings(client), 10, "redis-server to answer")
+        wait_until(lambda: _pings(client), 10, "redis-server to answer")
         yield port
     finally:
         proc.terminate()
@@ -240,7 +241,7 @@ def celery_worker(lax_env: dict[str, str], tmp_path: Path):
         worker = Worker(proc, log, queues)
         started.append(worker)
         log.touch()
-        wait_for(worker.ready, 60, f"celery worker on {queues} to be ready")
+        wait_until(worker.ready, 60, f"celery worker on {queues} to be ready")
         return worker
 
     yield start

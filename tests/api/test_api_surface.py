@@ -10,11 +10,11 @@ from sqlalchemy import select, update
 
 from api import create_app, validation
 from api.openapi import ANYONE, document, openapi_path, operation
+from lab.processes import free_port
 from models import ApiToken
 from models.db import transaction
 from tasks.runtime import Runtime
 from tests.api.conftest import bearer
-from tests.support import free_port
 from workers.errors import InvalidInput
 
 DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1", "volume_id": "1", "action": "start",

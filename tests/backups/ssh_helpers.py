@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_port, need_binary, need_root, wait_for
+from lab.processes import free_port, wait_until
+from tests.support import need_binary, need_root
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")
@@ -53,7 +54,7 @@ def run_sshd(workdir: Path) -> Iterator[SshServer]:
     log = open(workdir / "sshd.log", "wb")
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     try:
-        wait_for(lambda: proc.poll() is None and accepts(port) or _exited(proc, workdir), 10, "sshd to listen")
+        wait_until(lambda: proc.poll() is None and accepts(port) or _exited(proc, workdir), 10, "sshd to listen")
         key_type, key_b64 = Path(f"{host_key}.pub").read_text().split()[:2]
         yield SshServer(port, client_key.read_text(), f"[127.0.0.1]:{port} {key_type} {key_b64}")
     finally:

@@ -8,8 +8,8 @@ import pytest
 from flask import Flask
 from waitress.server import create_server
 
+from lab.processes import free_port
 from tests.api.conftest import app, tokens  # noqa: F401  (the same app and tokens the API tests use)
-from tests.support import free_port
 
 __all__ = ["app", "tokens"]
 

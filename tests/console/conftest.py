@@ -15,8 +15,8 @@ import requests
 import websocket
 
 from cli.services import api_argv
+from lab.processes import free_port, wait_until
 from tests.api.conftest import tokens  # noqa: F401  (a token for each role)
-from tests.support import free_port, wait_for
 
 __all__ = ["tokens"]
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def served_api(lax_env: dict[str, str], tmp_path: Path) -> Iterator[ServedApi]:
         proc = subprocess.Popen(api_argv("127.0.0.1", port, threads=4), cwd=REPO, env={**os.environ, **lax_env},
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: _healthy(proc, served), 60, "gunicorn to serve the API")
+        wait_until(lambda: _healthy(proc, served), 60, "gunicorn to serve the API")
         yield served
     finally:
         _stop(proc)
@@ -104,7 +104,7 @@ def ask_boot_line(ws: websocket.WebSocket, timeout: float = 120) -> tuple[bytes,
         seen += receive_for(ws, 2.0)
         return BOOT_LINE.search(seen)
 
-    return wait_for(asked, timeout, "the boot line through the console websocket").groups()
+    return wait_until(asked, timeout, "the boot line through the console websocket").groups()
 
 
 def receive_for(ws: websocket.WebSocket, seconds: float) -> bytes:

@@ -20,12 +20,13 @@ import pytest
 import websocket
 from sqlalchemy import select
 
+from lab.processes import wait_until
 from lab.template import TinyTemplate, build_tiny
 from models import ClusterServer, VirtualMachine
 from models.db import transaction
 from tasks.inventory.config_sync import sync_from_config
 from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line, open_console, refused
-from tests.support import need_binary, wait_for
+from tests.support import need_binary
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml
 from workers.node.host import connect
 from workers.node.seed import make_seed
@@ -88,10 +89,10 @@ def test_the_console_relays_the_guest_shell_and_closes_when_taken_over_or_the_gu
         assert ask_boot_line(first) == (b"con1", b"192.0.2.9")
         second = open_console(served_api, guest.vm, tokens["operator"])
         try:
-            wait_for(lambda: closed(first), 30, "the first console to close when a second one takes over")
+            wait_until(lambda: closed(first), 30, "the first console to close when a second one takes over")
             assert ask_boot_line(second) == (b"con1", b"192.0.2.9")
             guest.domain.destroy()
-            wait_for(lambda: closed(second), 30, "the console websocket to close after the guest was destroyed")
+            wait_until(lambda: closed(second), 30, "the console websocket to close after the guest was destroyed")
         finally:
             second.close()
     finally:
@@ -117,7 +118,7 @@ def test_vm_console_in_a_terminal_shows_the_guest_and_ctrl_bracket_leaves(guest,
         env={**os.environ, "LAXCLUSTER_TOKEN": tokens["operator"]})
     try:
         seen = Screen(controller)
-        wait_for(lambda: b"Ctrl-] leaves" in seen.read(), 30, "vm console to say it is connected")
+        wait_until(lambda: b"Ctrl-] leaves" in seen.read(), 30, "vm console to say it is connected")
         # Raw mode: the terminal no longer echoes or edits lines; the guest's shell does.
         assert not termios.tcgetattr(terminal)[3] & termios.ECHO
 
@@ -125,7 +126,7 @@ def test_vm_console_in_a_terminal_shows_the_guest_and_ctrl_bracket_leaves(guest,
             os.write(controller, ASK_BOOT_LINE)
             return BOOT_LINE.search(seen.read(wait_s=2))
 
-        assert wait_for(asked, 120, "the boot line through vm console").groups() == (b"con1", b"192.0.2.9")
+        assert wait_until(asked, 120, "the boot line through vm console").groups() == (b"con1", b"192.0.2.9")
         os.write(controller, b"\x1d")
         assert proc.wait(15) == 0
         assert termios.tcgetattr(terminal) == before

@@ -12,9 +12,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from lab.processes import wait_until
 from lab.template import TinyTemplate, build_tiny
 from workers.node.console import start_event_loop
-from tests.support import need_binary, need_root, wait_for
+from tests.support import need_binary, need_root
 
 SYSTEM_URI = "qemu:///system"
 IQN_PREFIX = "iqn.2025-01.org.laxcluster.test"
@@ -38,7 +39,7 @@ def stop_by_pidfile(pidfile: Path) -> None:
     except ProcessLookupError:
         return
     # Daemons started with -d are not our children: gone means no /proc entry.
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, f"pid {pid} to exit")
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, f"pid {pid} to exit")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,7 @@ def system_libvirt() -> Iterator[libvirt.virConnect]:
             started.append(pidfile)
     try:
         # libvirtd probes QEMU's capabilities before its first answer (~10 s here).
-        wait_for(lambda: libvirt_answers(SYSTEM_URI), 60, "libvirtd to answer on qemu:///system", interval=0.5)
+        wait_until(lambda: libvirt_answers(SYSTEM_URI), 60, "libvirtd to answer on qemu:///system", interval=0.5)
         conn = libvirt.open(SYSTEM_URI)
         yield conn
         conn.close()

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support import free_port, need_binary, need_root, wait_for
+from lab.processes import free_port, wait_until
+from tests.support import need_binary, need_root
 from workers.errors import LaxError
 from workers.san.tgt import Tgt
 
@@ -67,7 +68,7 @@ class TgtDaemon:
                 ["tgtd", "-f", "--iscsi", f"portal={self.portal}", "-C", str(self.control_port)],
                 stdout=log, stderr=log,
             )
-        wait_for(self._answers, 10, f"tgtd on control port {self.control_port} to answer")
+        wait_until(self._answers, 10, f"tgtd on control port {self.control_port} to answer")
 
     def _answers(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:

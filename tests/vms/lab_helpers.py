@@ -3,13 +3,13 @@
 import re
 import secrets
 
+from lab.processes import wait_until
 from models import Job
 from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.support import wait_for
 from workers.node.console import ConsoleTimeout, SerialConsole, start_event_loop
 from workers.node.host import connect
 
@@ -30,7 +30,7 @@ def wait_job(rt, job_id: str, timeout: float = 180) -> Job:
             current = session.get(Job, job_id)
             return current if current.is_final else None
 
-    return wait_for(ended, timeout, f"job {job_id} to end")
+    return wait_until(ended, timeout, f"job {job_id} to end")
 
 
 def unique(name: str) -> str:
@@ -59,7 +59,7 @@ def boot_line(uri: str, name: str) -> tuple[str, str]:
                 except ConsoleTimeout:
                     return None
 
-            return wait_for(asked, 120, f"the boot line on {name}'s console").groups()
+            return wait_until(asked, 120, f"the boot line on {name}'s console").groups()
     finally:
         conn.close()
 
