@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis, a real DB (SQLite and PostgreSQL), real Celery workers."""
+"""Shared fixtures: a real Redis, a real DB (SQLite and PostgreSQL), real Celery workers; and, from
+tests/fixtures, the API (app, client, tokens), the API served for real, and VMs on the lab."""
 
 import os
 import secrets
@@ -16,9 +17,9 @@ import config
 from lab.processes import free_port, wait_until
 from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
-from tests.support import missing, need_binary, need_root
+from tests.support import REPO, missing, need_binary, need_root
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.served", "tests.fixtures.lab_vms"]
 TEST_JOB_SETTINGS = {
     "LAXCLUSTER_JOBS_HEARTBEAT_TTL_S": "3",
     "LAXCLUSTER_JOBS_RECONCILE_EVERY_S": "2",
@@ -58,7 +59,7 @@ def _pings(client) -> bool:
 @pytest.fixture
 def tgtd(tmp_path: Path):
     """A tgtd of our own on 127.0.0.1 (free port, own control port), stopped even if the test fails."""
-    from tests.san.helpers import TgtDaemon
+    from tests.fixtures.san import TgtDaemon
 
     need_root()
     need_binary("tgtd", "tgtadm")

@@ -1,4 +1,4 @@
-"""Small helpers shared by the tests: missing components, file digests and writes.
+"""Small helpers shared by the tests: where the repository is, missing components, file digests and writes.
 
 Waiting on a condition and a free port come from the lab (`lab.processes.wait_until`, `free_port`)."""
 
@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm")
 
 
 def missing(reason: str) -> None:
@@ -28,6 +30,11 @@ def need_binary(*names: str) -> None:
 def need_root() -> None:
     if os.geteuid() != 0:
         missing("needs root (namespaces, loop devices, daemons)")
+
+
+def need_lab() -> None:
+    need_root()
+    need_binary(*LAB_BINARIES)
 
 
 def sha256_of(path: str | Path) -> str:

@@ -11,7 +11,7 @@ from models.db import transaction
 from tasks import jobs
 from tasks.app import make_celery
 from tasks.queues import CONTROL
-from tests.api.conftest import bearer
+from tests.fixtures.http import bearer
 
 
 def post_noop(client, token, key=None, **body):

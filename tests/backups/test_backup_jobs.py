@@ -24,9 +24,9 @@ from tasks.progress import channel
 from tasks.runner import execute
 from tasks.runtime import Runtime, make_runtime
 from tasks.workflow import lookup
-from tests.api import factories
-from tests.backups.ssh_helpers import run_sshd
-from tests.san.helpers import mounted_filesystem
+from tests.fixtures import factories
+from tests.fixtures.sshd import run_sshd
+from tests.fixtures.san import mounted_filesystem
 from tests.support import sha256_of, write_at
 from workers.san.chunks import LocalStore, chunk_relpath
 from workers.san.reflink import ReflinkBackend

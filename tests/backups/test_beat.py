@@ -17,8 +17,8 @@ from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, san_queue
-from tests.api import factories
-from tests.san.helpers import mounted_filesystem
+from tests.fixtures import factories
+from tests.fixtures.san import mounted_filesystem
 from workers.san.backup import backup_volume
 from workers.san.chunks import LocalStore
 from workers.san.reflink import ReflinkBackend

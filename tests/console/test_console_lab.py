@@ -21,12 +21,12 @@ import websocket
 from sqlalchemy import select
 
 from lab.processes import wait_until
-from lab.template import TinyTemplate, build_tiny
+from lab.template import TinyTemplate
 from models import ClusterServer, VirtualMachine
 from models.db import transaction
 from tasks.inventory.config_sync import sync_from_config
-from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line, open_console, refused
-from tests.support import need_binary
+from tests.fixtures.console import ASK_BOOT_LINE, BOOT_LINE, ask_boot_line, open_console, refused
+from tests.support import REPO, need_binary
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml
 from workers.node.host import connect
 from workers.node.seed import make_seed
@@ -40,12 +40,6 @@ LAXCLUSTER = Path(sys.executable).with_name("laxcluster")
 class Guest:
     vm: str
     domain: libvirt.virDomain
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyTemplate:
-    need_binary("mkfs.ext4", "busybox", "mkfs.vfat", "mcopy")
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -62,6 +56,7 @@ def cs1(rt) -> Iterator[libvirt.virConnect]:
 @pytest.fixture
 def guest(rt, cs1: libvirt.virConnect, tiny: TinyTemplate, tmp_path: Path) -> Iterator[Guest]:
     """tiny running on cs1 as hostname con1 at 192.0.2.9, its VM row placed there; destroyed and undefined after."""
+    need_binary("mkfs.vfat", "mcopy")
     name = f"con-{secrets.token_hex(3)}"
     root = tmp_path / "root.img"
     shutil.copyfile(tiny.disk, root)

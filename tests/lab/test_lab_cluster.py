@@ -18,8 +18,7 @@ from cli.main import cli
 from lab import cluster, netns, processes, topology
 from lab.processes import wait_until
 from lab.testing import leftovers, make_test_config
-from tests.lab.conftest import need_lab
-from tests.support import missing
+from tests.support import missing, need_lab
 from workers.command import run
 from workers.san.tgt import Tgt
 

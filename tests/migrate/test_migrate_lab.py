@@ -20,7 +20,7 @@ from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.vms.lab_helpers import boot_line, run_job, server_uri
+from tests.fixtures.vms import boot_line, run_job, server_uri
 from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]

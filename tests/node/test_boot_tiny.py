@@ -12,13 +12,14 @@ import pytest
 
 from lab.processes import wait_until
 from lab.template import TinyTemplate
-from tests.node.conftest import IQN_PREFIX, unique
-from tests.san.helpers import TgtDaemon
+from tests.fixtures.vms import unique
+from tests.fixtures.san import TgtDaemon
 from tests.support import need_binary
 from workers.node.console import SerialConsole
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, IscsiDisk, Nic, domain_xml
 from workers.node.seed import make_seed
 
+IQN_PREFIX = "iqn.2025-01.org.laxcluster.test"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTinyBootTest0 tester@lab"
 BOOT_LINE = re.compile(r"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)")
 

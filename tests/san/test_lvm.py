@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.san.helpers import detach_all
+from tests.fixtures.san import detach_all
 from tests.support import need_binary, need_root
 from workers.san.backend import ShrinkRefused, VolumeNotFound
 from workers.san.lvm import (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.san.helpers import loop_mounted
+from tests.fixtures.san import loop_mounted
 from tests.support import need_binary, need_root
 from workers.san.backend import DataWouldNotFit, InvalidSize, UnknownFilesystem
 from workers.san.reflink import ReflinkBackend

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab.processes import wait_until
-from tests.san.helpers import TgtDaemon
+from tests.fixtures.san import TgtDaemon
 from tests.support import need_binary
 from workers.san.tgt import (
     Export,

@@ -13,7 +13,7 @@ from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.san.storage import target_for
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.vms.lab_helpers import install, unique, wait_job
+from tests.fixtures.vms import install, unique, wait_job
 from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]

@@ -12,7 +12,7 @@ from lab.processes import wait_until
 from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
 from tasks.queues import CONTROL, san_queue
 from tasks.san.storage import target_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
+from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.command import output
 from workers.node import domains
 
