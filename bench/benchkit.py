@@ -1,4 +1,4 @@
-"""What every benchmark script needs: prerequisites, a clean exit on SIGTERM, the results file."""
+"""What every benchmark script needs: prerequisites, a clean exit on SIGTERM, a scratch directory, the results file."""
 
 import json
 import os
@@ -6,10 +6,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lab.errors import LabError
+
 RESULTS_DIR = Path(__file__).with_name("results")
+
+
+class BenchError(Exception):
+    """The stack did not come up or a job did not behave; the message says what and where to look."""
 
 
 def require_root_and(script: str, tools: tuple[str, ...]) -> None:
@@ -32,6 +40,23 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
     path = RESULTS_DIR / name
     path.write_text(json.dumps(results, indent=2) + "\n")
     return path
+
+
+def measure_and_report(name: str, measure: Callable[[Path], dict[str, Any]],
+                       report: Callable[[dict[str, Any]], None]) -> int:
+    """Run `measure` in a scratch directory (deleted after, also on Ctrl-C or SIGTERM), print its `report`
+    and write `results/<name>.json`; the exit status: 1 when the stack or a job failed (BenchError, or a
+    lab daemon that did not come up), else 0."""
+    exit_on_sigterm()
+    with tempfile.TemporaryDirectory(prefix=f"lx-bench-{name}-") as scratch:
+        try:
+            results = measure(Path(scratch))
+        except (BenchError, LabError) as error:
+            print(f"benchmark failed: {error}", file=sys.stderr)
+            return 1
+    report(results)
+    print(f"\nwrote {write_results(f'{name}.json', results)}")
+    return 0
 
 
 def run_to_end(argv: list[str]) -> None:

@@ -25,10 +25,8 @@ import argparse
 import json
 import os
 import secrets
-import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -46,9 +44,10 @@ from celery import Celery
 from sqlalchemy import Engine, func, select
 
 import config
-from benchkit import exit_on_sigterm, write_results
+from benchkit import BenchError, measure_and_report
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
+from lab.processes import free_port, wait_until
 from models import FINAL_STATES, Job
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.app import make_celery
@@ -63,10 +62,6 @@ LOG_TAIL_LINES = 25
 PROBLEM_MARKS = ("ERROR", "Traceback", "database is locked", "CRITICAL")
 
 
-class BenchError(Exception):
-    """The stack did not come up or a job did not behave; the message says what and where to look."""
-
-
 @dataclass
 class Stack:
     """A running LaxCluster of our own: where the API is, an admin token, and client handles."""
@@ -78,12 +73,6 @@ class Stack:
     redis: redis.Redis
     api_command: list[str]
     services: list[Service]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def stack_environment(workdir: Path) -> dict[str, str]:
@@ -108,16 +97,15 @@ def control_worker(cfg: config.Config) -> Service:
     return Service("worker control", argv, cfg.var_dir.resolve() / "log" / "worker-control.log")
 
 
-def wait_until(condition: Callable[[], bool], what: str, services: list[Service]) -> None:
+def wait_while_running(condition: Callable[[], bool], what: str, services: list[Service]) -> None:
     """Poll `condition` until true; fail early if one of `services` exits, late after READY_TIMEOUT_S."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not condition():
+    def ready() -> bool:
         for service in services:
             if service.exited() is not None:
                 raise BenchError(f"{service.name} exited with {service.exited()} while waiting for {what}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {READY_TIMEOUT_S}s waiting for {what}")
-        time.sleep(0.2)
+        return condition()
+
+    wait_until(ready, READY_TIMEOUT_S, what, interval=0.2)
 
 
 def redis_answers(client: redis.Redis) -> bool:
@@ -150,15 +138,15 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
     celery = make_celery(cfg)
     try:
         supervisor.start(redis_service(cfg))
-        wait_until(lambda: redis_answers(client), "redis to answer", supervisor.running)
+        wait_while_running(lambda: redis_answers(client), "redis to answer", supervisor.running)
         migrate(cfg.db_url)
         token = new_admin_token(engine)
         worker, api = control_worker(cfg), api_service(cfg)
         supervisor.start(worker)
         supervisor.start(api)
         api_url = f"http://{cfg.section('api')['host']}:{cfg.section('api')['port']}"
-        wait_until(lambda: " ready." in worker.log.read_text(), "the control worker to be ready", supervisor.running)
-        wait_until(lambda: http_ok(f"{api_url}/health"), "the API to answer", supervisor.running)
+        wait_while_running(lambda: " ready." in worker.log.read_text(), "the control worker to be ready", supervisor.running)
+        wait_while_running(lambda: http_ok(f"{api_url}/health"), "the API to answer", supervisor.running)
         yield Stack(api_url, token, engine, celery, client, api.argv, list(supervisor.running))
     except Exception:
         print_log_tails(supervisor.running)
@@ -479,10 +467,6 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"log of {name}: {problem['lines']} problem lines, first: {problem['first']}")
 
 
-
-
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="timed round trips of each kind (default 200)")
@@ -492,16 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 2 or args.concurrent < 1 or args.threads < 1:
         parser.error("--n must be at least 2, --concurrent and --threads at least 1")
-    exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="laxcluster-bench-jobs-") as workdir:
-        try:
-            results = measure(args, Path(workdir))
-        except BenchError as error:
-            print(f"benchmark failed: {error}", file=sys.stderr)
-            return 1
-    print_report(results)
-    print(f"\nwrote {write_results('jobs.json', results)}")
-    return 0
+    return measure_and_report("jobs", lambda scratch: measure(args, scratch), print_report)
 
 
 if __name__ == "__main__":

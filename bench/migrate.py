@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -42,11 +40,12 @@ import redis
 import requests
 
 import config
-from benchkit import exit_on_sigterm, write_results
+from benchkit import BenchError, measure_and_report
 from cli.bootstrap import first_jobs
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
 from errors import ConsoleTimeout
+from lab.processes import free_port, wait_until
 from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
@@ -58,25 +57,6 @@ JOB_TIMEOUT_S = 600
 BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+)"
 FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
          | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
-
-
-class BenchError(Exception):
-    """The stack did not come up or a job did not behave; the message says what."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = READY_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
-    return value
 
 
 def answers(check: Callable[[], Any]) -> bool:
@@ -122,7 +102,7 @@ def start_stack(supervisor: Supervisor) -> tuple[config.Config, Api]:
     (cfg.var_dir / "log").mkdir(parents=True, exist_ok=True)
     supervisor.start(redis_service(cfg))
     client = redis.Redis.from_url(cfg.redis_url)
-    wait_until(lambda: answers(client.ping), "redis to answer")
+    wait_until(lambda: answers(client.ping), READY_TIMEOUT_S, "redis to answer", interval=0.2)
     client.close()
     migrate(cfg.db_url)
     engine = make_engine(cfg.db_url)
@@ -137,8 +117,9 @@ def start_stack(supervisor: Supervisor) -> tuple[config.Config, Api]:
     supervisor.start(api_service(cfg))
     api = cfg.section("api")
     url = f"http://{api['host']}:{api['port']}"
-    wait_until(lambda: " ready." in worker.log.read_text(), "the worker to be ready")
-    wait_until(lambda: answers(lambda: requests.get(f"{url}/health", timeout=2).ok), "the API to answer")
+    wait_until(lambda: " ready." in worker.log.read_text(), READY_TIMEOUT_S, "the worker to be ready", interval=0.2)
+    wait_until(lambda: answers(lambda: requests.get(f"{url}/health", timeout=2).ok), READY_TIMEOUT_S,
+               "the API to answer", interval=0.2)
     for job in first_jobs(cfg, with_lab=True):
         if job.state != "succeeded":
             raise BenchError(f"first job {job.kind} {job.target} {job.state}: {job.error_message}")
@@ -166,7 +147,7 @@ def wait_booted(uri: str, vm: str) -> None:
                 except ConsoleTimeout:
                     return False
 
-            wait_until(asked, f"{vm} to boot", timeout=300)
+            wait_until(asked, 300, f"{vm} to boot", interval=0.2)
     finally:
         conn.close()
 
@@ -267,16 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/migrate.py needs root (it brings up a lab of namespaces and libvirtds)", file=sys.stderr)
         return 2
-    exit_on_sigterm()
-    with tempfile.TemporaryDirectory(prefix="lx-bench-migrate-") as scratch:
-        try:
-            results = measure(args, Path(scratch))
-        except BenchError as error:
-            print(f"bench failed: {error}", file=sys.stderr)
-            return 1
-    print_report(results)
-    print(f"wrote {write_results('migrate.json', results)}")
-    return 0
+    return measure_and_report("migrate", lambda scratch: measure(args, scratch), print_report)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""The lab's daemons as PIDs: is it ours and alive, read a pidfile, stop it for sure."""
+"""The lab's daemons as PIDs: is it ours and alive, read a pidfile, stop it for sure; a free port for
+one to listen on and a wait until it answers (tests and benchmarks start their daemons with these too)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,6 +26,13 @@ def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: 
         if time.monotonic() > deadline:
             raise LabTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on at this moment."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def cmdline(pid: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real Redis, a real DB (SQLite and PostgreSQL), real Celery workers."""
+"""Shared fixtures: a real Redis, a real DB (SQLite and PostgreSQL), real Celery workers; and, from
+tests/fixtures, the API (app, client, tokens), the API served for real, and VMs on the lab."""
 
 import os
 import secrets
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 
 import config
+from lab.processes import free_port, wait_until
 from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
-from tests.support import free_port, missing, need_binary, need_root, wait_for
+from tests.support import REPO, missing, need_binary, need_root
 
-REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.served", "tests.fixtures.lab_vms"]
 TEST_JOB_SETTINGS = {
     "LAXCLUSTER_JOBS_HEARTBEAT_TTL_S": "3",
     "LAXCLUSTER_JOBS_RECONCILE_EVERY_S": "2",
@@ -38,7 +40,7 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         import redis
 
         client = redis.Redis(port=port)
-        wait_for(lambda: _pings(client), 10, "redis-server to answer")
+        wait_until(lambda: _pings(client), 10, "redis-server to answer")
         yield port
     finally:
         proc.terminate()
@@ -57,7 +59,7 @@ def _pings(client) -> bool:
 @pytest.fixture
 def tgtd(tmp_path: Path):
     """A tgtd of our own on 127.0.0.1 (free port, own control port), stopped even if the test fails."""
-    from tests.san.helpers import TgtDaemon
+    from tests.fixtures.san import TgtDaemon
 
     need_root()
     need_binary("tgtd", "tgtadm")
@@ -240,7 +242,7 @@ def celery_worker(lax_env: dict[str, str], tmp_path: Path):
         worker = Worker(proc, log, queues)
         started.append(worker)
         log.touch()
-        wait_for(worker.ready, 60, f"celery worker on {queues} to be ready")
+        wait_until(worker.ready, 60, f"celery worker on {queues} to be ready")
         return worker
 
     yield start

@@ -1,20 +1,17 @@
-"""Small helpers shared by the tests: waiting on conditions, free ports, missing components."""
+"""Small helpers shared by the tests: where the repository is, missing components, file digests and writes.
+
+Waiting on a condition and a free port come from the lab (`lab.processes.wait_until`, `free_port`)."""
 
 import hashlib
 import os
 import shutil
-import socket
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
-from errors import LabTimeout
-from lab.processes import wait_until
-
-T = TypeVar("T")
+REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
+LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm")
 
 
 def missing(reason: str) -> None:
@@ -35,18 +32,9 @@ def need_root() -> None:
         missing("needs root (namespaces, loop devices, daemons)")
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll `condition` until it returns something truthy; fail the test with `what` after `timeout` seconds."""
-    try:
-        return wait_until(condition, timeout, what, interval)
-    except LabTimeout as error:
-        raise AssertionError(error.message) from None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def need_lab() -> None:
+    need_root()
+    need_binary(*LAB_BINARIES)
 
 
 def sha256_of(path: str | Path) -> str:

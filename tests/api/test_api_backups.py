@@ -8,9 +8,8 @@ from sqlalchemy import select
 from models.db import transaction
 from models import VirtualMachine
 from models.protection import Backup, BackupPolicy, BackupStore
-from tests.api import factories
-from tests.api.conftest import bearer
-from tests.api.test_api_surface import assert_problem
+from tests.fixtures import factories
+from tests.fixtures.http import assert_problem, bearer
 
 MIB = 1 << 20
 

@@ -5,9 +5,8 @@ from sqlalchemy import select
 
 from models import AuditEvent
 from models.db import transaction
-from tests.api import factories
-from tests.api.conftest import bearer
-from tests.api.test_api_surface import assert_problem
+from tests.fixtures import factories
+from tests.fixtures.http import assert_problem, bearer
 
 LAN = {"name": "lan", "cidr": "10.60.0.0/24", "gateway": "10.60.0.1", "dns": ["10.60.0.2", "10.60.0.3"],
        "range_start": "10.60.0.100", "range_end": "10.60.0.199", "mac_prefix": "00:16:3E"}

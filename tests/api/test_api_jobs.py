@@ -6,13 +6,13 @@ from sqlalchemy import func, select
 
 from api import create_app
 from errors import WorkerLost
+from lab.processes import free_port, wait_until
 from models import FAILED, AuditEvent, Job, JobLock
 from models.db import transaction
 from tasks import jobs
 from tasks.app import make_celery
 from tasks.queues import CONTROL
-from tests.api.conftest import bearer
-from tests.support import free_port, wait_for
+from tests.fixtures.http import bearer
 
 
 def post_noop(client, token, key=None, **body):
@@ -89,7 +89,7 @@ def test_a_cancelled_queued_job_never_starts(rt, client, tokens, celery_worker):
     again = client.post(f"/jobs/{job['id']}/cancel", headers=bearer(tokens["operator"]))
     assert again.status_code == 409 and again.get_json()["code"] == "JobFinished"
     worker = celery_worker([CONTROL])
-    wait_for(lambda: "'stale'" in worker.log.read_text(), 30, "the worker to receive and drop the cancelled job")
+    wait_until(lambda: "'stale'" in worker.log.read_text(), 30, "the worker to receive and drop the cancelled job")
     row = job_row(rt, job["id"])
     assert row.state == "cancelled" and row.started_at is None and row.attempt == 0
     events = sse_events(client.get(f"/jobs/{job['id']}/events", headers=bearer(tokens["viewer"])))
@@ -114,7 +114,7 @@ def test_a_job_the_broker_cannot_take_fails_with_503(rt, client, tokens):
 def test_events_stream_history_then_live_until_final(rt, client, tokens, celery_worker):
     celery_worker([CONTROL])
     job = post_noop(client, tokens["admin"], seconds=2, steps=4).get_json()
-    wait_for(lambda: job_row(rt, job["id"]).state == "running", 30, "the noop job to start")
+    wait_until(lambda: job_row(rt, job["id"]).state == "running", 30, "the noop job to start")
     response = client.get(f"/jobs/{job['id']}/events", headers=bearer(tokens["viewer"]))
     assert response.mimetype == "text/event-stream"
     events = sse_events(response)

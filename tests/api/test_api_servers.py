@@ -4,7 +4,7 @@ from sqlalchemy import update
 
 from models import ClusterServer
 from models.db import transaction
-from tests.api.conftest import bearer
+from tests.fixtures.http import bearer
 
 
 def test_servers_list_the_configured_servers_with_numeric_facts(rt, client, tokens):

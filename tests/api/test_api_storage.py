@@ -5,9 +5,8 @@ from sqlalchemy import select, update
 
 from models import San, Volume
 from models.db import transaction
-from tests.api import factories
-from tests.api.conftest import bearer
-from tests.api.test_api_surface import assert_problem
+from tests.fixtures import factories
+from tests.fixtures.http import assert_problem, bearer
 
 GIB = 1 << 30
 

@@ -14,8 +14,8 @@ from errors import InvalidInput
 from models import ApiToken
 from models.db import transaction
 from tasks.runtime import Runtime
-from tests.api.conftest import bearer
-from tests.support import free_port
+from lab.processes import free_port
+from tests.fixtures.http import assert_problem, bearer
 
 DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1", "volume_id": "1", "action": "start",
                    "backup_id": "0b7c5b0e-0000-4000-8000-000000000001"}
@@ -29,15 +29,6 @@ def every_route(app):
             url = url.replace(f"<{argument}>", DUMMY_ARGUMENTS[argument])
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             yield method, url
-
-
-def assert_problem(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/problem+json"
-    body = response.get_json(force=True)
-    assert body["status"] == status and body["code"] == code
-    assert body["title"] and body["detail"] and body["type"].endswith(code)
-    return body
 
 
 def test_every_route_but_health_needs_a_token(app, client, tokens):

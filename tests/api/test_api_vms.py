@@ -8,9 +8,8 @@ from sqlalchemy.exc import IntegrityError
 
 from models import AuditEvent, Cluster, Lease, San, Subnet, Template, VirtualMachine
 from models.db import transaction
-from tests.api import factories
-from tests.api.conftest import bearer
-from tests.api.test_api_surface import assert_problem
+from tests.fixtures import factories
+from tests.fixtures.http import assert_problem, bearer
 
 INSTALL = {"name": "web1", "template": "tiny", "memory": "256M", "vcpus": 1, "disk": "1G", "subnet": "lan"}
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEJQujcdYiCL ops@example"

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 import config
 from config import DEFAULTS
+from lab.processes import wait_until
 from models import CANCELLED, FAILED, SUCCEEDED, Job, VirtualMachine, Volume
 from models.db import transaction
 from models.protection import Backup, BackupStore
@@ -23,10 +24,10 @@ from tasks.progress import channel
 from tasks.runner import execute
 from tasks.runtime import Runtime, make_runtime
 from tasks.workflow import lookup
-from tests.api import factories
-from tests.backups.ssh_helpers import run_sshd
-from tests.san.helpers import mounted_filesystem
-from tests.support import sha256_of, wait_for, write_at
+from tests.fixtures import factories
+from tests.fixtures.sshd import run_sshd
+from tests.fixtures.san import mounted_filesystem
+from tests.support import sha256_of, write_at
 from workers.san.chunks import LocalStore, chunk_relpath
 from workers.san.reflink import ReflinkBackend
 
@@ -208,7 +209,7 @@ def test_a_backup_waits_while_its_store_is_pruned(brt: Runtime, vm_disk: Path) -
             with brt.sessions() as session:
                 job = session.scalar(select(Job).where(Job.kind == "snapshot-backup"))
                 return job is not None and (job.phase or "").startswith("wait for prune job")
-        wait_for(waiting, 30, "the backup to wait for the prune")
+        wait_until(waiting, 30, "the backup to wait for the prune")
         assert backups(brt) == []
     finally:
         with transaction(brt.sessions) as session:

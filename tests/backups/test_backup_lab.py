@@ -15,7 +15,7 @@ from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.queues import CONTROL
 from tasks.san.volumes import san_place
 from tests.support import sha256_of
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
+from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.node import domains
 from workers.san.chunks import LocalStore, chunk_relpath
 

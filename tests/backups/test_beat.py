@@ -11,14 +11,14 @@ from sqlalchemy import func, select
 from api import create_app
 from cli.tokens import create_token
 from config import DEFAULTS
+from lab.processes import wait_until
 from models import SUCCEEDED, Job, utcnow
 from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, san_queue
-from tests.api import factories
-from tests.san.helpers import mounted_filesystem
-from tests.support import wait_for
+from tests.fixtures import factories
+from tests.fixtures.san import mounted_filesystem
 from workers.san.backup import backup_volume
 from workers.san.chunks import LocalStore
 from workers.san.reflink import ReflinkBackend
@@ -72,7 +72,7 @@ def test_beat_runs_a_due_policy_once_and_prunes_by_its_retention(rt, celery_app,
     def pruned() -> bool:
         with rt.sessions() as session:
             return session.get(Backup, old) is None
-    wait_for(pruned, 60, "beat to back up web and prune the older backup")
+    wait_until(pruned, 60, "beat to back up web and prune the older backup")
     with rt.sessions() as session:
         backups = session.scalars(select(Job).where(Job.kind == "snapshot-backup")).all()
         (kept,) = session.scalars(select(Backup)).all()

@@ -16,7 +16,7 @@ from tasks.runner import execute
 from tasks.control.schedules import dispatch_due
 from tasks.san import prune  # noqa: F401 (registers prune-backups)
 from tasks.workflow import lookup
-from tests.api import factories
+from tests.fixtures import factories
 from workers.san.backup import backup_volume
 from workers.san.chunks import LocalStore
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from errors import ChunkMissing, StoreUnreachable
-from tests.backups.ssh_helpers import SshServer, run_sshd
+from tests.fixtures.sshd import SshServer, run_sshd
 from workers.san.backup import backup_volume, collect_garbage, restore_volume, verify_backup
 from workers.san.chunks import chunk_relpath
 from workers.san.ssh_store import SshStore

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from sqlalchemy import select, update
 
 from cli.main import cli
+from lab.processes import free_port
 from models import ApiToken, ClusterServer
 from models.db import transaction
 from tasks.queues import CONTROL, node_queue
-from tests.support import free_port
 
 # The CLI only speaks HTTP; the API tests cover both databases, one is enough here.
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)

@@ -9,7 +9,7 @@ from cli.main import cli
 from models import Job
 from models.db import transaction
 from models.protection import Backup, BackupStore
-from tests.api import factories
+from tests.fixtures import factories
 
 MIB = 1 << 20
 

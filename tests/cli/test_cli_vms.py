@@ -9,7 +9,7 @@ from cli.main import cli
 from models import Job, San, VirtualMachine, Volume
 from models.db import transaction
 from tasks.queues import CONTROL
-from tests.api import factories
+from tests.fixtures import factories
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSQEJQujcdYiCL ops@example"
 

@@ -20,12 +20,13 @@ import pytest
 import websocket
 from sqlalchemy import select
 
-from lab.template import TinyTemplate, build_tiny
+from lab.processes import wait_until
+from lab.template import TinyTemplate
 from models import ClusterServer, VirtualMachine
 from models.db import transaction
 from tasks.inventory.config_sync import sync_from_config
-from tests.console.conftest import ASK_BOOT_LINE, BOOT_LINE, REPO, ask_boot_line, open_console, refused
-from tests.support import need_binary, wait_for
+from tests.fixtures.console import ASK_BOOT_LINE, BOOT_LINE, ask_boot_line, open_console, refused
+from tests.support import REPO, need_binary
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, Nic, domain_xml
 from workers.node.host import connect
 from workers.san.seed import make_seed
@@ -39,12 +40,6 @@ LAXCLUSTER = Path(sys.executable).with_name("laxcluster")
 class Guest:
     vm: str
     domain: libvirt.virDomain
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyTemplate:
-    need_binary("mkfs.ext4", "busybox", "mkfs.vfat", "mcopy")
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture
@@ -61,6 +56,7 @@ def cs1(rt) -> Iterator[libvirt.virConnect]:
 @pytest.fixture
 def guest(rt, cs1: libvirt.virConnect, tiny: TinyTemplate, tmp_path: Path) -> Iterator[Guest]:
     """tiny running on cs1 as hostname con1 at 192.0.2.9, its VM row placed there; destroyed and undefined after."""
+    need_binary("mkfs.vfat", "mcopy")
     name = f"con-{secrets.token_hex(3)}"
     root = tmp_path / "root.img"
     shutil.copyfile(tiny.disk, root)
@@ -88,10 +84,10 @@ def test_the_console_relays_the_guest_shell_and_closes_when_taken_over_or_the_gu
         assert ask_boot_line(first) == (b"con1", b"192.0.2.9")
         second = open_console(served_api, guest.vm, tokens["operator"])
         try:
-            wait_for(lambda: closed(first), 30, "the first console to close when a second one takes over")
+            wait_until(lambda: closed(first), 30, "the first console to close when a second one takes over")
             assert ask_boot_line(second) == (b"con1", b"192.0.2.9")
             guest.domain.destroy()
-            wait_for(lambda: closed(second), 30, "the console websocket to close after the guest was destroyed")
+            wait_until(lambda: closed(second), 30, "the console websocket to close after the guest was destroyed")
         finally:
             second.close()
     finally:
@@ -117,7 +113,7 @@ def test_vm_console_in_a_terminal_shows_the_guest_and_ctrl_bracket_leaves(guest,
         env={**os.environ, "LAXCLUSTER_TOKEN": tokens["operator"]})
     try:
         seen = Screen(controller)
-        wait_for(lambda: b"Ctrl-] leaves" in seen.read(), 30, "vm console to say it is connected")
+        wait_until(lambda: b"Ctrl-] leaves" in seen.read(), 30, "vm console to say it is connected")
         # Raw mode: the terminal no longer echoes or edits lines; the guest's shell does.
         assert not termios.tcgetattr(terminal)[3] & termios.ECHO
 
@@ -125,7 +121,7 @@ def test_vm_console_in_a_terminal_shows_the_guest_and_ctrl_bracket_leaves(guest,
             os.write(controller, ASK_BOOT_LINE)
             return BOOT_LINE.search(seen.read(wait_s=2))
 
-        assert wait_for(asked, 120, "the boot line through vm console").groups() == (b"con1", b"192.0.2.9")
+        assert wait_until(asked, 120, "the boot line through vm console").groups() == (b"con1", b"192.0.2.9")
         os.write(controller, b"\x1d")
         assert proc.wait(15) == 0
         assert termios.tcgetattr(terminal) == before

@@ -5,7 +5,7 @@ import requests
 
 from models import VirtualMachine
 from models.db import transaction
-from tests.console.conftest import refused
+from tests.fixtures.console import refused
 
 pytestmark = [pytest.mark.integration, pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)]
 

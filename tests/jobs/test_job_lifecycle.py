@@ -6,13 +6,13 @@ import pytest
 from sqlalchemy import select
 
 from errors import TargetBusy
+from lab.processes import wait_until
 from models import CANCELLED, FAILED, RUNNING, SUCCEEDED, Job, JobLock
 from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.progress import Reporter, log_key
 from tasks.queues import CONTROL
-from tests.support import wait_for
 
 
 def submit_noop(rt, target="vm/t1", key=None, **params) -> Job:
@@ -27,7 +27,7 @@ def state_of(rt, job_id: str) -> Job:
 
 
 def final(rt, job_id: str, timeout: float = 30) -> Job:
-    return wait_for(lambda: (j := state_of(rt, job_id)).is_final and j, timeout, f"job {job_id} to end")
+    return wait_until(lambda: (j := state_of(rt, job_id)).is_final and j, timeout, f"job {job_id} to end")
 
 
 def test_a_target_is_locked_until_its_job_ends(rt):
@@ -93,7 +93,7 @@ def test_cancel_stops_a_running_job_at_its_next_check(rt, celery_worker, celery_
     celery_worker([CONTROL])
     job = submit_noop(rt, seconds=30, steps=300)
     dispatch(celery_app, job)
-    wait_for(lambda: state_of(rt, job.id).state == RUNNING, 30, "job to run")
+    wait_until(lambda: state_of(rt, job.id).state == RUNNING, 30, "job to run")
     with transaction(rt.sessions) as session:
         assert jobs.request_cancel(session, rt.redis, job.id).state == RUNNING
     ended = final(rt, job.id, timeout=10)
@@ -115,7 +115,7 @@ def test_a_job_whose_worker_is_killed_is_run_again(rt, celery_worker, celery_app
     first = celery_worker([CONTROL])
     job = submit_noop(rt, seconds=4, steps=20)
     dispatch(celery_app, job)
-    wait_for(lambda: state_of(rt, job.id).phase.startswith("step 3"), 30, "job to be under way")
+    wait_until(lambda: state_of(rt, job.id).phase.startswith("step 3"), 30, "job to be under way")
     first.kill()
     celery_worker([CONTROL], beat=True)
     done = final(rt, job.id, timeout=60)
@@ -128,7 +128,7 @@ def test_a_job_out_of_attempts_is_rolled_back_and_failed(rt, lax_env, celery_wor
     first = celery_worker([CONTROL])
     job = submit_noop(rt, seconds=30, steps=300)
     dispatch(celery_app, job)
-    wait_for(lambda: state_of(rt, job.id).state == RUNNING, 30, "job to run")
+    wait_until(lambda: state_of(rt, job.id).state == RUNNING, 30, "job to run")
     first.kill()
     celery_worker([CONTROL], beat=True)
     done = final(rt, job.id, timeout=60)

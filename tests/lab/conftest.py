@@ -5,14 +5,6 @@ from pathlib import Path
 import pytest
 
 import config
-from tests.support import need_binary, need_root
-
-LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm")
-
-
-def need_lab() -> None:
-    need_root()
-    need_binary(*LAB_BINARIES)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 import config
 from cli.main import cli
 from lab import cluster, netns, processes, topology
+from lab.processes import wait_until
 from lab.testing import leftovers, make_test_config
-from tests.lab.conftest import need_lab
-from tests.support import missing, wait_for
+from tests.support import missing, need_lab
 from workers.command import run
 from workers.san.tgt import Tgt
 
@@ -158,7 +158,7 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
         pids = [pid for pid in _pids(report).values() if pid] + [_start_guest(cfg, "cs2", kernel)]
         # Any libvirtd on the machine gives each QEMU a mount namespace like this one, copying the pools' mounts.
         bystander = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "600"])
-        wait_for(lambda: _mount_namespace(bystander.pid) != _mount_namespace(os.getpid()), 10, "the bystander's mount namespace")
+        wait_until(lambda: _mount_namespace(bystander.pid) != _mount_namespace(os.getpid()), 10, "the bystander's mount namespace")
         cs1, san_a = report["hosts"][2], report["hosts"][0]
         assert (cs1["name"], san_a["name"]) == ("cs1", "san-a")
         # A crash: cs1's libvirtd and san-a's tgtd die hard, a namespace and a bridge of an older run linger.

@@ -4,9 +4,8 @@ from sqlalchemy import select
 
 from models import AuditEvent, ClusterServer
 from models.db import transaction
-from tests.api import factories
-from tests.api.conftest import bearer
-from tests.api.test_api_surface import assert_problem
+from tests.fixtures import factories
+from tests.fixtures.http import assert_problem, bearer
 
 
 def test_migrate_is_a_job_on_the_vms_lock_with_checked_parameters(rt, client, tokens):

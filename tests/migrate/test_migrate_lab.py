@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from cli.main import cli
 from lab import cluster as lab_cluster
-from lab.processes import read_pidfile
+from lab.processes import read_pidfile, wait_until
 from lab.topology import lab_dir
 from models import CANCELLED, FAILED, SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
@@ -20,8 +20,7 @@ from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.support import wait_for
-from tests.vms.lab_helpers import boot_line, run_job, server_uri
+from tests.fixtures.vms import boot_line, run_job, server_uri
 from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -66,7 +65,7 @@ def final(rt, job_id, timeout=MIGRATE_TIMEOUT) -> Job:
             job = session.get(Job, job_id)
             return job if job.is_final else None
 
-    return wait_for(ended, timeout, f"job {job_id} to end")
+    return wait_until(ended, timeout, f"job {job_id} to end")
 
 
 def libvirt_state(uri: str, name: str) -> int | None:
@@ -127,7 +126,7 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app, api_url, token
 
     # Cancel while libvirt's migration job runs (throttled to 1 MiB/s so it lasts): it stays on cs1.
     job_id = submit(rt, celery_app, "migrate", f"vm/{name}", {"vm": name, "to": "cs2", "bandwidth_mib_s": 1})
-    wait_for(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
+    wait_until(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
     with transaction(rt.sessions) as session:
         jobs.request_cancel(session, rt.redis, job_id)
     cancelled = final(rt, job_id)
@@ -163,7 +162,7 @@ def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, c
     cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
     job_id = submit(rt, celery_app, "migrate", f"vm/{name}", {"vm": name, "to": "cs2", "bandwidth_mib_s": 1})
     try:
-        wait_for(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
+        wait_until(lambda: migration_active(cs1, name), 120, "the libvirt migration job on cs1")
         os.kill(read_pidfile(lab_dir(rt.config) / "cs2" / "pids" / "libvirtd.pid"), signal.SIGKILL)
         ended = final(rt, job_id)
         assert ended.state == FAILED and ended.error_code == "MigrationFailed", (ended.state, ended.error_message)
@@ -171,7 +170,7 @@ def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, c
     finally:
         lab_cluster.up(rt.config)  # starts cs2's libvirtd again
     # Back up, cs2's libvirtd drops the guest whose incoming migration never finished.
-    wait_for(lambda: libvirt_state(cs2, name) is None, 60, f"cs2 to drop the half-migrated {name}")
+    wait_until(lambda: libvirt_state(cs2, name) is None, 60, f"cs2 to drop the half-migrated {name}")
     assert boot_line(cs1, name)[0] == name
     run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
 

@@ -1,7 +1,6 @@
-"""Fixtures for the node worker: the root libvirtd, a tgtd of our own, the tiny template."""
+"""Fixtures for the node worker: the root libvirtd (a tgtd: tests/conftest.py; the tiny template: tests/fixtures/lab_vms.py)."""
 
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -12,12 +11,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from lab.template import TinyTemplate, build_tiny
+from lab.processes import wait_until
 from workers.node.console import start_event_loop
-from tests.support import need_binary, need_root, wait_for
+from tests.support import need_binary, need_root
 
 SYSTEM_URI = "qemu:///system"
-IQN_PREFIX = "iqn.2025-01.org.laxcluster.test"
 
 
 def libvirt_answers(uri: str) -> bool:
@@ -38,7 +36,7 @@ def stop_by_pidfile(pidfile: Path) -> None:
     except ProcessLookupError:
         return
     # Daemons started with -d are not our children: gone means no /proc entry.
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, f"pid {pid} to exit")
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, f"pid {pid} to exit")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +55,7 @@ def system_libvirt() -> Iterator[libvirt.virConnect]:
             started.append(pidfile)
     try:
         # libvirtd probes QEMU's capabilities before its first answer (~10 s here).
-        wait_for(lambda: libvirt_answers(SYSTEM_URI), 60, "libvirtd to answer on qemu:///system", interval=0.5)
+        wait_until(lambda: libvirt_answers(SYSTEM_URI), 60, "libvirtd to answer on qemu:///system", interval=0.5)
         conn = libvirt.open(SYSTEM_URI)
         yield conn
         conn.close()
@@ -66,22 +64,3 @@ def system_libvirt() -> Iterator[libvirt.virConnect]:
             stop_by_pidfile(pidfile)
         if started:
             shutil.rmtree(started[0].parent, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir() -> Iterator[Path]:
-    """A scratch directory QEMU's unprivileged user can reach (pytest's tmp dirs are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="laxcluster-tiny-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def tiny(tiny_dir: Path) -> TinyTemplate:
-    need_binary("mkfs.ext4", "busybox")
-    return build_tiny(tiny_dir / "template")
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(3)}"

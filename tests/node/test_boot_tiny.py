@@ -10,14 +10,16 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from lab.processes import wait_until
 from lab.template import TinyTemplate
-from tests.node.conftest import IQN_PREFIX, unique
-from tests.san.helpers import TgtDaemon
-from tests.support import need_binary, wait_for
+from tests.fixtures.vms import unique
+from tests.fixtures.san import TgtDaemon
+from tests.support import need_binary
 from workers.node.console import SerialConsole
 from workers.node.domain_xml import DirectBoot, DomainSpec, FileDisk, IscsiDisk, Nic, domain_xml
 from workers.san.seed import make_seed
 
+IQN_PREFIX = "iqn.2025-01.org.laxcluster.test"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTheTinyBootTest0 tester@lab"
 BOOT_LINE = re.compile(r"LAXCLUSTER-BOOT hostname=(\S+) ip=(\S+)")
 
@@ -76,4 +78,4 @@ def test_tiny_boots_from_iscsi_configures_itself_from_the_seed_and_shuts_down(
     # libvirt's shutdown (the ACPI power button) powers tiny off cleanly.
     assert dom.isActive()
     dom.shutdown()
-    wait_for(lambda: not dom.isActive(), 60, "tiny to power off after an ACPI shutdown")
+    wait_until(lambda: not dom.isActive(), 60, "tiny to power off after an ACPI shutdown")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.san.helpers import mounted_filesystem
+from tests.fixtures.san import mounted_filesystem
 
 
 @pytest.fixture(params=["xfs", "btrfs", "ext4"])

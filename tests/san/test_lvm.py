@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from errors import ShrinkRefused, VolumeNotFound
-from tests.san.helpers import detach_all
+from tests.fixtures.san import detach_all
 from tests.support import need_binary, need_root
 from workers.san.lvm import (
     LvmThinBackend,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from errors import DataWouldNotFit, InvalidSize, UnknownFilesystem
-from tests.san.helpers import loop_mounted
+from tests.fixtures.san import loop_mounted
 from tests.support import need_binary, need_root
 from workers.san.reflink import ReflinkBackend
 from workers.san.shrink import safe_shrink

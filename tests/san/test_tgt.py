@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from errors import InvalidIqn, IscsiTargetBusy
-from tests.san.helpers import TgtDaemon
-from tests.support import need_binary, wait_for
+from lab.processes import wait_until
+from tests.fixtures.san import TgtDaemon
+from tests.support import need_binary
 from workers.san.tgt import (
     Export,
     Target,
@@ -133,7 +134,7 @@ def test_second_target_gets_the_next_tid_and_busy_target_is_not_deleted(tgtd: Tg
     holder = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: tgt.find(second).sessions == 1, 20, "QEMU to log in")
+        wait_until(lambda: tgt.find(second).sessions == 1, 20, "QEMU to log in")
         with pytest.raises(IscsiTargetBusy):
             tgt.unexport(second)
         assert tgt.find(second) is not None

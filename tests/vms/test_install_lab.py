@@ -11,8 +11,8 @@ from tasks.queues import CONTROL
 from tasks.san.storage import target_for
 from cli.tokens import create_token
 from models.db import transaction
-from tests.console.conftest import console_boot_line, served_api  # noqa: F401 (a fixture)
-from tests.vms.lab_helpers import install, run_job, server_uri, unique
+from tests.fixtures.console import console_boot_line
+from tests.fixtures.vms import install, run_job, server_uri, unique
 from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]

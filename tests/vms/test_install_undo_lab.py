@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from lab.processes import wait_until
 from models import CANCELLED, FAILED, Job, Lease, Template, VirtualMachine, Volume
 from models.db import transaction
 from tasks import jobs
@@ -12,8 +13,7 @@ from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.san.storage import target_for
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.support import wait_for
-from tests.vms.lab_helpers import install, unique, wait_job
+from tests.fixtures.vms import install, unique, wait_job
 from workers.node import domains
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -66,7 +66,7 @@ def test_a_cancelled_install_is_undone(cluster, celery_app):
         with rt.sessions() as session:
             return session.get(Job, job.id).phase
 
-    wait_for(lambda: phase() in ("prepare disks", "define and start"), 60, "the install to reach the SAN")
+    wait_until(lambda: phase() in ("prepare disks", "define and start"), 60, "the install to reach the SAN")
     with transaction(rt.sessions) as session:
         jobs.request_cancel(session, rt.redis, job.id)
 

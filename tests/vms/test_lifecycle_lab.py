@@ -8,11 +8,11 @@ import threading
 import pytest
 from sqlalchemy import select
 
+from lab.processes import wait_until
 from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
 from tasks.queues import CONTROL, san_queue
 from tasks.san.storage import target_for
-from tests.support import wait_for
-from tests.vms.lab_helpers import boot_line, install, run_job, server_uri, unique, wait_job
+from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.command import output
 from workers.node import domains
 
@@ -69,7 +69,7 @@ def test_a_vm_that_stops_by_itself_is_seen_stopped(cluster, celery_app):
     name = unique("self1")
     assert install(rt, celery_app, name).state == SUCCEEDED
     domains.destroy(server_uri(rt, server_of(rt, name)), name)
-    wait_for(lambda: vm_row(rt, name).state == "shut off", 20, "the lifecycle event to reach the DB")
+    wait_until(lambda: vm_row(rt, name).state == "shut off", 20, "the lifecycle event to reach the DB")
 
 
 def test_three_installs_at_once_all_run(cluster, celery_app):
@@ -144,7 +144,7 @@ def test_a_worker_start_restores_exports_tgtd_lost(cluster, celery_app, celery_w
         target = tgt.find(iqn)
         return target if target and set(target.initiators) == site_a else None
 
-    assert sorted(wait_for(restored, 60, "the export and its ACL to be re-created").luns) == [1, 2]
+    assert sorted(wait_until(restored, 60, "the export and its ACL to be re-created").luns) == [1, 2]
 
 
 def test_refreshed_servers_show_this_machines_real_facts(cluster, api):

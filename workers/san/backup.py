@@ -31,7 +31,9 @@ from typing import Any
 import zstandard
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, InvalidRetention, LaxError
+from workers.san.backend import Range
 from workers.san.chunks import ChunkStore
+from workers.san.sparse import data_segments
 
 FORMAT = 1
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -48,7 +50,6 @@ POOL_THREADS = 4
 # Reads run at most this many chunks ahead of the pool, bounding memory to a few chunks.
 IN_FLIGHT_PER_THREAD = 2
 
-Range = tuple[int, int]
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 
@@ -76,25 +77,6 @@ def utc_now() -> str:
 
 
 # -- what to read -----------------------------------------------------------------
-
-
-def data_segments(fd: int, size: int) -> list[Range]:
-    """The file's data (non-hole) segments below `size`, found with SEEK_DATA/SEEK_HOLE."""
-    segments = []
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                break
-            raise
-        if start >= size:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        segments.append((start, end - start))
-        offset = end
-    return segments
 
 
 def intersect(spans: list[Range], start: int, end: int) -> list[Range]:
@@ -128,7 +110,7 @@ class ChunkPlan:
 
 def plan_full(fd: int, size: int, chunk_size: int) -> list[ChunkPlan]:
     """Every chunk of the volume, each read whole (its holes skipped)."""
-    segments = data_segments(fd, size)
+    segments = list(data_segments(fd, size))
     plans = []
     for offset in range(0, size, chunk_size):
         length = min(chunk_size, size - offset)
@@ -149,7 +131,7 @@ def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any
     if old_size != size:
         dirty.add((size - 1) // chunk_size)
     inherited = {entry["offset"]: entry for entry in parent["chunks"]}
-    segments = data_segments(fd, size)
+    segments = list(data_segments(fd, size))
     plans = []
     for index in sorted(dirty):
         offset = index * chunk_size

@@ -53,49 +53,92 @@ def encode_manifest(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
 
 
+def temp_name(final: str) -> str:
+    """A name beside `final` to write into before the rename; a crash leaves it as a stray `*.tmp`."""
+    return f"{final}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
 class ChunkStore(ABC):
     """The interface backup, restore, verify and garbage collection use.
 
     `put_*` are idempotent: putting a chunk that exists is a no-op (same digest, same bytes).
     `delete_*` of something missing succeeds. `get_*` raise ChunkMissing / ManifestNotFound.
+
+    The interface is written once here over a few file operations on paths relative to the
+    store's root, which each kind of store implements (`_size`, `_read`, `_write_atomically`,
+    `_remove`, `_listdir`); `location` names the store in errors.
     """
 
+    location: str
+
     @abstractmethod
+    def _size(self, relpath: str) -> int | None:
+        """The file's size, or None if it does not exist."""
+
+    @abstractmethod
+    def _read(self, relpath: str) -> bytes | None:
+        """The file's bytes, or None if it does not exist."""
+
+    @abstractmethod
+    def _write_atomically(self, relpath: str, data: bytes) -> None:
+        """Make the file hold `data`, all at once: a reader sees the old file or the new, never part."""
+
+    @abstractmethod
+    def _remove(self, relpath: str) -> None:
+        """Delete the file; a missing one is no error."""
+
+    @abstractmethod
+    def _listdir(self, relpath: str) -> list[str]:
+        """Names in the directory."""
+
     def stored_size(self, digest: str) -> int | None:
         """The chunk's size in the store (compressed), or None if the store does not have it."""
+        return self._size(chunk_relpath(digest))
 
     def has_chunk(self, digest: str) -> bool:
         return self.stored_size(digest) is not None
 
-    @abstractmethod
-    def put_chunk(self, digest: str, blob: bytes) -> None: ...
+    def put_chunk(self, digest: str, blob: bytes) -> None:
+        if not self.has_chunk(digest):
+            self._write_atomically(chunk_relpath(digest), blob)
 
-    @abstractmethod
-    def get_chunk(self, digest: str) -> bytes: ...
+    def get_chunk(self, digest: str) -> bytes:
+        blob = self._read(chunk_relpath(digest))
+        if blob is None:
+            raise ChunkMissing(f"chunk {digest} is not in the store at {self.location}", digest=digest)
+        return blob
 
-    @abstractmethod
-    def delete_chunk(self, digest: str) -> None: ...
+    def delete_chunk(self, digest: str) -> None:
+        self._remove(chunk_relpath(digest))
 
-    @abstractmethod
     def list_chunks(self) -> Iterator[str]:
         """Digests of every chunk in the store."""
+        for prefix in sorted(self._listdir("chunks")):
+            for name in sorted(self._listdir(f"chunks/{prefix}")):
+                if name.endswith(".zst"):
+                    yield name[: -len(".zst")]
 
-    @abstractmethod
-    def has_manifest(self, backup_id: str) -> bool: ...
+    def has_manifest(self, backup_id: str) -> bool:
+        return self._size(manifest_relpath(backup_id)) is not None
 
-    @abstractmethod
     def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
         """Publish a manifest; from this moment the backup is visible."""
+        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
 
-    @abstractmethod
-    def get_manifest(self, backup_id: str) -> dict[str, Any]: ...
+    def get_manifest(self, backup_id: str) -> dict[str, Any]:
+        data = self._read(manifest_relpath(backup_id))
+        if data is None:
+            raise ManifestNotFound(f"backup {backup_id} has no manifest in the store at {self.location}",
+                                   backup_id=backup_id)
+        return json.loads(data)
 
-    @abstractmethod
-    def delete_manifest(self, backup_id: str) -> None: ...
+    def delete_manifest(self, backup_id: str) -> None:
+        self._remove(manifest_relpath(backup_id))
 
-    @abstractmethod
     def list_manifests(self) -> list[str]:
         """Ids of every published backup."""
+        names = self._listdir("manifests")
+        return sorted(name[: -len(".json")] for name in names if name.endswith(".json"))
 
     def close(self) -> None:
         """Let go of connections; a store is also a context manager that closes itself."""
@@ -111,17 +154,30 @@ class LocalStore(ChunkStore):
     """A store in a directory on this host (made if missing)."""
 
     def __init__(self, path: str) -> None:
-        self.path = os.fspath(path)
+        self.path = self.location = os.fspath(path)
         for sub in ("chunks", "manifests"):
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
 
     def _abs(self, relpath: str) -> str:
         return os.path.join(self.path, relpath)
 
+    def _size(self, relpath: str) -> int | None:
+        try:
+            return os.stat(self._abs(relpath)).st_size
+        except FileNotFoundError:
+            return None
+
+    def _read(self, relpath: str) -> bytes | None:
+        try:
+            with open(self._abs(relpath), "rb") as source:
+                return source.read()
+        except FileNotFoundError:
+            return None
+
     def _write_atomically(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        temp = f"{final}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        temp = temp_name(final)
         try:
             with open(temp, "xb") as out:
                 out.write(data)
@@ -132,57 +188,11 @@ class LocalStore(ChunkStore):
             if os.path.exists(temp):
                 os.unlink(temp)
 
-    def _read(self, relpath: str) -> bytes:
-        with open(self._abs(relpath), "rb") as source:
-            return source.read()
-
     def _remove(self, relpath: str) -> None:
         try:
             os.unlink(self._abs(relpath))
         except FileNotFoundError:
             pass
 
-    def stored_size(self, digest: str) -> int | None:
-        try:
-            return os.stat(self._abs(chunk_relpath(digest))).st_size
-        except FileNotFoundError:
-            return None
-
-    def put_chunk(self, digest: str, blob: bytes) -> None:
-        if not self.has_chunk(digest):
-            self._write_atomically(chunk_relpath(digest), blob)
-
-    def get_chunk(self, digest: str) -> bytes:
-        try:
-            return self._read(chunk_relpath(digest))
-        except FileNotFoundError:
-            raise ChunkMissing(f"chunk {digest} is not in the store at {self.path}", digest=digest) from None
-
-    def delete_chunk(self, digest: str) -> None:
-        self._remove(chunk_relpath(digest))
-
-    def list_chunks(self) -> Iterator[str]:
-        root = self._abs("chunks")
-        for prefix in sorted(os.listdir(root)):
-            for name in sorted(os.listdir(os.path.join(root, prefix))):
-                if name.endswith(".zst"):
-                    yield name[: -len(".zst")]
-
-    def has_manifest(self, backup_id: str) -> bool:
-        return os.path.isfile(self._abs(manifest_relpath(backup_id)))
-
-    def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
-        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
-
-    def get_manifest(self, backup_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._read(manifest_relpath(backup_id)))
-        except FileNotFoundError:
-            raise ManifestNotFound(f"backup {backup_id} has no manifest in {self.path}", backup_id=backup_id) from None
-
-    def delete_manifest(self, backup_id: str) -> None:
-        self._remove(manifest_relpath(backup_id))
-
-    def list_manifests(self) -> list[str]:
-        names = os.listdir(self._abs("manifests"))
-        return sorted(name[: -len(".json")] for name in names if name.endswith(".json"))
+    def _listdir(self, relpath: str) -> list[str]:
+        return os.listdir(self._abs(relpath))

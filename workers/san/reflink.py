@@ -14,7 +14,6 @@ import fcntl
 import os
 import secrets
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from workers.san.backend import (
     validate_name,
     validate_size,
 )
+from workers.san.sparse import data_segments
 
 FICLONE = 0x40049409
 FS_IOC_FIEMAP = 0xC020660B
@@ -144,22 +144,6 @@ def changed_by_extents(old: list[Extent], old_size: int, new: list[Extent], new_
     old, new = clip(old, old_size), clip(new, new_size)
     data = union([(e.logical, e.length) for e in old], [(e.logical, e.length) for e in new])
     return subtract(data, union(shared_spans(old, new)))
-
-
-def data_segments(fd: int) -> Iterator[Range]:
-    """The file's data (non-hole) segments, found with SEEK_DATA/SEEK_HOLE."""
-    size = os.fstat(fd).st_size
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        yield start, end - start
-        offset = end
 
 
 def changed_by_comparison(old_fd: int, new_fd: int, block: int) -> list[Range]:

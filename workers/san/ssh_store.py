@@ -10,24 +10,15 @@ upload in parallel.
 
 import errno
 import io
-import json
 import posixpath
-import secrets
 import stat
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import paramiko
 
-from errors import ChunkMissing, InvalidInput, InvalidStoreLocation, ManifestNotFound, StoreUnreachable
-from workers.san.chunks import (
-    TEMP_SUFFIX,
-    ChunkStore,
-    chunk_relpath,
-    encode_manifest,
-    manifest_relpath,
-)
+from errors import InvalidInput, InvalidStoreLocation, StoreUnreachable
+from workers.san.chunks import ChunkStore, temp_name
 
 CONNECT_TIMEOUT_S = 15
 KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
@@ -66,6 +57,7 @@ class SshStore(ChunkStore):
 
     def __init__(self, host: str, path: str, *, user: str, private_key: str, host_key: str, port: int = 22) -> None:
         self.host, self.port, self.path = host, port, path
+        self.location = f"{host}:{path}"
         self.client = paramiko.SSHClient()
         self.client.set_missing_host_key_policy(paramiko.RejectPolicy())
         self._trust(host_key)
@@ -97,7 +89,7 @@ class SshStore(ChunkStore):
         for name in names:
             self.client.get_host_keys().add(name, entry.key.get_name(), entry.key)
 
-    # -- plumbing ------------------------------------------------------------------------------
+    # -- the file operations ChunkStore builds its interface on ---------------------------------
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
@@ -132,80 +124,41 @@ class SshStore(ChunkStore):
                 return None
             raise
 
+    def _read(self, relpath: str) -> bytes | None:
+        try:
+            with self.sftp.open(self._abs(relpath), "rb") as source:
+                source.prefetch()
+                return source.read()
+        except OSError as exc:
+            if is_missing(exc):
+                return None
+            raise
+
     def _write_atomically(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
         self._makedirs(posixpath.dirname(final))
-        temp = f"{final}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        temp = temp_name(final)
         try:
             with self.sftp.open(temp, "wb") as out:
                 out.set_pipelined(True)
                 out.write(data)
             self.sftp.posix_rename(temp, final)
         except BaseException:
-            self._remove(temp)
+            self._remove_path(temp)
             raise
 
-    def _read(self, relpath: str) -> bytes:
-        with self.sftp.open(self._abs(relpath), "rb") as source:
-            source.prefetch()
-            return source.read()
+    def _remove(self, relpath: str) -> None:
+        self._remove_path(self._abs(relpath))
 
-    def _remove(self, path: str) -> None:
+    def _remove_path(self, path: str) -> None:
         try:
             self.sftp.remove(path)
         except OSError as exc:
             if not is_missing(exc):
                 raise
 
-    # -- the interface ---------------------------------------------------------------------------
-
-    def stored_size(self, digest: str) -> int | None:
-        return self._size(chunk_relpath(digest))
-
-    def put_chunk(self, digest: str, blob: bytes) -> None:
-        if not self.has_chunk(digest):
-            self._write_atomically(chunk_relpath(digest), blob)
-
-    def get_chunk(self, digest: str) -> bytes:
-        try:
-            return self._read(chunk_relpath(digest))
-        except OSError as exc:
-            if is_missing(exc):
-                raise ChunkMissing(f"chunk {digest} is not in the store at {self.host}:{self.path}",
-                                   digest=digest) from None
-            raise
-
-    def delete_chunk(self, digest: str) -> None:
-        self._remove(self._abs(chunk_relpath(digest)))
-
-    def list_chunks(self) -> Iterator[str]:
-        root = self._abs("chunks")
-        for prefix in sorted(self.sftp.listdir(root)):
-            for name in sorted(self.sftp.listdir(posixpath.join(root, prefix))):
-                if name.endswith(".zst"):
-                    yield name[: -len(".zst")]
-
-    def has_manifest(self, backup_id: str) -> bool:
-        return self._size(manifest_relpath(backup_id)) is not None
-
-    def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
-        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
-
-    def get_manifest(self, backup_id: str) -> dict[str, Any]:
-        try:
-            return json.loads(self._read(manifest_relpath(backup_id)))
-        except OSError as exc:
-            if is_missing(exc):
-                raise ManifestNotFound(f"backup {backup_id} has no manifest at {self.host}:{self.path}",
-                                       backup_id=backup_id) from None
-            raise
-
-    def delete_manifest(self, backup_id: str) -> None:
-        self._remove(self._abs(manifest_relpath(backup_id)))
-
-    def list_manifests(self) -> list[str]:
-        names = self.sftp.listdir(self._abs("manifests"))
-        return sorted(name[: -len(".json")] for name in names if name.endswith(".json"))
+    def _listdir(self, relpath: str) -> list[str]:
+        return self.sftp.listdir(self._abs(relpath))
 
     def close(self) -> None:
         self.client.close()
