@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 from lab.topology import lab_dir
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
-from tasks.queues import CONTROL
 from tasks.san.volumes import san_place
 from tests.support import sha256_of
 from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
@@ -31,7 +30,7 @@ def finished(rt, response) -> Job:
 
 
 def power(rt, celery_app, verb: str, name: str) -> None:
-    job = run_job(rt, celery_app, verb, f"vm/{name}", CONTROL, {"vm": name})
+    job = run_job(rt, celery_app, verb, {"vm": name})
     assert job.state == SUCCEEDED, job.error_message
 
 
@@ -78,7 +77,7 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
         assert shown_twin["state"] == "running" and shown_twin["ip"] != api.get(f"/vms/{name}").get_json()["ip"]
         # The restored root disk boots and configures itself from the twin's own seed: its name, its lease.
         assert boot_line(server_uri(rt, shown_twin["server"]), twin) == (twin, shown_twin["ip"])
-        assert run_job(rt, celery_app, "delete-vm", f"vm/{twin}", CONTROL, {"vm": twin}).state == SUCCEEDED
+        assert run_job(rt, celery_app, "delete-vm", {"vm": twin}).state == SUCCEEDED
 
         store = LocalStore(str(tmp_path / "store"))
         digest = next(c["digest"] for c in store.get_manifest(newest["id"])["chunks"] if "digest" in c)
@@ -91,7 +90,7 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
         assert shown["state"] == "corrupt" and digest in shown["error"]
 
         # Backups outlive their VM under its name; deleting the VM must not trip over them.
-        assert run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name}).state == SUCCEEDED
+        assert run_job(rt, celery_app, "delete-vm", {"vm": name}).state == SUCCEEDED
         assert len(api.get(f"/backups?vm={name}").get_json()["items"]) == 2
     finally:
         for handle in made:

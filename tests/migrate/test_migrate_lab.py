@@ -36,15 +36,14 @@ def install_on(rt, celery_app, name: str, server: str, memory: int = 256 << 20) 
     with transaction(rt.sessions) as session:
         reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=memory, vcpus=1,
                                                       disk_bytes=128 << 20, subnet="lan", server=server))
-    installed = run_job(rt, celery_app, "install-vm", f"vm/{name}", CONTROL,
-                        {"vm": name, "disk_bytes": 128 << 20, "server": server})
+    installed = run_job(rt, celery_app, "install-vm", {"vm": name, "disk_bytes": 128 << 20, "server": server})
     assert installed.state == SUCCEEDED, installed.error_message
     assert db_server(rt, name) == server
     return installed
 
 
 def migrate(rt, celery_app, name, **params) -> Job:
-    return run_job(rt, celery_app, "migrate", f"vm/{name}", CONTROL, {"vm": name, **params}, timeout=MIGRATE_TIMEOUT)
+    return run_job(rt, celery_app, "migrate", {"vm": name, **params}, timeout=MIGRATE_TIMEOUT)
 
 
 def laxcluster(api_url, tokens, *args):
@@ -146,13 +145,13 @@ def test_preflight_cancel_and_live_migration(cluster, celery_app, api_url, token
     assert boot_line(cs2, name)[0] == name
 
     # Stopped, it moves offline: only the definition changes server.
-    assert run_job(rt, celery_app, "destroy", f"vm/{name}", CONTROL, {"vm": name}).state == SUCCEEDED
+    assert run_job(rt, celery_app, "destroy", {"vm": name}).state == SUCCEEDED
     offline = migrate(rt, celery_app, name, to="cs1")
     assert offline.state == SUCCEEDED and offline.result["downtime_ms"] is None, offline.error_message
     assert libvirt_state(cs1, name) == libvirt.VIR_DOMAIN_SHUTOFF and libvirt_state(cs2, name) is None
     assert db_server(rt, name) == "cs1"
 
-    run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
+    run_job(rt, celery_app, "delete-vm", {"vm": name})
     assert libvirt_state(cs1, name) is None
 
 
@@ -172,7 +171,7 @@ def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, c
     # Back up, cs2's libvirtd drops the guest whose incoming migration never finished.
     wait_until(lambda: libvirt_state(cs2, name) is None, 60, f"cs2 to drop the half-migrated {name}")
     assert boot_line(cs1, name)[0] == name
-    run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
+    run_job(rt, celery_app, "delete-vm", {"vm": name})
 
 
 def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, tokens):
@@ -207,4 +206,4 @@ def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, to
         set_server(rt, "cs2", memory_limit_bytes=2 << 30)
         assert laxcluster(api_url, tokens, "server", "activate", "cs1").exit_code == 0
         for name in names:
-            run_job(rt, celery_app, "delete-vm", f"vm/{name}", CONTROL, {"vm": name})
+            run_job(rt, celery_app, "delete-vm", {"vm": name})

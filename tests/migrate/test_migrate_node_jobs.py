@@ -8,8 +8,8 @@ from sqlalchemy import select, update
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
 from tasks.queues import CONTROL, node_queue
-from tests.api import factories
-from tests.vms.lab_helpers import run_job
+from tests.fixtures import factories
+from tests.fixtures.vms import run_job
 
 # test:///default is one shared fake hypervisor per process, with a running domain named "test".
 SHARED = "test:///default"
@@ -27,7 +27,7 @@ def test_migrate_check_gets_libvirts_problems_from_a_child_on_the_source_servers
         session.execute(update(ClusterServer).where(ClusterServer.name == "cs2").values(maintenance=True))
         factories.vm(session, "test", server="cs1", state="running")
     celery_worker([CONTROL, node_queue("cs1")])
-    job = run_job(rt, celery_app, "migrate", "vm/test", CONTROL, {"vm": "test", "to": "cs2", "check": True}, timeout=60)
+    job = run_job(rt, celery_app, "migrate", {"vm": "test", "to": "cs2", "check": True}, timeout=60)
     assert job.state == SUCCEEDED, job.error_message
     problems = {p["code"]: p["message"] for p in job.result["problems"]}
     assert {"ServerInMaintenance", "NotEnoughMemory", "DomainExists"} <= set(problems), problems
@@ -47,8 +47,7 @@ def test_settle_domain_keeps_the_vm_where_it_runs_and_records_it(app, rt, celery
     with transaction(rt.sessions) as session:
         factories.vm(session, "test", server="cs2", state="unknown")
     celery_worker([node_queue("cs1")])
-    job = run_job(rt, celery_app, "settle-domain", "domain/test", node_queue("cs1"),
-                  {"vm": "test", "source": "cs1", "destination": "cs2"}, timeout=60)
+    job = run_job(rt, celery_app, "settle-domain", {"vm": "test", "source": "cs1", "destination": "cs2"}, timeout=60)
     assert (job.state, job.result) == (SUCCEEDED, {"server": "cs1"}), job.error_message
     with rt.sessions() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == "test"))

@@ -7,7 +7,6 @@ from sqlalchemy import func, select
 
 from errors import NoCapacity
 from models import SUCCEEDED, Lease, VirtualMachine, Volume
-from tasks.queues import CONTROL
 from tasks.san.storage import target_for
 from cli.tokens import create_token
 from models.db import transaction
@@ -33,7 +32,7 @@ def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery
 
     assert job.result["server"] == "cs1"
     uri = server_uri(rt, "cs1")
-    deleted = run_job(rt, celery_app, "delete-vm", f"vm/{web1}", CONTROL, {"vm": web1})
+    deleted = run_job(rt, celery_app, "delete-vm", {"vm": web1})
     assert deleted.state == SUCCEEDED, deleted.error_message
     with rt.sessions() as session:
         assert session.scalar(select(func.count()).select_from(VirtualMachine)) == 0

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from lab.processes import wait_until
 from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
-from tasks.queues import CONTROL, san_queue
+from tasks.queues import san_queue
 from tasks.san.storage import target_for
 from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
 from workers.command import output
@@ -33,7 +33,7 @@ def server_of(rt, name: str) -> str:
 
 
 def action(rt, celery_app, verb: str, name: str, **params):
-    return run_job(rt, celery_app, verb, f"vm/{name}", CONTROL, {"vm": name, **params})
+    return run_job(rt, celery_app, verb, {"vm": name, **params})
 
 
 def lun_size(rt, vm: str, server: str) -> int:
