@@ -5,6 +5,7 @@ ended and otherwise raises `Suspended` (see tasks.continuations), so a workflow 
 start when they end. Its children are named steps, found again on every run.
 """
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -77,7 +78,7 @@ class JobContext:
             memo[name] = compute()
             with self.session() as session:
                 session.get(Job, self.job_id).continuation = dict(self.continuation)
-        return memo[name]
+        return copy.deepcopy(memo[name])
 
     def spawn(self, kind: str, params: dict[str, Any] | None = None, *, step: str | None = None) -> str:
         """Start a child job of this one, or find the one an earlier run started for this step.

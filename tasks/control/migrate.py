@@ -51,8 +51,8 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("pre-flight", progress=2)
     # Checked once: after the move a later run would find the VM on its destination already.
     checked = ctx.once("pre-flight", lambda: _checked(ctx, name, ctx.params.get("to")))
-    problems = checked.pop("problems")
-    plan = {"vm": name, **checked, "live": live}
+    problems = checked["problems"]
+    plan = {"vm": name, "source": checked["source"], "destination": checked["destination"], "live": live}
     ctx.record_result({**plan, "problems": problems})
     if ctx.params.get("check"):
         return {**plan, "problems": problems, "can_migrate": not problems}
