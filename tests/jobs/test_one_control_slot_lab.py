@@ -35,7 +35,7 @@ def test_one_control_slot_finishes_an_evacuation_of_three_vms_and_two_installs(r
         ipam.create_subnet(session, name="lan", cidr="192.0.2.0/28", gateway="192.0.2.1", dns=[],
                            range_start="192.0.2.2", range_end="192.0.2.14")
     celery_worker([CONTROL], concurrency=1)
-    celery_worker([san_queue("site-a"), node_queue("cs1"), node_queue("cs2")], concurrency=4)
+    celery_worker([san_queue("site-a"), node_queue("cs1"), node_queue("cs2"), node_queue("cs3")], concurrency=4)
     assert run_job(rt, celery_app, "refresh-servers", {}).state == SUCCEEDED
     assert run_job(rt, celery_app, "import-template", {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk),
                                                        "boot": tiny.boot_info()}).state == SUCCEEDED
