@@ -5,6 +5,7 @@ ended and otherwise raises `Suspended` (see tasks.continuations), so a workflow 
 start when they end. Its children are named steps, found again on every run.
 """
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from models.db import transaction
 from tasks import jobs, submission
 from tasks.continuations import Suspended, Wait, deadline_for
 from tasks.dispatch import cancel_key
+from tasks.kinds import kind_of, parse
 from tasks.progress import Reporter
 from tasks.runtime import Runtime
 
@@ -34,7 +36,7 @@ class JobContext:
         self.job_id = job.id
         self.kind = job.kind
         self.target = job.target
-        self.params: dict[str, Any] = dict(job.params)
+        self.params: Any = parse(kind_of(job.kind), job.params)
         self.attempt = job.attempt
         self.requested_by = job.requested_by
         self.started_at = job.started_at
@@ -77,7 +79,7 @@ class JobContext:
             memo[name] = compute()
             with self.session() as session:
                 session.get(Job, self.job_id).continuation = dict(self.continuation)
-        return memo[name]
+        return copy.deepcopy(memo[name])
 
     def spawn(self, kind: str, params: dict[str, Any] | None = None, *, step: str | None = None) -> str:
         """Start a child job of this one, or find the one an earlier run started for this step.
