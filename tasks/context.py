@@ -22,6 +22,7 @@ from models.db import transaction
 from tasks import jobs, submission
 from tasks.continuations import Suspended, Wait, deadline_for
 from tasks.dispatch import cancel_key
+from tasks.kinds import kind_of, parse
 from tasks.progress import Reporter
 from tasks.runtime import Runtime
 
@@ -35,7 +36,7 @@ class JobContext:
         self.job_id = job.id
         self.kind = job.kind
         self.target = job.target
-        self.params: dict[str, Any] = dict(job.params)
+        self.params: Any = parse(kind_of(job.kind), job.params)
         self.attempt = job.attempt
         self.requested_by = job.requested_by
         self.started_at = job.started_at

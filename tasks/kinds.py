@@ -42,9 +42,8 @@ class InstallVm(OfVm):
     server: str | None = None
 
 
-class VmFromBackup(OfVm):
+class VmFromBackup(InstallVm):
     backup: str
-    disk_bytes: int | None = None
 
 
 class Power(OfVm):

@@ -11,8 +11,7 @@ from tasks.workflow import workflow
 @workflow("noop")
 def noop(ctx: JobContext) -> dict[str, Any]:
     """Walk through `steps` phases over `seconds`, checking for cancel between them."""
-    seconds = float(ctx.params.get("seconds", 0))
-    steps = max(int(ctx.params.get("steps", 1)), 1)
+    seconds, steps = ctx.params.seconds, max(ctx.params.steps, 1)
     for step in range(steps):
         ctx.phase(f"step {step + 1}/{steps}", progress=100.0 * step / steps)
         time.sleep(seconds / steps)

@@ -18,7 +18,7 @@ EVACUATE_AT_ONCE = 2
 @workflow("evacuate")
 def evacuate(ctx: JobContext) -> dict[str, Any]:
     """Put a server into maintenance and move every VM on it elsewhere, a few at a time, as migrate jobs."""
-    name = ctx.params["server"]
+    name = ctx.params.server
     ctx.phase("maintenance", progress=1)
     # Planned once: VMs that have left by a later run are no longer on the server, but still in the plan.
     planned = ctx.once("plan", lambda: _enter_maintenance_and_plan(ctx, name))

@@ -47,14 +47,14 @@ def settle_after_migrate(ctx: JobContext) -> None:
 @workflow("migrate", cleanup=settle_after_migrate, rerun_after_crash=False)
 def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     """Move a VM to another server (live when it runs); with `check`, only report what stands in the way."""
-    name, live = ctx.params["vm"], bool(ctx.params.get("live", True))
+    name, live = ctx.params.vm, ctx.params.live
     ctx.phase("pre-flight", progress=2)
     # Checked once: after the move a later run would find the VM on its destination already.
-    checked = ctx.once("pre-flight", lambda: _checked(ctx, name, ctx.params.get("to")))
+    checked = ctx.once("pre-flight", lambda: _checked(ctx, name, ctx.params.to))
     problems = checked["problems"]
     plan = {"vm": name, "source": checked["source"], "destination": checked["destination"], "live": live}
     ctx.record_result({**plan, "problems": problems})
-    if ctx.params.get("check"):
+    if ctx.params.check:
         return {**plan, "problems": problems, "can_migrate": not problems}
     if problems:
         raise PreflightFailed(f"cannot migrate {name}: " + "; ".join(p["message"] for p in problems),
@@ -62,7 +62,7 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("export storage", progress=5)
     export_to(ctx, name, plan["destination"])
     ctx.phase("migrate", progress=10)
-    child = ctx.spawn("migrate-domain", {**plan, "bandwidth_mib_s": ctx.params.get("bandwidth_mib_s")})
+    child = ctx.spawn("migrate-domain", {**plan, "bandwidth_mib_s": ctx.params.bandwidth_mib_s})
     (job,) = ctx.wait_for_children([child], MIGRATE_TIMEOUT_S, start=10, end=98)
     raise_unless_succeeded(job)
     return {**plan, **job.result, "total_ms": ctx.elapsed_ms()}

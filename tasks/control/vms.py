@@ -26,7 +26,7 @@ def undo_install(ctx: JobContext) -> None:
     """Remove the domain, the disks and export, the lease and the VM row: whatever the install made."""
     remove_vm_everywhere(ctx, progress_from=0)
     with ctx.session() as session:
-        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params["vm"]))
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params.vm))
         if vm is not None:
             ipam.release(session, vm.id)
             session.delete(vm)
@@ -35,14 +35,14 @@ def undo_install(ctx: JobContext) -> None:
 @workflow("install-vm", cleanup=undo_install)
 def install_vm(ctx: JobContext) -> dict[str, Any]:
     """Place the reserved VM, prepare its disks on the SAN, define and start it on its server."""
-    return place_prepare_and_start(ctx, ctx.params["vm"])
+    return place_prepare_and_start(ctx, ctx.params.vm)
 
 
 @workflow("restore-vm", cleanup=undo_install)
 def restore_vm(ctx: JobContext) -> dict[str, Any]:
     """A new VM from a backup: restore the backup to the reserved VM's disk, then install around that disk
     (its seed, export, domain) instead of cloning the template."""
-    return restore_as_vm(ctx, ctx.params["vm"], ctx.params["backup"], progress_from=0) | {"backup": ctx.params["backup"]}
+    return restore_as_vm(ctx, ctx.params.vm, ctx.params.backup, progress_from=0) | {"backup": ctx.params.backup}
 
 
 def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float)
 def verify_boot(ctx: JobContext) -> dict[str, Any]:
     """Verify a backup's chunks, restore it as the reserved scratch VM, boot it, report whether it came up,
     and remove the scratch VM again."""
-    name, backup = ctx.params["vm"], ctx.params["backup"]
+    name, backup = ctx.params.vm, ctx.params.backup
     ctx.phase("verify chunks", progress=1)
     ctx.run_child("verify-backup", {"backup": backup}, timeout=SAN_TIMEOUT_S, start=1, end=30)
     started = restore_as_vm(ctx, name, backup, progress_from=30)
@@ -77,11 +77,11 @@ def place_prepare_and_start(ctx: JobContext, name: str, progress_from: float = 0
         return progress_from + percent * span
 
     ctx.phase("place", progress=at(2))
-    server_name = choose_server(ctx, name, ctx.params.get("server"))
+    server_name = choose_server(ctx, name, ctx.params.server)
     with ctx.session() as session:
         template_size = session.get(Template, find_vm(session, name).template_id).default_size_bytes
     ctx.phase("prepare disks", progress=at(10))
-    disk_bytes = ctx.params.get("disk_bytes") or template_size
+    disk_bytes = ctx.params.disk_bytes or template_size
     disks = ctx.run_child("prepare-vm-disks", {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S,
                           start=at(10), end=at(60))
     ctx.phase("define and start", progress=at(60))
@@ -112,7 +112,7 @@ def _place(ctx: JobContext, name: str, asked: str | None) -> str:
 @workflow("start")
 def start_vm(ctx: JobContext) -> dict[str, Any]:
     """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
-    name = ctx.params["vm"]
+    name = ctx.params.vm
     with ctx.session() as session:
         server = placed_on(session, find_vm(session, name))
     ctx.phase("refresh LUNs", progress=10)
@@ -123,11 +123,13 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
 
 def _power(action: str):
     def run(ctx: JobContext) -> dict[str, Any]:
-        name = ctx.params["vm"]
+        name = ctx.params.vm
         with ctx.session() as session:
             server = placed_on(session, find_vm(session, name))
         ctx.phase(action, progress=5)
-        params = {"vm": name, "server": server, "action": action, **({"timeout_s": ctx.params["timeout_s"]} if "timeout_s" in ctx.params else {})}
+        params = {"vm": name, "server": server, "action": action}
+        if ctx.params.timeout_s is not None:
+            params["timeout_s"] = ctx.params.timeout_s
         return ctx.run_child("power-domain", params, timeout=NODE_TIMEOUT_S, start=5, end=98)
 
     run.__doc__ = f"{action.capitalize()} a VM on its server."
@@ -142,14 +144,14 @@ for _action in ("shutdown", "reboot", "destroy"):
 def delete_vm(ctx: JobContext) -> dict[str, Any]:
     """Stop and undefine the domain, unexport and delete the volumes, release the lease, drop the VM."""
     with ctx.session() as session:
-        find_vm(session, ctx.params["vm"]).state = "deleting"
+        find_vm(session, ctx.params.vm).state = "deleting"
     undo_install(ctx)
-    return {"deleted": ctx.params["vm"]}
+    return {"deleted": ctx.params.vm}
 
 
 def remove_vm_everywhere(ctx: JobContext, progress_from: float) -> None:
     """Undefine the VM's domain on its server and remove its disks on the SAN (each idempotent)."""
-    name = ctx.params["vm"]
+    name = ctx.params.vm
     with ctx.session() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
         if vm is None:

@@ -21,6 +21,7 @@ from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
 BOOT_TIMEOUT_S = 120
+SHUTDOWN_TIMEOUT_S = 60
 # States a running job owns; events and the reconciler leave them alone.
 BUSY_STATES = ("installing", "deleting")
 
@@ -62,7 +63,7 @@ def record_state(session: Session, vm: VirtualMachine, state: domains.DomainStat
 def start_domain(ctx: JobContext) -> dict[str, Any]:
     """Define the VM's domain on this server from the inventory and start it."""
     with ctx.session() as session:
-        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
         xml = domain_xml(domain_spec(session, vm, server))
     ctx.phase("define", progress=20)
     domains.define(server.libvirt_uri, xml)
@@ -78,12 +79,12 @@ def start_domain(ctx: JobContext) -> dict[str, Any]:
 @workflow("power-domain")
 def power_domain(ctx: JobContext) -> dict[str, Any]:
     """Shut down (ACPI, with a deadline), reboot or destroy the VM's domain on this server."""
-    action = ctx.params["action"]
+    action = ctx.params.action
     with ctx.session() as session:
-        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
     ctx.phase(action, progress=20)
     if action == "shutdown":
-        domains.shutdown(server.libvirt_uri, vm.name, float(ctx.params.get("timeout_s", 60)))
+        domains.shutdown(server.libvirt_uri, vm.name, float(ctx.params.timeout_s or SHUTDOWN_TIMEOUT_S))
     elif action == "reboot":
         domains.reboot(server.libvirt_uri, vm.name)
     else:
@@ -99,11 +100,11 @@ def probe_boot(ctx: JobContext) -> dict[str, Any]:
     """Did the VM's guest come up? With the template's console probe (`boot.probe`: what to send, what to
     expect), the guest must answer it; without one, the domain must still run after a grace period."""
     with ctx.session() as session:
-        vm, server = vm_and_server(session, ctx.params["vm"], ctx.params["server"])
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
         template = session.get(Template, vm.template_id)
         probe = (template.boot or {}).get("probe") if template else None
     ctx.phase("watch the guest", progress=10)
-    up, detail = domains.came_up(server.libvirt_uri, vm.name, probe, float(ctx.params.get("timeout_s", BOOT_TIMEOUT_S)))
+    up, detail = domains.came_up(server.libvirt_uri, vm.name, probe, float(ctx.params.timeout_s or BOOT_TIMEOUT_S))
     return {"came_up": up, "detail": detail}
 
 
@@ -111,9 +112,9 @@ def probe_boot(ctx: JobContext) -> dict[str, Any]:
 def remove_domain(ctx: JobContext) -> dict[str, Any]:
     """Destroy and undefine the VM's domain on this server (nothing to do if it is not there)."""
     with ctx.session() as session:
-        server = session.scalar(select(ClusterServer).where(ClusterServer.name == ctx.params["server"]))
-    domains.undefine(server.libvirt_uri, ctx.params["vm"])
-    return {"undefined": ctx.params["vm"], "server": server.name}
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == ctx.params.server))
+    domains.undefine(server.libvirt_uri, ctx.params.vm)
+    return {"undefined": ctx.params.vm, "server": server.name}
 
 
 @app.task(name="laxcluster.sync_vm_states")

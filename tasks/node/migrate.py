@@ -18,35 +18,35 @@ from workers.node.domain_xml import domain_xml
 def preflight_migration(ctx: JobContext) -> dict[str, Any]:
     """What this (the source) server's and the destination's libvirt say against the move, beside the room
     placement reported: `problems`, a list of {code, message}, empty when the VM can go. Changes nothing."""
-    name = ctx.params["vm"]
+    name = ctx.params.vm
     with ctx.session() as session:
-        _, source = vm_and_server(session, name, ctx.params["source"])
+        _, source = vm_and_server(session, name, ctx.params.source)
         source_uri = source.libvirt_uri
-    room = driver.Room(int(ctx.params["free_memory_bytes"]), int(ctx.params["free_vcpus"]),
-                       int(ctx.params["memory_bytes"]), int(ctx.params["vcpus"]))
-    problems = driver.preflight(source_uri, ctx.params["destination_uri"], name, dest_name=ctx.params["destination"],
-                                dest_maintenance=bool(ctx.params["destination_maintenance"]), room=room)
+    room = driver.Room(ctx.params.free_memory_bytes, ctx.params.free_vcpus,
+                       ctx.params.memory_bytes, ctx.params.vcpus)
+    problems = driver.preflight(source_uri, ctx.params.destination_uri, name, dest_name=ctx.params.destination,
+                                dest_maintenance=ctx.params.destination_maintenance, room=room)
     return {"problems": [problem.as_dict() for problem in problems]}
 
 
 def settle_domain(ctx: JobContext) -> None:
-    settle_and_record(ctx, ctx.params["vm"], ctx.params["source"], ctx.params["destination"])
+    settle_and_record(ctx, ctx.params.vm, ctx.params.source, ctx.params.destination)
 
 
 @workflow("settle-domain")
 def settle_domain_job(ctx: JobContext) -> dict[str, Any]:
     """After a migration, however it ended: make the VM run on exactly one of `source` and `destination`
     and record which (the control workflow's cleanup runs this on the source server's queue)."""
-    return {"server": settle_and_record(ctx, ctx.params["vm"], ctx.params["source"], ctx.params["destination"])}
+    return {"server": settle_and_record(ctx, ctx.params.vm, ctx.params.source, ctx.params.destination)}
 
 
 @workflow("migrate-domain", cleanup=settle_domain, rerun_after_crash=False)
 def migrate_domain(ctx: JobContext) -> dict[str, Any]:
     """Run the libvirt migration from this (the source) server, reporting its job stats as progress."""
-    name = ctx.params["vm"]
+    name = ctx.params.vm
     with ctx.session() as session:
-        vm, source = vm_and_server(session, name, ctx.params["source"])
-        _, dest = vm_and_server(session, name, ctx.params["destination"])
+        vm, source = vm_and_server(session, name, ctx.params.source)
+        _, dest = vm_and_server(session, name, ctx.params.destination)
         xml = domain_xml(domain_spec(session, vm, dest))
         source_uri, dest_uri = source.libvirt_uri, dest.libvirt_uri
     ctx.phase("transfer memory", progress=5)
@@ -57,14 +57,14 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
                           message=f"iteration {sample.iteration}, dirty rate {sample.dirty_rate} pages/s")
 
     try:
-        outcome = driver.migrate(source_uri, dest_uri, name, xml, live=bool(ctx.params.get("live", True)),
+        outcome = driver.migrate(source_uri, dest_uri, name, xml, live=ctx.params.live,
                                  on_progress=progress, should_abort=lambda: bool(ctx.rt.redis.exists(cancel_key(ctx.job_id))),
-                                 bandwidth_mib_s=ctx.params.get("bandwidth_mib_s"))
+                                 bandwidth_mib_s=ctx.params.bandwidth_mib_s)
     except MigrationAborted:
         raise jobs.JobCancelled(ctx.job_id) from None
     ctx.phase("confirm", progress=96)
-    where = settle_and_record(ctx, name, ctx.params["source"], ctx.params["destination"])
-    if where != ctx.params["destination"]:
+    where = settle_and_record(ctx, name, ctx.params.source, ctx.params.destination)
+    if where != ctx.params.destination:
         raise MigrationFailed(f"libvirt reported success but {name} runs on {where}", server=where)
     return outcome.as_dict()
 

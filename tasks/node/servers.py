@@ -14,7 +14,7 @@ from workers.node.host import read_facts
 @workflow("refresh-server")
 def refresh_server(ctx: JobContext) -> dict[str, Any]:
     """Read this server's facts through libvirt and store them on its row."""
-    name = ctx.params["server"]
+    name = ctx.params.server
     with ctx.session() as session:
         uri = session.scalar(select(ClusterServer.libvirt_uri).where(ClusterServer.name == name))
     ctx.phase("read facts", progress=10)

@@ -134,10 +134,10 @@ def stoppable(ctx: JobContext, work: Any, *args: Any, **kwargs: Any) -> Any:
 def drop_job_snapshots(ctx: JobContext) -> None:
     """Undo a failed or cancelled backup: its snapshots and manifests, unless a recorded backup uses them."""
     with ctx.session() as session:
-        _, disks = vm_disks(session, ctx.params["vm"])
+        _, disks = vm_disks(session, ctx.params.vm)
         recorded = set(session.scalars(select(Backup.id).where(
             Backup.id.in_([backup_id_for(ctx.job_id, d.name) for d in disks]))))
-        store = store_ref(session, ctx.params.get("store"))
+        store = store_ref(session, ctx.params.store)
     with open_store(store) as chunk_store:
         for disk in disks:
             backup_id = backup_id_for(ctx.job_id, disk.name)
@@ -152,13 +152,13 @@ def drop_job_snapshots(ctx: JobContext) -> None:
 def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     """Snapshot every disk of the VM together, back each one up (full, or only what changed since its
     anchor), record the backups, keep the new snapshots as anchors and drop the older ones."""
-    mode = ctx.params.get("mode", "full")
+    mode = ctx.params.mode
     with ctx.session() as session:
-        vm, disks = vm_disks(session, ctx.params["vm"])
-        store = store_ref(session, ctx.params.get("store"))
+        vm, disks = vm_disks(session, ctx.params.vm)
+        store = store_ref(session, ctx.params.store)
         vm_id = vm.id
     if not disks:
-        raise NoDisks(f"VM {ctx.params['vm']} has no disk volumes", vm=ctx.params["vm"])
+        raise NoDisks(f"VM {ctx.params.vm} has no disk volumes", vm=ctx.params.vm)
     wait_while_pruned(ctx, store)
     ctx.phase("snapshot", progress=2)
     snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk, anchor_name(ctx.job_id))
@@ -166,12 +166,12 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     manifests = back_up_disks(ctx, disks, snaps, store, mode)
     ctx.phase("record", progress=96)
     with ctx.session() as session:
-        rows = [record_backup(session, vm_id, ctx.params["vm"], disk, store, manifest)
+        rows = [record_backup(session, vm_id, ctx.params.vm, disk, store, manifest)
                 for disk, manifest in zip(disks, manifests)]
     ctx.report.update(phase="drop older anchors", progress=98)
     for disk in disks:
         drop_older_anchors(ctx, disk)
-    return {"vm": ctx.params["vm"], "store": store.name, "backups": rows}
+    return {"vm": ctx.params.vm, "store": store.name, "backups": rows}
 
 
 def back_up_disks(ctx: JobContext, disks: list[Disk], snaps: dict[str, str], store: StoreRef,
@@ -291,7 +291,7 @@ def load_backup(session: Session, backup_id: str) -> tuple[Backup, StoreRef]:
 @workflow("verify-backup")
 def verify_backup_job(ctx: JobContext) -> dict[str, Any]:
     """Re-read and re-hash every chunk of a backup; mark it verified, or corrupt naming the bad chunks."""
-    backup_id = ctx.params["backup"]
+    backup_id = ctx.params.backup
     with ctx.session() as session:
         _, store = load_backup(session, backup_id)
     ctx.phase("read manifest", progress=2)
@@ -318,15 +318,15 @@ def verify_backup_job(ctx: JobContext) -> dict[str, Any]:
 # -- restore --------------------------------------------------------------------------------------
 
 def restore_target_name(ctx: JobContext, backup: Backup) -> str:
-    return ctx.params.get("as") or f"{backup.volume_name}-r{backup.id.replace('-', '')[:8]}"
+    return ctx.params.as_volume or f"{backup.volume_name}-r{backup.id.replace('-', '')[:8]}"
 
 
 def undo_restore(ctx: JobContext) -> None:
     """A restore to a new volume that did not finish deletes that volume (an in-place restore keeps its disk)."""
-    if ctx.params.get("in_place"):
+    if ctx.params.in_place:
         return
     with ctx.session() as session:
-        backup, _ = load_backup(session, ctx.params["backup"])
+        backup, _ = load_backup(session, ctx.params.backup)
         name = restore_target_name(ctx, backup)
         san = session.scalar(select(San).where(San.name == backup.san_name))
         volume = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name,
@@ -341,9 +341,9 @@ def undo_restore(ctx: JobContext) -> None:
 def restore_job(ctx: JobContext) -> dict[str, Any]:
     """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disk."""
     with ctx.session() as session:
-        backup, store = load_backup(session, ctx.params["backup"])
+        backup, store = load_backup(session, ctx.params.backup)
         backup_id, volume_name, san_name, vm_name = backup.id, backup.volume_name, backup.san_name, backup.vm_name
-        target = in_place_target(session, backup) if ctx.params.get("in_place") else claim_new_volume(ctx, session, backup)
+        target = in_place_target(session, backup) if ctx.params.in_place else claim_new_volume(ctx, session, backup)
     backend = san_place(ctx.rt.config, san_name).backend
     ctx.phase("read manifest", progress=2)
     with open_store(store) as chunk_store:
@@ -358,8 +358,8 @@ def restore_job(ctx: JobContext) -> dict[str, Any]:
         volume.size_bytes = manifest["volume_size"]
         if volume.role == "restoring":
             volume.role = "disk"
-    return {"backup": backup_id, "volume": target, "san": san_name, "in_place": bool(ctx.params.get("in_place")),
-            "vm": vm_name if ctx.params.get("in_place") else None, "source_volume": volume_name, **written}
+    return {"backup": backup_id, "volume": target, "san": san_name, "in_place": ctx.params.in_place,
+            "vm": vm_name if ctx.params.in_place else None, "source_volume": volume_name, **written}
 
 
 def in_place_target(session: Session, backup: Backup) -> str:

@@ -17,7 +17,7 @@ def prune_backups(ctx: JobContext) -> dict[str, Any]:
     """Delete the backups the policy's retention lets go (manifest, row, snapshot), newest first,
     then delete the store's chunks no manifest references, unless a backup is writing to the store."""
     with ctx.session() as session:
-        policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == ctx.params["policy"]))
+        policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == ctx.params.policy))
         gone = prunable(session, policy)
         row = session.get(BackupStore, policy.store_id)
         store = StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
@@ -37,5 +37,5 @@ def prune_backups(ctx: JobContext) -> dict[str, Any]:
         if not busy:
             kept = [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()]
             collected = collect_garbage(chunk_store, kept)
-    return {"policy": ctx.params["policy"], "deleted": [b.id for b in doomed], "garbage": collected,
+    return {"policy": ctx.params.policy, "deleted": [b.id for b in doomed], "garbage": collected,
             "garbage_skipped": "a backup is writing to the store" if busy else None}

@@ -52,14 +52,14 @@ def vm_target_iqn(config: Config, site: str, vm: str) -> str:
 def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
     """Clone the template to the VM's disk, grow it, write its NoCloud seed and export both to the site."""
     with ctx.session() as session:
-        vm, template, lease, subnet = _vm_parts(session, ctx.params["vm"])
+        vm, template, lease, subnet = _vm_parts(session, ctx.params.vm)
         san = session.get(San, template.san_id)
         place = san_place(ctx.rt.config, san.name)
     ctx.phase("clone template", progress=10)
     disk = f"{vm.name}-disk"
     if not place.backend.exists(disk):
         place.backend.clone(template.backend_handle, disk)
-    size = int(ctx.params["disk_bytes"])
+    size = ctx.params.disk_bytes
     if place.backend.size(disk) < size:
         ctx.phase("grow disk", progress=40)
         place.backend.resize(disk, size)
@@ -77,8 +77,8 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
 @workflow("remove-vm-disks")
 def remove_vm_disks(ctx: JobContext) -> dict[str, Any]:
     """Unexport the VM's target and delete its disk and seed volumes (whatever of them exists)."""
-    name = ctx.params["vm"]
-    place = san_place(ctx.rt.config, ctx.params["san"])
+    name = ctx.params.vm
+    place = san_place(ctx.rt.config, ctx.params.san)
     ctx.phase("unexport", progress=20)
     target_for(place.san).unexport(vm_target_iqn(ctx.rt.config, place.site.name, name), force=True)
     ctx.phase("delete volumes", progress=60)
@@ -128,19 +128,19 @@ def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: s
 
 def undo_import(ctx: JobContext) -> None:
     """Drop a half-written template volume, unless a template row already stands on it (a re-import)."""
-    place = san_place(ctx.rt.config, ctx.params["san"])
+    place = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
         registered = session.scalar(select(Template.id).join(San).where(San.name == place.san.name,
-                                                                         Template.name == ctx.params["name"]))
+                                                                         Template.name == ctx.params.name))
     if registered is None:
-        place.backend.delete(f"tpl-{ctx.params['name']}")
+        place.backend.delete(f"tpl-{ctx.params.name}")
 
 
 @workflow("import-template", cleanup=undo_import)
 def import_template(ctx: JobContext) -> dict[str, Any]:
     """Convert an image file on the SAN host into the template volume `tpl-<name>` and register it."""
-    name, source = ctx.params["name"], Path(ctx.params["source_path"])
-    place = san_place(ctx.rt.config, ctx.params["san"])
+    name, source = ctx.params.name, Path(ctx.params.source_path)
+    place = san_place(ctx.rt.config, ctx.params.san)
     ctx.phase("convert image", progress=10)
     handle = write_image(place.backend, f"tpl-{name}", source)
     size = place.backend.size(handle)
@@ -150,20 +150,20 @@ def import_template(ctx: JobContext) -> dict[str, Any]:
         if template is None:
             template = Template(name=name, san_id=san.id)
             session.add(template)
-        template.backend_handle, template.os = handle, ctx.params.get("os", "linux")
-        template.default_size_bytes = int(ctx.params.get("default_size_bytes") or size)
-        template.boot = ctx.params.get("boot") or {}
+        template.backend_handle, template.os = handle, ctx.params.os
+        template.default_size_bytes = ctx.params.default_size_bytes or size
+        template.boot = ctx.params.boot or {}
     return {"template": name, "san": place.san.name, "size_bytes": size}
 
 
 @workflow("resize-volume")
 def resize_volume(ctx: JobContext) -> dict[str, Any]:
     """Grow a volume any time, shrink one only while its VM is stopped (filesystem first, then the volume)."""
-    new_size = int(ctx.params["size_bytes"])
+    new_size = ctx.params.size_bytes
     with ctx.session() as session:
-        volume = session.get(Volume, int(ctx.params["volume_id"]))
+        volume = session.get(Volume, ctx.params.volume_id)
         if volume is None:
-            raise NotFound(f"no volume {ctx.params['volume_id']}")
+            raise NotFound(f"no volume {ctx.params.volume_id}")
         vm = session.get(VirtualMachine, volume.vm_id) if volume.vm_id else None
         place = san_place(ctx.rt.config, session.get(San, volume.san_id).name)
     running = vm is not None and vm.state == "running"
@@ -199,7 +199,7 @@ def _refresh_lun(place: SanPlace, volume: Volume, vm_running: bool) -> str:
 def refresh_luns(ctx: JobContext) -> dict[str, Any]:
     """Re-create a stopped VM's LUNs so a grown volume shows its new size at the next start."""
     with ctx.session() as session:
-        volumes = session.scalars(select(Volume).join(VirtualMachine).where(VirtualMachine.name == ctx.params["vm"])).all()
+        volumes = session.scalars(select(Volume).join(VirtualMachine).where(VirtualMachine.name == ctx.params.vm)).all()
         san_names = {v.id: session.get(San, v.san_id).name for v in volumes}
     for volume in volumes:
         _refresh_lun(san_place(ctx.rt.config, san_names[volume.id]), volume, vm_running=False)
@@ -230,7 +230,7 @@ def restore_exports_when_a_worker_starts(sender, **_: object) -> None:
 @workflow("refresh-san")
 def refresh_san(ctx: JobContext) -> dict[str, Any]:
     """Read the SAN's backend facts (size, free, reflink) and store them on its row."""
-    place = san_place(ctx.rt.config, ctx.params["san"])
+    place = san_place(ctx.rt.config, ctx.params.san)
     facts = place.backend.facts()
     with ctx.session() as session:
         session.scalar(select(San).where(San.name == place.san.name)).facts = facts
@@ -240,14 +240,14 @@ def refresh_san(ctx: JobContext) -> dict[str, Any]:
 @workflow("export-vm-disks")
 def export_vm_disks(ctx: JobContext) -> dict[str, Any]:
     """Add an initiator to the ACL of the VM's target (its LUNs are already exported at install)."""
-    san = san_place(ctx.rt.config, ctx.params["san"])
-    iqn = vm_target_iqn(ctx.rt.config, san.site.name, ctx.params["vm"])
+    san = san_place(ctx.rt.config, ctx.params.san)
+    iqn = vm_target_iqn(ctx.rt.config, san.site.name, ctx.params.vm)
     tgt = target_for(san.san)
     target = tgt.find(iqn)
     if target is None:
-        raise TargetNotFound(f"the SAN exports no target {iqn} for {ctx.params['vm']}: start the VM once to re-export it",
+        raise TargetNotFound(f"the SAN exports no target {iqn} for {ctx.params.vm}: start the VM once to re-export it",
                              iqn=iqn)
-    wanted = ctx.params["initiator"]
+    wanted = ctx.params.initiator
     if wanted not in target.initiators:
         tgt.bind_initiators(iqn, [*target.initiators, wanted])
     return {"target": iqn, "initiators": sorted({*target.initiators, wanted}), "bound": wanted not in target.initiators}
