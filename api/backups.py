@@ -18,12 +18,23 @@ from api.changes import audit, submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso
-from errors import BackupNotFound, Conflict, NoDisks, NotFound, PolicyExists, PolicyNotFound, StoreExists, UnknownStore, VmNotFound
+from api.vms import vm_name
+from errors import (
+    BackupNotFound,
+    Conflict,
+    NoDisks,
+    NotFound,
+    PolicyExists,
+    PolicyNotFound,
+    StoreExists,
+    UnknownStore,
+    VmNotFound,
+)
 from models import San, Site, Template, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
-from tasks.san import backups as backup_jobs
-from api.vms import vm_name
 from tasks.inventory import vms
+from tasks.kinds import SnapshotBackup, request_schema
+from tasks.san import backups as backup_jobs
 
 backups = Blueprint("backups", __name__)
 stores = Blueprint("stores", __name__)
@@ -64,9 +75,7 @@ POLICY_SCHEMA = {"type": "object", "properties": {
 @backups.post("/vms/<name>/backups")
 @operation("Back up a running or stopped VM from a snapshot of each disk: full, or differential (only what "
            "changed since the last backup in the store), as a snapshot-backup job on its SAN's queue",
-           status=202, response=ref("Job"), body={"type": "object", "properties": {
-               "mode": {"enum": ["full", "diff"], "default": "full"},
-               "store": {"type": "string", "description": "default: the only store, if there is exactly one"}}})
+           status=202, response=ref("Job"), body=request_schema(SnapshotBackup, exclude=frozenset({"vm", "policy"})))
 def create(name: str):
     body = validation.json_body()
     validation.reject_unknown(body, {"mode", "store"})

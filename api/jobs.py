@@ -12,13 +12,12 @@ from api.openapi import list_of, operation, ref
 from api.representations import job_json
 from models import FINAL_STATES, STATES, Job
 from tasks import jobs, submission
+from tasks.kinds import NOOP_MAX_SECONDS, NOOP_MAX_STEPS, Noop, request_schema
 from tasks.progress import announce
 
 blueprint = Blueprint("jobs", __name__)
 
 MAX_LIMIT = 500
-NOOP_MAX_SECONDS = 600
-NOOP_MAX_STEPS = 1000
 
 
 @blueprint.get("/jobs")
@@ -73,15 +72,15 @@ def events(job_id: str):
     return Response(stream, mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+# The job's own parameters, plus the name of the lock to take.
+NOOP_BODY = request_schema(Noop)
+NOOP_BODY["properties"]["target"] = {"type": "string", "pattern": validation.NAME.pattern,
+                                     "description": "lock this name (noop/<target>) to try conflicts; default: a fresh one"}
+
 
 @blueprint.post("/jobs/noop")
 @operation("Run a job that does nothing for `seconds` in `steps` phases (diagnostics, benchmarks)",
-           role="admin", status=202, response=ref("Job"), body={
-               "type": "object", "properties": {
-                   "seconds": {"type": "number", "minimum": 0, "maximum": NOOP_MAX_SECONDS, "default": 0},
-                   "steps": {"type": "integer", "minimum": 1, "maximum": NOOP_MAX_STEPS, "default": 1},
-                   "target": {"type": "string", "pattern": validation.NAME.pattern,
-                              "description": "lock this name (noop/<target>) to try conflicts; default: a fresh one"}}})
+           role="admin", status=202, response=ref("Job"), body=NOOP_BODY)
 def noop():
     body = validation.json_body()
     validation.reject_unknown(body, {"seconds", "steps", "target"})

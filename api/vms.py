@@ -19,18 +19,23 @@ from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from errors import UnknownAction, VmNotFound
 from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import vms
+from tasks.kinds import (
+    MAX_BANDWIDTH_MIB_S,
+    MAX_SHUTDOWN_TIMEOUT_S,
+    Migrate,
+    Power,
+    request_schema,
+)
 
 blueprint = Blueprint("vms", __name__)
 
 ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate")
 MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
-MAX_BANDWIDTH_MIB_S = 100_000
 # libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description"}
 MAX_SSH_KEYS, MAX_SSH_KEY_LENGTH, MAX_DESCRIPTION = 32, 8192, 1024
-MAX_SHUTDOWN_TIMEOUT_S = 3600
 SSH_KEY = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$")
 STATE = re.compile(r"^[a-z ]{1,31}$")
 
@@ -154,14 +159,7 @@ def install():
 
 @blueprint.post("/vms/<name>/actions/<action>")
 @operation("Start, shut down (ACPI, optional timeout_s), reboot, destroy (power off) or migrate a VM, as a job",
-           status=202, response=ref("Job"), body={"type": "object", "properties": {
-               "timeout_s": {"type": "integer", "minimum": 1, "maximum": MAX_SHUTDOWN_TIMEOUT_S,
-                             "description": "shutdown and reboot: how long the guest gets before the job fails"},
-               "to": {"type": "string", "description": "migrate: the destination server (default: placement chooses)"},
-               "live": {"type": "boolean", "description": "migrate: keep the VM running while it moves (default true)"},
-               "check": {"type": "boolean", "description": "migrate: only run the pre-flight checks, move nothing"},
-               "bandwidth_mib_s": {"type": "integer", "minimum": 1, "maximum": MAX_BANDWIDTH_MIB_S,
-                                   "description": "migrate: cap the memory transfer rate"}}})
+           status=202, response=ref("Job"), body=request_schema(Power, Migrate, exclude=frozenset({"vm"})))
 def act(name: str, action: str):
     if action not in ACTIONS:
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)

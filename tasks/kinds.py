@@ -10,13 +10,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from errors import InvalidInput, NotFound, UnknownKind
 from models import San, Site, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
+from tasks.inventory.retention import selected_vms
+from tasks.inventory.vms import find_vm, site_and_san
 from tasks.queues import CONTROL, node_queue, san_queue
 
 
@@ -28,9 +30,14 @@ class NoParams(Params):
     pass
 
 
+NOOP_MAX_SECONDS, NOOP_MAX_STEPS = 600, 1000
+MAX_SHUTDOWN_TIMEOUT_S = 3600
+MAX_BANDWIDTH_MIB_S = 100_000
+
+
 class Noop(Params):
-    seconds: float = 0.0
-    steps: int = 1
+    seconds: float = Field(0.0, ge=0, le=NOOP_MAX_SECONDS)
+    steps: int = Field(1, ge=1, le=NOOP_MAX_STEPS)
 
 
 class OfVm(Params):
@@ -47,14 +54,16 @@ class VmFromBackup(InstallVm):
 
 
 class Power(OfVm):
-    timeout_s: int | None = None
+    timeout_s: int | None = Field(None, ge=1, le=MAX_SHUTDOWN_TIMEOUT_S,
+                                  description="shutdown and reboot: how long the guest gets before the job fails")
 
 
 class Migrate(OfVm):
-    to: str | None = None
-    live: bool = True
-    check: bool = False
-    bandwidth_mib_s: int | None = None
+    to: str | None = Field(None, description="migrate: the destination server (default: placement chooses)")
+    live: bool = Field(True, description="migrate: keep the VM running while it moves")
+    check: bool = Field(False, description="migrate: only run the pre-flight checks, move nothing")
+    bandwidth_mib_s: int | None = Field(None, ge=1, le=MAX_BANDWIDTH_MIB_S,
+                                        description="migrate: cap the memory transfer rate")
 
 
 class OfServer(Params):
@@ -92,7 +101,7 @@ class ResizeVolume(Params):
 
 class SnapshotBackup(OfVm):
     mode: Literal["full", "diff"] = "full"
-    store: str | None = None
+    store: str | None = Field(None, description="default: the only store, if there is exactly one")
     policy: str | None = None
 
 
@@ -181,8 +190,6 @@ def site_of_san(session: Session, san: str) -> str:
 
 def san_of_vm(session: Session, params: OfVm) -> str:
     """The SAN holding the VM's disk, or, before it has one, the SAN of its template."""
-    from tasks.inventory.vms import find_vm, site_and_san
-
     vm = find_vm(session, params.vm)
     on_disk = session.scalar(select(San.name).join(Volume, Volume.san_id == San.id)
                              .where(Volume.vm_id == vm.id, Volume.role == "disk").limit(1))
@@ -200,8 +207,6 @@ def san_of_backup(session: Session, params: OfBackup) -> str:
 
 def san_of_policy(session: Session, params: OfPolicy) -> str:
     """The SAN of the first of the policy's VMs that has a disk."""
-    from tasks.inventory.retention import selected_vms
-
     policy = session.scalar(select(BackupPolicy).where(BackupPolicy.name == params.policy))
     for vm in selected_vms(session, _existing(policy, f"no policy {params.policy}")):
         san = session.scalar(select(San.name).join(Volume, Volume.san_id == San.id).join(VirtualMachine)
@@ -301,14 +306,27 @@ def parse(kind: Kind, params: dict[str, Any] | Params | None) -> Params:
     """The kind's typed parameters from a dict (or as given); InvalidInput naming what is wrong."""
     if isinstance(params, kind.params):
         return params
-    from pydantic import ValidationError
-
     try:
         return kind.params.model_validate(params or {})
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
         raise InvalidInput(f"{kind.name}: {field}: {first['msg']}", field=field, kind=kind.name) from None
+
+
+def request_schema(*models: type[Params], exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The JSON schema of a request body that carries these parameters (the fields of all `models`, less
+    `exclude`, such as what the URL names), for the API's OpenAPI document."""
+    properties: dict[str, Any] = {}
+    for model in models:
+        schema = model.model_json_schema(by_alias=True)
+        properties.update({name: _plain(field) for name, field in schema["properties"].items() if name not in exclude})
+    return {"type": "object", "properties": properties}
+
+
+def _plain(field: dict[str, Any]) -> dict[str, Any]:
+    """A field's schema without pydantic's generated title."""
+    return {key: value for key, value in field.items() if key != "title"}
 
 
 def stored(params: Params) -> dict[str, Any]:
