@@ -70,3 +70,22 @@ def test_cancelling_a_waiting_parent_cancels_its_queued_child_and_ends_it(rt, ce
     assert [child.state for child in children_of(rt, parent.id)] == [CANCELLED]
     with rt.sessions() as session:
         assert session.scalars(select(JobLock)).all() == []
+
+
+def test_a_parent_whose_wake_up_was_lost_with_its_worker_is_resumed_by_the_reconciler(rt, celery_app, celery_worker):
+    vm_on_test_driver(rt)
+    control = celery_worker([CONTROL], concurrency=1)
+    parent = submission.start(rt, celery_app, "migrate", CHECK, TESTER)
+    wait_until(lambda: job(rt, parent.id).waiting, 30, "the parent to wait for its pre-flight child")
+    control.kill()
+
+    celery_worker([node_queue("cs1")])
+    wait_until(lambda: all(child.is_final for child in children_of(rt, parent.id)), 60, "the child to end")
+    with celery_app.connection_for_write() as connection:
+        connection.default_channel.queue_purge(CONTROL)  # the wake-up message is lost with the broker's queue
+    assert job(rt, parent.id).waiting
+
+    celery_worker([CONTROL], concurrency=1, beat=True)
+    done = final(rt, parent.id)
+    assert done.state == SUCCEEDED, done.error_message
+    assert "DomainExists" in {problem["code"] for problem in done.result["problems"]}
