@@ -11,7 +11,7 @@ from api.representations import server_json
 from errors import ServerNotFound, TargetBusy
 from models import Cluster, ClusterServer
 from tasks import jobs
-from tasks.control.servers import server_target
+from tasks.kinds import server_lock
 
 blueprint = Blueprint("servers", __name__)
 REFRESH_TARGET = "servers"
@@ -62,11 +62,11 @@ def activate(name: str):
     validation.reject_unknown(validation.json_body(), set())
     with context.session() as db:
         server = _existing_server(db, name)
-        holder = jobs.holder_of(db, server_target(name))
+        holder = jobs.holder_of(db, server_lock(name))
         if holder is not None:
-            raise TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_target(name))
+            raise TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_lock(name))
         server.maintenance = False
-        audit(db, "server.activate", server_target(name))
+        audit(db, "server.activate", server_lock(name))
         return jsonify(server_json(server))
 
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -121,6 +122,19 @@ class JobContext:
         """The children once one of them has ended (to start the next of a batch); progress counts
         `done` ended children of `total`."""
         return self._wait(child_ids, timeout, Wait(child_ids, "", start, end, done, total, any=True), True)
+
+    def wait_for_other_job(self, job_id: str, timeout: float) -> bool:
+        """Suspend until another job (not a child: e.g. one holding a lock this job must not work beside)
+        has ended; True once it has, False when `timeout` has passed since this job first waited for it."""
+        with self.session() as session:
+            other = session.get(Job, job_id)
+        if other is None or other.state in FINAL_STATES:
+            return True
+        deadline = datetime.fromisoformat(self.once(f"wait for {job_id}",
+                                                    lambda: (utcnow() + timedelta(seconds=timeout)).isoformat()))
+        if utcnow() >= deadline:
+            return False
+        raise Suspended(Wait([job_id], deadline.isoformat(), start=self.report.progress, end=self.report.progress))
 
     def _wait(self, child_ids: list[str], timeout: float, wait: Wait, cancellable: bool) -> list[Job]:
         children = self.children(child_ids)

@@ -16,7 +16,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from models import FINAL_STATES, Job, utcnow
+from models import FINAL_STATES, RUNNING, Job, utcnow
 from tasks.dispatch import dispatch
 
 
@@ -61,6 +61,14 @@ def ready(session: Session, wait: Wait) -> bool:
     states = list(session.scalars(select(Job.state).where(Job.id.in_(wait.ids))))
     ended = [state in FINAL_STATES for state in states]
     return any(ended) if wait.any else all(ended)
+
+
+def wake_waiters(session: Session, app: Celery, ended: Job) -> None:
+    """Wake the jobs waiting for `ended`: its parent, and any other job that waits for it by id."""
+    for job in session.scalars(select(Job).where(Job.waiting.is_(True), Job.state == RUNNING)).all():
+        wait = Wait.of(job)
+        if job.id == ended.parent_id or (wait is not None and ended.id in wait.ids):
+            wake(session, app, job.id)
 
 
 def wake(session: Session, app: Celery, job_id: str) -> bool:

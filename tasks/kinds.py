@@ -216,10 +216,19 @@ def san_of_policy(session: Session, params: OfPolicy) -> str:
     raise NotFound(f"policy {params.policy} selects no VM with a disk", policy=params.policy)
 
 
+def server_lock(server: str) -> str:
+    return f"server/{server}"
+
+
+def prune_lock(store: str) -> str:
+    """The lock a prune of `store` holds; a backup into the store waits while it is taken."""
+    return f"prune/{store}"
+
+
 def prune_target(session: Session, params: OfPolicy) -> str:
     store = session.scalar(select(BackupStore.name).join(BackupPolicy, BackupPolicy.store_id == BackupStore.id)
                            .where(BackupPolicy.name == params.policy))
-    return f"prune/{_existing(store, f'no policy {params.policy}')}"
+    return prune_lock(_existing(store, f"no policy {params.policy}"))
 
 
 def restore_target(session: Session, params: Restore) -> str:
@@ -249,7 +258,7 @@ def domain_target(_: Session, params: OfVm) -> str:
 
 
 def server_target(_: Session, params: OfServer) -> str:
-    return f"server/{params.server}"
+    return server_lock(params.server)
 
 
 CONTROL_VMS, CONTROL_MIGRATE = "tasks.control.vms", "tasks.control.migrate"

@@ -98,6 +98,10 @@ class Reporter:
         if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
             self.flush()
 
+    @property
+    def progress(self) -> float:
+        return self._state["progress"]
+
     def flush(self) -> None:
         """Write the latest progress to the DB now."""
         self._last_db_write = time.monotonic()

@@ -15,7 +15,7 @@ from models.db import transaction
 from tasks import jobs, runtime
 from tasks.app import app
 from tasks.context import JobContext
-from tasks.continuations import Suspended, wake
+from tasks.continuations import Suspended, wake, wake_waiters
 from tasks.dispatch import RUN_JOB, alive_key
 from tasks.progress import Reporter, announce
 from tasks.runtime import Runtime
@@ -94,9 +94,8 @@ def _finish(rt: Runtime, job_id: str, state: str, *, result: dict[str, Any] | No
     with transaction(rt.sessions) as session:
         job = jobs.finish(session, jobs.get(session, job_id), state, result=result, error=error)
     announce(rt.redis, job)
-    if job.parent_id is not None:
-        with transaction(rt.sessions) as session:
-            wake(session, app, job.parent_id)
+    with transaction(rt.sessions) as session:
+        wake_waiters(session, app, job)
     return state
 
 

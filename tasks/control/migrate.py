@@ -49,10 +49,8 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     """Move a VM to another server (live when it runs); with `check`, only report what stands in the way."""
     name, live = ctx.params.vm, ctx.params.live
     ctx.phase("pre-flight", progress=2)
-    # Checked once: after the move a later run would find the VM on its destination already.
-    checked = ctx.once("pre-flight", lambda: _checked(ctx, name, ctx.params.to))
-    problems = checked["problems"]
-    plan = {"vm": name, "source": checked["source"], "destination": checked["destination"], "live": live}
+    source, destination, problems = preflight(ctx, name, ctx.params.to)
+    plan = {"vm": name, "source": source, "destination": destination, "live": live}
     ctx.record_result({**plan, "problems": problems})
     if ctx.params.check:
         return {**plan, "problems": problems, "can_migrate": not problems}
@@ -68,33 +66,45 @@ def migrate_vm(ctx: JobContext) -> dict[str, Any]:
     return {**plan, **job.result, "total_ms": ctx.elapsed_ms()}
 
 
-def _checked(ctx: JobContext, name: str, asked: str | None) -> dict[str, Any]:
-    source, dest, problems = preflight(ctx, name, asked)
-    return {"source": source, "destination": dest, "problems": problems}
-
-
 def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, list[Problem]]:
     """The VM's server, the destination (asked, or chosen by placement) and every problem found: the
-    inventory's here, libvirt's (and the destination's room) from a child job on the source server."""
+    inventory's here, libvirt's (and the destination's room) from a child job on the source server.
+    The inventory is asked once: after the move a later run of the job would find the VM on its
+    destination already."""
+    checked = ctx.once("pre-flight", lambda: _check_inventory(ctx, name, asked))
+    if checked["problems"]:
+        return checked["source"], checked["destination"], checked["problems"]
+    found = ctx.run_child("preflight-migration", checked["check"], timeout=NODE_TIMEOUT_S, start=2, end=5)
+    return checked["source"], checked["destination"], list(found["problems"])
+
+
+def _check_inventory(ctx: JobContext, name: str, asked: str | None) -> dict[str, Any]:
+    """What the inventory says of the move: {source, destination, problems, and the `check` that
+    asks the source server's libvirt the rest}."""
+    source, dest, problems, check = _inventory_problems(ctx, name, asked)
+    return {"source": source, "destination": dest, "problems": problems, "check": check}
+
+
+def _inventory_problems(ctx: JobContext, name: str, asked: str | None
+                        ) -> tuple[str, str, list[Problem], dict[str, Any] | None]:
     with ctx.session() as session:
         vm = find_vm(session, name)
         source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))
         try:
             dest = _destination(session, ctx, vm, source, asked)
         except NoCapacity as error:
-            return source.name, "", [_problem(error.code, f"{error.message}: free memory or add a server")]
+            return source.name, "", [_problem(error.code, f"{error.message}: free memory or add a server")], None
         if dest.id == source.id:
-            return source.name, dest.name, [_problem("SameServer", f"{name} already runs on {dest.name}")]
+            return source.name, dest.name, [_problem("SameServer", f"{name} already runs on {dest.name}")], None
         if dest.cluster_id != source.cluster_id:
             return source.name, dest.name, [_problem(
                 "OtherCluster", f"{dest.name} is not in {name}'s cluster, so it cannot reach its disks: "
-                                "choose a server of the same cluster")]
+                                "choose a server of the same cluster")], None
         room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
         check = {"vm": name, "source": source.name, "destination": dest.name, "destination_uri": dest.libvirt_uri,
                  "destination_maintenance": dest.maintenance, "free_memory_bytes": room.memory_bytes,
                  "free_vcpus": room.vcpus, "memory_bytes": vm.memory_bytes, "vcpus": vm.vcpus}
-    found = ctx.run_child("preflight-migration", check, timeout=NODE_TIMEOUT_S, start=2, end=5)
-    return check["source"], check["destination"], list(found["problems"])
+    return source.name, dest.name, [], check
 
 
 def _problem(code: str, message: str) -> Problem:

@@ -12,10 +12,6 @@ from tasks.workflow import workflow
 REFRESH_TIMEOUT_S = 120
 
 
-def server_target(name: str) -> str:
-    return f"server/{name}"
-
-
 @workflow("refresh-servers")
 def refresh_servers(ctx: JobContext) -> dict[str, Any]:
     """Fan out one refresh-server child job per server, on that server's queue, and wait for all."""

@@ -10,7 +10,6 @@ Names are derived from the job id (snapshot `bk-<job>`, backup ids uuid5(job, vo
 re-run after a crash and the cleanup of a failed or cancelled job find what the job made.
 """
 
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ from models.protection import Backup, BackupStore
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
+from tasks.kinds import prune_lock
 from tasks.san.volumes import san_place
 from tasks.workflow import workflow
 from workers.san.backend import VolumeBackend, snapshot_handle
@@ -189,26 +189,17 @@ def back_up_disks(ctx: JobContext, disks: list[Disk], snaps: dict[str, str], sto
     return manifests
 
 
-def prune_target(store: str) -> str:
-    """The lock a prune of `store` holds."""
-    return f"prune/{store}"
-
-
 def wait_while_pruned(ctx: JobContext, store: StoreRef) -> None:
-    """Wait until no prune of the store runs. With the prune's own check for unfinished backups
-    this keeps garbage collection from deleting a chunk a running backup reuses: this job's row
-    exists before its check, and the prune's lock before the prune's check."""
-    deadline = time.monotonic() + PRUNE_WAIT_S
-    while True:
-        with ctx.session() as session:
-            holder = jobs.holder_of(session, prune_target(store.name))
-        if holder is None:
-            return
-        if time.monotonic() > deadline:
-            raise StoreBusy(f"store {store.name} is being pruned by job {holder}", job_id=holder, store=store.name)
-        ctx.report.update(phase=f"wait for prune job {holder}")
-        ctx.check_cancel()
-        time.sleep(1)
+    """Wait (without a worker) until no prune of the store runs. With the prune's own check for
+    unfinished backups this keeps garbage collection from deleting a chunk a running backup reuses:
+    this job's row exists before its check, and the prune's lock before the prune's check."""
+    with ctx.session() as session:
+        holder = jobs.holder_of(session, prune_lock(store.name))
+    if holder is None:
+        return
+    ctx.report.update(phase=f"wait for prune job {holder}")
+    if not ctx.wait_for_other_job(holder, PRUNE_WAIT_S):
+        raise StoreBusy(f"store {store.name} is being pruned by job {holder}", job_id=holder, store=store.name)
 
 
 def take_snapshot(backend: VolumeBackend, disk: Disk, name: str) -> str:

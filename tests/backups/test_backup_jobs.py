@@ -12,7 +12,6 @@ from sqlalchemy import select
 
 import config
 from config import DEFAULTS
-from lab.processes import wait_until
 from models import CANCELLED, FAILED, SUCCEEDED, Job, VirtualMachine, Volume
 from models.db import transaction
 from models.protection import Backup, BackupStore
@@ -200,20 +199,18 @@ def test_a_backup_waits_while_its_store_is_pruned(brt: Runtime, vm_disk: Path) -
     with transaction(brt.sessions) as session:
         prune, _ = jobs.submit(session, kind="prune-backups", target="prune/local", queue="san.site-a",
                                params={"policy": "p"})
-    finished: list[Job] = []
-    worker = threading.Thread(target=lambda: finished.append(
-        run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})))
-    worker.start()
-    try:
-        def waiting() -> bool:
-            with brt.sessions() as session:
-                job = session.scalar(select(Job).where(Job.kind == "snapshot-backup"))
-                return job is not None and (job.phase or "").startswith("wait for prune job")
-        wait_until(waiting, 30, "the backup to wait for the prune")
-        assert backups(brt) == []
-    finally:
-        with transaction(brt.sessions) as session:
-            jobs.finish(session, jobs.get(session, prune.id), SUCCEEDED)
-        worker.join(60)
-    assert finished and finished[0].state == SUCCEEDED, finished and finished[0].error_message
+    waiting = run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})
+    # It waits without holding its worker: the run ends, the job stays running and waits for the prune.
+    assert (waiting.state, waiting.waiting, waiting.phase) == ("running", True, f"wait for prune job {prune.id}")
+    assert waiting.continuation["wait"]["ids"] == [prune.id]
+    assert backups(brt) == []
+
+    with transaction(brt.sessions) as session:
+        jobs.finish(session, jobs.get(session, prune.id), SUCCEEDED)
+    with transaction(brt.sessions) as session:
+        resumed = jobs.claim_resume(session, waiting.id, waiting.attempt, "test")
+    execute(brt, resumed, lookup("snapshot-backup"))
+    with brt.sessions() as session:
+        finished = session.get(Job, waiting.id)
+    assert finished.state == SUCCEEDED, finished.error_message
     assert len(backups(brt)) == 1
