@@ -214,9 +214,9 @@ def _check_san_exists(db: Session, san: str) -> None:
 
 
 def _store_name(db: Session, value: Any) -> str:
-    """The store a request names (it must exist), or the only store when it names none."""
+    """The store a request names (it must exist), else the default store, else the only store."""
     if value is None:
-        return backup_jobs.store_ref(db, None).name
+        return backup_jobs.store_ref(db, None, backup_jobs.default_store(context.runtime().config)).name
     name = validation.name(value, "store")
     if db.scalar(select(BackupStore.id).where(BackupStore.name == name)) is None:
         raise UnknownStore(f"no backup store {name}", store=name)

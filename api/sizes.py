@@ -14,7 +14,7 @@ _WITH_UNIT = re.compile(r"^\s*\d+\s*[KMGT](?:I?B)?\s*$", re.IGNORECASE)
 
 def size_with_unit(value: Any, field: str, bounds: tuple[int, int]) -> int:
     """Bytes of a size like "256M" or "2G" inside `bounds`; a bare number is refused, as a unit is easy to forget."""
-    if not isinstance(value, str) or not _WITH_UNIT.match(value):
+    if not isinstance(value, str) or not _WITH_UNIT.fullmatch(value):
         raise validation.invalid(field, "must be a size with a unit (K, M, G or T), like 256M or 2G")
     return validation.size(value, field, *bounds)
 

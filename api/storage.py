@@ -182,6 +182,6 @@ def _absolute_path(value: Any) -> str:
 
 
 def _os_name(value: Any) -> str:
-    if not isinstance(value, str) or not OS_NAME.match(value):
+    if not isinstance(value, str) or not OS_NAME.fullmatch(value):
         raise validation.invalid("os", "must be 1-63 characters of a-z, 0-9, '.', '_' and '-'")
     return value

@@ -34,7 +34,7 @@ def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:
 
 def name(value: Any, field: str) -> str:
     """A resource name: 1-63 characters of a-z, 0-9 and '-'."""
-    if not isinstance(value, str) or not NAME.match(value):
+    if not isinstance(value, str) or not NAME.fullmatch(value):
         raise invalid(field, "must be 1-63 characters of a-z, 0-9 and '-'")
     return value
 
@@ -76,6 +76,6 @@ def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not IDEMPOTENCY_KEY.match(key):
+    if not IDEMPOTENCY_KEY.fullmatch(key):
         raise invalid("Idempotency-Key", "must be 1-100 characters of A-Z, a-z, 0-9 and . _ : -")
     return key

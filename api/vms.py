@@ -136,7 +136,7 @@ def _add_addresses(db: Session, by_id: dict[int, dict[str, Any]]) -> None:
 
 
 def _state(value: str) -> str:
-    if not STATE.match(value):
+    if not STATE.fullmatch(value):
         raise validation.invalid("state", "must be a VM state like running or shut off")
     return value
 
@@ -244,7 +244,7 @@ def _ssh_keys(value: Any) -> list[str]:
         raise validation.invalid("ssh_keys", f"must be a list of at most {MAX_SSH_KEYS} public keys")
     keys = [key.strip() if isinstance(key, str) else key for key in value]
     for key in keys:
-        if not isinstance(key, str) or len(key) > MAX_SSH_KEY_LENGTH or not SSH_KEY.match(key):
+        if not isinstance(key, str) or len(key) > MAX_SSH_KEY_LENGTH or not SSH_KEY.fullmatch(key):
             raise validation.invalid("ssh_keys", "each must be one OpenSSH public key line: TYPE BASE64 [COMMENT]")
     return keys
 

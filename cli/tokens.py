@@ -39,7 +39,7 @@ def token() -> None:
 def create(role: str, name: str | None) -> None:
     """Create a token and print it as the last line; it is shown only this once."""
     name = name or f"{role}-{secrets.token_hex(3)}"
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise click.BadParameter("1-63 characters of a-z, 0-9 and '-'", param_hint="--name")
     url = config.load().db_url
     migrate(url)

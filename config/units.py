@@ -15,7 +15,7 @@ def parse_size(text: str | int) -> int:
         if text < 0:
             raise ValueError(f"size must not be negative: {text}")
         return text
-    match = _SIZE.match(text)
+    match = _SIZE.fullmatch(text)
     if not match:
         raise ValueError(f"not a size: {text!r} (expected e.g. 512M, 20G)")
     return int(match.group(1)) * _FACTORS[match.group(2).upper()]

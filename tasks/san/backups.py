@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config import Config
 from errors import BackupCancelled, BackupCorrupt, BackupNotFound, ManifestNotFound, NoDisks, NoStoreChosen, NotFound, StoreBusy, StoreNotFound, UnknownStoreKind, VmNotStopped, VolumeExists
 from models import San, VirtualMachine, Volume, utcnow
 from models.protection import Backup, BackupStore
@@ -69,18 +70,26 @@ def open_store(store: StoreRef) -> ChunkStore:
     raise UnknownStoreKind(f"store {store.name} has unknown kind {store.kind!r}", store=store.name)
 
 
-def store_ref(session: Session, name: str | None) -> StoreRef:
-    """The store named `name`, or the only store there is when no name is given."""
+def store_ref(session: Session, name: str | None, default: str | None = None) -> StoreRef:
+    """The store named `name`; when no name is given, the `default` store if it exists, else the only
+    store there is."""
     if name is None:
-        rows = session.scalars(select(BackupStore).limit(2)).all()
+        row = session.scalar(select(BackupStore).where(BackupStore.name == default)) if default else None
+        rows = [row] if row is not None else session.scalars(select(BackupStore).limit(2)).all()
         if len(rows) != 1:
-            raise NoStoreChosen("name a backup store: there is not exactly one", stores=len(rows))
+            raise NoStoreChosen("name a backup store: there is not exactly one, and no default store "
+                                "(backups.default_store) among them", stores=len(rows))
         row = rows[0]
     else:
         row = session.scalar(select(BackupStore).where(BackupStore.name == name))
         if row is None:
             raise StoreNotFound(f"no backup store {name}", store=name)
     return StoreRef(row.id, row.name, row.kind, row.location, dict(row.credentials or {}))
+
+
+def default_store(config: Config) -> str | None:
+    """The configured store for backups that name none (backups.default_store; empty: none)."""
+    return config.section("backups").get("default_store") or None
 
 
 def anchor_name(job_id: str) -> str:
@@ -137,7 +146,7 @@ def drop_job_snapshots(ctx: JobContext) -> None:
         _, disks = vm_disks(session, ctx.params.vm)
         recorded = set(session.scalars(select(Backup.id).where(
             Backup.id.in_([backup_id_for(ctx.job_id, d.name) for d in disks]))))
-        store = store_ref(session, ctx.params.store)
+        store = store_ref(session, ctx.params.store, default_store(ctx.rt.config))
     with open_store(store) as chunk_store:
         for disk in disks:
             backup_id = backup_id_for(ctx.job_id, disk.name)
@@ -155,7 +164,7 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     mode = ctx.params.mode
     with ctx.session() as session:
         vm, disks = vm_disks(session, ctx.params.vm)
-        store = store_ref(session, ctx.params.store)
+        store = store_ref(session, ctx.params.store, default_store(ctx.rt.config))
         vm_id = vm.id
     if not disks:
         raise NoDisks(f"VM {ctx.params.vm} has no disk volumes", vm=ctx.params.vm)

@@ -191,3 +191,13 @@ def test_a_restore_as_a_new_vm_reserves_it_like_the_original(rt, client, tokens)
         assert_problem(client.post(f"/backups/{backup}/actions/restore", json=body, headers=operator), status, code)
     with rt.sessions() as session:
         assert len(session.scalars(select(VirtualMachine)).all()) == before
+
+
+def test_a_backup_naming_no_store_goes_to_the_default_store_among_several(rt, client, tokens):
+    with transaction(rt.sessions) as session:
+        factories.vm(session, "web", disk_bytes=64 * MIB)
+    add_store(rt, "bk1")
+    add_store(rt, "local")
+    response = client.post("/vms/web/backups", json={}, headers=bearer(tokens["operator"]))
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert response.get_json()["params"]["store"] == rt.config.section("backups")["default_store"] == "local"

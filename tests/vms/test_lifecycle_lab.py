@@ -20,8 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
 
 
-
-
 def vm_row(rt, name: str) -> VirtualMachine:
     with rt.sessions() as session:
         return session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
@@ -62,6 +60,17 @@ def test_power_actions_follow_the_guest(cluster, celery_app):
     assert vm_row(rt, pwr1).state == "running"
     assert action(rt, celery_app, "destroy", pwr1).state == SUCCEEDED
     assert vm_row(rt, pwr1).state == "shut off"
+
+
+def test_shutdown_right_after_install_powers_the_booting_guest_off(cluster, celery_app):
+    # The first ACPI request reaches the guest before its ACPI handler runs; a later one is heard.
+    rt = cluster
+    name = unique("early1")
+    assert install(rt, celery_app, name).state == SUCCEEDED
+    shutdown = action(rt, celery_app, "shutdown", name, timeout_s=120)
+    assert shutdown.state == SUCCEEDED, shutdown.error_message
+    assert vm_row(rt, name).state == "shut off"
+    assert domains.domain_state(server_uri(rt, server_of(rt, name)), name).state == "shut off"
 
 
 def test_a_vm_that_stops_by_itself_is_seen_stopped(cluster, celery_app):

@@ -26,6 +26,7 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
 POLL_S = 0.2
+ACPI_RESEND_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -94,18 +95,33 @@ def destroy(uri: str, name: str) -> None:
 
 
 def shutdown(uri: str, name: str, timeout: float) -> DomainState:
-    """Ask the guest to power off (ACPI) and wait up to `timeout` seconds until it has."""
+    """Ask the guest to power off (ACPI) and wait up to `timeout` seconds until it has.
+
+    The request is sent again every ACPI_RESEND_S: a guest still booting has no ACPI handler yet
+    and drops the first one (Nova re-sends for the same reason)."""
     with session(uri) as conn:
         domain = require(conn, name)
-        if domain.isActive():
-            _call(domain.shutdown)
         deadline = time.monotonic() + timeout
+        next_request = time.monotonic()
         while domain.isActive():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise ShutdownTimedOut(f"{name} did not power off within {timeout:.0f} s; destroy forces it off",
                                        domain=name)
+            if now >= next_request:
+                _request_shutdown(domain)
+                next_request = now + ACPI_RESEND_S
             time.sleep(POLL_S)
         return state_of(domain)
+
+
+def _request_shutdown(domain: libvirt.virDomain) -> None:
+    """Press the guest's ACPI power button; a guest that powered off meanwhile is fine."""
+    try:
+        domain.shutdown()
+    except libvirt.libvirtError as error:
+        if domain.isActive():
+            raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
 
 
 def reboot(uri: str, name: str) -> DomainState:
