@@ -145,6 +145,8 @@ class JobContext:
             return children
         deadline = deadline_for(children, timeout)
         if utcnow() >= deadline:
+            # Cancelled, so a child stuck in a queue nobody serves does not keep its lock forever.
+            self._cancel_children(child_ids)
             raise ChildrenTimedOut(f"child jobs not finished after {timeout}s", jobs=child_ids)
         raise Suspended(Wait(**{**wait.as_dict(), "deadline": deadline.isoformat()}))
 
@@ -174,13 +176,16 @@ class JobContext:
         """If this job was asked to cancel, cancel its children still running and raise JobCancelled."""
         if not self.rt.redis.exists(cancel_key(self.job_id)):
             return
+        self._cancel_children(child_ids)
+        raise jobs.JobCancelled(self.job_id)
+
+    def _cancel_children(self, child_ids: list[str]) -> None:
         for child_id in child_ids:
             with self.session() as session:
                 try:
                     jobs.request_cancel(session, self.rt.redis, child_id)
                 except JobFinished:
                     continue
-        raise jobs.JobCancelled(self.job_id)
 
     def _step_key(self, base: str) -> str:
         count = self._seen.get(base, 0)

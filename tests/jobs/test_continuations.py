@@ -1,6 +1,8 @@
 """A parent job waiting for its children holds no Celery worker slot: it suspends, and the children's
 ends resume it. Real Celery workers; the child (a migration pre-flight) asks libvirt's test driver."""
 
+from datetime import timedelta
+
 from sqlalchemy import select, update
 
 from lab.processes import wait_until
@@ -89,3 +91,24 @@ def test_a_parent_whose_wake_up_was_lost_with_its_worker_is_resumed_by_the_recon
     done = final(rt, parent.id)
     assert done.state == SUCCEEDED, done.error_message
     assert "DomainExists" in {problem["code"] for problem in done.result["problems"]}
+
+
+def test_a_child_that_runs_out_of_time_is_cancelled_and_its_parent_fails(rt, celery_app, celery_worker):
+    vm_on_test_driver(rt)
+    celery_worker([CONTROL], concurrency=1, beat=True)
+    parent = submission.start(rt, celery_app, "migrate", CHECK, TESTER)
+    wait_until(lambda: job(rt, parent.id).waiting, 30, "the parent to wait for its pre-flight child")
+
+    # No worker serves node.cs1: let the child's time run out (it started long ago, by its row).
+    (child,) = children_of(rt, parent.id)
+    long_ago = child.created_at - timedelta(hours=2)
+    with transaction(rt.sessions) as session:
+        session.get(Job, child.id).created_at = long_ago
+        waiting = session.get(Job, parent.id)
+        waiting.continuation = {**waiting.continuation,
+                                "wait": {**waiting.continuation["wait"], "deadline": long_ago.isoformat()}}
+    failed = final(rt, parent.id)
+    assert (failed.state, failed.error_code) == ("failed", "ChildrenTimedOut")
+    assert [c.state for c in children_of(rt, parent.id)] == [CANCELLED]
+    with rt.sessions() as session:
+        assert session.scalars(select(JobLock)).all() == []
