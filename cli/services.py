@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import Config
+from errors import InvalidInput
 from tasks.queues import all_queues
 
 STOP_DEADLINE_S = 20
@@ -69,9 +70,25 @@ def flower_password(var_dir: Path) -> str:
 def redis_service(config: Config) -> Service:
     redis = config.section("redis")
     var = config.var_dir.resolve()
-    return Service("redis", ["redis-server", "--bind", redis["host"], "--port", str(redis["port"]),
+    return Service("redis", ["redis-server", *redis_auth_file(var, redis.get("password", "")),
+                             "--bind", redis["host"], "--port", str(redis["port"]),
                              "--pidfile", str(var / "redis.pid"), "--dir", str(var), "--save", "60 1",
                              "--dbfilename", "redis.rdb"], var / "log" / "redis.log")
+
+
+def redis_auth_file(var: Path, password: str) -> list[str]:
+    """redis-server's config file argument carrying `requirepass` (mode 0600, so the password is in no
+    process list), or nothing when Redis needs no password."""
+    if not password:
+        return []
+    if any(c in password for c in '"\\\n\r'):
+        raise InvalidInput("redis.password must not contain quotes, backslashes or line breaks", field="redis.password")
+    path = var / "redis-auth.conf"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(f'requirepass "{password}"\n')
+    return [str(path)]
 
 
 def celery_services(config: Config) -> list[Service]:

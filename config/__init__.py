@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from config.units import parse_size
 
@@ -69,7 +70,8 @@ class Config:
     @property
     def redis_url(self) -> str:
         redis = self.section("redis")
-        return f"redis://{redis['host']}:{redis['port']}/{redis.get('db', 0)}"
+        auth = f":{quote(redis['password'], safe='')}@" if redis.get("password") else ""
+        return f"redis://{auth}{redis['host']}:{redis['port']}/{redis.get('db', 0)}"
 
     @property
     def db_url(self) -> str:
