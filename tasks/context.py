@@ -57,8 +57,11 @@ class JobContext:
             yield session
 
     def phase(self, name: str, progress: float | None = None) -> None:
-        """Enter a named phase; a cancel requested meanwhile stops the job here."""
+        """Enter a named phase; a cancel requested meanwhile stops the job here, and so does the loss of
+        the job to a newer attempt (StaleRun)."""
         self.check_cancel()
+        with self.session() as session:
+            jobs.owned(session, self.job_id, self.attempt)
         if self._replaying:
             self._held_phase = (name, progress)
             return
@@ -79,7 +82,7 @@ class JobContext:
         if name not in memo:
             memo[name] = compute()
             with self.session() as session:
-                session.get(Job, self.job_id).continuation = dict(self.continuation)
+                jobs.owned(session, self.job_id, self.attempt).continuation = dict(self.continuation)
         return copy.deepcopy(memo[name])
 
     def spawn(self, kind: str, params: dict[str, Any] | None = None, *, step: str | None = None) -> str:
@@ -166,7 +169,7 @@ class JobContext:
     def record_result(self, result: dict[str, Any]) -> None:
         """Keep what is known so far on the job's result, so a failed job still shows it."""
         with self.session() as session:
-            session.get(Job, self.job_id).result = result
+            jobs.owned(session, self.job_id, self.attempt).result = result
 
     def recorded_result(self) -> dict[str, Any]:
         with self.session() as session:

@@ -8,7 +8,6 @@ A job holds a lock on its target from submission to its final state.
 from typing import Any
 
 import redis
-
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -16,6 +15,11 @@ from sqlalchemy.orm import Session
 from errors import JobFinished, JobNotFound, LaxError, TargetBusy
 from models import CANCELLED, FINAL_STATES, QUEUED, RUNNING, Job, JobLock, utcnow
 from tasks.dispatch import cancel_key
+
+
+class StaleRun(BaseException):
+    """This run of a job lost it to a newer attempt (the reconciler thought its worker dead and ran the
+    job again): it must write nothing more about the job. Not an Exception, so no workflow swallows it."""
 
 
 class JobCancelled(Exception):
@@ -83,9 +87,18 @@ def claim_resume(session: Session, job_id: str, attempt: int, worker: str) -> Jo
     return session.get(Job, job_id, populate_existing=True) if claimed else None
 
 
-def suspend(session: Session, job_id: str, continuation: dict[str, Any]) -> Job:
+def owned(session: Session, job_id: str, attempt: int) -> Job:
+    """The job's row, locked for this transaction, while run `attempt` still owns it; StaleRun otherwise.
+    Every write a run makes about its own job goes through here."""
+    job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    if job is None or job.attempt != attempt or job.state != RUNNING:
+        raise StaleRun(job_id)
+    return job
+
+
+def suspend(session: Session, job_id: str, attempt: int, continuation: dict[str, Any]) -> Job:
     """Mark a running job as waiting for its children, keeping what its next run needs."""
-    job = get(session, job_id)
+    job = owned(session, job_id, attempt)
     job.waiting, job.continuation, job.updated_at = True, continuation, utcnow()
     return job
 

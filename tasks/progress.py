@@ -68,7 +68,7 @@ class Reporter:
     """Progress of one running job. Cheap to call often: the DB is written at most every `db_interval`s."""
 
     def __init__(self, job_id: str, sessions: sessionmaker[Session], client: redis.Redis, db_interval: float = 1.0,
-                 *, resumed_from: Job | None = None) -> None:
+                 *, resumed_from: Job | None = None, attempt: int | None = None) -> None:
         self.job_id = job_id
         self._sessions = sessions
         self._redis = client
@@ -78,6 +78,7 @@ class Reporter:
         if resumed_from is not None:
             self._state.update(phase=resumed_from.phase, progress=resumed_from.progress)
         self._rate_mark: tuple[float, int] | None = None
+        self._attempt = attempt
 
     def update(self, *, phase: str | None = None, progress: float | None = None,
                bytes_done: int | None = None, bytes_total: int | None = None, message: str | None = None) -> None:
@@ -107,7 +108,7 @@ class Reporter:
         self._last_db_write = time.monotonic()
         with self._sessions() as session, session.begin():
             job = session.get(Job, self.job_id)
-            if job is None or job.state in FINAL_STATES:
+            if job is None or job.state in FINAL_STATES or self._attempt not in (None, job.attempt):
                 return
             for name, value in self._state.items():
                 setattr(job, name, value)

@@ -7,7 +7,10 @@ the worker, and the children's ends dispatch the job again with `resume`.
 import logging
 import socket
 import threading
+from contextlib import suppress
 from typing import Any
+
+import redis
 
 from errors import CleanupFailed, InternalError, LaxError, WorkerLost
 from models import CANCELLED, FAILED, SUCCEEDED, Job
@@ -41,7 +44,11 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
     if not resume:
         announce(rt.redis, job)
     with Heartbeat(rt, job.id):
-        outcome = execute(rt, job, lookup(job.kind), rollback=rollback)
+        try:
+            outcome = execute(rt, job, lookup(job.kind), rollback=rollback)
+        except jobs.StaleRun:
+            log.warning("job %s: attempt %s lost the job to a newer attempt and stopped", job.id, job.attempt)
+            return "stale"
     if outcome == WAITING:
         # A child may have ended before the job was marked waiting, and found nobody to wake.
         with transaction(rt.sessions) as session:
@@ -51,7 +58,7 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
 
 def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) -> str:
     ctx = JobContext(rt, app, job, Reporter(job.id, rt.sessions, rt.redis, rt.config.section("jobs")["db_write_interval_s"],
-                                            resumed_from=job))
+                                            resumed_from=job, attempt=job.attempt))
     pending = ctx.continuation.get("cleanup")
     if pending is not None:
         return _end(rt, ctx, flow, pending["state"], _error_from(pending["error"]))
@@ -69,7 +76,7 @@ def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) ->
     except Exception as error:
         log.exception("job %s (%s) crashed", job.id, job.kind)
         return _end(rt, ctx, flow, FAILED, error=InternalError(f"{type(error).__name__}: {error}"))
-    return _finish(rt, job.id, SUCCEEDED, result=result)
+    return _finish(rt, ctx, SUCCEEDED, result=result)
 
 
 def _end(rt: Runtime, ctx: JobContext, flow: Workflow, state: str, error: LaxError | None) -> str:
@@ -86,13 +93,14 @@ def _end(rt: Runtime, ctx: JobContext, flow: Workflow, state: str, error: LaxErr
         except Exception as cleanup_error:
             log.exception("cleanup of job %s failed", ctx.job_id)
             reason = f"; first: {error.message}" if error else ""
-            return _finish(rt, ctx.job_id, FAILED, error=CleanupFailed(f"cleanup failed: {cleanup_error}{reason}"))
-    return _finish(rt, ctx.job_id, state, error=error)
+            return _finish(rt, ctx, FAILED, error=CleanupFailed(f"cleanup failed: {cleanup_error}{reason}"))
+    return _finish(rt, ctx, state, error=error)
 
 
-def _finish(rt: Runtime, job_id: str, state: str, *, result: dict[str, Any] | None = None, error: LaxError | None = None) -> str:
+def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] | None = None,
+            error: LaxError | None = None) -> str:
     with transaction(rt.sessions) as session:
-        job = jobs.finish(session, jobs.get(session, job_id), state, result=result, error=error)
+        job = jobs.finish(session, jobs.owned(session, ctx.job_id, ctx.attempt), state, result=result, error=error)
     announce(rt.redis, job)
     with transaction(rt.sessions) as session:
         wake_waiters(session, app, job)
@@ -103,7 +111,7 @@ def _suspend(rt: Runtime, ctx: JobContext, suspended: Suspended) -> str:
     """Record what the job waits for and give the worker back; the children's ends resume it."""
     ctx.report.flush()
     with transaction(rt.sessions) as session:
-        jobs.suspend(session, ctx.job_id, {**ctx.continuation, "wait": suspended.wait.as_dict()})
+        jobs.suspend(session, ctx.job_id, ctx.attempt, {**ctx.continuation, "wait": suspended.wait.as_dict()})
     return WAITING
 
 
@@ -128,18 +136,28 @@ class Heartbeat:
         self._key = alive_key(job_id)
         self._ttl = int(rt.config.section("jobs")["heartbeat_ttl_s"])
         self._stop = threading.Event()
+        self.missed = 0
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
     def __enter__(self) -> "Heartbeat":
-        self._redis.set(self._key, "running", ex=self._ttl)
+        self._refresh()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._redis.delete(self._key)
+        with suppress(redis.RedisError):  # the key expires by itself
+            self._redis.delete(self._key)
 
     def _beat(self) -> None:
         while not self._stop.wait(max(self._ttl / 4, 0.5)):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        # A Redis blip must not stop the beat: a job whose beat stopped looks dead and is run again.
+        try:
             self._redis.set(self._key, "running", ex=self._ttl)
+        except redis.RedisError as error:
+            self.missed += 1
+            log.warning("heartbeat of %s not refreshed: %s", self._key, error)
