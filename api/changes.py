@@ -4,6 +4,8 @@ Views validate their input first, then call `submit_job`. An `Idempotency-Key` h
 retry safe: the same key returns the job the first request made (200, nothing runs twice).
 """
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +16,9 @@ from sqlalchemy.orm import Session
 from api import context, validation
 from api.auth import current_caller
 from api.representations import job_json
+from errors import IdempotencyKeyReused, TargetBusy
 from models import AuditEvent, Job
 from tasks import submission
-from tasks.kinds import kind_of, parse, stored
-from errors import IdempotencyKeyReused, TargetBusy
-
 
 
 def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str | None = None,
@@ -29,12 +29,14 @@ def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str |
     works on), so its rows and the job commit together or not at all; a repeated key skips it.
     """
     key = validation.idempotency_key()
+    digest = request_digest()
     requester = submission.Requester(current_caller().name, request.remote_addr)
     try:
         with context.session() as db:
             if prepare is not None and not (key and _key_used(db, key)):
                 prepare(db)
-            job, created = submission.submit(db, kind, params, requester, target=target, idempotency_key=key)
+            job, created = submission.submit(db, kind, params, requester, target=target, idempotency_key=key,
+                                             request_digest=digest)
     except TargetBusy:
         # Two requests with one key racing: the loser's lock claim fails on the winner's job.
         job = _job_with_key(key) if key else None
@@ -42,7 +44,7 @@ def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str |
             raise
         created = False
     if not created:
-        _check_same_request(job, kind, params, target)
+        _check_same_request(job, digest)
         return job_response(job, 200)
     submission.launch(context.runtime(), context.celery(), job)
     return job_response(job, 202)
@@ -70,8 +72,13 @@ def _job_with_key(key: str) -> Job | None:
         return db.scalar(select(Job).where(Job.idempotency_key == key))
 
 
-def _check_same_request(job: Job, kind: str, params: dict[str, Any] | None, target: str | None) -> None:
-    same_target = target is None or job.target == target
-    if not same_target or (job.kind, job.params) != (kind, stored(parse(kind_of(kind), params))):
+def request_digest() -> str:
+    """SHA-256 of the request's method, path and JSON body (keys sorted, so their order does not count)."""
+    body = json.dumps(validation.json_body(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{request.method} {request.path}\n{body}".encode()).hexdigest()
+
+
+def _check_same_request(job: Job, digest: str) -> None:
+    if job.request_digest != digest:
         raise IdempotencyKeyReused(f"Idempotency-Key was already used for a different request (job {job.id})",
                                    job_id=job.id, field="Idempotency-Key")

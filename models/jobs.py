@@ -32,6 +32,9 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     requested_by: Mapped[str] = mapped_column(String(127), default="system")
     idempotency_key: Mapped[str | None] = mapped_column(String(127), unique=True)
+    # SHA-256 of the request that made the job (method, path, body): a repeated Idempotency-Key must
+    # come with the same request, not only the same job parameters.
+    request_digest: Mapped[str | None] = mapped_column(String(64))
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), index=True)
     # A child's name inside its parent's workflow: a resumed parent finds the child it made before.
     step: Mapped[str | None] = mapped_column(String(191))

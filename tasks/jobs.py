@@ -28,7 +28,7 @@ class JobCancelled(Exception):
 
 def submit(session: Session, *, kind: str, target: str, queue: str, params: dict[str, Any] | None = None,
            requested_by: str = "system", idempotency_key: str | None = None, parent_id: str | None = None,
-           step: str | None = None) -> tuple[Job, bool]:
+           step: str | None = None, request_digest: str | None = None) -> tuple[Job, bool]:
     """Record a new queued job holding the lock on `target`; return (job, created).
 
     The same idempotency key returns the job it first made (created=False) and runs nothing new.
@@ -40,7 +40,8 @@ def submit(session: Session, *, kind: str, target: str, queue: str, params: dict
         if existing is not None:
             return existing, False
     job = Job(kind=kind, target=target, queue=queue, params=params or {}, requested_by=requested_by,
-              idempotency_key=idempotency_key, parent_id=parent_id, step=step, state=QUEUED)
+              idempotency_key=idempotency_key, parent_id=parent_id, step=step, request_digest=request_digest,
+              state=QUEUED)
     session.add(job)
     try:
         with session.begin_nested():

@@ -35,7 +35,7 @@ class Requester:
 
 def submit(session: Session, kind: str, params: dict[str, Any] | Params | None, requester: Requester, *,
            target: str | None = None, idempotency_key: str | None = None, parent_id: str | None = None,
-           step: str | None = None) -> tuple[Job, bool]:
+           step: str | None = None, request_digest: str | None = None) -> tuple[Job, bool]:
     """Record a queued job of `kind` in the caller's transaction; return (job, created).
 
     `target` is needed only for kinds whose declaration does not derive one. A top-level job also
@@ -46,7 +46,7 @@ def submit(session: Session, kind: str, params: dict[str, Any] | Params | None, 
     locks = declared.target(session, typed) if declared.target is not None else target
     job, created = jobs.submit(session, kind=kind, target=locks, queue=declared.queue(session, typed),
                                params=stored(typed), requested_by=requester.name, idempotency_key=idempotency_key,
-                               parent_id=parent_id, step=step)
+                               parent_id=parent_id, step=step, request_digest=request_digest)
     if created and parent_id is None:
         session.add(AuditEvent(actor=requester.name, action=declared.action or f"job.{kind}", target=locks,
                                source_ip=requester.source_ip, details={"job_id": job.id, "params": job.params}))

@@ -139,6 +139,10 @@ def test_a_retried_install_with_the_same_key_makes_nothing_twice(rt, client, tok
     assert (first.status_code, again.status_code) == (202, 200)
     assert first.get_json()["id"] == again.get_json()["id"]
     assert counts(rt)["vms"] == 1 and counts(rt)["leases"] == 1
+    # The same key with another request (memory is not a job parameter, but it is part of the request).
+    other = client.post("/vms", json={**INSTALL, "memory": "512M"}, headers=headers)
+    assert assert_problem(other, 422, "IdempotencyKeyReused")["job_id"] == first.get_json()["id"]
+    assert counts(rt)["vms"] == 1
 
 
 def _fill(rt, count: int, first: int = 0) -> None:
