@@ -171,11 +171,6 @@ def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm"):
                       prepare=lambda db: vms.reserve_vm(db, context.runtime().config, request_))
 
 
-def backup_target(vm: str) -> str:
-    """The lock every backup of VM `vm` holds."""
-    return f"backup/{vm}"
-
-
 def backup_json(backup: Backup, store: str) -> dict[str, Any]:
     return {"id": backup.id, "vm": backup.vm_name, "volume": backup.volume_name, "san": backup.san_name,
             "store": store, "mode": backup.mode, "parent": backup.parent_id, "state": backup.state,

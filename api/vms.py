@@ -199,11 +199,6 @@ def _flag(body: dict[str, Any], field: str, default: bool) -> bool:
     return value
 
 
-def vm_target(name: str) -> str:
-    """The lock every job on VM `name` holds."""
-    return f"vm/{name}"
-
-
 def install_request(body: dict[str, Any]) -> vms.InstallRequest:
     """The install request a POST /vms body asks for, every field checked (InvalidInput naming the first bad one)."""
     validation.reject_unknown(body, INSTALL_FIELDS)

@@ -101,6 +101,10 @@ def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] 
             error: LaxError | None = None) -> str:
     with transaction(rt.sessions) as session:
         job = jobs.finish(session, jobs.owned(session, ctx.job_id, ctx.attempt), state, result=result, error=error)
+        # A job that did not succeed (its worker lost, cancelled, failed) leaves no child running on its behalf.
+        orphans = [] if state == SUCCEEDED else jobs.unfinished_children(session, ctx.job_id)
+        for child in orphans:
+            jobs.request_cancel(session, rt.redis, child.id)
     announce(rt.redis, job)
     with transaction(rt.sessions) as session:
         wake_waiters(session, app, job)

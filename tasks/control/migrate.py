@@ -29,10 +29,6 @@ NODE_TIMEOUT_S = 300
 Problem = dict[str, str]  # {"code": ..., "message": ...}: one reason the move cannot go, with what to do
 
 
-def vm_target(name: str) -> str:
-    return f"vm/{name}"
-
-
 def settle_after_migrate(ctx: JobContext) -> None:
     """Wait for the node child to end, then make both libvirts and the DB agree on one server."""
     children = ctx.children_of_kind("migrate-domain")
@@ -71,22 +67,18 @@ def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, 
     inventory's here, libvirt's (and the destination's room) from a child job on the source server.
     The inventory is asked once: after the move a later run of the job would find the VM on its
     destination already."""
-    checked = ctx.once("pre-flight", lambda: _check_inventory(ctx, name, asked))
+    checked = ctx.once("pre-flight", lambda: dict(zip(("source", "destination", "problems", "check"),
+                                                      _inventory_problems(ctx, name, asked))))
     if checked["problems"]:
         return checked["source"], checked["destination"], checked["problems"]
     found = ctx.run_child("preflight-migration", checked["check"], timeout=NODE_TIMEOUT_S, start=2, end=5)
     return checked["source"], checked["destination"], list(found["problems"])
 
 
-def _check_inventory(ctx: JobContext, name: str, asked: str | None) -> dict[str, Any]:
-    """What the inventory says of the move: {source, destination, problems, and the `check` that
-    asks the source server's libvirt the rest}."""
-    source, dest, problems, check = _inventory_problems(ctx, name, asked)
-    return {"source": source, "destination": dest, "problems": problems, "check": check}
-
-
 def _inventory_problems(ctx: JobContext, name: str, asked: str | None
                         ) -> tuple[str, str, list[Problem], dict[str, Any] | None]:
+    """What the inventory says of the move: source, destination, problems, and the `check` that asks
+    the source server's libvirt the rest (None when the inventory already refuses)."""
     with ctx.session() as session:
         vm = find_vm(session, name)
         source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))

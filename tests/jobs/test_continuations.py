@@ -8,7 +8,7 @@ from sqlalchemy import select, update
 from lab.processes import wait_until
 from models import CANCELLED, SUCCEEDED, ClusterServer, Job, JobLock
 from models.db import transaction
-from tasks import submission
+from tasks import jobs, submission
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, node_queue
 from tests.fixtures import factories
@@ -110,5 +110,25 @@ def test_a_child_that_runs_out_of_time_is_cancelled_and_its_parent_fails(rt, cel
     failed = final(rt, parent.id)
     assert (failed.state, failed.error_code) == ("failed", "ChildrenTimedOut")
     assert [c.state for c in children_of(rt, parent.id)] == [CANCELLED]
+    with rt.sessions() as session:
+        assert session.scalars(select(JobLock)).all() == []
+
+
+def test_a_parent_whose_worker_died_after_taking_it_up_again_is_ended_and_its_child_cancelled(
+        rt, celery_app, celery_worker):
+    vm_on_test_driver(rt)
+    control = celery_worker([CONTROL], concurrency=1)
+    parent = submission.start(rt, celery_app, "migrate", CHECK, TESTER)
+    wait_until(lambda: job(rt, parent.id).waiting, 30, "the parent to wait for its pre-flight child")
+    control.kill()
+    # What a worker killed -9 right after claiming the resume leaves behind: running, not waiting, no heartbeat.
+    with transaction(rt.sessions) as session:
+        assert jobs.claim_resume(session, parent.id, job(rt, parent.id).attempt, "killed") is not None
+
+    celery_worker([CONTROL], concurrency=1, beat=True)
+    ended = final(rt, parent.id)
+    # migrate does not run twice: the reconciler runs its cleanup and ends it WorkerLost.
+    assert (ended.state, ended.error_code) == ("failed", "WorkerLost")
+    assert [child.state for child in children_of(rt, parent.id)] == [CANCELLED]
     with rt.sessions() as session:
         assert session.scalars(select(JobLock)).all() == []
