@@ -13,7 +13,7 @@ from models import ClusterServer, Template, VirtualMachine
 from tasks.context import JobContext
 from tasks.inventory import ipam
 from tasks.inventory.placement import place
-from tasks.inventory.vms import find_vm, placed_on, site_and_san
+from tasks.inventory.vms import find_vm, placed_on, site_and_san, vm_volume
 from tasks.workflow import workflow
 
 SAN_TIMEOUT_S = 600
@@ -49,7 +49,9 @@ def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float)
     """Restore `backup` onto the reserved VM `name`'s disk, then place, prepare and start it."""
     middle = progress_from + (100 - progress_from) / 2
     ctx.phase("restore disk", progress=progress_from)
-    ctx.run_child("restore", {"backup": backup, "in_place": False, "as": f"{name}-disk"},
+    with ctx.session() as session:
+        disk = vm_volume(find_vm(session, name), "disk")
+    ctx.run_child("restore", {"backup": backup, "in_place": False, "as": disk},
                   timeout=SAN_TIMEOUT_S, start=progress_from, end=middle)
     return place_prepare_and_start(ctx, name, progress_from=middle)
 

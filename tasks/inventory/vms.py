@@ -11,7 +11,7 @@ from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualM
 from tasks.inventory import ipam
 from workers.san.backend import validate_name
 
-MAX_VM_NAME = 57  # room for the "-disk"/"-seed" volume suffixes within 63 characters
+MAX_VM_NAME = 63  # a DNS label: the VM's name is its guest's hostname
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,11 @@ def _asked_server(session: Session, name: str | None) -> ClusterServer | None:
 def _cluster_of_san(session: Session, san_id: int) -> int | None:
     site_id = session.get(San, san_id).site_id
     return session.scalar(select(Cluster.id).where(Cluster.site_id == site_id).order_by(Cluster.id))
+
+
+def vm_volume(vm: VirtualMachine, role: str) -> str:
+    """The name of the VM's `role` volume on its SAN: from its UUID, which no user chooses."""
+    return f"vm-{vm.uuid}-{role}"
 
 
 def find_vm(session: Session, name: str) -> VirtualMachine:

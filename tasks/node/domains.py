@@ -68,7 +68,7 @@ def start_domain(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("define", progress=20)
     domains.define(server.libvirt_uri, xml)
     ctx.phase("start", progress=60)
-    state = domains.start(server.libvirt_uri, vm.name)
+    state = domains.start(server.libvirt_uri, vm.uuid)
     with ctx.session() as session:
         vm = session.get(VirtualMachine, vm.id)
         vm.server_id = server.id
@@ -84,12 +84,12 @@ def power_domain(ctx: JobContext) -> dict[str, Any]:
         vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
     ctx.phase(action, progress=20)
     if action == "shutdown":
-        domains.shutdown(server.libvirt_uri, vm.name, float(ctx.params.timeout_s or SHUTDOWN_TIMEOUT_S))
+        domains.shutdown(server.libvirt_uri, vm.uuid, float(ctx.params.timeout_s or SHUTDOWN_TIMEOUT_S))
     elif action == "reboot":
-        domains.reboot(server.libvirt_uri, vm.name)
+        domains.reboot(server.libvirt_uri, vm.uuid)
     else:
-        domains.destroy(server.libvirt_uri, vm.name)
-    state = domains.domain_state(server.libvirt_uri, vm.name)
+        domains.destroy(server.libvirt_uri, vm.uuid)
+    state = domains.domain_state(server.libvirt_uri, vm.uuid)
     with ctx.session() as session:
         record_state(session, session.get(VirtualMachine, vm.id), state)
     return {"state": state.state if state else "undefined"}
@@ -104,7 +104,7 @@ def probe_boot(ctx: JobContext) -> dict[str, Any]:
         template = session.get(Template, vm.template_id)
         probe = (template.boot or {}).get("probe") if template else None
     ctx.phase("watch the guest", progress=10)
-    up, detail = domains.came_up(server.libvirt_uri, vm.name, probe, float(ctx.params.timeout_s or BOOT_TIMEOUT_S))
+    up, detail = domains.came_up(server.libvirt_uri, vm.uuid, probe, float(ctx.params.timeout_s or BOOT_TIMEOUT_S))
     return {"came_up": up, "detail": detail}
 
 
@@ -112,8 +112,9 @@ def probe_boot(ctx: JobContext) -> dict[str, Any]:
 def remove_domain(ctx: JobContext) -> dict[str, Any]:
     """Destroy and undefine the VM's domain on this server (nothing to do if it is not there)."""
     with ctx.session() as session:
-        server = session.scalar(select(ClusterServer).where(ClusterServer.name == ctx.params.server))
-    domains.undefine(server.libvirt_uri, ctx.params.vm)
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
+    if vm is not None:
+        domains.undefine(server.libvirt_uri, vm.uuid)
     return {"undefined": ctx.params.vm, "server": server.name}
 
 
@@ -134,24 +135,24 @@ def watch_lifecycle_events(sender, **_: object) -> None:
     rt = runtime.current()
     for _, _, server in rt.config.servers():
         if node_queue(server.name) in queues:
-            LifecycleWatcher(server.uri, lambda name, server=server.name: _sync_one(rt, server, name)).start()
+            LifecycleWatcher(server.uri, lambda uuid, server=server.name: _sync_one(rt, server, uuid)).start()
 
 
-def _sync_one(rt: Runtime, server_name: str, vm_name: str) -> None:
+def _sync_one(rt: Runtime, server_name: str, uuid: str) -> None:
     with transaction(rt.sessions) as session:
-        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm_name))
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.uuid == uuid))
         server = session.scalar(select(ClusterServer).where(ClusterServer.name == server_name))
         if vm is None or server is None or vm.server_id != server.id or vm.state in BUSY_STATES:
             return
-        record_state(session, vm, domains.domain_state(server.libvirt_uri, vm_name))
+        record_state(session, vm, domains.domain_state(server.libvirt_uri, uuid))
 
 
 def sync_states(session: Session, server: ClusterServer) -> dict[str, str]:
     """Make the DB's VM states on `server` match what its libvirt says; return the VMs that changed."""
-    live = {state.name: state for state in domains.states(server.libvirt_uri)}
+    live = {state.uuid: state for state in domains.states(server.libvirt_uri)}
     changed = {}
     for vm in session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)):
-        state = live.get(vm.name)
+        state = live.get(vm.uuid)
         before = vm.state
         if before in BUSY_STATES:
             continue

@@ -20,11 +20,11 @@ def preflight_migration(ctx: JobContext) -> dict[str, Any]:
     placement reported: `problems`, a list of {code, message}, empty when the VM can go. Changes nothing."""
     name = ctx.params.vm
     with ctx.session() as session:
-        _, source = vm_and_server(session, name, ctx.params.source)
-        source_uri = source.libvirt_uri
+        vm, source = vm_and_server(session, name, ctx.params.source)
+        source_uri, uuid = source.libvirt_uri, vm.uuid
     room = driver.Room(ctx.params.free_memory_bytes, ctx.params.free_vcpus,
                        ctx.params.memory_bytes, ctx.params.vcpus)
-    problems = driver.preflight(source_uri, ctx.params.destination_uri, name, dest_name=ctx.params.destination,
+    problems = driver.preflight(source_uri, ctx.params.destination_uri, name, uuid, dest_name=ctx.params.destination,
                                 dest_maintenance=ctx.params.destination_maintenance, room=room)
     return {"problems": [problem.as_dict() for problem in problems]}
 
@@ -48,7 +48,7 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
         vm, source = vm_and_server(session, name, ctx.params.source)
         _, dest = vm_and_server(session, name, ctx.params.destination)
         xml = domain_xml(domain_spec(session, vm, dest))
-        source_uri, dest_uri = source.libvirt_uri, dest.libvirt_uri
+        source_uri, dest_uri, uuid = source.libvirt_uri, dest.libvirt_uri, vm.uuid
     ctx.phase("transfer memory", progress=5)
 
     def progress(sample: driver.MigrationProgress) -> None:
@@ -57,7 +57,7 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
                           message=f"iteration {sample.iteration}, dirty rate {sample.dirty_rate} pages/s")
 
     try:
-        outcome = driver.migrate(source_uri, dest_uri, name, xml, live=ctx.params.live,
+        outcome = driver.migrate(source_uri, dest_uri, uuid, xml, live=ctx.params.live,
                                  on_progress=progress, should_abort=lambda: bool(ctx.rt.redis.exists(cancel_key(ctx.job_id))),
                                  bandwidth_mib_s=ctx.params.bandwidth_mib_s)
     except MigrationAborted:
@@ -72,12 +72,12 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
 def settle_and_record(ctx: JobContext, name: str, source: str, dest: str) -> str:
     """Make `name` run on exactly one of the two servers and record that one (and its state) in the DB."""
     with ctx.session() as session:
-        _, src = vm_and_server(session, name, source)
+        vm, src = vm_and_server(session, name, source)
         _, dst = vm_and_server(session, name, dest)
-        uris = {source: src.libvirt_uri, dest: dst.libvirt_uri}
-    side = driver.settle(uris[source], uris[dest], name)
+        uris, uuid = {source: src.libvirt_uri, dest: dst.libvirt_uri}, vm.uuid
+    side = driver.settle(uris[source], uris[dest], uuid)
     where = source if side == "source" else dest
-    state = domains.domain_state(uris[where], name)
+    state = domains.domain_state(uris[where], uuid)
     with ctx.session() as session:
         vm, server = vm_and_server(session, name, where)
         if vm is not None:

@@ -1,7 +1,9 @@
 """SAN-side work, run on the `san.<site>` queue: VM disks and seeds, their iSCSI export, templates, resize, facts.
 
-Volume names: `<vm>-disk` and `<vm>-seed` for a VM, `tpl-<template>` for a template. Every step
-is idempotent (an existing volume or export is kept), so a re-run after a crash converges.
+A VM's volumes are named from its UUID (`vm-<uuid>-disk`, `vm-<uuid>-seed`, target `...:<site>.vm-<uuid>`),
+never from a name a user chose, so no VM or template can reach another's volume; a volume is reused
+or deleted only when no other VM's row owns it. Every step is idempotent (an existing volume or export
+of this VM is kept), so a re-run after a crash converges.
 """
 
 from dataclasses import dataclass
@@ -13,11 +15,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
-from errors import NotFound, TargetNotFound, VolumeBusy
+from errors import NotFound, TargetNotFound, VolumeBusy, VolumeExists
 from models import Lease, San, Subnet, Template, VirtualMachine, Volume
+from models.protection import Backup
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.inventory.vms import find_vm, vm_volume
 from tasks.queues import san_queue
 from tasks.san.storage import backend_for, site_initiators, target_for
 from tasks.workflow import workflow
@@ -42,8 +46,8 @@ def san_place(config: Config, san_name: str) -> SanPlace:
     return SanPlace(site, san, backend_for(san))
 
 
-def vm_target_iqn(config: Config, site: str, vm: str) -> str:
-    return validate_iqn(f"{config.raw['iqn_prefix']}:{site}.{vm}")
+def vm_target_iqn(config: Config, site: str, vm: VirtualMachine) -> str:
+    return validate_iqn(f"{config.raw['iqn_prefix']}:{site}.vm-{vm.uuid}")
 
 
 # -- VM disks -------------------------------------------------------------------------------------
@@ -56,7 +60,10 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
         san = session.get(San, template.san_id)
         place = san_place(ctx.rt.config, san.name)
     ctx.phase("clone template", progress=10)
-    disk = f"{vm.name}-disk"
+    disk, seed = vm_volume(vm, "disk"), vm_volume(vm, "seed")
+    with ctx.session() as session:
+        for name in (disk, seed):
+            refuse_if_owned_by_another(session, san.id, name, vm)
     if not place.backend.exists(disk):
         place.backend.clone(template.backend_handle, disk)
     size = ctx.params.disk_bytes
@@ -64,9 +71,9 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
         ctx.phase("grow disk", progress=40)
         place.backend.resize(disk, size)
     ctx.phase("write seed", progress=60)
-    seed = _write_seed(place.backend, vm, lease, subnet)
+    seed = _write_seed(place.backend, seed, vm, lease, subnet)
     ctx.phase("export", progress=80)
-    iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm.name)
+    iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
     _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
     with ctx.session() as session:
         _record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
@@ -76,19 +83,48 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
 
 @workflow("remove-vm-disks")
 def remove_vm_disks(ctx: JobContext) -> dict[str, Any]:
-    """Unexport the VM's target and delete its disk and seed volumes (whatever of them exists)."""
-    name = ctx.params.vm
+    """Unexport the VM's target and delete its volumes and their backup anchors (whatever of them exists)."""
     place = san_place(ctx.rt.config, ctx.params.san)
-    ctx.phase("unexport", progress=20)
-    target_for(place.san).unexport(vm_target_iqn(ctx.rt.config, place.site.name, name), force=True)
-    ctx.phase("delete volumes", progress=60)
-    for volume in (f"{name}-disk", f"{name}-seed"):
-        place.backend.delete(volume)
     with ctx.session() as session:
-        for volume in session.scalars(select(Volume).join(San).where(San.name == place.san.name,
-                                                                     Volume.name.in_([f"{name}-disk", f"{name}-seed"]))):
-            session.delete(volume)
-    return {"deleted": [f"{name}-disk", f"{name}-seed"]}
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params.vm))
+        if vm is None:
+            return {"deleted": []}
+        rows = owned_volumes(session, place.san.name, vm)
+        handles = sorted({row.backend_handle for row in rows} | {vm_volume(vm, "disk"), vm_volume(vm, "seed")})
+        anchors = anchors_of(session, [row.id for row in rows])
+        iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
+    ctx.phase("unexport", progress=20)
+    target_for(place.san).unexport(iqn, force=True)
+    ctx.phase("delete backup anchors", progress=40)
+    for snap in anchors:
+        place.backend.delete_snapshot(snap)
+    ctx.phase("delete volumes", progress=60)
+    for handle in handles:
+        place.backend.delete(handle)
+    with ctx.session() as session:
+        for backup in session.scalars(select(Backup).where(Backup.snapshot.in_(anchors))):
+            backup.snapshot = None
+        for row in owned_volumes(session, place.san.name, session.get(VirtualMachine, vm.id)):
+            session.delete(row)
+    return {"deleted": handles, "anchors": anchors}
+
+
+def owned_volumes(session: Session, san_name: str, vm: VirtualMachine) -> list[Volume]:
+    """The VM's volume rows on the SAN, and rows named for its UUID that no VM owns yet (a restored disk)."""
+    mine = (Volume.vm_id == vm.id) | (Volume.vm_id.is_(None) & Volume.name.in_([vm_volume(vm, "disk"), vm_volume(vm, "seed")]))
+    return list(session.scalars(select(Volume).join(San).where(San.name == san_name, mine)))
+
+
+def anchors_of(session: Session, volume_ids: list[int]) -> list[str]:
+    """The backup snapshots (anchors) still kept on the SAN for these volumes."""
+    return sorted(set(session.scalars(select(Backup.snapshot).where(Backup.volume_id.in_(volume_ids),
+                                                                     Backup.snapshot.is_not(None)))))
+
+
+def refuse_if_owned_by_another(session: Session, san_id: int, name: str, vm: VirtualMachine) -> None:
+    owner = session.scalar(select(Volume.vm_id).where(Volume.san_id == san_id, Volume.name == name))
+    if owner not in (None, vm.id):
+        raise VolumeExists(f"volume {name} belongs to another VM (id {owner})", volume=name)
 
 
 def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Lease | None, Subnet | None]:
@@ -101,9 +137,10 @@ def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Le
     return vm, template, lease, subnet
 
 
-def _write_seed(backend: VolumeBackend, vm: VirtualMachine, lease: Lease | None, subnet: Subnet | None) -> str:
+def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Lease | None,
+                subnet: Subnet | None) -> str:
     prefix = subnet.cidr.split("/")[1] if subnet else None
-    return write_seed(backend, f"{vm.name}-seed", hostname=vm.name, mac=lease.mac if lease else None,
+    return write_seed(backend, seed, hostname=vm.name, mac=lease.mac if lease else None,
                       ip_cidr=f"{lease.ip}/{prefix}" if lease else None, gateway=subnet.gateway if subnet else None,
                       ssh_keys=list(vm.ssh_keys))
 
@@ -241,7 +278,8 @@ def refresh_san(ctx: JobContext) -> dict[str, Any]:
 def export_vm_disks(ctx: JobContext) -> dict[str, Any]:
     """Add an initiator to the ACL of the VM's target (its LUNs are already exported at install)."""
     san = san_place(ctx.rt.config, ctx.params.san)
-    iqn = vm_target_iqn(ctx.rt.config, san.site.name, ctx.params.vm)
+    with ctx.session() as session:
+        iqn = vm_target_iqn(ctx.rt.config, san.site.name, find_vm(session, ctx.params.vm))
     tgt = target_for(san.san)
     target = tgt.find(iqn)
     if target is None:

@@ -74,7 +74,7 @@ def test_an_install_reserves_one_vm_one_lease_and_one_queued_job(rt, client, tok
     ({"name": "Web_1"}, 422, "InvalidInput", "name"),
     ({"name": "-web"}, 422, "InvalidInput", "name"),
     ({"name": "web1\n"}, 422, "InvalidInput", "name"),
-    ({"name": "w" * 58}, 422, "InvalidInput", "name"),
+    ({"name": "w" * 64}, 422, "InvalidInput", "name"),
     ({"template": "nope"}, 422, "TemplateNotFound", "template"),
     ({"memory": "268435456"}, 422, "InvalidInput", "memory"),
     ({"memory": 268435456}, 422, "InvalidInput", "memory"),

@@ -14,8 +14,7 @@ from lab.topology import lab_dir
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.san.volumes import san_place
 from tests.support import sha256_of
-from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
-from workers.node import domains
+from tests.fixtures.vms import boot_line, disk_handle, domain_named, install, run_job, server_uri, unique, wait_job
 from workers.san.chunks import LocalStore, chunk_relpath
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -48,7 +47,7 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
         assert _vm_state(rt, name) == "running"
 
         power(rt, celery_app, "destroy", name)
-        with open(backend.path_for_export(f"{name}-disk"), "r+b") as disk:  # what the guest might have written
+        with open(backend.path_for_export(disk_handle(rt, name)), "r+b") as disk:  # what the guest might have written
             disk.seek(100 * MiB)
             disk.write(os.urandom(MiB))
         power(rt, celery_app, "start", name)
@@ -132,7 +131,7 @@ def test_a_differential_on_bk1_restores_in_place_and_the_vm_boots(cluster, celer
         assert (store / "manifests" / f"{newest['id']}.json").exists()
 
         power(rt, celery_app, "destroy", name)
-        disk = backend.path_for_export(f"{name}-disk")
+        disk = backend.path_for_export(disk_handle(rt, name))
         with open(disk, "r+b") as wrecked:  # the disk is lost: its first 8 MiB overwritten
             wrecked.write(os.urandom(8 * MiB))
         restored = finished(rt, api.post(f"/backups/{newest['id']}/actions/restore", json={"in_place": True}))
@@ -175,7 +174,7 @@ def test_verify_with_boot_restores_a_scratch_vm_that_comes_up_and_goes(cluster, 
         assert api.get(f"/backups/{backup['id']}").get_json()["state"] == "verified"
         assert api.get(f"/vms/{scratch}").status_code == 404
         for _, _, server in rt.config.servers():
-            assert domains.domain_state(server.uri, scratch) is None
+            assert domain_named(server.uri, scratch) is None
         assert not list(Path(rt.config.san("san-a")[1].pool_path).glob(f"{scratch}-*"))
     finally:
         for snap in snapshots:

@@ -13,8 +13,7 @@ from tasks.inventory.config_sync import sync_from_config
 from tasks.inventory.vms import InstallRequest, reserve_vm
 from tasks.queues import CONTROL, node_queue, san_queue
 from tests.fixtures.lab_vms import remove_domains_of_this_test
-from tests.fixtures.vms import install, run_job, server_uri, unique, wait_job
-from workers.node import domains
+from tests.fixtures.vms import domain_named, install, run_job, server_uri, unique, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 TESTER = submission.Requester("test")
@@ -55,8 +54,8 @@ def test_one_control_slot_finishes_an_evacuation_of_three_vms_and_two_installs(r
         assert ended[0].result["moved"] == {name: "cs2" for name in leaving}
         cs1, cs2 = server_uri(rt, "cs1"), server_uri(rt, "cs2")
         for name in leaving + arriving:
-            assert domains.domain_state(cs2, name).state == "running"
-            assert domains.domain_state(cs1, name) is None
+            assert domain_named(cs2, name).state == "running"
+            assert domain_named(cs1, name) is None
     finally:
         with transaction(rt.sessions) as session:
             session.scalar(select(ClusterServer).where(ClusterServer.name == "cs1")).maintenance = False

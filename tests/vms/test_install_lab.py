@@ -1,25 +1,22 @@
 """install-vm and delete-vm end to end on the lab: real SAN volumes, tgt targets, libvirtds and a TCG guest."""
 
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
 from errors import NoCapacity
 from models import SUCCEEDED, Lease, VirtualMachine, Volume
-from tasks.san.storage import target_for
 from cli.tokens import create_token
 from models.db import transaction
 from tests.fixtures.console import console_boot_line
-from tests.fixtures.vms import install, run_job, server_uri, unique
-from workers.node import domains
+from tests.fixtures.vms import domain_named, install, run_job, san_objects, server_uri, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
 
 def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery_app, served_api):
     rt = cluster
-    web1 = unique("web1")
+    web1, before = unique("web1"), san_objects(rt)
     job = install(rt, celery_app, web1, server="cs1")
     assert job.state == SUCCEEDED, job.error_message
     with rt.sessions() as session:
@@ -38,10 +35,8 @@ def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery
         assert session.scalar(select(func.count()).select_from(VirtualMachine)) == 0
         assert session.scalar(select(func.count()).select_from(Lease)) == 0
         assert session.scalar(select(func.count()).select_from(Volume)) == 0
-    assert domains.domain_state(uri, web1) is None
-    _, san = rt.config.san("san-a")
-    assert not [t for t in target_for(san).list_targets() if t.iqn.endswith(f".{web1}")]
-    assert not list(Path(san.pool_path).glob(f"{web1}-*"))
+    assert domain_named(uri, web1) is None
+    assert san_objects(rt) == before
 
 
 def test_a_failed_install_is_undone(cluster, celery_app):

@@ -1,6 +1,5 @@
 """An install that fails or is cancelled at any phase leaves no volume, target, lease, domain or VM row."""
 
-from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -11,33 +10,29 @@ from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
-from tasks.san.storage import target_for
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.fixtures.vms import install, unique, wait_job
-from workers.node import domains
+from tests.fixtures.vms import domain_named, install, san_objects, unique, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
 
-def assert_nothing_left(rt, name: str) -> None:
+def assert_nothing_left(rt, name: str, before: set[str]) -> None:
     with rt.sessions() as session:
         for model in (VirtualMachine, Lease, Volume):
             assert session.scalar(select(func.count()).select_from(model)) == 0, model.__name__
     for _, _, server in rt.config.servers():
-        assert domains.domain_state(server.uri, name) is None, server.name
-    _, san = rt.config.san("san-a")
-    assert not [t.iqn for t in target_for(san).list_targets() if t.iqn.endswith(f".{name}")]
-    assert not list(Path(san.pool_path).glob(f"{name}-*"))
+        assert domain_named(server.uri, name) is None, server.name
+    assert san_objects(rt) == before
 
 
 def test_a_failure_preparing_disks_is_undone(cluster, celery_app):
     rt = cluster
     with transaction(rt.sessions) as session:
         session.scalar(select(Template).where(Template.name == "tiny")).backend_handle = "tpl-missing"
-    name = unique("nodisk")
+    name, before = unique("nodisk"), san_objects(rt)
     job = install(rt, celery_app, name)
     assert (job.state, job.error_code) == (FAILED, "VolumeNotFound")
-    assert_nothing_left(rt, name)
+    assert_nothing_left(rt, name, before)
 
 
 def test_a_failure_starting_the_domain_is_undone(cluster, celery_app):
@@ -45,16 +40,16 @@ def test_a_failure_starting_the_domain_is_undone(cluster, celery_app):
     with transaction(rt.sessions) as session:
         template = session.scalar(select(Template).where(Template.name == "tiny"))
         template.boot = {**template.boot, "kernel": "/nonexistent/vmlinuz"}
-    name = unique("noboot")
+    name, before = unique("noboot"), san_objects(rt)
     job = install(rt, celery_app, name)
     assert (job.state, job.error_code) == (FAILED, "DomainFailed")
     assert "start-domain" in job.error_message
-    assert_nothing_left(rt, name)
+    assert_nothing_left(rt, name, before)
 
 
 def test_a_cancelled_install_is_undone(cluster, celery_app):
     rt = cluster
-    name = unique("cancel")
+    name, before = unique("cancel"), san_objects(rt)
     with transaction(rt.sessions) as session:
         reserve_vm(session, rt.config, InstallRequest(name=name, template="tiny", memory_bytes=256 << 20, vcpus=1,
                                                       disk_bytes=128 << 20, subnet="lan"))
@@ -71,4 +66,4 @@ def test_a_cancelled_install_is_undone(cluster, celery_app):
         jobs.request_cancel(session, rt.redis, job.id)
 
     assert wait_job(rt, job.id).state == CANCELLED
-    assert_nothing_left(rt, name)
+    assert_nothing_left(rt, name, before)

@@ -12,7 +12,7 @@ from lab.processes import wait_until
 from models import SUCCEEDED, ClusterServer, San, VirtualMachine, Volume
 from tasks.queues import san_queue
 from tasks.san.storage import target_for
-from tests.fixtures.vms import boot_line, install, run_job, server_uri, unique, wait_job
+from tests.fixtures.vms import boot_line, domain_named, install, run_job, server_uri, unique, wait_job
 from workers.command import output
 from workers.node import domains
 
@@ -70,14 +70,14 @@ def test_shutdown_right_after_install_powers_the_booting_guest_off(cluster, cele
     shutdown = action(rt, celery_app, "shutdown", name, timeout_s=120)
     assert shutdown.state == SUCCEEDED, shutdown.error_message
     assert vm_row(rt, name).state == "shut off"
-    assert domains.domain_state(server_uri(rt, server_of(rt, name)), name).state == "shut off"
+    assert domain_named(server_uri(rt, server_of(rt, name)), name).state == "shut off"
 
 
 def test_a_vm_that_stops_by_itself_is_seen_stopped(cluster, celery_app):
     rt = cluster
     name = unique("self1")
     assert install(rt, celery_app, name).state == SUCCEEDED
-    domains.destroy(server_uri(rt, server_of(rt, name)), name)
+    domains.destroy(server_uri(rt, server_of(rt, name)), vm_row(rt, name).uuid)
     wait_until(lambda: vm_row(rt, name).state == "shut off", 20, "the lifecycle event to reach the DB")
 
 
@@ -143,7 +143,7 @@ def test_a_worker_start_restores_exports_tgtd_lost(cluster, celery_app, celery_w
     assert install(rt, celery_app, exp1).state == SUCCEEDED
     _, san = rt.config.san("san-a")
     tgt = target_for(san)
-    iqn = next(t.iqn for t in tgt.list_targets() if t.iqn.endswith(f".{exp1}"))
+    iqn = next(t.iqn for t in tgt.list_targets() if t.iqn.endswith(f".vm-{vm_row(rt, exp1).uuid}"))
     tgt.unexport(iqn, force=True)
     assert tgt.find(iqn) is None
     celery_worker([san_queue("site-a")])

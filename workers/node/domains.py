@@ -32,6 +32,7 @@ ACPI_RESEND_S = 3.0
 @dataclass(frozen=True)
 class DomainState:
     name: str
+    uuid: str
     state: str
     domain_id: int | None
     cpu_time_ns: int
@@ -48,26 +49,27 @@ def session(uri: str) -> Iterator[libvirt.virConnect]:
         conn.close()
 
 
-def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+def lookup(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    """The domain with this UUID: by UUID, not name, so a same-named domain we did not define is never touched."""
     try:
-        return conn.lookupByName(name)
+        return conn.lookupByUUIDString(uuid)
     except libvirt.libvirtError as error:
         if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return None
         raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
 
 
-def require(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
-    domain = lookup(conn, name)
+def require(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain:
+    domain = lookup(conn, uuid)
     if domain is None:
-        raise DomainNotFound(f"no domain {name} on {conn.getHostname()}", domain=name)
+        raise DomainNotFound(f"no domain with UUID {uuid} on {conn.getHostname()}", domain=uuid)
     return domain
 
 
 def state_of(domain: libvirt.virDomain) -> DomainState:
     code, max_kib, _kib, vcpus, cpu_time = domain.info()
     domain_id = domain.ID()
-    return DomainState(domain.name(), STATE_NAMES.get(code, "unknown"), domain_id if domain_id >= 0 else None,
+    return DomainState(domain.name(), domain.UUIDString(), STATE_NAMES.get(code, "unknown"), domain_id if domain_id >= 0 else None,
                        cpu_time, max_kib * 1024, vcpus)
 
 
@@ -77,37 +79,37 @@ def define(uri: str, xml: str) -> None:
         _call(conn.defineXML, xml)
 
 
-def start(uri: str, name: str) -> DomainState:
+def start(uri: str, uuid: str) -> DomainState:
     """Start a defined domain; already running is fine."""
     with session(uri) as conn:
-        domain = require(conn, name)
+        domain = require(conn, uuid)
         if not domain.isActive():
             _call(domain.create)
         return state_of(domain)
 
 
-def destroy(uri: str, name: str) -> None:
+def destroy(uri: str, uuid: str) -> None:
     """Power a domain off at once; a missing or stopped domain is fine."""
     with session(uri) as conn:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         if domain is not None and domain.isActive():
             _call(domain.destroy)
 
 
-def shutdown(uri: str, name: str, timeout: float) -> DomainState:
+def shutdown(uri: str, uuid: str, timeout: float) -> DomainState:
     """Ask the guest to power off (ACPI) and wait up to `timeout` seconds until it has.
 
     The request is sent again every ACPI_RESEND_S: a guest still booting has no ACPI handler yet
     and drops the first one (Nova re-sends for the same reason)."""
     with session(uri) as conn:
-        domain = require(conn, name)
+        domain = require(conn, uuid)
         deadline = time.monotonic() + timeout
         next_request = time.monotonic()
         while domain.isActive():
             now = time.monotonic()
             if now > deadline:
-                raise ShutdownTimedOut(f"{name} did not power off within {timeout:.0f} s; destroy forces it off",
-                                       domain=name)
+                raise ShutdownTimedOut(f"{domain.name()} did not power off within {timeout:.0f} s; destroy forces it off",
+                                       domain=domain.name())
             if now >= next_request:
                 _request_shutdown(domain)
                 next_request = now + ACPI_RESEND_S
@@ -124,18 +126,18 @@ def _request_shutdown(domain: libvirt.virDomain) -> None:
             raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
 
 
-def reboot(uri: str, name: str) -> DomainState:
+def reboot(uri: str, uuid: str) -> DomainState:
     """Reset a running domain (a hardware reset, which every guest obeys)."""
     with session(uri) as conn:
-        domain = require(conn, name)
+        domain = require(conn, uuid)
         _call(domain.reset, 0)
         return state_of(domain)
 
 
-def undefine(uri: str, name: str) -> None:
+def undefine(uri: str, uuid: str) -> None:
     """Stop and remove a domain's definition; a missing domain is fine."""
     with session(uri) as conn:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         if domain is None:
             return
         if domain.isActive():
@@ -149,9 +151,9 @@ def states(uri: str) -> list[DomainState]:
         return [state_of(domain) for domain in conn.listAllDomains()]
 
 
-def domain_state(uri: str, name: str) -> DomainState | None:
+def domain_state(uri: str, uuid: str) -> DomainState | None:
     with session(uri) as conn:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         return None if domain is None else state_of(domain)
 
 
@@ -162,15 +164,15 @@ def _call(method, *args):
         raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
 
 
-def came_up(uri: str, name: str, probe: dict[str, str] | None, timeout: float, grace: float = 30.0) -> tuple[bool, str]:
-    """Whether the guest of `name` came up, and how we know.
+def came_up(uri: str, uuid: str, probe: dict[str, str] | None, timeout: float, grace: float = 30.0) -> tuple[bool, str]:
+    """Whether the guest of domain `uuid` came up, and how we know.
 
     With a console `probe` ({"send": text, "expect": regex}) the guest must answer it within
     `timeout`; without one, the domain must still be running after `grace` seconds.
     """
     start_event_loop()
     with session(uri) as conn:
-        domain = require(conn, name)
+        domain = require(conn, uuid)
         if probe is None:
             deadline = time.monotonic() + min(grace, timeout)
             while time.monotonic() < deadline:

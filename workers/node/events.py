@@ -17,7 +17,7 @@ OnChange = Callable[[str], None]
 
 
 class LifecycleWatcher:
-    """Calls `on_change(domain_name)` whenever a domain of `uri` starts, stops, crashes, or is (un)defined."""
+    """Calls `on_change(domain_uuid)` whenever a domain of `uri` starts, stops, crashes, or is (un)defined."""
 
     def __init__(self, uri: str, on_change: OnChange) -> None:
         self.uri = uri
@@ -53,7 +53,7 @@ class LifecycleWatcher:
 
     def _event(self, _conn, domain, _event, _detail, _opaque) -> None:
         try:
-            self.on_change(domain.name())
+            self.on_change(domain.UUIDString())
         except Exception:
             log.exception("handling a lifecycle event of %s on %s failed", domain.name(), self.uri)
 

@@ -80,7 +80,7 @@ class MigrationResult:
         return asdict(self)
 
 
-def preflight(source_uri: str, dest_uri: str, name: str, *, dest_name: str, dest_maintenance: bool,
+def preflight(source_uri: str, dest_uri: str, name: str, uuid: str, *, dest_name: str, dest_maintenance: bool,
               room: Room) -> list[Problem]:
     """Every reason moving domain `name` from `source_uri` to `dest_uri` would fail; empty when it can go."""
     problems = []
@@ -98,19 +98,20 @@ def preflight(source_uri: str, dest_uri: str, name: str, *, dest_name: str, dest
                                 "choose another server"))
     try:
         with session(source_uri) as source, session(dest_uri) as dest:
-            problems += _compare_servers(source, dest, name, dest_name)
+            problems += _compare_servers(source, dest, name, uuid, dest_name)
     except ServerUnreachable as error:
         problems.append(Problem("ServerUnreachable", f"{error.message}: start its libvirtd or choose another server"))
     return problems
 
 
-def _compare_servers(source: libvirt.virConnect, dest: libvirt.virConnect, name: str, dest_name: str) -> list[Problem]:
+def _compare_servers(source: libvirt.virConnect, dest: libvirt.virConnect, name: str, uuid: str,
+                     dest_name: str) -> list[Problem]:
     problems = []
-    if lookup(source, name) is None:
+    if lookup(source, uuid) is None:
         problems.append(Problem("DomainNotFound", f"{name} is not defined on its server {source.getHostname()}: "
                                                   "the inventory is out of date, refresh the VM's state"))
-    if lookup(dest, name) is not None:
-        problems.append(Problem("DomainExists", f"{dest_name} already has a domain named {name}: "
+    if lookup(dest, uuid) is not None:
+        problems.append(Problem("DomainExists", f"{dest_name} already has a domain of {name} (UUID {uuid}): "
                                                 "remove the stale definition there first"))
     if source.getType() != dest.getType():
         problems.append(Problem("HypervisorMismatch", f"{dest_name} runs {dest.getType()}, the VM's server runs "
@@ -140,10 +141,10 @@ def migration_uri(dest_uri: str) -> str | None:
     return f"tcp://{host}" if host else None
 
 
-def migrate(source_uri: str, dest_uri: str, name: str, dest_xml: str, *, live: bool,
+def migrate(source_uri: str, dest_uri: str, uuid: str, dest_xml: str, *, live: bool,
             on_progress: Callable[[MigrationProgress], None], should_abort: Callable[[], bool],
             bandwidth_mib_s: int | None = None) -> MigrationResult:
-    """Move domain `name` from source to destination, defined there from `dest_xml` and undefined at the source.
+    """Move domain `uuid` from source to destination, defined there from `dest_xml` and undefined at the source.
 
     A running domain moves peer-to-peer (live unless `live` is false); `on_progress` gets the job
     stats at least every second; when `should_abort()` turns true the libvirt job is aborted, the
@@ -152,28 +153,28 @@ def migrate(source_uri: str, dest_uri: str, name: str, dest_xml: str, *, live: b
     """
     started, started_at = time.monotonic(), time.time()
     with session(source_uri) as source:
-        domain = lookup(source, name)
+        domain = lookup(source, uuid)
         if domain is None:
-            raise DomainNotFound(f"no domain {name} on {source.getHostname()}", domain=name)
+            raise DomainNotFound(f"no domain with UUID {uuid} on {source.getHostname()}", domain=uuid)
         if not domain.isActive():
-            move_definition(source, dest_uri, name, dest_xml)
+            move_definition(source, dest_uri, uuid, dest_xml)
             return MigrationResult(False, started_at, _ms_since(started), None, None, None)
         params = _params(domain, dest_uri, dest_xml, bandwidth_mib_s)
         flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if live else 0)
         outcome = _run_in_thread(lambda: domain.migrateToURI3(dest_uri, params, flags))
         last = _watch(domain, outcome, on_progress, should_abort)
-    return MigrationResult(live, started_at, _ms_since(started), completed_downtime_ms(dest_uri, name),
+    return MigrationResult(live, started_at, _ms_since(started), completed_downtime_ms(dest_uri, uuid),
                            last.memory_total if last else None, last.iteration if last else None)
 
 
-def move_definition(source: libvirt.virConnect, dest_uri: str, name: str, dest_xml: str) -> None:
+def move_definition(source: libvirt.virConnect, dest_uri: str, uuid: str, dest_xml: str) -> None:
     """Offline move: define on the destination first, so a failure in between leaves a definition somewhere."""
     with session(dest_uri) as dest:
         try:
             dest.defineXML(dest_xml)
         except libvirt.libvirtError as error:
-            raise MigrationFailed(f"defining {name} on the destination failed: {error.get_error_message()}") from None
-    domain = lookup(source, name)
+            raise MigrationFailed(f"defining domain {uuid} on the destination failed: {error.get_error_message()}") from None
+    domain = lookup(source, uuid)
     if domain is not None:
         domain.undefine()
 
@@ -277,10 +278,10 @@ def job_progress(domain: libvirt.virDomain) -> MigrationProgress | None:
     )
 
 
-def completed_downtime_ms(dest_uri: str, name: str) -> int | None:
-    """The downtime libvirt measured for the migration that just brought `name` to this server."""
+def completed_downtime_ms(dest_uri: str, uuid: str) -> int | None:
+    """The downtime libvirt measured for the migration that just brought domain `uuid` to this server."""
     with session(dest_uri) as dest:
-        domain = lookup(dest, name)
+        domain = lookup(dest, uuid)
         if domain is None:
             return None
         try:
@@ -309,13 +310,13 @@ class Seen:
         return self.state not in (None, libvirt.VIR_DOMAIN_SHUTOFF)
 
 
-def look(uri: str, name: str) -> Seen:
+def look(uri: str, uuid: str) -> Seen:
     try:
         conn = connect(uri)
     except ServerUnreachable:
         return Seen(False)
     try:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         return Seen(True, domain is not None, None if domain is None else domain.state()[0])
     except (libvirt.libvirtError, DomainFailed):
         return Seen(False)
@@ -323,33 +324,33 @@ def look(uri: str, name: str) -> Seen:
         conn.close()
 
 
-def settle(source_uri: str, dest_uri: str, name: str) -> str:
-    """Leave `name` running (or defined) on exactly one of the two servers; return "source" or "dest".
+def settle(source_uri: str, dest_uri: str, uuid: str) -> str:
+    """Leave domain `uuid` running (or defined) on exactly one of the two servers; return "source" or "dest".
 
     After a migration ends, however it ended: a copy running on one side wins and the other side's
     leftover (a paused incoming guest, a stale definition) is removed; a source left paused is resumed.
     SplitBrain when both run, MigrationFailed when neither server can be asked.
     """
-    source, dest = look(source_uri, name), look(dest_uri, name)
+    source, dest = look(source_uri, uuid), look(dest_uri, uuid)
     if source.running and dest.running:
-        raise SplitBrain(f"{name} runs on both servers: stop one copy by hand", domain=name)
+        raise SplitBrain(f"domain {uuid} runs on both servers: stop one copy by hand", domain=uuid)
     if dest.running or (dest.defined and source.reachable and not source.defined):
-        _remove(source_uri, name)
+        _remove(source_uri, uuid)
         return "dest"
     if source.active or source.defined:
-        _remove(dest_uri, name)
+        _remove(dest_uri, uuid)
         if source.state == libvirt.VIR_DOMAIN_PAUSED and not dest.reachable:
             # Unknown destination: the paused source may be the only copy left, but we cannot prove it.
-            raise MigrationFailed(f"{name} is paused on its server and the destination cannot be asked", domain=name)
-        _resume(source_uri, name)
+            raise MigrationFailed(f"domain {uuid} is paused on its server and the destination cannot be asked", domain=uuid)
+        _resume(source_uri, uuid)
         return "source"
     if dest.defined:
         return "dest"
-    raise MigrationFailed(f"{name} was found on neither server (source reachable: {source.reachable}, "
-                          f"destination reachable: {dest.reachable})", domain=name)
+    raise MigrationFailed(f"domain {uuid} was found on neither server (source reachable: {source.reachable}, "
+                          f"destination reachable: {dest.reachable})", domain=uuid)
 
 
-def _remove(uri: str, name: str) -> None:
+def _remove(uri: str, uuid: str) -> None:
     """Destroy and undefine a leftover copy; an unreachable server keeps it (its libvirtd drops an
     unfinished incoming guest itself when it comes back)."""
     try:
@@ -357,7 +358,7 @@ def _remove(uri: str, name: str) -> None:
     except ServerUnreachable:
         return
     try:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         if domain is None:
             return
         if domain.isActive():
@@ -368,9 +369,9 @@ def _remove(uri: str, name: str) -> None:
         conn.close()
 
 
-def _resume(uri: str, name: str) -> None:
+def _resume(uri: str, uuid: str) -> None:
     with session(uri) as conn:
-        domain = lookup(conn, name)
+        domain = lookup(conn, uuid)
         if domain is not None and domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
             domain.resume()
 
