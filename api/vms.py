@@ -17,7 +17,7 @@ from api.openapi import operation, ref
 from api.representations import iso
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from errors import UnknownAction, VmNotFound
-from models import ClusterServer, Lease, Subnet, Template, VirtualMachine, Volume
+from models import FAILED, ClusterServer, Job, Lease, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import vms
 from tasks.kinds import (
     MAX_BANDWIDTH_MIB_S,
@@ -50,7 +50,7 @@ VM_SCHEMA = {"type": "object", "properties": {
 VM_DETAIL_SCHEMA = {"type": "object", "properties": {
     **VM_SCHEMA["properties"], "uuid": {"type": "string"}, "desired_state": {"type": "string"},
     "hypervisor": {"type": "string"}, "ssh_keys": {"type": "array"},
-    "state_updated_at": _TEXT, "created_at": {"type": "string"}, "volumes": {"type": "array", "items": VOLUME_SCHEMA}}}
+    "state_updated_at": _TEXT, "created_at": {"type": "string"}, "error": _TEXT, "volumes": {"type": "array", "items": VOLUME_SCHEMA}}}
 OVERVIEW_SCHEMA = {"type": "object", "properties": {
     "active": {"type": "array", "items": VM_SCHEMA}, "inactive": {"type": "array", "items": VM_SCHEMA},
     "next": {"type": ["string", "null"], "description": "pass as `after` for the next page; null on the last"}}}
@@ -102,8 +102,16 @@ def show(name: str):
         disks = db.execute(volumes_query().where(Volume.vm_id == vm.id).order_by(Volume.role, Volume.name))
         shown.update(uuid=vm.uuid, desired_state=vm.desired_state, hypervisor=vm.hypervisor, ssh_keys=vm.ssh_keys,
                      state_updated_at=iso(vm.state_updated_at), created_at=iso(vm.created_at),
-                     volumes=[volume_json(*disk) for disk in disks])
+                     volumes=[volume_json(*disk) for disk in disks], error=_error_of(db, vm))
     return jsonify(shown)
+
+
+def _error_of(db: Session, vm: VirtualMachine) -> str | None:
+    """Why a VM is in state `error`: the message of the last job on it that failed (it names what is left)."""
+    if vm.state != "error":
+        return None
+    return db.scalar(select(Job.error_message).where(Job.target == f"vm/{vm.name}", Job.state == FAILED,
+                                                     Job.parent_id.is_(None)).order_by(Job.finished_at.desc()).limit(1))
 
 
 def vm_json(vm: VirtualMachine, server: str | None, template: str | None, disk_bytes: int | None) -> dict[str, Any]:

@@ -179,6 +179,12 @@ class VmNotPlaced(Conflict):
     code = "VmNotPlaced"
 
 
+class VmBeingDeleted(Conflict):
+    """The VM is being deleted (or a failed job left it to be deleted): nothing new starts on it."""
+
+    code = "VmBeingDeleted"
+
+
 class VmNotRunning(Conflict):
     code = "VmNotRunning"
 

@@ -220,6 +220,11 @@ def server_lock(server: str) -> str:
     return f"server/{server}"
 
 
+def backup_lock(vm: str) -> str:
+    """The lock a backup of `vm` holds; deleting the VM waits for it."""
+    return f"backup/{vm}"
+
+
 def prune_lock(store: str) -> str:
     """The lock a prune of `store` holds; a backup into the store waits while it is taken."""
     return f"prune/{store}"
@@ -286,7 +291,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("resize-volume", ResizeVolume, on_san_of(san_of_volume), lambda _, p: f"volume/{p.volume_id}", SAN_VOLUMES,
          "volume.resize"),
     Kind("refresh-san", OfSan, on_san_of(lambda _, p: p.san), lambda _, p: f"san/{p.san}", SAN_VOLUMES, "san.refresh"),
-    Kind("snapshot-backup", SnapshotBackup, on_san_of(san_of_vm), lambda _, p: f"backup/{p.vm}", SAN_BACKUPS,
+    Kind("snapshot-backup", SnapshotBackup, on_san_of(san_of_vm), lambda _, p: backup_lock(p.vm), SAN_BACKUPS,
          "backup.create"),
     Kind("verify-backup", OfBackup, on_san_of(san_of_backup), lambda _, p: f"backup-verify/{p.backup}", SAN_BACKUPS,
          "backup.verify"),

@@ -6,7 +6,8 @@ worker died mid-job: the job is dispatched again for its current attempt (its st
 idempotent), or, after `max_attempts` or for kinds that must not re-run, dispatched to run its
 cleanup only and end `failed` with WorkerLost. A job queued for long is sent again, in case
 its message was lost. A parent waiting for its children is woken when they have ended or their
-time is up, in case the wake-up of the last child was lost.
+time is up, in case the wake-up of the last child was lost. A VM wanted deleted (a delete that
+failed, an install whose undo failed) is deleted again until that succeeds.
 """
 
 from datetime import timedelta
@@ -14,9 +15,10 @@ from datetime import timedelta
 from celery.signals import worker_ready
 from sqlalchemy import select
 
-from models import QUEUED, RUNNING, ClusterServer, Job, utcnow
+from errors import LaxError
+from models import QUEUED, RUNNING, ClusterServer, Job, JobLock, VirtualMachine, utcnow
 from models.db import transaction
-from tasks import runtime
+from tasks import runtime, submission
 from tasks.app import app
 from tasks.continuations import wake
 from tasks.dispatch import alive_key, dispatch
@@ -53,6 +55,7 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
                    if not rt.redis.exists(alive_key(job.id))]
     done["redispatched"] = redispatch_stale_queued(rt, settings)
     done["woken"] = wake_waiting(rt)
+    done["deleting"] = retry_deletions(rt, settings)
     for job in orphans:
         # Claim the re-dispatch for one heartbeat period, so the next tick does not send it again.
         if not rt.redis.set(alive_key(job.id), "requeued", ex=ttl * 2, nx=True):
@@ -61,6 +64,24 @@ def reconcile_jobs(rt: Runtime) -> dict[str, list[str]]:
         dispatch(app, job, rollback=not rerun)
         done["rerun" if rerun else "rollback"].append(job.id)
     return done
+
+
+def retry_deletions(rt: Runtime, settings: dict) -> list[str]:
+    """Start `delete-vm` again for VMs wanted deleted that no job holds; return their names."""
+    with rt.sessions() as session:
+        names = list(session.scalars(
+            select(VirtualMachine.name).where(VirtualMachine.desired_state == "deleted",
+                                              ~select(JobLock).where(JobLock.target == "vm/" + VirtualMachine.name).exists())))
+    started = []
+    for name in names:
+        if not rt.redis.set(f"vm:{name}:delete-retry", 1, ex=int(settings["retry_delete_every_s"]), nx=True):
+            continue
+        try:
+            submission.start(rt, app, "delete-vm", {"vm": name}, submission.Requester("reconciler"))
+        except LaxError:
+            continue  # taken meanwhile, or the broker is away: the next round tries again
+        started.append(name)
+    return started
 
 
 def wake_waiting(rt: Runtime) -> list[str]:

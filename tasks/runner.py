@@ -81,20 +81,40 @@ def execute(rt: Runtime, job: Job, flow: Workflow, *, rollback: bool = False) ->
 
 def _end(rt: Runtime, ctx: JobContext, flow: Workflow, state: str, error: LaxError | None) -> str:
     """Undo the job's half-done work, then record how it ended."""
-    if flow.cleanup is not None:
-        if "cleanup" not in ctx.continuation:
-            ctx.continuation["cleanup"] = {"state": state, "error": _error_as_dict(error)}
-            ctx.report.update(phase="cleanup")
-        ctx.enter_cleanup()
-        try:
-            flow.cleanup(ctx)
-        except Suspended as suspended:
-            return _suspend(rt, ctx, suspended)
-        except Exception as cleanup_error:
-            log.exception("cleanup of job %s failed", ctx.job_id)
-            reason = f"; first: {error.message}" if error else ""
-            return _finish(rt, ctx, FAILED, error=CleanupFailed(f"cleanup failed: {cleanup_error}{reason}"))
+    if flow.cleanup is None:
+        return _finish(rt, ctx, state, error=_with_left_behind(ctx, flow, error))
+    if "cleanup" not in ctx.continuation:
+        ctx.continuation["cleanup"] = {"state": state, "error": _error_as_dict(error)}
+        ctx.report.update(phase="cleanup")
+    ctx.enter_cleanup()
+    try:
+        flow.cleanup(ctx)
+    except Suspended as suspended:
+        return _suspend(rt, ctx, suspended)
+    except Exception as cleanup_error:
+        log.exception("cleanup of job %s failed", ctx.job_id)
+        reason = f"; first: {error.message}" if error else ""
+        failed = CleanupFailed(f"cleanup failed: {_message(cleanup_error)}{reason}")
+        return _finish(rt, ctx, FAILED, error=_with_left_behind(ctx, flow, failed))
     return _finish(rt, ctx, state, error=error)
+
+
+def _with_left_behind(ctx: JobContext, flow: Workflow, error: LaxError | None) -> LaxError | None:
+    """The error, naming what the failed job left (and marking its target broken): nothing undid its work."""
+    if flow.left_behind is None:
+        return error
+    try:
+        left = flow.left_behind(ctx)
+    except Exception:
+        log.exception("recording what job %s left behind failed", ctx.job_id)
+        return error
+    if left and error is not None:
+        error.message = f"{error.message}; left behind: {left}"
+    return error
+
+
+def _message(error: Exception) -> str:
+    return error.message if isinstance(error, LaxError) else str(error)
 
 
 def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] | None = None,

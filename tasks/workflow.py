@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 
 Run = Callable[["JobContext"], dict[str, Any] | None]
 Cleanup = Callable[["JobContext"], None]
+# Marks the job's target as broken after a failure nothing undid; returns what is left behind.
+LeftBehind = Callable[["JobContext"], str | None]
 
 
 @dataclass(frozen=True)
@@ -20,16 +22,21 @@ class Workflow:
     cleanup: Cleanup | None = None
     # Steps are idempotent, so a job whose worker died is run again from the start.
     rerun_after_crash: bool = True
+    left_behind: LeftBehind | None = None
 
 
 WORKFLOWS: dict[str, Workflow] = {}
 
 
-def workflow(kind: str, *, cleanup: Cleanup | None = None, rerun_after_crash: bool = True) -> Callable[[Run], Run]:
-    """Register the decorated function as the workflow of job kind `kind`."""
+def workflow(kind: str, *, cleanup: Cleanup | None = None, rerun_after_crash: bool = True,
+             left_behind: LeftBehind | None = None) -> Callable[[Run], Run]:
+    """Register the decorated function as the workflow of job kind `kind`.
+
+    `left_behind` runs when the job fails and nothing undid its work (its cleanup failed, or it has
+    none): it puts the target into an explicit error state and says what is left."""
 
     def register(run: Run) -> Run:
-        WORKFLOWS[kind] = Workflow(kind, run, cleanup, rerun_after_crash)
+        WORKFLOWS[kind] = Workflow(kind, run, cleanup, rerun_after_crash, left_behind)
         return run
 
     return register

@@ -26,7 +26,7 @@ def evacuate(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("migrate", progress=2)
     moved, refused = _migrate_all(ctx, plan, total)
     failed.update(refused)
-    result = {"server": name, "moved": moved, "failed": failed}
+    result = {"server": name, "moved": {**planned["moved"], **moved}, "failed": failed, "left": planned["left"]}
     ctx.record_result(result)
     if failed:
         raise EvacuationIncomplete(f"{len(failed)} of {total} VMs could not leave {name}: "
@@ -40,10 +40,24 @@ def _enter_maintenance_and_plan(ctx: JobContext, name: str) -> dict[str, Any]:
         if server is None:
             raise ServerNotFound(f"no cluster server {name}", server=name)
         server.maintenance = True
-        vms = list(session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)
-                                   .order_by(VirtualMachine.name)))
+        placed = list(session.scalars(select(VirtualMachine).where(VirtualMachine.server_id == server.id)
+                                      .order_by(VirtualMachine.name)))
+        vms = [vm for vm in placed if vm.desired_state != "deleted"]
         plan, failed = plan_destinations(session, ctx, server, vms)
-    return {"plan": plan, "failed": failed, "total": len(vms)}
+        moved = move_placement_of_domainless(session, vms, plan)
+    return {"plan": plan, "failed": failed, "total": len(vms), "moved": moved,
+            "left": {vm.name: "being deleted" for vm in placed if vm.desired_state == "deleted"}}
+
+
+def move_placement_of_domainless(session: Session, vms: list[VirtualMachine], plan: dict[str, str]) -> dict[str, str]:
+    """A VM with no domain (its server's libvirt last said `undefined`) has nothing to migrate: its
+    placement moves to its planned server, and it leaves the plan."""
+    moved = {}
+    for vm in vms:
+        if vm.state == "undefined" and vm.name in plan:
+            vm.server_id = session.scalar(select(ClusterServer.id).where(ClusterServer.name == plan[vm.name]))
+            moved[vm.name] = plan.pop(vm.name)
+    return moved
 
 
 def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer,

@@ -8,9 +8,13 @@ install leaves no volume, target, lease, domain or VM row behind.
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from models import ClusterServer, Template, VirtualMachine
+from errors import TargetBusy
+from models import ClusterServer, Lease, Template, VirtualMachine, Volume
+from tasks import jobs
 from tasks.context import JobContext
+from tasks.kinds import backup_lock
 from tasks.inventory import ipam
 from tasks.inventory.placement import place
 from tasks.inventory.vms import find_vm, placed_on, site_and_san, vm_volume
@@ -18,6 +22,7 @@ from tasks.workflow import workflow
 
 SAN_TIMEOUT_S = 600
 NODE_TIMEOUT_S = 300
+BACKUP_WAIT_S = 3600
 
 
 # -- install ------------------------------------------------------------------------------------
@@ -32,13 +37,35 @@ def undo_install(ctx: JobContext) -> None:
             session.delete(vm)
 
 
-@workflow("install-vm", cleanup=undo_install)
+def vm_left_in_error(ctx: JobContext) -> str | None:
+    """A VM job failed with nothing undoing it: the VM goes to state `error`, wanted deleted (the reconciler
+    retries `delete-vm` until it succeeds); say what of it is left."""
+    with ctx.session() as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params.vm))
+        if vm is None:
+            return None
+        vm.state, vm.desired_state = "error", "deleted"
+        return describe_remains(session, vm)
+
+
+def describe_remains(session: Session, vm: VirtualMachine) -> str:
+    server = session.get(ClusterServer, vm.server_id).name if vm.server_id else None
+    volumes = sorted(session.scalars(select(Volume.backend_handle).where(Volume.vm_id == vm.id)))
+    leases = sorted(session.scalars(select(Lease.ip).where(Lease.vm_id == vm.id)))
+    parts = [f"VM row {vm.name} (uuid {vm.uuid})"]
+    parts += [f"a domain on {server}"] if server else []
+    parts += [f"volumes {', '.join(volumes)}"] if volumes else [f"perhaps volumes vm-{vm.uuid}-*"]
+    parts += [f"lease {', '.join(leases)}"] if leases else []
+    return "; ".join(parts)
+
+
+@workflow("install-vm", cleanup=undo_install, left_behind=vm_left_in_error)
 def install_vm(ctx: JobContext) -> dict[str, Any]:
     """Place the reserved VM, prepare its disks on the SAN, define and start it on its server."""
     return place_prepare_and_start(ctx, ctx.params.vm)
 
 
-@workflow("restore-vm", cleanup=undo_install)
+@workflow("restore-vm", cleanup=undo_install, left_behind=vm_left_in_error)
 def restore_vm(ctx: JobContext) -> dict[str, Any]:
     """A new VM from a backup: restore the backup to the reserved VM's disk, then install around that disk
     (its seed, export, domain) instead of cloning the template."""
@@ -56,7 +83,7 @@ def restore_as_vm(ctx: JobContext, name: str, backup: str, progress_from: float)
     return place_prepare_and_start(ctx, name, progress_from=middle)
 
 
-@workflow("verify-boot", cleanup=undo_install)
+@workflow("verify-boot", cleanup=undo_install, left_behind=vm_left_in_error)
 def verify_boot(ctx: JobContext) -> dict[str, Any]:
     """Verify a backup's chunks, restore it as the reserved scratch VM, boot it, report whether it came up,
     and remove the scratch VM again."""
@@ -142,11 +169,19 @@ for _action in ("shutdown", "reboot", "destroy"):
     workflow(_action)(_power(_action))
 
 
-@workflow("delete-vm")
+@workflow("delete-vm", left_behind=vm_left_in_error)
 def delete_vm(ctx: JobContext) -> dict[str, Any]:
-    """Stop and undefine the domain, unexport and delete the volumes, release the lease, drop the VM."""
+    """Stop and undefine the domain, unexport and delete the volumes and backup anchors, release the lease,
+    drop the VM: in whatever state it is, removing whatever of it exists."""
     with ctx.session() as session:
-        find_vm(session, ctx.params.vm).state = "deleting"
+        vm = find_vm(session, ctx.params.vm)
+        vm.state, vm.desired_state = "deleting", "deleted"
+        backup = jobs.holder_of(session, backup_lock(vm.name))
+    if backup is not None:
+        # Marked `deleting` first: a backup starting after this refuses the VM, one running now is awaited.
+        ctx.report.update(phase=f"wait for backup job {backup}")
+        if not ctx.wait_for_other_job(backup, BACKUP_WAIT_S):
+            raise TargetBusy(f"backup job {backup} of {ctx.params.vm} did not end", job_id=backup)
     undo_install(ctx)
     return {"deleted": ctx.params.vm}
 

@@ -22,8 +22,9 @@ from workers.node.events import LifecycleWatcher
 ISCSI_PORT = 3260
 BOOT_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
-# States a running job owns; events and the reconciler leave them alone.
-BUSY_STATES = ("installing", "deleting")
+# States a running job owns, and `error` (a failed job left the VM for an operator or the reconciler):
+# events and the state sync leave them alone.
+BUSY_STATES = ("installing", "deleting", "error")
 
 
 def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> DomainSpec:

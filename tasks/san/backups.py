@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from errors import BackupCancelled, BackupCorrupt, BackupNotFound, ManifestNotFound, NoDisks, NoStoreChosen, NotFound, StoreBusy, StoreNotFound, UnknownStoreKind, VmNotStopped, VolumeExists
+from errors import BackupCancelled, BackupCorrupt, BackupNotFound, ManifestNotFound, NoDisks, NoStoreChosen, NotFound, StoreBusy, StoreNotFound, UnknownStoreKind, VmBeingDeleted, VmNotStopped, VolumeExists
 from models import San, VirtualMachine, Volume, utcnow
 from models.protection import Backup, BackupStore
 from tasks import jobs
@@ -166,6 +166,8 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
         vm, disks = vm_disks(session, ctx.params.vm)
         store = store_ref(session, ctx.params.store, default_store(ctx.rt.config))
         vm_id = vm.id
+        if vm.desired_state == "deleted":
+            raise VmBeingDeleted(f"VM {vm.name} is being deleted", vm=vm.name)
     if not disks:
         raise NoDisks(f"VM {ctx.params.vm} has no disk volumes", vm=ctx.params.vm)
     wait_while_pruned(ctx, store)
