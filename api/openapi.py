@@ -164,6 +164,28 @@ SCHEMAS: dict[str, Any] = {
             "facts_updated_at": _TIME,
         },
     },
+    "Drift": {
+        "type": "object",
+        "properties": {
+            "kind": {"enum": ["orphan", "missing", "mismatched", "unreachable"]},
+            "resource": {"enum": ["volume", "snapshot", "target", "lun", "acl", "domain", "lease", "vm", "san", "server"]},
+            "where": {"type": "string", "description": "the SAN or server, or inventory"},
+            "what": {"type": "string", "description": "volume or snapshot handle, iqn, domain UUID or lease id"},
+            "detail": {"type": "string"}, "repair": {"type": "string", "description": "the command that fixes it"},
+            "safe": {"type": "boolean", "description": "laxcluster check --repair fixes it"},
+            "action": _NULLABLE_STRING,
+        },
+    },
+    "CheckReport": {
+        "type": "object",
+        "properties": {
+            "job": ref("Job"), "clean": {"type": "boolean", "description": "no drift is left unrepaired"},
+            "drifts": {"type": "array", "items": ref("Drift")}, "repaired": {"type": "array", "items": ref("Drift")},
+            "repair_failed": {"type": "array", "items": ref("Drift")},
+            "busy": {"type": "array", "items": {"type": "string"}, "description": "skipped: a job works on it"},
+            "inspected": {"type": "object"},
+        },
+    },
     "Site": {"type": "object", "properties": {"name": {"type": "string"}, "clusters": {"type": "array"}, "sans": {"type": "array"}}},
     "Cluster": {"type": "object", "properties": {"name": {"type": "string"}, "site": {"type": "string"}, "servers": {"type": "array"}}},
     "San": {"type": "object", "properties": {"name": {"type": "string"}, "site": {"type": "string"}, "backend": {"type": "string"},

@@ -3,6 +3,7 @@
 import click
 
 from cli.backups import backup, policy, store
+from cli.check import check
 from cli.client import Settings
 from cli.jobs import jobs
 from cli.lab import lab
@@ -40,3 +41,4 @@ cli.add_command(san)
 cli.add_command(backup)
 cli.add_command(store)
 cli.add_command(policy)
+cli.add_command(check)

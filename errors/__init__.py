@@ -121,6 +121,12 @@ class JobNotFound(NotFound):
     code = "JobNotFound"
 
 
+class CheckNotFound(NotFound):
+    """No `laxcluster check` has finished yet, so there is no report to show."""
+
+    code = "CheckNotFound"
+
+
 class JobFinished(Conflict):
     """The job already ended (e.g. it cannot be cancelled any more)."""
 

@@ -11,9 +11,9 @@ from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile",
                     "tasks.control.diagnostics", "tasks.control.servers", "tasks.control.vms", "tasks.control.migrate",
-                    "tasks.control.evacuate", "tasks.control.schedules",
-                    "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune",
-                    "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers"]
+                    "tasks.control.evacuate", "tasks.control.schedules", "tasks.control.check",
+                    "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune", "tasks.san.inspect",
+                    "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers", "tasks.node.inspect"]
 
 
 def make_celery(config: Config) -> Celery:

@@ -154,6 +154,24 @@ class SettleDomain(OfVm):
     destination: str
 
 
+class CheckCluster(Params):
+    repair: bool = Field(False, description="check: also repair every drift that is safe to repair")
+    timeout_s: int = Field(60, ge=1, le=3600, description="check: how long each SAN and server has to answer")
+
+
+class RepairAction(Params):
+    op: Literal["delete-volume", "delete-snapshot", "delete-target", "restore-exports", "undefine-domain"]
+    what: str
+
+
+class RepairSan(OfSan):
+    actions: list[RepairAction]
+
+
+class RepairNode(OfServer):
+    actions: list[RepairAction]
+
+
 Queue = Callable[[Session, Any], str]
 Target = Callable[[Session, Any], str]
 
@@ -306,6 +324,11 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
          "tasks.node.migrate"),
     Kind("settle-domain", SettleDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
+    Kind("check-cluster", CheckCluster, on_control, lambda _, __: "cluster-check", "tasks.control.check", "cluster.check"),
+    Kind("inspect-san", OfSan, on_san_of(lambda _, p: p.san), lambda _, p: f"inspect/{p.san}", "tasks.san.inspect"),
+    Kind("repair-san", RepairSan, on_san_of(lambda _, p: p.san), lambda _, p: f"repair/{p.san}", "tasks.san.inspect"),
+    Kind("inspect-node", OfServer, on_server("server"), lambda _, p: f"inspect/{p.server}", "tasks.node.inspect"),
+    Kind("repair-node", RepairNode, on_server("server"), lambda _, p: f"repair/{p.server}", "tasks.node.inspect"),
 ]}
 
 

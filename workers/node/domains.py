@@ -195,3 +195,26 @@ def _answers_probe(domain: libvirt.virDomain, probe: dict[str, str], timeout: fl
             except ConsoleTimeout:
                 continue
     return False, f"no answer matching {probe['expect']!r} on the console within {timeout:.0f} s"
+
+
+def listing(uri: str) -> list[dict[str, str]]:
+    """Every domain this server knows, by UUID, with its name and state (what `laxcluster check` compares)."""
+    with session(uri) as conn:
+        return [{"uuid": domain.UUIDString(), "name": domain.name(), "state": STATE_NAMES.get(domain.state()[0], "unknown")}
+                for domain in conn.listAllDomains()]
+
+
+def undefine_inactive(uri: str, uuid: str) -> bool:
+    """Undefine the domain with `uuid` if it is not running; False (nothing done) while it runs. A missing
+    domain counts as done."""
+    with session(uri) as conn:
+        try:
+            domain = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as error:
+            if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return True
+            raise DomainFailed(f"libvirt: {error.get_error_message()}") from None
+        if domain.isActive():
+            return False
+        _call(domain.undefine)
+        return True

@@ -136,3 +136,8 @@ class VolumeBackend(ABC):
     @abstractmethod
     def facts(self) -> dict[str, Any]:
         """Backend name, total/free bytes, whether reflink (or thin snapshots) are supported, fallback in use."""
+
+    @abstractmethod
+    def listing(self) -> dict[str, str]:
+        """Every volume and snapshot handle in the backend with the path tgt would serve it from, read
+        without activating or changing anything (what `laxcluster check` compares with the inventory)."""

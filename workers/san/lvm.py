@@ -286,3 +286,14 @@ class LvmThinBackend(VolumeBackend):
             "fallback": None,
             "change_block_size": self.change_block_size,
         }
+
+    def listing(self) -> dict[str, str]:
+        """Thin volumes and snapshots of the pool (`<volume>.<snapshot>` LVs are snapshots); the pool itself
+        and LVM's hidden internal LVs are left out."""
+        found = {}
+        for name, row in self.logical_volumes().items():
+            if row.get("pool_lv") != self.pool or name.startswith("["):
+                continue
+            volume, dot, snap = name.partition(".")
+            found[f"{volume}@{snap}" if dot else volume] = f"/dev/{self.vg}/{name}"
+        return found

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from errors import NoSpace, ShrinkRefused, VolumeExists, VolumeNotFound
+from errors import InvalidName, NoSpace, ShrinkRefused, VolumeExists, VolumeNotFound
 from workers.san.backend import (
     Range,
     VolumeBackend,
@@ -356,3 +356,23 @@ class ReflinkBackend(VolumeBackend):
             "fallback": None if self.reflink_supported else "copy",
             "change_block_size": self.change_block_size,
         }
+
+    def listing(self) -> dict[str, str]:
+        """Handles of the pool's `<volume>.img` and `<volume>@<snapshot>.snap` files; staging dot-files and
+        anything else in the directory are not volumes."""
+        found = {}
+        for entry in os.scandir(self.pool_dir):
+            stem, dot, suffix = entry.name.rpartition(".")
+            if entry.name.startswith(".") or not entry.is_file() or not dot or suffix not in ("img", "snap"):
+                continue
+            if (suffix == "snap") == is_snapshot(stem) and _valid_handle(stem):
+                found[stem] = entry.path
+        return found
+
+
+def _valid_handle(handle: str) -> bool:
+    try:
+        parse_snapshot(handle) if is_snapshot(handle) else parse_volume(handle)
+    except InvalidName:
+        return False
+    return True
