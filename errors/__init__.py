@@ -508,7 +508,7 @@ class NoDisks(Conflict):
 
 
 class VmNotStopped(Conflict):
-    """An in-place restore needs the VM shut down."""
+    """An in-place restore or a shrink needs the VM shut down."""
 
     code = "VmNotStopped"
 

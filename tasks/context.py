@@ -23,6 +23,7 @@ from models.db import transaction
 from tasks import jobs, submission
 from tasks.continuations import Suspended, Wait, deadline_for
 from tasks.dispatch import cancel_key
+from tasks.faults import kill_here_if_asked
 from tasks.kinds import kind_of, parse
 from tasks.progress import Reporter
 from tasks.runtime import Runtime
@@ -66,6 +67,7 @@ class JobContext:
             self._held_phase = (name, progress)
             return
         self.report.update(phase=name, progress=progress)
+        kill_here_if_asked(self.kind, name)
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if someone asked to cancel this job."""

@@ -268,6 +268,13 @@ def _existing(value: Any, message: str) -> Any:
     return value
 
 
+def volume_target(session: Session, params: ResizeVolume) -> str:
+    """A VM's volume is changed under the VM's lock (no start, migration or restore meanwhile)."""
+    vm = session.scalar(select(VirtualMachine.name).join(Volume, Volume.vm_id == VirtualMachine.id)
+                        .where(Volume.id == params.volume_id))
+    return f"vm/{vm}" if vm is not None else f"volume/{params.volume_id}"
+
+
 def vm_target(_: Session, params: OfVm) -> str:
     return f"vm/{params.vm}"
 
@@ -306,7 +313,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("export-vm-disks", ExportVmDisks, on_san_of(lambda _, p: p.san), disks_target, SAN_VOLUMES),
     Kind("import-template", ImportTemplate, on_san_of(lambda _, p: p.san),
          lambda _, p: f"template/{p.san}/{p.name}", SAN_VOLUMES, "template.import"),
-    Kind("resize-volume", ResizeVolume, on_san_of(san_of_volume), lambda _, p: f"volume/{p.volume_id}", SAN_VOLUMES,
+    Kind("resize-volume", ResizeVolume, on_san_of(san_of_volume), volume_target, SAN_VOLUMES,
          "volume.resize"),
     Kind("refresh-san", OfSan, on_san_of(lambda _, p: p.san), lambda _, p: f"san/{p.san}", SAN_VOLUMES, "san.refresh"),
     Kind("snapshot-backup", SnapshotBackup, on_san_of(san_of_vm), lambda _, p: backup_lock(p.vm), SAN_BACKUPS,

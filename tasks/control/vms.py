@@ -16,7 +16,7 @@ from tasks import jobs
 from tasks.context import JobContext
 from tasks.kinds import backup_lock
 from tasks.inventory import ipam
-from tasks.inventory.placement import place
+from tasks.inventory.placement import lock_placement, place_vm
 from tasks.inventory.vms import find_vm, placed_on, site_and_san, vm_volume
 from tasks.workflow import workflow
 
@@ -127,13 +127,8 @@ def choose_server(ctx: JobContext, name: str, asked: str | None) -> str:
 
 def _place(ctx: JobContext, name: str, asked: str | None) -> str:
     with ctx.session() as session:
-        vm = find_vm(session, name)
-        query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
-        if asked:
-            query = select(ClusterServer).where(ClusterServer.name == asked)
-        server = place(session, ctx.rt.config, list(session.scalars(query)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
-        vm.server_id = server.id
-        return server.name
+        lock_placement(session)
+        return place_vm(session, ctx.rt.config, find_vm(session, name), asked).name
 
 
 # -- power actions and delete ----------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from config import Config, parse_size
@@ -37,6 +37,13 @@ def capacity(session: Session, config: Config, server: ClusterServer, *, exclude
     return Capacity(server.name, memory, vcpus)
 
 
+def lock_placement(session: Session) -> None:
+    """Serialise placements: taken first in a transaction, this write lock (PostgreSQL row locks on the
+    servers; SQLite's one writer) is held until its commit, so two installs cannot both count the same
+    free room. Whatever the caller reads after it includes every placement committed before."""
+    session.execute(update(ClusterServer).values(maintenance=ClusterServer.maintenance))
+
+
 def place(session: Session, config: Config, candidates: list[ClusterServer], memory_bytes: int, vcpus: int,
           *, exclude_vm: int | None = None) -> ClusterServer:
     """The candidate with the most allocatable memory that fits; NoCapacity listing every server's numbers."""
@@ -51,3 +58,14 @@ def place(session: Session, config: Config, candidates: list[ClusterServer], mem
             servers={name: {"memory_bytes": c.memory_bytes, "vcpus": c.vcpus} for name, c in room.items()},
         )
     return max(fitting, key=lambda s: room[s.name].memory_bytes)
+
+
+def place_vm(session: Session, config: Config, vm: VirtualMachine, asked: str | None) -> ClusterServer:
+    """Choose `vm`'s server (the one asked for if it has room, else the roomiest of its cluster) and record
+    it on the VM; under lock_placement, taken first in the same transaction."""
+    query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
+    if asked:
+        query = select(ClusterServer).where(ClusterServer.name == asked)
+    server = place(session, config, list(session.scalars(query)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+    vm.server_id = server.id
+    return server

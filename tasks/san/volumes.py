@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
-from errors import NotFound, TargetNotFound, VolumeBusy, VolumeExists
+from errors import NotFound, TargetNotFound, VmNotStopped, VolumeExists
 from models import Lease, San, Subnet, Template, VirtualMachine, Volume
 from models.protection import Backup
 from tasks import runtime
@@ -32,6 +32,8 @@ from workers.san.shrink import safe_shrink
 from workers.san.tgt import Export, validate_iqn
 
 DISK_LUN, SEED_LUN = 1, 2
+# A shrink rewrites the filesystem: only while no domain can use the disk (not paused, not shutting down).
+SHRINKABLE_STATES = ("shut off", "undefined")
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,9 @@ def resize_volume(ctx: JobContext) -> dict[str, Any]:
     running = vm is not None and vm.state == "running"
     old_size = place.backend.size(volume.backend_handle)
     if new_size < old_size:
-        if running:
-            raise VolumeBusy(f"{volume.name} belongs to running VM {vm.name}: shut it down to shrink", vm=vm.name)
+        if vm is not None and vm.state not in SHRINKABLE_STATES:
+            raise VmNotStopped(f"{volume.name} belongs to VM {vm.name}, which is {vm.state}: shut it down to shrink",
+                               vm=vm.name, state=vm.state)
         ctx.phase("check and shrink filesystem", progress=20)
         safe_shrink(place.backend, volume.backend_handle, new_size)
     elif new_size > old_size:

@@ -62,7 +62,7 @@ def test_a_resize_is_a_job_on_the_volumes_san_queue(rt, client, tokens):
     response = client.post(f"/volumes/{volume_id}/actions/resize", json={"size": "2G"}, headers=operator)
     assert response.status_code == 202, response.get_data(as_text=True)
     job = response.get_json()
-    assert (job["kind"], job["target"], job["queue"]) == ("resize-volume", f"volume/{volume_id}", "san.site-a")
+    assert (job["kind"], job["target"], job["queue"]) == ("resize-volume", "vm/web1", "san.site-a")
     assert job["params"] == {"volume_id": volume_id, "size_bytes": 2 * GIB}
     before = counts(rt)
     for size in ("2", 2 * GIB, "3T", "1M", "big"):

@@ -15,6 +15,7 @@ from tasks.san.storage import target_for
 from tests.fixtures.vms import boot_line, domain_named, install, run_job, server_uri, unique, wait_job
 from workers.command import output
 from workers.node import domains
+from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
@@ -115,7 +116,16 @@ def test_a_grown_disk_reaches_the_guest_at_its_next_start_and_a_shrink_needs_it_
     assert lun_size(rt, rsz1, server) == 128 * MiB
 
     refused = wait_job(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "96M"}).get_json()["id"])
-    assert (refused.state, refused.error_code) == ("failed", "VolumeBusy")
+    assert (refused.state, refused.error_code, refused.target) == ("failed", "VmNotStopped", f"vm/{rsz1}")
+
+    conn = connect(server_uri(rt, server))  # paused is not stopped: its QEMU still holds the disk
+    try:
+        conn.lookupByUUIDString(vm_row(rt, rsz1).uuid).suspend()
+        wait_until(lambda: vm_row(rt, rsz1).state == "paused", 30, "the pause to reach the DB")
+        paused = wait_job(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "96M"}).get_json()["id"])
+        assert (paused.state, paused.error_code) == ("failed", "VmNotStopped")
+    finally:
+        conn.close()
 
     assert action(rt, celery_app, "destroy", rsz1).state == SUCCEEDED
     shrunk = wait_job(rt, api.post(f"/volumes/{disk['id']}/actions/resize", json={"size": "160M"}).get_json()["id"])
