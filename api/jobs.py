@@ -6,6 +6,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import or_, select
 
 from api import context, validation
+from api.auth import current_caller
 from api.changes import audit, job_response, submit_job
 from api.events import job_events
 from api.openapi import list_of, operation, ref
@@ -14,6 +15,7 @@ from models import FINAL_STATES, STATES, Job
 from tasks import jobs, submission
 from tasks.kinds import NOOP_MAX_SECONDS, NOOP_MAX_STEPS, Noop, request_schema
 from tasks.progress import announce
+from tasks.runner import force_end
 
 blueprint = Blueprint("jobs", __name__)
 
@@ -58,6 +60,17 @@ def cancel(job_id: str):
     if job.state in FINAL_STATES:
         announce(rt.redis, job)
     return job_response(job, 200 if job.state in FINAL_STATES else 202)
+
+
+@blueprint.post("/jobs/<job_id>/force-cancel")
+@operation("End a stuck job now (its worker died and no worker of its queue is left to roll it back): failed "
+           "with ForceCancelled, its lock freed, its children too; its cleanup does not run", role="admin",
+           response=ref("Job"))
+def force_cancel(job_id: str):
+    job = force_end(context.runtime(), job_id, current_caller().name)
+    with context.session() as db:
+        audit(db, "job.force-cancel", job.target, job_id=job.id)
+    return jsonify(job_json(job))
 
 
 @blueprint.get("/jobs/<job_id>/events")

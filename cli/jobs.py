@@ -48,9 +48,10 @@ def show(job_id: str, as_json: bool) -> None:
 
 @jobs.command("cancel")
 @click.argument("job_id")
-def cancel(job_id: str) -> None:
+@click.option("--force", is_flag=True, help="admins: end a stuck job now (no worker runs it); its cleanup does not run")
+def cancel(job_id: str, force: bool) -> None:
     """Cancel a job: a queued one never starts, a running one stops at its next check."""
-    job = api().post(f"/jobs/{job_id}/cancel")
+    job = api().post(f"/jobs/{job_id}/{'force-cancel' if force else 'cancel'}")
     click.echo(f"job {job['id']}: {job['state']}" + (" (cancel requested)" if job["state"] == "running" else ""))
 
 

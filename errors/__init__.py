@@ -133,6 +133,18 @@ class JobFinished(Conflict):
     code = "JobFinished"
 
 
+class JobAlive(Conflict):
+    """A job cannot be ended by force while a worker still runs it (cancel it normally)."""
+
+    code = "JobAlive"
+
+
+class ForceCancelled(LaxError):
+    """An admin ended the job by force; its cleanup did not run."""
+
+    code = "ForceCancelled"
+
+
 class WorkerLost(LaxError):
     """The worker running the job died; the job's work was rolled back."""
 

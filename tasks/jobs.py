@@ -12,9 +12,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from errors import JobFinished, JobNotFound, LaxError, TargetBusy
-from models import CANCELLED, FINAL_STATES, QUEUED, RUNNING, Job, JobLock, utcnow
-from tasks.dispatch import cancel_key
+from errors import ForceCancelled, JobAlive, JobFinished, JobNotFound, LaxError, TargetBusy
+from models import CANCELLED, FAILED, FINAL_STATES, QUEUED, RUNNING, Job, JobLock, utcnow
+from tasks.dispatch import alive_key, cancel_key
 
 
 class StaleRun(BaseException):
@@ -121,6 +121,23 @@ def finish(session: Session, job: Job, state: str, *, result: dict[str, Any] | N
         job.error_code, job.error_message = error.code, error.message
     session.execute(delete(JobLock).where(JobLock.job_id == job.id))
     return job
+
+
+def force_fail(session: Session, client: redis.Redis, job_id: str, actor: str) -> list[Job]:
+    """End a job no worker will end (its worker died and its queue has no consumer to roll it back), and
+    its unfinished descendants: failed with ForceCancelled, locks freed. Their cleanups do not run.
+    Returns the jobs ended, descendants first. JobAlive while a worker still beats for it."""
+    job = get(session, job_id)
+    if job.state in FINAL_STATES:
+        raise JobFinished(f"job {job_id} already {job.state}", job_id=job_id, state=job.state)
+    if client.get(alive_key(job_id)) == "running":
+        raise JobAlive(f"job {job_id} has a live worker: cancel it without force", job_id=job_id)
+    ended = [done for child in unfinished_children(session, job_id) for done in force_fail(session, client, child.id, actor)]
+    client.set(cancel_key(job_id), 1, ex=7 * 24 * 3600)
+    job.cancel_requested = True
+    error = ForceCancelled(f"ended by force by {actor}; its cleanup did not run: `laxcluster check` lists what it "
+                           "left", job_id=job_id)
+    return [*ended, finish(session, job, FAILED, error=error)]
 
 
 def request_cancel(session: Session, client: redis.Redis, job_id: str) -> Job:

@@ -131,6 +131,25 @@ def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] 
     return state
 
 
+def force_end(rt: Runtime, job_id: str, actor: str) -> Job:
+    """End a stuck job and its descendants now (jobs.force_fail), marking what each leaves behind the way
+    a failed run would (a VM goes to `error`, wanted deleted)."""
+    with transaction(rt.sessions) as session:
+        ended = jobs.force_fail(session, rt.redis, job_id, actor)
+    for job in ended:
+        flow = lookup(job.kind)
+        if flow.left_behind is not None:
+            ctx = JobContext(rt, app, job, Reporter(job.id, rt.sessions, rt.redis, 1.0, attempt=job.attempt))
+            try:
+                flow.left_behind(ctx)
+            except Exception:
+                log.exception("recording what job %s left behind failed", job.id)
+        announce(rt.redis, job)
+        with transaction(rt.sessions) as session:
+            wake_waiters(session, app, job)
+    return ended[-1]
+
+
 def _suspend(rt: Runtime, ctx: JobContext, suspended: Suspended) -> str:
     """Record what the job waits for and give the worker back; the children's ends resume it."""
     ctx.report.flush()
