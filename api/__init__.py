@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import auth, backups, console, health, ipam, jobs, openapi, problems, servers, storage, tokens, topology, vms
+from api import audit, auth, backups, console, health, ipam, jobs, openapi, problems, servers, storage, tokens, topology, vms
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
               ipam.subnets, ipam.leases, vms.blueprint, console.blueprint,
-              backups.backups, backups.stores, backups.policies, tokens.blueprint)
+              backups.backups, backups.stores, backups.policies, tokens.blueprint,
+              audit.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:

@@ -2,6 +2,7 @@
 
 import click
 
+from cli.audit import audit
 from cli.backups import backup, policy, store
 from cli.client import Settings
 from cli.jobs import jobs
@@ -40,3 +41,4 @@ cli.add_command(san)
 cli.add_command(backup)
 cli.add_command(store)
 cli.add_command(policy)
+cli.add_command(audit)

@@ -529,7 +529,7 @@ class TemplateBuildFailed(LaxError):
     code = "TemplateBuildFailed"
 
 
-# -- API tokens -----------------------------------------------------------------------------
+# -- API tokens -----------------------------------------------------------------------------------
 
 class TokenExpired(Unauthorized):
     """The bearer token's `expires_at` has passed; `extra['token_id']` names it."""
