@@ -545,3 +545,11 @@ class TokenRevoked(Unauthorized):
 
 class TokenNotFound(NotFound):
     code = "TokenNotFound"
+
+
+# -- long-lived streams --------------------------------------------------------------------------
+
+class TooManyStreams(ServiceUnavailable):
+    """Every slot for long-lived streams (SSE, consoles) is taken; `extra['retry_after_s']` says when to retry."""
+
+    code = "TooManyStreams"
