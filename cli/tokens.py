@@ -20,7 +20,7 @@ from config.units import parse_duration
 from errors import InvalidInput
 from models import ROLES, AuditEvent
 from models.db import make_engine, make_session_factory, migrate, transaction
-from tasks.inventory.tokens import issue
+from tasks.inventory.tokens import Issued, issue
 
 NAME = re.compile(r"^[a-z0-9-]{1,63}$")
 COLUMNS = (
@@ -56,20 +56,7 @@ def create(role: str, name: str | None, lifetime: str | None) -> None:
     name = name or f"{role}-{secrets.token_hex(3)}"
     if not NAME.fullmatch(name):
         raise click.BadParameter("1-63 characters of a-z, 0-9 and '-'", param_hint="--name")
-    duration = _lifetime(lifetime) if lifetime else None
-    url = config.load().db_url
-    migrate(url)
-    engine = make_engine(url)
-    try:
-        with transaction(make_session_factory(engine)) as session:
-            issued = issue(session, role, name, duration)
-            # Made outside the API, so the audit event names the local user instead of a token.
-            session.add(AuditEvent(actor=f"local:{_local_user()}", action="token.create", target=f"token/{issued.token.id}",
-                                   details={"name": name, "role": role, "expires": lifetime}))
-    except InvalidInput as error:
-        raise click.BadParameter(error.message, param_hint="--expires") from None
-    finally:
-        engine.dispose()
+    issued = _issue_locally(role, name, lifetime)
     token = issued.token
     until = f", expires {token.expires_at.isoformat(timespec='seconds')}Z" if token.expires_at else ""
     click.echo(f"created {role} token {token.id} ({name!r}{until}); store it now, it is not shown again:", err=True)
@@ -89,6 +76,25 @@ def list_tokens(as_json: bool) -> None:
 def revoke(token_id: int, as_json: bool) -> None:
     """Revoke token ID (see `token list`): it is refused from the next request on."""
     print_item(api().request("DELETE", f"/tokens/{token_id}").json(), as_json)
+
+
+def _issue_locally(role: str, name: str, lifetime: str | None) -> Issued:
+    """A token issued in the configured DB (migrated first), audited as the local user who made it."""
+    duration = _lifetime(lifetime) if lifetime else None
+    url = config.load().db_url
+    migrate(url)
+    engine = make_engine(url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            issued = issue(session, role, name, duration)
+            # Made outside the API, so the audit event names the local user instead of a token.
+            session.add(AuditEvent(actor=f"local:{_local_user()}", action="token.create", target=f"token/{issued.token.id}",
+                                   details={"name": name, "role": role, "expires": lifetime}))
+            return issued
+    except InvalidInput as error:  # role is a click.Choice, so only the lifetime can be out of bounds here
+        raise click.BadParameter(error.message, param_hint="--expires") from None
+    finally:
+        engine.dispose()
 
 
 def _lifetime(text: str) -> timedelta:
