@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import auth, backups, check, console, health, ipam, jobs, openapi, problems, servers, storage, topology, vms
+from api import (audit, auth, backups, check, console, health, ipam, jobs, openapi, problems, servers, storage,
+                 streams, tokens, topology, vms)
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
               ipam.subnets, ipam.leases, vms.blueprint, console.blueprint,
-              backups.backups, backups.stores, backups.policies, check.blueprint)
+              backups.backups, backups.stores, backups.policies, tokens.blueprint,
+              audit.blueprint, check.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:
@@ -32,10 +34,12 @@ def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask
         rt = current()
     if celery is None:
         from tasks.app import app as celery
+    settings = rt.config.section("api")
     app = Flask(__name__, static_folder=None)
-    app.config.update(SSE_KEEPALIVE_S=15.0)
+    app.config.update(SSE_KEEPALIVE_S=float(settings.get("sse_keepalive_s", 15.0)))
     app.json.sort_keys = False
-    app.extensions[EXTENSION] = {"runtime": rt, "celery": celery}
+    app.extensions[EXTENSION] = {"runtime": rt, "celery": celery,
+                                 "streams": streams.StreamSlots(int(settings.get("max_streams", 4)))}
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     problems.register(app)

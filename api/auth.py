@@ -1,7 +1,8 @@
 """Bearer-token authentication and role checks, applied to every route before its view runs.
 
-Tokens are looked up by their SHA-256 (ApiToken.digest); roles are ordered viewer < operator <
-admin. The role a route needs comes from its `operation` record (api.openapi).
+Tokens are looked up by their SHA-256 (ApiToken.digest); a revoked or expired one is refused with
+its own code (TokenRevoked, TokenExpired). Roles are ordered viewer < operator < admin. The role a
+route needs comes from its `operation` record (api.openapi).
 """
 
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from api import context
 from api.openapi import ANYONE, described, required_role
-from errors import Forbidden, Unauthorized
+from errors import Forbidden, TokenExpired, TokenRevoked, Unauthorized
 from models import ROLES, ApiToken, utcnow
 
 TOUCH_INTERVAL = timedelta(minutes=1)
@@ -51,11 +52,22 @@ def authenticate(header: str) -> Caller:
         raise Unauthorized("send an API token as 'Authorization: Bearer <token>' (laxcluster token create)")
     digest = ApiToken.digest(secret.strip())
     with context.session() as db:
-        token = db.scalar(select(ApiToken).where(ApiToken.token_hash == digest, ApiToken.revoked.is_(False)))
+        token = db.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
         if token is None or token.role not in ROLES:
-            raise Unauthorized("unknown or revoked API token")
+            raise Unauthorized("unknown API token")
+        _refuse_unless_active(token)
         _touch(db, token)
         return Caller(name=token.name, role=token.role)
+
+
+def _refuse_unless_active(token: ApiToken) -> None:
+    # Read from the DB on every request, never cached: a revocation or expiry holds from the next request on.
+    state = token.state(utcnow())
+    if state == "revoked":
+        raise TokenRevoked(f"API token {token.id} ({token.name}) was revoked; ask an admin for a new one", token_id=token.id)
+    if state == "expired":
+        raise TokenExpired(f"API token {token.id} ({token.name}) expired at {token.expires_at.isoformat(timespec='seconds')}Z; "
+                           "ask an admin for a new one", token_id=token.id)
 
 
 def current_caller() -> Caller:

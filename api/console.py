@@ -2,11 +2,12 @@
 between the client and the domain's console on its server, read through a libvirt stream.
 
 A console is a live byte stream, so it cannot go through the job queue: this is the one route
-that talks to a cluster server itself. Everything that can refuse a console (token, unknown VM,
-VM not running, server unreachable) is checked before the upgrade, so a refusal is an ordinary
-problem+json answer. The relay ends when either side closes; the libvirt stream and connection
-are closed when the request ends, whatever happened. Opening a console takes it over from any
-session already attached (the earlier one sees its websocket close).
+that talks to a cluster server itself. Everything that can refuse a console (token, every stream
+slot taken (api.streams), unknown VM, VM not running, server unreachable) is checked before the
+upgrade, so a refusal is an ordinary problem+json answer. The relay ends when either side closes;
+the libvirt stream and connection are closed, and the slot given back, when the request ends,
+whatever happened. Opening a console takes it over from any session already attached (the earlier
+one sees its websocket close).
 """
 
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from flask import Blueprint, Response, request
 from simple_websocket import ConnectionClosed, Server
 from sqlalchemy import select
 
-from api import context, validation
+from api import context, streams, validation
 from api.openapi import operation
 from errors import ServerUnreachable, UpgradeRequired, VmNotFound, VmNotRunning
 from models import ClusterServer, VirtualMachine
@@ -60,20 +61,27 @@ class SocketTakenOver(Response):
 @blueprint.get("/vms/<name>/console", websocket=True)
 @blueprint.get("/vms/<name>/console")
 @operation("The VM's serial console as a websocket: binary messages both ways, keystrokes in, console output out; "
-           "ends when either side closes", role="operator", status=101, media_type="application/octet-stream")
+           "ends when either side closes; 503 TooManyStreams (with Retry-After) while every stream slot is taken",
+           role="operator", status=101, media_type="application/octet-stream")
 def console(name: str) -> Response:
     if not request.url_rule.websocket:
         raise UpgradeRequired("the console is a websocket: connect with `Upgrade: websocket` (laxcluster vm console)")
-    attached = attach(name)
-    try:
-        ws = Server.accept(request.environ)
+    with streams.claim():
+        attached = attach(name)
         try:
-            relay(ws, attached.console)
+            serve(attached)
         finally:
-            close_websocket(ws)
-    finally:
-        attached.close()
+            attached.close()
     return SocketTakenOver()
+
+
+def serve(attached: Attached) -> None:
+    """Upgrade the request to a websocket and relay between it and the console until either side closes."""
+    ws = Server.accept(request.environ)
+    try:
+        relay(ws, attached.console)
+    finally:
+        close_websocket(ws)
 
 
 def close_websocket(ws: Server) -> None:

@@ -11,6 +11,7 @@ from api.changes import audit, job_response, submit_job
 from api.events import job_events
 from api.openapi import list_of, operation, ref
 from api.representations import job_json
+from api.streams import streamed
 from models import FINAL_STATES, STATES, Job
 from tasks import jobs, submission
 from tasks.kinds import NOOP_MAX_SECONDS, NOOP_MAX_STEPS, Noop, request_schema
@@ -74,16 +75,18 @@ def force_cancel(job_id: str):
 
 
 @blueprint.get("/jobs/<job_id>/events")
-@operation("Follow a job as Server-Sent Events: its history, then live events, until it is final",
+@operation("Follow a job as Server-Sent Events: its history, then live events, until it is final; "
+           "503 TooManyStreams (with Retry-After) while every stream slot is taken",
            media_type="text/event-stream", response={"type": "string"})
 def events(job_id: str):
     rt = context.runtime()
     with context.session() as db:
         jobs.get(db, job_id)
     after = validation.integer(request.headers.get("Last-Event-ID", 0), "Last-Event-ID", 0, 2**62)
-    stream = job_events(rt, job_id, after_seq=after, keepalive_s=current_app.config["SSE_KEEPALIVE_S"])
-    return Response(stream, mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    keepalive_s = current_app.config["SSE_KEEPALIVE_S"]
+    return streamed(lambda: Response(job_events(rt, job_id, after_seq=after, keepalive_s=keepalive_s),
+                                     mimetype="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}))
 
 # The job's own parameters, plus the name of the lock to take.
 NOOP_BODY = request_schema(Noop)

@@ -49,7 +49,10 @@ def register(app: Flask) -> None:
 
 def _from_lax_error(error: LaxError) -> Response:
     status = error.http_status if 400 <= error.http_status < 600 else 500
-    return problem(status, error.code, error.message, **error.extra)
+    response = problem(status, error.code, error.message, **error.extra)
+    if "retry_after_s" in error.extra:
+        response.headers["Retry-After"] = str(int(error.extra["retry_after_s"]))
+    return response
 
 
 def _from_http_exception(error: HTTPException) -> Response:

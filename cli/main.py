@@ -2,6 +2,7 @@
 
 import click
 
+from cli.audit import audit
 from cli.backups import backup, policy, store
 from cli.check import check
 from cli.client import Settings
@@ -42,3 +43,4 @@ cli.add_command(backup)
 cli.add_command(store)
 cli.add_command(policy)
 cli.add_command(check)
+cli.add_command(audit)

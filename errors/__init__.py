@@ -551,3 +551,29 @@ class TemplateBuildFailed(LaxError):
     """The lab's tiny template could not be built (e.g. no kernel with the modules it needs)."""
 
     code = "TemplateBuildFailed"
+
+
+# -- API tokens -----------------------------------------------------------------------------------
+
+class TokenExpired(Unauthorized):
+    """The bearer token's `expires_at` has passed; `extra['token_id']` names it."""
+
+    code = "TokenExpired"
+
+
+class TokenRevoked(Unauthorized):
+    """The bearer token was revoked; `extra['token_id']` names it."""
+
+    code = "TokenRevoked"
+
+
+class TokenNotFound(NotFound):
+    code = "TokenNotFound"
+
+
+# -- long-lived streams --------------------------------------------------------------------------
+
+class TooManyStreams(ServiceUnavailable):
+    """Every slot for long-lived streams (SSE, consoles) is taken; `extra['retry_after_s']` says when to retry."""
+
+    code = "TooManyStreams"

@@ -18,7 +18,7 @@ from lab.processes import free_port
 from tests.fixtures.http import assert_problem, bearer
 
 DUMMY_ARGUMENTS = {"job_id": "0b7c5b0e-0000-4000-8000-000000000000", "name": "cs1", "volume_id": "1", "action": "start",
-                   "backup_id": "0b7c5b0e-0000-4000-8000-000000000001"}
+                   "backup_id": "0b7c5b0e-0000-4000-8000-000000000001", "token_id": "999999"}
 
 
 def every_route(app):
@@ -48,7 +48,7 @@ def test_every_route_but_health_needs_a_token(app, client, tokens):
 def test_a_revoked_token_is_refused(rt, client, tokens):
     with transaction(rt.sessions) as session:
         session.execute(update(ApiToken).where(ApiToken.name == "test-admin").values(revoked=True))
-    assert_problem(client.get("/jobs", headers=bearer(tokens["admin"])), 401, "Unauthorized")
+    assert_problem(client.get("/jobs", headers=bearer(tokens["admin"])), 401, "TokenRevoked")
     assert client.get("/jobs", headers=bearer(tokens["viewer"])).status_code == 200
 
 
@@ -62,8 +62,9 @@ def test_roles_are_ordered_viewer_operator_admin(app, client, tokens):
     assert client.post("/jobs/noop", json={}, headers=bearer(tokens["admin"])).status_code == 202
     for _, url in (route for route in every_route(app) if route[0] == "GET" and "<" not in route[1]):
         if "/events" not in url:
-            # The console is an operator's tool: a viewer may list and read, not type into a VM.
-            expected = (403,) if url.endswith("/console") else (200, 404)
+            # The console is an operator's tool: a viewer may list and read, not type into a VM;
+            # tokens and the audit trail are an admin's.
+            expected = (403,) if url.endswith("/console") or url in ("/tokens", "/audit") else (200, 404)
             assert client.get(url, headers=bearer(tokens["viewer"])).status_code in expected, url
 
 
