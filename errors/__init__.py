@@ -527,3 +527,11 @@ class TemplateBuildFailed(LaxError):
     """The lab's tiny template could not be built (e.g. no kernel with the modules it needs)."""
 
     code = "TemplateBuildFailed"
+
+
+# -- the launcher: `laxcluster run` ----------------------------------------------------------------
+
+class LauncherRunning(Conflict):
+    """Another `laxcluster run` holds this var_dir's launcher lock; `extra['pid']` is its pid."""
+
+    code = "LauncherRunning"
