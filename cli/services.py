@@ -178,6 +178,7 @@ class Supervisor:
 
     def _on_signal(self, sig: int, _frame: object) -> None:
         if self.stopping or self.stop_signal:
+            # A further signal: the stop, under way or about to begin, SIGKILLs at once instead of waiting.
             self.hurry = True
             return
         self.stop_signal = signal.Signals(sig).name
