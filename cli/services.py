@@ -1,10 +1,11 @@
 """The embedded service set that `laxcluster run` supervises: Redis, workers, beat, Flower, API.
 
-Each service is a child process in its own session, so Ctrl-C reaches only the launcher, which
-then stops them in reverse order (SIGTERM, SIGKILL after a deadline) and leaves none behind.
+Each service is a child process leading a session of its own, so Ctrl-C reaches only the launcher,
+which then stops them all at once (SIGTERM to every process group, SIGKILL to what is left after one
+shared deadline) and leaves none behind. Each is in the launcher's run record from the moment it starts,
+and gets SIGTERM should the launcher die without stopping it.
 """
 
-import os
 import secrets
 import signal
 import subprocess
@@ -13,11 +14,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.procs import dying_with_parent, stop_groups
+from cli.runrecord import RunRecord
 from config import Config
 from errors import InvalidInput
 from tasks.queues import all_queues
 
-STOP_DEADLINE_S = 20
+# SIGTERM's grace, shared by all services: with SIGKILL's wait after it, a stop ends well within 15 s.
+STOP_GRACE_S = 10
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
@@ -31,30 +36,17 @@ class Service:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=dying_with_parent())
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self) -> None:
         """Stop the service and everything it forked (its whole process group)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        _signal_group(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            _signal_group(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        # Pool children of a Celery worker may outlive their parent for a moment.
-        _signal_group(self.proc.pid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+        if self.proc is not None:
+            stop_groups([self.proc.pid], STOP_GRACE_S)
+            self.proc.poll()
 
 
 def flower_password(var_dir: Path) -> str:
@@ -123,34 +115,72 @@ def api_argv(host: str, port: int, threads: int = 16) -> list[str]:
             "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--no-control-socket", "api:create_app()"]
 
 
-class Supervisor:
-    """Starts services in order and stops them all, in reverse, on a signal or when one dies."""
+class StopRequested(KeyboardInterrupt):
+    """A stop signal interrupted the start (a KeyboardInterrupt, so no `except Exception` swallows it)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+
+class Supervisor:
+    """Starts services, recording each in `record` if given, and stops them all on a stop signal or when one dies.
+
+    The first SIGINT, SIGTERM or SIGHUP interrupts a start in progress (StopRequested) or ends `watch`;
+    any further one only makes a stop under way skip the rest of its grace and SIGKILL at once, so no
+    signal can cut a stop short and leave services behind.
+    """
+
+    def __init__(self, env: dict[str, str], record: RunRecord | None = None) -> None:
         self.env = env
+        self.record = record
         self.running: list[Service] = []
+        self.stop_signal: str | None = None
+        self.interruptible = True
         self.stopping = False
+        self.hurry = False
+
+    def handle_signals(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
 
     def start(self, service: Service) -> None:
-        service.start(self.env)
-        self.running.append(service)
+        # Not interrupted between Popen and the record: a child started but not recorded would be left behind.
+        self.interruptible = False
+        try:
+            service.start(self.env)
+            self.running.append(service)
+            if self.record:
+                self.record.add(service.name, service.proc.pid, service.argv)
+        finally:
+            self.interruptible = True
+        if self.stop_signal:
+            raise StopRequested(f"{self.stop_signal} received")
 
     def watch(self, poll_s: float = 0.5) -> str:
         """Block until a stop signal arrives or a service exits; return why."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-        while not self.stopping:
+        self.interruptible = False
+        while not self.stop_signal:
             for service in self.running:
                 code = service.exited()
                 if code is not None:
                     return f"{service.name} exited with {code} (see {service.log})"
             time.sleep(poll_s)
-        return "stop requested"
+        return f"{self.stop_signal} received"
 
-    def stop_all(self) -> None:
-        for service in reversed(self.running):
-            service.stop()
-        self.running.clear()
+    def stop_all(self) -> set[int]:
+        """Stop every service and whatever it forked, all at once, within STOP_GRACE_S and SIGKILL's wait.
 
-    def _on_signal(self, _sig: int, _frame: object) -> None:
+        Returns the process groups still alive even after SIGKILL (normally none).
+        """
         self.stopping = True
+        stuck = stop_groups([service.proc.pid for service in self.running], STOP_GRACE_S, lambda: self.hurry)
+        for service in self.running:
+            service.exited()  # reaps it
+        self.running = [service for service in self.running if service.proc.pid in stuck]
+        return stuck
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        if self.stopping or self.stop_signal:
+            # A further signal: the stop, under way or about to begin, SIGKILLs at once instead of waiting.
+            self.hurry = True
+            return
+        self.stop_signal = signal.Signals(sig).name
+        if self.interruptible:
+            raise StopRequested(f"{self.stop_signal} received")

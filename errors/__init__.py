@@ -577,3 +577,11 @@ class TooManyStreams(ServiceUnavailable):
     """Every slot for long-lived streams (SSE, consoles) is taken; `extra['retry_after_s']` says when to retry."""
 
     code = "TooManyStreams"
+
+
+# -- the launcher: `laxcluster run` ----------------------------------------------------------------
+
+class LauncherRunning(Conflict):
+    """Another `laxcluster run` holds this var_dir's launcher lock; `extra['pid']` is its pid."""
+
+    code = "LauncherRunning"
