@@ -63,11 +63,11 @@ class JobContext:
         self.check_cancel()
         with self.session() as session:
             jobs.owned(session, self.job_id, self.attempt)
+        kill_here_if_asked(self.kind, name)
         if self._replaying:
             self._held_phase = (name, progress)
             return
         self.report.update(phase=name, progress=progress)
-        kill_here_if_asked(self.kind, name)
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if someone asked to cancel this job."""

@@ -19,7 +19,8 @@ from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
 from tests.support import REPO, missing, need_binary, need_root
 
-pytest_plugins = ["tests.fixtures.api", "tests.fixtures.served", "tests.fixtures.lab_vms", "tests.fixtures.check"]
+pytest_plugins = ["tests.fixtures.api", "tests.fixtures.served", "tests.fixtures.lab_vms", "tests.fixtures.check",
+                  "tests.fixtures.faults"]
 TEST_JOB_SETTINGS = {
     "LAXCLUSTER_JOBS_HEARTBEAT_TTL_S": "3",
     "LAXCLUSTER_JOBS_RECONCILE_EVERY_S": "2",

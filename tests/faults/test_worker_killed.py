@@ -1,0 +1,116 @@
+"""The worker running a job is killed -9 at one of its phases (the whole worker, as a machine crash would);
+a new worker comes up. The job must be final within a minute, the cluster must match its inventory
+(`laxcluster check`), and a VM the job left running must work."""
+
+import pytest
+from sqlalchemy import select
+
+from models import SUCCEEDED, ClusterServer, VirtualMachine
+from models.db import transaction
+from models.protection import BackupStore
+from tasks import submission
+from tests.fixtures.faults import FaultLab
+from tests.fixtures.vms import boot_line, install, run_job, server_uri, start_install, unique
+
+pytestmark = [pytest.mark.integration, pytest.mark.lab, pytest.mark.faults]
+
+
+def vm_server(lab: FaultLab, name: str) -> str | None:
+    """The server the inventory places VM `name` on (None: no such VM, or not placed)."""
+    with lab.rt.sessions() as session:
+        return session.scalar(select(ClusterServer.name).join(VirtualMachine, VirtualMachine.server_id == ClusterServer.id)
+                              .where(VirtualMachine.name == name))
+
+
+def assert_vm_works(lab: FaultLab, name: str) -> str:
+    server = vm_server(lab, name)
+    assert boot_line(server_uri(lab.rt, server), name)[0] == name
+    return f"{name} boots on {server}"
+
+
+@pytest.fixture
+def local_store(fault_lab: FaultLab, tmp_path) -> str:
+    """The default backup store `local`, a directory on the SAN host."""
+    with transaction(fault_lab.rt.sessions) as session:
+        session.add(BackupStore(name="local", kind="local", location=str(tmp_path / "store")))
+    return "local"
+
+
+def start(lab: FaultLab, kind: str, params: dict) -> str:
+    return submission.start(lab.rt, lab.celery_app, kind, params, submission.Requester("fault-suite")).id
+
+
+@pytest.mark.parametrize("kind, phase", [
+    ("install-vm", "prepare disks"),       # the control workflow, while it starts its SAN child
+    ("prepare-vm-disks", "write seed"),    # the SAN, between the clone and the export
+    ("start-domain", "start"),             # the node, with the domain defined but not started
+])
+def test_install_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
+    lab, name = fault_lab, unique("crash")
+    lab.crash_worker_at(kind, phase)
+    job_id = start_install(lab.rt, lab.celery_app, name).id
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    works = assert_vm_works(lab, name)
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (install)", job, seconds, f"re-run; {works}; check clean")
+
+
+@pytest.mark.parametrize("kind, phase", [("remove-vm-disks", "unexport"), ("remove-vm-disks", "delete volumes")])
+def test_delete_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
+    lab, name = fault_lab, unique("gone")
+    assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "delete-vm", {"vm": name})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    with lab.rt.sessions() as session:
+        assert session.scalar(select(VirtualMachine.id).where(VirtualMachine.name == name)) is None
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (delete)", job, seconds, "re-run; VM gone; check clean")
+
+
+@pytest.mark.parametrize("kind, phase", [("migrate", "export storage"), ("migrate-domain", "transfer memory")])
+def test_migrate_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
+    lab, name = fault_lab, unique("move")
+    assert install(lab.rt, lab.celery_app, name, server="cs1").state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "migrate", {"vm": name, "to": "cs2"})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    # A migration is never run twice: it is rolled back, and the VM runs where the settle found it.
+    assert (job.state, job.error_code) == ("failed", "WorkerLost"), job.error_message
+    works = assert_vm_works(lab, name)
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (migrate)", job, seconds, f"rolled back; {works}; check clean")
+
+
+@pytest.mark.parametrize("kind, phase", [("snapshot-backup", "snapshot"), ("snapshot-backup", "record")])
+def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, kind: str, phase: str):
+    lab, name = fault_lab, unique("bk")
+    assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "snapshot-backup", {"vm": name, "mode": "full"})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    verified = run_job(lab.rt, lab.celery_app, "verify-backup", {"backup": job.result["backups"][0]["id"]})
+    assert verified.state == SUCCEEDED, verified.error_message
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (backup)", job, seconds, "re-run; backup verifies; check clean")
+
+
+def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str):
+    lab, name = fault_lab, unique("rs")
+    assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
+    backup = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"})
+    assert backup.state == SUCCEEDED, backup.error_message
+    lab.crash_worker_at("restore", "write")
+    job_id = start(lab, "restore", {"backup": backup.result["backups"][0]["id"], "in_place": False})
+    lab.wait_for_the_crash(job_id, "restore/write")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    lab.assert_clean()
+    lab.record("worker killed -9 at restore / write (to a new volume)", job, seconds, "re-run; check clean")
