@@ -176,6 +176,24 @@ def test_cancel_leaves_no_manifest(store: LocalStore, tmp_path: Path) -> None:
     assert not [p for p in Path(store.path).rglob("*.tmp")]
 
 
+def test_a_torn_chunk_is_written_again_by_the_next_backup(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 4))
+    first = backup_volume(str(source), CHUNK * 4, store, backup_id="first", chunk_size=CHUNK)
+    torn = Path(store.path) / chunk_relpath(first["chunks"][1]["digest"])
+    whole = torn.read_bytes()
+    torn.write_bytes(whole[: len(whole) // 2])  # what a store that did not sync can leave after a crash
+
+    second = backup_volume(str(source), CHUNK * 4, store, backup_id="second", chunk_size=CHUNK)
+
+    assert torn.read_bytes() == whole
+    assert (second["chunks_written"], second["chunks"][1]["stored"]) == (1, len(whole))
+    assert verify_backup(store, second) == [] and verify_backup(store, first) == []
+    restored = tmp_path / "restored.img"
+    restore_volume(store, second, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+
 def test_gc_removes_exactly_the_unreferenced_chunks(store: LocalStore, tmp_path: Path) -> None:
     first, second = tmp_path / "a.img", tmp_path / "b.img"
     shared = os.urandom(CHUNK)
