@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from errors import BackupCancelled, ChunkCorrupt
+from errors import BackupCancelled, ChunkCorrupt, ChunkMissing
 from tests.support import sha256_of, write_at
 from workers.san.backup import (
     backup_volume,
+    check_chunks_stored,
     collect_garbage,
     restore_volume,
     retention_keep,
@@ -149,6 +150,21 @@ def test_verify_names_a_corrupted_and_a_missing_chunk(store: LocalStore, tmp_pat
     assert any(missing in p and f"offset {4 * CHUNK}" in p and "ChunkMissing" in p for p in problems)
     with pytest.raises(ChunkCorrupt):
         restore_volume(store, {**manifest, "chunks": manifest["chunks"][:4]}, str(tmp_path / "out.img"))
+
+
+def test_a_restore_can_look_for_missing_and_torn_chunks_before_it_writes(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 3))
+    manifest = backup_volume(str(source), CHUNK * 3, store, backup_id="f", chunk_size=CHUNK)
+    check_chunks_stored(store, manifest)
+
+    torn = Path(store.path) / chunk_relpath(manifest["chunks"][1]["digest"])
+    torn.write_bytes(torn.read_bytes()[:100])
+    with pytest.raises(ChunkCorrupt, match=f"offset {CHUNK}"):
+        check_chunks_stored(store, manifest)
+    torn.unlink()
+    with pytest.raises(ChunkMissing, match=manifest["chunks"][1]["digest"]):
+        check_chunks_stored(store, manifest)
 
 
 def test_verify_finds_an_incomplete_manifest(store: LocalStore, tmp_path: Path) -> None:
