@@ -1,5 +1,6 @@
 """The HTTP face of storage: SANs with their pool facts, their volumes, templates, and volume resize."""
 
+import os
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -13,7 +14,7 @@ from api.changes import submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.representations import iso, san_json
-from errors import LaxError, SanNotFound, TemplateExists, UnknownSan, VolumeNotFound
+from errors import ImportSourceRefused, LaxError, SanNotFound, TemplateExists, UnknownSan, VolumeNotFound
 from models import San, Template, VirtualMachine, Volume
 
 sans = Blueprint("sans", __name__)
@@ -21,6 +22,7 @@ templates = Blueprint("templates", __name__)
 volumes = Blueprint("volumes", __name__)
 
 OS_NAME = re.compile(r"^[a-z0-9._-]{1,63}$")
+IMAGE_FORMATS = ("raw", "qcow2")
 MAX_PATH = 1023
 _INT = {"type": ["integer", "null"]}
 _TEXT = {"type": "string"}
@@ -151,17 +153,20 @@ def template_index():
 
 
 @templates.post("/templates")
-@operation("Import a raw or qcow2 image on a SAN host as a template, as a job on that SAN's queue", status=202,
-           response=ref("Job"), body={"type": "object", "required": ["name", "san", "source_path"], "properties": {
+@operation("Import a raw or qcow2 image from the import directory of a SAN host as a template, as a job on that "
+           "SAN's queue (admin: the SAN reads the file as root)", role="admin", status=202,
+           response=ref("Job"), body={"type": "object", "required": ["name", "san", "source_path", "format"], "properties": {
                "name": _TEXT, "san": _TEXT,
-               "source_path": {"type": "string", "description": "absolute path of the image on the SAN host"},
+               "source_path": {"type": "string", "description": "absolute path of a regular file in the SAN host's "
+                                                               "import directory (templates.import_dir)"},
+               "format": {"enum": list(IMAGE_FORMATS), "description": "the image's format (never probed)"},
                "os": {"type": "string", "default": "linux"}, "default_size": sizes.schema(sizes.DISK_BOUNDS)}})
 def template_import():
     body = validation.json_body()
-    validation.reject_unknown(body, {"name", "san", "source_path", "os", "default_size"})
+    validation.reject_unknown(body, {"name", "san", "source_path", "format", "os", "default_size"})
     name = validation.name(body.get("name"), "name")
-    params: dict[str, Any] = {"name": name, "san": body.get("san"), "source_path": _absolute_path(body.get("source_path")),
-                              "os": _os_name(body.get("os", "linux"))}
+    params: dict[str, Any] = {"name": name, "san": body.get("san"), "source_path": _importable_path(body.get("source_path")),
+                              "format": _image_format(body.get("format")), "os": _os_name(body.get("os", "linux"))}
     if "default_size" in body:
         params["default_size_bytes"] = sizes.disk(body["default_size"], "default_size")
     with context.session() as db:
@@ -171,14 +176,26 @@ def template_import():
     return submit_job("import-template", params)
 
 
-def _absolute_path(value: Any) -> str:
-    """An absolute, normalised path without '..' (it names a file on the SAN host, never a shell word)."""
+def _importable_path(value: Any) -> str:
+    """An absolute, normalised path without '..' inside the import directory (it names a file on the SAN host,
+    never a shell word). The SAN checks it again with symlinks resolved: only it sees the file."""
     if not isinstance(value, str) or not value.startswith("/") or len(value) > MAX_PATH or any(c < " " for c in value):
         raise validation.invalid("source_path", f"must be an absolute path of at most {MAX_PATH} printable characters")
     path = PurePosixPath(value)
     if ".." in path.parts or path == PurePosixPath("/"):
         raise validation.invalid("source_path", "must name a file, without '..'")
+    import_dir = PurePosixPath(os.path.abspath(context.runtime().config.import_dir))
+    if path == import_dir or not path.is_relative_to(import_dir):
+        raise ImportSourceRefused(f"{path} is not in the import directory {import_dir}: templates are imported "
+                                  "only from there", field="source_path", source=str(path))
     return str(path)
+
+
+def _image_format(value: Any) -> str:
+    if value not in IMAGE_FORMATS:
+        raise validation.invalid("format", f"must be one of {', '.join(IMAGE_FORMATS)} (the image's format is "
+                                           "never guessed from its content)")
+    return value
 
 
 def _os_name(value: Any) -> str:

@@ -50,9 +50,9 @@ def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:
                                             .where(Template.name == "tiny")))
         wanted = [("refresh-servers", {})] + [("refresh-san", {"san": name}) for name in sans]
         if with_lab:
-            tiny = build_tiny(cfg.var_dir / "lab" / "templates" / "tiny")
+            tiny = build_tiny(cfg.import_dir / "tiny")  # imports read only from the import directory
             wanted += [("import-template", {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()),
-                                            "os": "busybox", "boot": tiny.boot_info()})
+                                            "format": "raw", "os": "busybox", "boot": tiny.boot_info()})
                        for name in sans if name not in have_tiny]
         submitted = [_start(rt, celery, kind, params) for kind, params in wanted]
         return [_wait(rt, job.id) for job in submitted]

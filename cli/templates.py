@@ -38,12 +38,17 @@ def list_templates(san: str | None, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--san", required=True, help="the SAN to keep it on; FILE is read there")
+@click.option("--format", "image_format", type=click.Choice(["raw", "qcow2"]),
+              help="the image's format (default: qcow2 for a FILE ending in .qcow2, else raw)")
 @click.option("--os", "os_name", default="linux", show_default=True, help="what the image runs, e.g. debian12")
 @click.option("--default-size", help="the disk size VMs get unless they ask, e.g. 2G (default: the image's)")
 @watch_option
-def import_template(name: str, file: str, san: str, os_name: str, default_size: str | None, watch: bool) -> None:
-    """Import a raw or qcow2 image FILE (a path on the SAN host) as template NAME, as a job."""
-    body = {"name": name, "san": san, "source_path": os.path.abspath(file), "os": os_name}
+def import_template(name: str, file: str, san: str, image_format: str | None, os_name: str, default_size: str | None,
+                    watch: bool) -> None:
+    """Import a raw or qcow2 image FILE as template NAME, as a job (admin). FILE is a regular file in the SAN
+    host's import directory (templates.import_dir)."""
+    image_format = image_format or ("qcow2" if file.endswith(".qcow2") else "raw")
+    body = {"name": name, "san": san, "source_path": os.path.abspath(file), "format": image_format, "os": os_name}
     if default_size is not None:
         body["default_size"] = default_size
     client = api()

@@ -77,6 +77,11 @@ class Config:
     def db_url(self) -> str:
         return self.section("db").get("url") or f"sqlite:///{(self.var_dir / 'laxcluster.db').resolve()}"
 
+    @property
+    def import_dir(self) -> Path:
+        """The only directory template images are imported from (templates.import_dir; empty: <var_dir>/import)."""
+        return Path(self.section("templates").get("import_dir") or self.var_dir / "import")
+
     def servers(self) -> list[tuple[SiteConfig, ClusterConfig, ServerConfig]]:
         return [(site, cluster, server) for site in self.sites for cluster in site.clusters for server in cluster.servers]
 

@@ -223,6 +223,18 @@ class TemplateExists(Conflict):
     code = "TemplateExists"
 
 
+class ImportSourceRefused(InvalidInput):
+    """A template's image is not a regular file inside the import directory (symlinks resolved first)."""
+
+    code = "ImportSourceRefused"
+
+
+class BackingFileRefused(InvalidInput):
+    """A template's image names another file to read (a qcow2 backing or external data file)."""
+
+    code = "BackingFileRefused"
+
+
 class ServerNotFound(NotFound):
     """There is no such cluster server: the URL names it, or a job's parameter does."""
 

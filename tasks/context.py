@@ -87,6 +87,10 @@ class JobContext:
                 jobs.owned(session, self.job_id, self.attempt).continuation = dict(self.continuation)
         return copy.deepcopy(memo[name])
 
+    def remembered(self, name: str) -> Any:
+        """What `once(name, ...)` remembered, or None if no run got that far (a cleanup undoes only what was chosen)."""
+        return copy.deepcopy(self.continuation.get("memo", {}).get(name))
+
     def spawn(self, kind: str, params: dict[str, Any] | None = None, *, step: str | None = None) -> str:
         """Start a child job of this one, or find the one an earlier run started for this step.
 

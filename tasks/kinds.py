@@ -89,6 +89,7 @@ class ExportVmDisks(VmOnSan):
 class ImportTemplate(OfSan):
     name: str
     source_path: str
+    format: Literal["raw", "qcow2"] = Field(description="the image's format, never probed from its content")
     os: str = "linux"
     boot: dict[str, Any] | None = None
     default_size_bytes: int | None = None

@@ -25,10 +25,11 @@ from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
 from tasks.kinds import prune_lock
-from tasks.san.volumes import san_place
+from tasks.san.storage import handle_in_use, target_for
+from tasks.san.volumes import SanPlace, san_place
 from tasks.workflow import workflow
 from workers.san.backend import VolumeBackend, snapshot_handle
-from workers.san.backup import backup_volume, restore_volume, verify_backup
+from workers.san.backup import backup_volume, check_chunks_stored, restore_volume, verify_backup
 from workers.san.chunks import ChunkStore, LocalStore
 from workers.san.ssh_store import SshStore
 
@@ -319,53 +320,106 @@ def verify_backup_job(ctx: JobContext) -> dict[str, Any]:
 
 # -- restore --------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class InPlace:
+    """The disk an in-place restore replaces: its volume row, the handle it had when the job began, and
+    the volume beside it that the backup is written to (both chosen once per job)."""
+
+    volume_id: int
+    san_id: int
+    original: str
+    beside: str
+    swapped: bool
+
+
 def restore_target_name(ctx: JobContext, backup: Backup) -> str:
     return ctx.params.as_volume or f"{backup.volume_name}-r{backup.id.replace('-', '')[:8]}"
 
 
+def new_volume_handle() -> str:
+    """A backend name nobody chooses, so it can never be another volume's."""
+    return f"vol-{uuid.uuid4().hex}"
+
+
 def undo_restore(ctx: JobContext) -> None:
-    """A restore to a new volume that did not finish deletes that volume (an in-place restore keeps its disk)."""
-    if ctx.params.in_place:
-        return
+    """Delete the volume an unfinished restore wrote to: the new `restoring` volume, or, in place, the volume
+    beside the disk unless the disk row already stands on it. The VM's original disk is never written."""
     with ctx.session() as session:
         backup, _ = load_backup(session, ctx.params.backup)
-        name = restore_target_name(ctx, backup)
         san = session.scalar(select(San).where(San.name == backup.san_name))
+        backend = san_place(ctx.rt.config, backup.san_name).backend
+        if ctx.params.in_place:
+            beside = ctx.remembered("restore-into")
+            if beside is not None and not handle_in_use(session, san.id, beside):
+                backend.delete(beside)
+            return
+        name = restore_target_name(ctx, backup)
         volume = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name,
                                                      Volume.role == "restoring"))
         if volume is None:
             return
-        san_place(ctx.rt.config, backup.san_name).backend.delete(name)
+        backend.delete(name)
         session.delete(volume)
 
 
 @workflow("restore", cleanup=undo_restore)
 def restore_job(ctx: JobContext) -> dict[str, Any]:
-    """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disk."""
+    """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disk.
+
+    Nothing is written before the store is seen to hold every chunk the backup needs. In place, the backup
+    is written to a new volume beside the disk, which replaces the disk only once it is whole: a missing
+    chunk, a failure or a cancel before that leaves the disk as it was."""
     with ctx.session() as session:
         backup, store = load_backup(session, ctx.params.backup)
         backup_id, volume_name, san_name, vm_name = backup.id, backup.volume_name, backup.san_name, backup.vm_name
-        target = in_place_target(session, backup) if ctx.params.in_place else claim_new_volume(ctx, session, backup)
-    backend = san_place(ctx.rt.config, san_name).backend
+        disk = in_place_disk(session, backup) if ctx.params.in_place else None
+        target = None if disk else claim_new_volume(ctx, session, backup)
+    place = san_place(ctx.rt.config, san_name)
+    if disk:
+        written = restore_in_place(ctx, place, store, backup_id, in_place_plan(ctx, disk))
+    else:
+        written = write_backup(ctx, store, backup_id, place.backend, target)
+        with ctx.session() as session:
+            san_id = session.scalar(select(San.id).where(San.name == san_name))
+            volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == target))
+            volume.size_bytes, volume.role = written["volume_size"], "disk"
+    return {"backup": backup_id, "volume": volume_name if disk else target, "san": san_name,
+            "in_place": ctx.params.in_place, "vm": vm_name if disk else None, "source_volume": volume_name,
+            **written}
+
+
+def restore_in_place(ctx: JobContext, place: SanPlace, store: StoreRef, backup_id: str,
+                     disk: InPlace) -> dict[str, Any]:
+    """Write the backup beside the disk, swap it in, drop the replaced volume. A run after a crash past the
+    swap only finishes the last step."""
+    written: dict[str, Any] = {}
+    if not disk.swapped:
+        written = write_backup(ctx, store, backup_id, place.backend, disk.beside)
+        ctx.phase("replace the disk", progress=98)
+        swap_in(ctx, disk, written["volume_size"])
+    with ctx.session() as session:
+        if not handle_in_use(session, disk.san_id, disk.original):
+            place.backend.delete(disk.original)
+        serve_restored(place, session.get(Volume, disk.volume_id))
+    return written
+
+
+def write_backup(ctx: JobContext, store: StoreRef, backup_id: str, backend: VolumeBackend,
+                 target: str) -> dict[str, Any]:
+    """Check that the store holds every chunk of the backup, then write the backup into volume `target`."""
     ctx.phase("read manifest", progress=2)
     with open_store(store) as chunk_store:
         manifest = chunk_store.get_manifest(backup_id)
+        ctx.phase("check chunks", progress=3)
+        stoppable(ctx, check_chunks_stored, chunk_store, manifest)
         ensure_volume(backend, target, manifest["volume_size"])
         ctx.phase("write", progress=5)
-        written = stoppable(ctx, restore_volume, chunk_store, manifest, backend.path_for_export(target),
-                            on_progress=ByteProgress(ctx, 5, 98))
-    with ctx.session() as session:
-        san_id = session.scalar(select(San.id).where(San.name == san_name))
-        volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == target))
-        volume.size_bytes = manifest["volume_size"]
-        if volume.role == "restoring":
-            volume.role = "disk"
-    return {"backup": backup_id, "volume": target, "san": san_name, "in_place": ctx.params.in_place,
-            "vm": vm_name if ctx.params.in_place else None, "source_volume": volume_name, **written}
+        return stoppable(ctx, restore_volume, chunk_store, manifest, backend.path_for_export(target),
+                         on_progress=ByteProgress(ctx, 5, 97))
 
 
-def in_place_target(session: Session, backup: Backup) -> str:
-    """The disk an in-place restore overwrites: the backed-up volume of a VM that is not running."""
+def in_place_disk(session: Session, backup: Backup) -> Volume:
+    """The disk an in-place restore replaces: the backed-up volume of a VM that is not running."""
     vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == backup.vm_name))
     if vm is None:
         raise NotFound(f"VM {backup.vm_name} no longer exists: restore to a new volume", vm=backup.vm_name)
@@ -374,7 +428,33 @@ def in_place_target(session: Session, backup: Backup) -> str:
     volume = session.scalar(select(Volume).where(Volume.vm_id == vm.id, Volume.name == backup.volume_name))
     if volume is None:
         raise NotFound(f"VM {vm.name} has no volume {backup.volume_name}", volume=backup.volume_name)
-    return volume.backend_handle
+    return volume
+
+
+def in_place_plan(ctx: JobContext, disk: Volume) -> InPlace:
+    """The disk's handle when the job began and the new volume beside it, both remembered across runs."""
+    original = ctx.once("replaces", lambda: disk.backend_handle)
+    beside = ctx.once("restore-into", new_volume_handle)
+    return InPlace(disk.id, disk.san_id, original, beside, swapped=disk.backend_handle == beside)
+
+
+def swap_in(ctx: JobContext, disk: InPlace, size: int) -> None:
+    """The point of no return: in one transaction the disk's row takes the restored volume, while the VM is
+    still stopped. A cancel from here on is too late: the job finishes."""
+    with ctx.session() as session:
+        volume = session.get(Volume, disk.volume_id)
+        vm = session.get(VirtualMachine, volume.vm_id)
+        if vm.state not in STOPPED_STATES:
+            raise VmNotStopped(f"VM {vm.name} is {vm.state}: it was started during the restore", vm=vm.name)
+        volume.backend_handle, volume.size_bytes = disk.beside, size
+
+
+def serve_restored(place: SanPlace, volume: Volume) -> None:
+    """tgt holds the replaced file open: point the disk's LUN at the restored volume (no initiator uses it while
+    the VM is stopped). A target tgtd no longer has is re-created, with its ACL, when the VM starts."""
+    tgt = target_for(place.san)
+    if volume.iscsi_target is not None and tgt.find(volume.iscsi_target) is not None:
+        tgt.export_lun(volume.iscsi_target, volume.iscsi_lun, place.backend.path_for_export(volume.backend_handle))
 
 
 def claim_new_volume(ctx: JobContext, session: Session, backup: Backup) -> str:

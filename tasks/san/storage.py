@@ -1,7 +1,11 @@
 """The SAN's drivers for a configured SAN: its volume backend and its tgt iSCSI target."""
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from config import Config, SanConfig, SiteConfig
 from errors import UnknownBackend
+from models import Template, Volume
 from workers.san.backend import VolumeBackend
 from workers.san.lvm import LvmThinBackend
 from workers.san.reflink import ReflinkBackend
@@ -31,3 +35,12 @@ def san_of_site(config: Config, site_name: str) -> SanConfig:
         if site.name == site_name:
             return san
     raise KeyError(f"site {site_name} has no SAN")
+
+
+def handle_in_use(session: Session, san_id: int, handle: str) -> bool:
+    """Whether a row of the inventory (a volume or a template on the SAN) stands on backend volume `handle`:
+    an undo deletes a volume it made only when no row does, whatever the names."""
+    for model in (Volume, Template):
+        if session.scalar(select(model.id).where(model.san_id == san_id, model.backend_handle == handle).limit(1)) is not None:
+            return True
+    return False

@@ -1,11 +1,12 @@
 """SAN-side work, run on the `san.<site>` queue: VM disks and seeds, their iSCSI export, templates, resize, facts.
 
 A VM's volumes are named from its UUID (`vm-<uuid>-disk`, `vm-<uuid>-seed`, target `...:<site>.vm-<uuid>`),
-never from a name a user chose, so no VM or template can reach another's volume; a volume is reused
-or deleted only when no other VM's row owns it. Every step is idempotent (an existing volume or export
-of this VM is kept), so a re-run after a crash converges.
+a template's `tpl-<random hex>`: never from a name a user chose, so no VM or template can reach another's
+volume; a volume is reused or deleted only when no other row owns it. Every step is idempotent (an
+existing volume or export of this VM is kept), so a re-run after a crash converges.
 """
 
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
-from errors import NotFound, TargetNotFound, VmNotStopped, VolumeExists
+from errors import NotFound, TargetNotFound, TemplateExists, VmNotStopped, VolumeExists
 from models import Lease, San, Subnet, Template, VirtualMachine, Volume
 from models.protection import Backup
 from tasks import runtime
@@ -23,10 +24,10 @@ from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vms import find_vm, vm_volume
 from tasks.queues import san_queue
-from tasks.san.storage import backend_for, site_initiators, target_for
+from tasks.san.storage import backend_for, handle_in_use, site_initiators, target_for
 from tasks.workflow import workflow
 from workers.san.backend import VolumeBackend
-from workers.san.images import write_image
+from workers.san.images import open_importable, write_image
 from workers.san.seed import write_seed
 from workers.san.shrink import safe_shrink
 from workers.san.tgt import Export, validate_iqn
@@ -165,26 +166,40 @@ def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: s
 
 # -- templates, resize, facts -------------------------------------------------------------------------
 
+def template_volume(ctx: JobContext) -> str:
+    """The new template's volume: a name chosen once per job, never from the template's name, so an import
+    can only ever write to (and its undo delete) a volume it made itself."""
+    return ctx.once("template-volume", lambda: f"tpl-{uuid.uuid4().hex}")
+
+
 def undo_import(ctx: JobContext) -> None:
-    """Drop a half-written template volume, unless a template row already stands on it (a re-import)."""
+    """Drop the volume this import made, unless a template row stands on it (compared by handle, not by name)."""
+    handle = ctx.remembered("template-volume")
+    if handle is None:
+        return
     place = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
-        registered = session.scalar(select(Template.id).join(San).where(San.name == place.san.name,
-                                                                         Template.name == ctx.params.name))
-    if registered is None:
-        place.backend.delete(f"tpl-{ctx.params.name}")
+        san_id = session.scalar(select(San.id).where(San.name == place.san.name))
+        if not handle_in_use(session, san_id, handle):
+            place.backend.delete(handle)
 
 
 @workflow("import-template", cleanup=undo_import)
 def import_template(ctx: JobContext) -> dict[str, Any]:
-    """Convert an image file on the SAN host into the template volume `tpl-<name>` and register it."""
-    name, source = ctx.params.name, Path(ctx.params.source_path)
+    """Convert an image file from the SAN host's import directory into a new template volume and register it."""
+    name, fmt = ctx.params.name, ctx.params.format
     place = san_place(ctx.rt.config, ctx.params.san)
-    ctx.phase("convert image", progress=10)
-    handle = write_image(place.backend, f"tpl-{name}", source)
-    size = place.backend.size(handle)
+    handle = template_volume(ctx)
     with ctx.session() as session:
         san = session.scalar(select(San).where(San.name == place.san.name))
+        template = session.scalar(select(Template).where(Template.name == name, Template.san_id == san.id))
+        if template is not None and template.backend_handle != handle:
+            raise TemplateExists(f"template {name} exists on {san.name}", name=name, san=san.name)
+    ctx.phase("convert image", progress=10)
+    with open_importable(ctx.rt.config.import_dir, Path(ctx.params.source_path)) as source:
+        write_image(place.backend, handle, source, fmt)
+    size = place.backend.size(handle)
+    with ctx.session() as session:
         template = session.scalar(select(Template).where(Template.name == name, Template.san_id == san.id))
         if template is None:
             template = Template(name=name, san_id=san.id)
@@ -192,7 +207,7 @@ def import_template(ctx: JobContext) -> dict[str, Any]:
         template.backend_handle, template.os = handle, ctx.params.os
         template.default_size_bytes = ctx.params.default_size_bytes or size
         template.boot = ctx.params.boot or {}
-    return {"template": name, "san": place.san.name, "size_bytes": size}
+    return {"template": name, "san": place.san.name, "size_bytes": size, "volume": handle}
 
 
 @workflow("resize-volume")

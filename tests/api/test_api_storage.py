@@ -86,14 +86,22 @@ def test_templates_are_listed_with_their_san(rt, client, tokens):
 
 
 def test_a_template_import_is_a_job_on_the_sans_queue(rt, client, tokens):
-    body = {"name": "alpine", "san": "san-b", "source_path": "/srv/images//alpine.qcow2", "os": "alpine3",
-            "default_size": "2G"}
-    response = client.post("/templates", json=body, headers=bearer(tokens["operator"]))
+    images = rt.config.import_dir
+    body = {"name": "alpine", "san": "san-b", "source_path": f"{images}/os//alpine.qcow2", "format": "qcow2",
+            "os": "alpine3", "default_size": "2G"}
+    response = client.post("/templates", json=body, headers=bearer(tokens["admin"]))
     assert response.status_code == 202, response.get_data(as_text=True)
     job = response.get_json()
     assert (job["kind"], job["target"], job["queue"]) == ("import-template", "template/san-b/alpine", "san.site-b")
-    assert job["params"] == {"name": "alpine", "san": "san-b", "source_path": "/srv/images/alpine.qcow2",
-                             "os": "alpine3", "default_size_bytes": 2 * GIB}
+    assert job["params"] == {"name": "alpine", "san": "san-b", "source_path": f"{images}/os/alpine.qcow2",
+                             "format": "qcow2", "os": "alpine3", "default_size_bytes": 2 * GIB}
+
+
+def test_only_an_admin_may_import_a_template(rt, client, tokens):
+    before = counts(rt)
+    body = {"name": "alpine", "san": "san-a", "source_path": f"{rt.config.import_dir}/alpine.raw", "format": "raw"}
+    assert_problem(client.post("/templates", json=body, headers=bearer(tokens["operator"])), 403, "Forbidden")
+    assert counts(rt) == before
 
 
 @pytest.mark.parametrize("changes, status, code, field", [
@@ -104,14 +112,19 @@ def test_a_template_import_is_a_job_on_the_sans_queue(rt, client, tokens):
     ({"name": "Tiny"}, 422, "InvalidInput", "name"),
     ({"os": "Debian 12"}, 422, "InvalidInput", "os"),
     ({"default_size": "1024"}, 422, "InvalidInput", "default_size"),
-    ({"format": "qcow2"}, 422, "InvalidInput", "format"),
+    ({"format": "vmdk"}, 422, "InvalidInput", "format"),
+    ({"format": None}, 422, "InvalidInput", "format"),
+    ({"source_path": "/etc/shadow"}, 422, "ImportSourceRefused", "source_path"),
+    ({"source_path": "{images}-elsewhere/alpine.raw"}, 422, "ImportSourceRefused", "source_path"),
+    ({"source_path": "{images}"}, 422, "ImportSourceRefused", "source_path"),
     ({"name": "tiny"}, 409, "TemplateExists", None),
 ])
 def test_bad_template_imports_are_refused_and_queue_nothing(rt, client, tokens, changes, status, code, field):
     with transaction(rt.sessions) as session:
         factories.template(session, "tiny")
     before = counts(rt)
-    body = {"name": "alpine", "san": "san-a", "source_path": "/srv/images/alpine.raw", **changes}
-    problem = assert_problem(client.post("/templates", json=body, headers=bearer(tokens["operator"])), status, code)
+    body = {"name": "alpine", "san": "san-a", "source_path": "{images}/alpine.raw", "format": "raw", **changes}
+    body["source_path"] = body["source_path"].replace("{images}", str(rt.config.import_dir))
+    problem = assert_problem(client.post("/templates", json=body, headers=bearer(tokens["admin"])), status, code)
     assert problem.get("field") == field
     assert counts(rt) == before

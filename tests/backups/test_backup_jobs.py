@@ -163,19 +163,89 @@ def test_cancel_mid_backup_leaves_no_backup_and_no_snapshot(brt: Runtime, pool: 
     assert LocalStore(str(tmp_path / "store")).list_manifests() == []
 
 
-def test_restore_in_place_needs_a_stopped_vm(brt: Runtime, pool: Path, vm_disk: Path) -> None:
+def disk_file(rt: Runtime, pool: Path, vm: str = "web") -> Path:
+    """The file of the VM's disk volume, as its row names it now."""
+    with rt.sessions() as session:
+        handle = session.scalar(select(Volume.backend_handle).join(VirtualMachine)
+                                .where(VirtualMachine.name == vm, Volume.role == "disk"))
+    return pool / f"{handle}.img"
+
+
+def stop(rt: Runtime, vm: str = "web") -> None:
+    with transaction(rt.sessions) as session:
+        session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm)).state = "shut off"
+
+
+def test_restore_in_place_needs_a_stopped_vm(brt: Runtime, pool: Path, vm_disk: Path, tmp_path: Path) -> None:
     run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})
     (backup,) = backups(brt)
     snap = pool / snapshots(pool)[0]
     refused = run(brt, "restore", "vm/web", {"backup": backup.id, "in_place": True})
     assert (refused.state, refused.error_code) == (FAILED, "VmNotStopped")
 
-    with transaction(brt.sessions) as session:
-        session.scalar(select(VirtualMachine).where(VirtualMachine.name == "web")).state = "shut off"
+    stop(brt)
     write_at(vm_disk, 0, os.urandom(2 * MiB))
     restored = run(brt, "restore", "vm/web", {"backup": backup.id, "in_place": True})
     assert restored.state == SUCCEEDED, restored.error_message
-    assert sha256_of(vm_disk) == sha256_of(snap)
+    assert sha256_of(disk_file(brt, pool)) == sha256_of(snap)
+    assert not vm_disk.exists()  # the replaced volume is gone, nothing else is left beside
+
+    # The next backups of the restored disk work as before: a differential restores bit for bit.
+    write_at(disk_file(brt, pool), 50 * MiB, os.urandom(MiB))
+    run(brt, "snapshot-backup", "backup/web", {"vm": "web", "mode": "full", "store": "local"})
+    write_at(disk_file(brt, pool), 10 * MiB, os.urandom(MiB))
+    diff = run(brt, "snapshot-backup", "backup/web", {"vm": "web", "mode": "diff", "store": "local"})
+    assert (diff.state, backups(brt)[-1].mode) == (SUCCEEDED, "diff"), diff.error_message
+    copy = run(brt, "restore", "restore/web", {"backup": backups(brt)[-1].id, "as": "web-copy"})
+    assert copy.state == SUCCEEDED, copy.error_message
+    assert sha256_of(pool / "web-copy.img") == sha256_of(disk_file(brt, pool))
+
+
+def test_an_in_place_restore_missing_a_chunk_leaves_the_disk_as_it_was(brt: Runtime, pool: Path, vm_disk: Path,
+                                                                       tmp_path: Path) -> None:
+    run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})
+    (backup,) = backups(brt)
+    stop(brt)
+    write_at(vm_disk, 0, os.urandom(8 * MiB))
+    before, files = sha256_of(vm_disk), sorted(pool.iterdir())
+    store = LocalStore(str(tmp_path / "store"))
+    lost = [c for c in store.get_manifest(backup.id)["chunks"] if "digest" in c][-1]
+    store.delete_chunk(lost["digest"])
+
+    job = run(brt, "restore", "vm/web", {"backup": backup.id, "in_place": True})
+
+    assert (job.state, job.error_code) == (FAILED, "ChunkMissing")
+    assert lost["digest"] in job.error_message
+    assert sha256_of(disk_file(brt, pool)) == before and disk_file(brt, pool) == vm_disk
+    assert sorted(pool.iterdir()) == files
+
+
+def test_a_cancelled_in_place_restore_leaves_the_disk_as_it_was(brt: Runtime, pool: Path, vm_disk: Path) -> None:
+    write_at(vm_disk, 0, os.urandom(64 * MiB))  # every chunk stored, so the write phase takes a while
+    run(brt, "snapshot-backup", "backup/web", {"vm": "web", "store": "local"})
+    (backup,) = backups(brt)
+    stop(brt)
+    write_at(vm_disk, 0, os.urandom(MiB))
+    before, files = sha256_of(vm_disk), sorted(pool.iterdir())
+
+    def cancel_when_writing(job_id: str) -> None:
+        events = brt.redis.pubsub()
+        events.subscribe(channel(job_id))
+
+        def watch() -> None:
+            for message in events.listen():
+                if message["type"] == "message" and json.loads(message["data"]).get("phase") == "write":
+                    brt.redis.set(cancel_key(job_id), 1)
+                    events.close()
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    job = run(brt, "restore", "vm/web", {"backup": backup.id, "in_place": True}, before=cancel_when_writing)
+
+    assert job.state == CANCELLED
+    assert sha256_of(disk_file(brt, pool)) == before and disk_file(brt, pool) == vm_disk
+    assert sorted(pool.iterdir()) == files
 
 
 def test_backups_to_an_ssh_store_restore_bit_exact(brt: Runtime, pool: Path, vm_disk: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,3 +62,21 @@ def test_a_host_with_another_host_key_is_refused(sshd: SshServer, tmp_path: Path
     with pytest.raises(StoreUnreachable):
         store_at(sshd, tmp_path / "store", host_key=impostor)
     assert not (tmp_path / "store").exists()
+
+
+def test_every_file_is_synced_on_the_server_before_its_rename_and_its_directory_after(tmp_path: Path) -> None:
+    remote = tmp_path / "remote" / "store"
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 3))
+    with run_sshd(tmp_path / "sshd", sftp_log=True) as server, store_at(server, remote) as store:
+        backup_volume(str(source), CHUNK * 3, store, backup_id="full", chunk_size=CHUNK)
+        served = server.sftp_log.read_text().splitlines()  # sftp-server logs a request before it answers it
+
+    written = sorted(path for path in remote.rglob("*") if path.is_file())
+    assert len(written) == 4  # three chunks and the manifest
+    for final in written:
+        rename = next(number for number, line in enumerate(served)
+                      if line.startswith("posix-rename old ") and line.endswith(f' new "{final}"'))
+        temp = re.match(r'posix-rename old "([^"]+)"', served[rename]).group(1)
+        assert f'fsync "{temp}"' in served[:rename], final
+        assert f'fsync "{final.parent}"' in served[rename + 1:], final

@@ -92,7 +92,7 @@ def test_vm_start_watch_exits_1_with_the_jobs_error(rt, api_url, tokens, celery_
     assert result.stderr.startswith("VmNotPlaced: ")
 
 
-def test_templates_volumes_and_sans(rt, api_url, tokens, tmp_path, monkeypatch):
+def test_templates_volumes_and_sans(rt, api_url, tokens, monkeypatch):
     with transaction(rt.sessions) as session:
         factories.template(session, "tiny", boot={"kernel": "/srv/vmlinuz"})
         factories.vm(session, "web1", disk_bytes=1 << 30)
@@ -100,12 +100,14 @@ def test_templates_volumes_and_sans(rt, api_url, tokens, tmp_path, monkeypatch):
             facts={"total_bytes": 20 << 30, "free_bytes": 15 << 30, "reflink": True}))
         volume_id = session.scalar(select(Volume.id))
     assert "direct" in row_of(ok(as_admin(api_url, tokens, "template", "list")), "tiny")
-    monkeypatch.chdir(tmp_path)
+    rt.config.import_dir.mkdir(parents=True)
+    monkeypatch.chdir(rt.config.import_dir)
     imported = ok(as_admin(api_url, tokens, "template", "import", "alpine", "images/alpine.qcow2", "--san", "san-a"))
     assert "queued (import-template template/san-a/alpine)" in imported
     with rt.sessions() as session:
         job = session.scalar(select(Job).where(Job.kind == "import-template"))
-    assert job.params["source_path"] == str(tmp_path / "images" / "alpine.qcow2")
+    assert (job.params["source_path"], job.params["format"]) == (str(rt.config.import_dir / "images" / "alpine.qcow2"),
+                                                                 "qcow2")
     san_a = row_of(ok(as_admin(api_url, tokens, "san", "list")), "san-a")
     assert "20.0 GiB" in san_a and "5.0 GiB" in san_a and "15.0 GiB" in san_a and " yes " in san_a
     assert "web1-disk" in ok(as_admin(api_url, tokens, "san", "volumes", "san-a"))

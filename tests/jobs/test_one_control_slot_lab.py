@@ -12,7 +12,7 @@ from tasks.inventory import ipam
 from tasks.inventory.config_sync import sync_from_config
 from tasks.inventory.vms import InstallRequest, reserve_vm
 from tasks.queues import CONTROL, node_queue, san_queue
-from tests.fixtures.lab_vms import remove_domains_of_this_test
+from tests.fixtures.lab_vms import importable, remove_domains_of_this_test
 from tests.fixtures.vms import domain_named, install, run_job, server_uri, unique, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -36,7 +36,8 @@ def test_one_control_slot_finishes_an_evacuation_of_three_vms_and_two_installs(r
     celery_worker([CONTROL], concurrency=1)
     celery_worker([san_queue("site-a"), node_queue("cs1"), node_queue("cs2"), node_queue("cs3")], concurrency=4)
     assert run_job(rt, celery_app, "refresh-servers", {}).state == SUCCEEDED
-    assert run_job(rt, celery_app, "import-template", {"name": "tiny", "san": "san-a", "source_path": str(tiny.disk),
+    assert run_job(rt, celery_app, "import-template", {"name": "tiny", "san": "san-a", "format": "raw",
+                                                       "source_path": str(importable(rt, tiny.disk)),
                                                        "boot": tiny.boot_info()}).state == SUCCEEDED
     leaving = [unique("leave") for _ in range(3)]
     arriving = [unique("new") for _ in range(2)]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from errors import BackupCancelled, ChunkCorrupt
+from errors import BackupCancelled, ChunkCorrupt, ChunkMissing
 from tests.support import sha256_of, write_at
 from workers.san.backup import (
     backup_volume,
+    check_chunks_stored,
     collect_garbage,
     restore_volume,
     retention_keep,
@@ -151,6 +152,21 @@ def test_verify_names_a_corrupted_and_a_missing_chunk(store: LocalStore, tmp_pat
         restore_volume(store, {**manifest, "chunks": manifest["chunks"][:4]}, str(tmp_path / "out.img"))
 
 
+def test_a_restore_can_look_for_missing_and_torn_chunks_before_it_writes(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 3))
+    manifest = backup_volume(str(source), CHUNK * 3, store, backup_id="f", chunk_size=CHUNK)
+    check_chunks_stored(store, manifest)
+
+    torn = Path(store.path) / chunk_relpath(manifest["chunks"][1]["digest"])
+    torn.write_bytes(torn.read_bytes()[:100])
+    with pytest.raises(ChunkCorrupt, match=f"offset {CHUNK}"):
+        check_chunks_stored(store, manifest)
+    torn.unlink()
+    with pytest.raises(ChunkMissing, match=manifest["chunks"][1]["digest"]):
+        check_chunks_stored(store, manifest)
+
+
 def test_verify_finds_an_incomplete_manifest(store: LocalStore, tmp_path: Path) -> None:
     source = tmp_path / "volume.img"
     source.write_bytes(os.urandom(CHUNK * 3))
@@ -174,6 +190,24 @@ def test_cancel_leaves_no_manifest(store: LocalStore, tmp_path: Path) -> None:
     assert not store.has_manifest("f")
     assert 3 <= len(progress) < 8
     assert not [p for p in Path(store.path).rglob("*.tmp")]
+
+
+def test_a_torn_chunk_is_written_again_by_the_next_backup(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 4))
+    first = backup_volume(str(source), CHUNK * 4, store, backup_id="first", chunk_size=CHUNK)
+    torn = Path(store.path) / chunk_relpath(first["chunks"][1]["digest"])
+    whole = torn.read_bytes()
+    torn.write_bytes(whole[: len(whole) // 2])  # what a store that did not sync can leave after a crash
+
+    second = backup_volume(str(source), CHUNK * 4, store, backup_id="second", chunk_size=CHUNK)
+
+    assert torn.read_bytes() == whole
+    assert (second["chunks_written"], second["chunks"][1]["stored"]) == (1, len(whole))
+    assert verify_backup(store, second) == [] and verify_backup(store, first) == []
+    restored = tmp_path / "restored.img"
+    restore_volume(store, second, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
 
 
 def test_gc_removes_exactly_the_unreferenced_chunks(store: LocalStore, tmp_path: Path) -> None:

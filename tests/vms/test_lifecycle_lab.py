@@ -175,23 +175,26 @@ def test_refreshed_servers_show_this_machines_real_facts(cluster, api):
     assert cs1["hypervisor_type"] == "QEMU" and cs1["reachable"] is True
 
 
-def test_a_qcow2_image_becomes_a_template_with_the_same_content(cluster, celery_app, api, tiny, tmp_path):
+def test_a_qcow2_image_becomes_a_template_with_the_same_content(cluster, celery_app, api, tiny):
     rt = cluster
-    image = tmp_path / "tiny.qcow2"
-    output(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tiny.disk), str(image)])
     name = unique("tq")
-    accepted = api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(image)})
+    image = rt.config.import_dir / f"{name}.qcow2"
+    output(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tiny.disk), str(image)])
+    accepted = api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(image), "format": "qcow2"})
     assert accepted.status_code == 202, accepted.get_json()
-    assert wait_job(rt, accepted.get_json()["id"]).state == SUCCEEDED
+    job = wait_job(rt, accepted.get_json()["id"])
+    assert job.state == SUCCEEDED
     listed = {t["name"]: t for t in api.get("/templates").get_json()["items"]}
     assert listed[name]["san"] == "san-a"
     pool = rt.config.san("san-a")[1].pool_path
-    output(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(tiny.disk), str(pool / f"tpl-{name}.img")])
+    output(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(tiny.disk), str(pool / f"{job.result['volume']}.img")])
 
 
-def test_a_failed_template_import_leaves_no_volume(cluster, celery_app, api, tiny, tmp_path):
+def test_a_failed_template_import_leaves_no_volume(cluster, celery_app, api, tiny):
     rt = cluster
-    broken = tmp_path / "broken.qcow2"
+    pool = rt.config.san("san-a")[1].pool_path
+    before = sorted(pool.glob("tpl-*"))
+    broken = rt.config.import_dir / f"{unique('broken')}.qcow2"
     output(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(tiny.disk), str(broken)])
     with broken.open("r+b") as image:
         # Point the first L1 entry at an unaligned L2 table: qemu-img info still reads the
@@ -200,6 +203,7 @@ def test_a_failed_template_import_leaves_no_volume(cluster, celery_app, api, tin
         image.seek(l1_offset)
         image.write(struct.pack(">Q", 0x8000000000000201))
     name = unique("bad")
-    job = wait_job(rt, api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(broken)}).get_json()["id"])
+    job = wait_job(rt, api.post("/templates", json={"name": name, "san": "san-a", "source_path": str(broken),
+                                                    "format": "qcow2"}).get_json()["id"])
     assert (job.state, job.error_code) == ("failed", "CommandFailed")
-    assert not list(rt.config.san("san-a")[1].pool_path.glob(f"tpl-{name}*"))
+    assert sorted(pool.glob("tpl-*")) == before

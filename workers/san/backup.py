@@ -30,7 +30,7 @@ from typing import Any
 
 import zstandard
 
-from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, InvalidRetention, LaxError
+from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing, InvalidRetention, LaxError
 from workers.san.backend import Range
 from workers.san.chunks import ChunkStore
 from workers.san.sparse import data_segments
@@ -225,14 +225,12 @@ class ChunkWriter:
         if data == zeros(len(data)):
             return {**entry, "zero": True}
         digest = chunk_digest(data)
-        stored = self.store.stored_size(digest)
-        if stored is not None:
-            return {**entry, "digest": digest, "stored": stored}
+        # Compressed even when the store has the chunk: its size is what tells a whole chunk from a torn one.
         blob = self.compress(data)
-        self.store.put_chunk(digest, blob)
-        with self.tally.lock:
-            self.tally.bytes_written += len(blob)
-            self.tally.chunks_written += 1
+        if self.store.put_chunk(digest, blob):
+            with self.tally.lock:
+                self.tally.bytes_written += len(blob)
+                self.tally.chunks_written += 1
         return {**entry, "digest": digest, "stored": len(blob)}
 
 
@@ -372,6 +370,32 @@ def prepare_destination(fd: int, size: int) -> bool:
     return True
 
 
+def distinct_chunks(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The first entry of each distinct stored chunk the manifest references, in volume order."""
+    first_use: dict[str, dict[str, Any]] = {}
+    for entry in manifest.get("chunks", []):
+        if "digest" in entry:
+            first_use.setdefault(entry["digest"], entry)
+    return list(first_use.values())
+
+
+def check_chunks_stored(store: ChunkStore, manifest: dict[str, Any], *,
+                        should_stop: StopCheck = never_stop) -> None:
+    """Raise ChunkMissing or ChunkCorrupt for the first chunk the backup needs that the store lacks or holds
+    at another size than the manifest recorded (torn): one size look-up per chunk, before a restore writes."""
+    for entry in distinct_chunks(manifest):
+        if should_stop():
+            raise BackupCancelled("cancelled")
+        digest, where = entry["digest"], f"(offset {entry['offset']})"
+        size = store.stored_size(digest)
+        if size is None:
+            raise ChunkMissing(f"chunk {digest} {where} is not in the store at {store.location}",
+                               digest=digest, offset=entry["offset"])
+        if size != entry["stored"]:
+            raise ChunkCorrupt(f"chunk {digest} {where} is {size} bytes in the store at {store.location}, "
+                               f"the backup recorded {entry['stored']}", digest=digest, offset=entry["offset"])
+
+
 def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, *,
                    on_progress: Progress = ignore_progress, should_stop: StopCheck = never_stop,
                    threads: int = POOL_THREADS) -> dict[str, Any]:
@@ -427,11 +451,7 @@ def verify_backup(store: ChunkStore, manifest: dict[str, Any], *, on_progress: P
     """Re-read every chunk the backup references and re-hash it; return the problems found
     (empty: the backup is whole). Each problem names the chunk by digest and offset."""
     problems = layout_problems(manifest)
-    first_use: dict[str, dict[str, Any]] = {}
-    for entry in manifest.get("chunks", []):
-        if "digest" in entry:
-            first_use.setdefault(entry["digest"], entry)
-    unique = list(first_use.values())
+    unique = distinct_chunks(manifest)
     total = sum(entry["length"] for entry in unique)
     reader = ChunkReader(store)
     checked = 0

@@ -2,9 +2,10 @@
 
 A store only keeps blobs; it does not know how they were made. Chunks are named by the
 hex digest of their uncompressed bytes and hold those bytes compressed (zstd, by
-workers.san.backup). Every write is atomic (a temporary file renamed into place), so a
-reader never sees half a chunk or half a manifest and a crash leaves at most a stray
-temporary file (`*.tmp`) behind.
+workers.san.backup). Every write is atomic and durable (a temporary file, synced, renamed
+into place, then its directory synced), so a reader never sees half a chunk or half a
+manifest, a crash leaves at most a stray temporary file (`*.tmp`) behind, and a chunk a
+manifest names is on disk before the manifest is.
 
 Layout of a `LocalStore(path)`:
     chunks/<first 2 hex digits>/<digest>.zst
@@ -61,7 +62,7 @@ def temp_name(final: str) -> str:
 class ChunkStore(ABC):
     """The interface backup, restore, verify and garbage collection use.
 
-    `put_*` are idempotent: putting a chunk that exists is a no-op (same digest, same bytes).
+    `put_*` are idempotent: putting a chunk that is already whole is a no-op (same digest, same bytes).
     `delete_*` of something missing succeeds. `get_*` raise ChunkMissing / ManifestNotFound.
 
     The interface is written once here over a few file operations on paths relative to the
@@ -98,9 +99,16 @@ class ChunkStore(ABC):
     def has_chunk(self, digest: str) -> bool:
         return self.stored_size(digest) is not None
 
-    def put_chunk(self, digest: str, blob: bytes) -> None:
-        if not self.has_chunk(digest):
-            self._write_atomically(chunk_relpath(digest), blob)
+    def put_chunk(self, digest: str, blob: bytes) -> bool:
+        """Store the chunk unless the store holds it whole; return whether it was written.
+
+        Whole means exactly `len(blob)` bytes: the same bytes compress to the same blob, so a chunk of
+        another size is torn (a write cut short on a store that did not sync) and is written again.
+        Bit rot of the right size is what verify is for."""
+        if self.stored_size(digest) == len(blob):
+            return False
+        self._write_atomically(chunk_relpath(digest), blob)
+        return True
 
     def get_chunk(self, digest: str) -> bytes:
         blob = self._read(chunk_relpath(digest))
@@ -150,13 +158,35 @@ class ChunkStore(ABC):
         self.close()
 
 
+def fsync_directory(path: str) -> None:
+    """Make the entries of directory `path` durable: a rename or a new file is on disk only once its directory is."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directories(path: str) -> None:
+    """`os.makedirs(path)`, syncing the parent of every directory it makes so the new entry survives a crash."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    make_directories(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return
+    fsync_directory(parent)
+
+
 class LocalStore(ChunkStore):
     """A store in a directory on this host (made if missing)."""
 
     def __init__(self, path: str) -> None:
-        self.path = self.location = os.fspath(path)
+        self.path = self.location = os.path.abspath(path)
         for sub in ("chunks", "manifests"):
-            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+            make_directories(os.path.join(self.path, sub))
 
     def _abs(self, relpath: str) -> str:
         return os.path.join(self.path, relpath)
@@ -176,7 +206,8 @@ class LocalStore(ChunkStore):
 
     def _write_atomically(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+        directory = os.path.dirname(final)
+        make_directories(directory)
         temp = temp_name(final)
         try:
             with open(temp, "xb") as out:
@@ -184,6 +215,7 @@ class LocalStore(ChunkStore):
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, final)
+            fsync_directory(directory)
         finally:
             if os.path.exists(temp):
                 os.unlink(temp)

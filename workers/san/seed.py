@@ -71,7 +71,7 @@ def write_seed(backend: VolumeBackend, name: str, *, hostname: str, mac: str | N
     with tempfile.TemporaryDirectory() as scratch:
         image = make_seed(Path(scratch) / "seed.img", hostname=hostname, mac=mac, ip_cidr=ip_cidr, gateway=gateway,
                           ssh_keys=ssh_keys)
-        return write_image(backend, name, image)
+        return write_image(backend, name, image, "raw")
 
 
 def meta_data(hostname: str) -> str:

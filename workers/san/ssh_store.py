@@ -1,8 +1,10 @@
 """A chunk store on another host, reached over SSH with a key (SFTP through paramiko: no remote shell).
 
-Same layout and the same atomic writes as `LocalStore` (a temporary name, then an OpenSSH
-posix-rename), so a reader on either side never sees half a chunk or half a manifest. The
-server's host key must be given (a known_hosts line): an unknown host is refused.
+Same layout and the same atomic, durable writes as `LocalStore`: a temporary name, synced on
+the server (OpenSSH's `fsync@openssh.com`), an OpenSSH posix-rename, then the directory synced,
+so a reader on either side never sees half a chunk or half a manifest and a crash of the store
+host never leaves a torn chunk under its final name. The server's host key must be given (a
+known_hosts line): an unknown host is refused.
 
 Each thread gets its own SFTP channel over one SSH connection, so the backup pool's threads
 upload in parallel.
@@ -16,6 +18,7 @@ import threading
 from typing import Any
 
 import paramiko
+from paramiko.sftp import CMD_EXTENDED
 
 from errors import InvalidInput, InvalidStoreLocation, StoreUnreachable
 from workers.san.chunks import ChunkStore, temp_name
@@ -115,6 +118,23 @@ class SshStore(ChunkStore):
         except OSError:
             if not stat.S_ISDIR(self.sftp.stat(path).st_mode):
                 raise
+            return
+        self._sync_directory(parent)
+
+    def _sync(self, remote: paramiko.SFTPFile) -> None:
+        """Wait for the status of every pipelined write (paramiko would drop them at close, errors too),
+        then fsync the file on the server. paramiko has no call for OpenSSH's fsync extension, so it
+        is sent the way paramiko sends posix-rename@openssh.com."""
+        remote.flush()
+        while remote._reqs:
+            self.sftp._read_response(remote._reqs.popleft())
+        self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", remote.handle)
+
+    def _sync_directory(self, path: str) -> None:
+        """Make a rename or a new entry in directory `path` durable on the server (the server opens
+        the directory read-only, which Linux allows, and fsyncs that handle)."""
+        with self.sftp.open(path, "r") as directory:
+            self._sync(directory)
 
     def _size(self, relpath: str) -> int | None:
         try:
@@ -136,13 +156,16 @@ class SshStore(ChunkStore):
 
     def _write_atomically(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
-        self._makedirs(posixpath.dirname(final))
+        directory = posixpath.dirname(final)
+        self._makedirs(directory)
         temp = temp_name(final)
         try:
             with self.sftp.open(temp, "wb") as out:
                 out.set_pipelined(True)
                 out.write(data)
+                self._sync(out)
             self.sftp.posix_rename(temp, final)
+            self._sync_directory(directory)
         except BaseException:
             self._remove_path(temp)
             raise
