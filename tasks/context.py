@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+import redis
 from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -71,8 +72,16 @@ class JobContext:
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if someone asked to cancel this job."""
-        if self.rt.redis.exists(cancel_key(self.job_id)):
+        if self.cancel_asked():
             raise jobs.JobCancelled(self.job_id)
+
+    def cancel_asked(self) -> bool:
+        """Whether someone asked to cancel this job: Redis's flag, or the DB's while Redis is away."""
+        try:
+            return bool(self.rt.redis.exists(cancel_key(self.job_id)))
+        except redis.RedisError:
+            with self.session() as session:
+                return bool(session.get(Job, self.job_id).cancel_requested)
 
     def enter_cleanup(self) -> None:
         """Children made from here on belong to the cleanup, apart from those of the run it undoes."""
@@ -183,7 +192,7 @@ class JobContext:
 
     def pass_cancel_on(self, child_ids: list[str]) -> None:
         """If this job was asked to cancel, cancel its children still running and raise JobCancelled."""
-        if not self.rt.redis.exists(cancel_key(self.job_id)):
+        if not self.cancel_asked():
             return
         self._cancel_children(child_ids)
         raise jobs.JobCancelled(self.job_id)

@@ -8,6 +8,7 @@ Redis keys of a job:
 """
 
 import json
+import logging
 import time
 from typing import Any
 
@@ -20,6 +21,8 @@ from tasks.continuations import Wait
 
 HISTORY_LIMIT = 1000
 KEY_TTL_S = 7 * 24 * 3600
+
+log = logging.getLogger(__name__)
 
 
 def hash_key(job_id: str) -> str:
@@ -49,7 +52,18 @@ def job_snapshot(job: Job) -> dict[str, Any]:
 
 
 def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Record one event for a job in Redis (hash, history, channel) and return it with its seq."""
+    """Record one event for a job in Redis (hash, history, channel) and return it with its seq.
+
+    Events are a live view of what the DB also records: while Redis is away they are dropped (and
+    logged), never the job's reason to fail."""
+    try:
+        return _publish(client, job_id, fields)
+    except redis.RedisError as error:
+        log.warning("event of job %s not published: %s", job_id, error)
+        return {**fields, "seq": None, "at": time.time()}
+
+
+def _publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
     event = {**fields, "seq": client.incr(f"job:{job_id}:seq"), "at": time.time()}
     payload = json.dumps(event, default=str)
     flat = {k: json.dumps(v, default=str) for k, v in event.items()}

@@ -51,3 +51,7 @@ def write_at(path: str | Path, offset: int, data: bytes) -> None:
         target.seek(offset)
         target.write(data)
         os.fsync(target.fileno())
+
+
+# libvirt's test:///default driver has one running domain, "test", always with this UUID.
+TEST_DRIVER_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"

@@ -12,6 +12,7 @@ from tasks import jobs, submission
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import CONTROL, node_queue
 from tests.fixtures import factories
+from tests.support import TEST_DRIVER_UUID
 
 TESTER = submission.Requester("test")
 CHECK = {"vm": "test", "to": "cs2", "check": True}
@@ -22,7 +23,7 @@ def vm_on_test_driver(rt) -> None:
     with transaction(rt.sessions) as session:
         sync_from_config(session, rt.config)
         session.execute(update(ClusterServer).values(libvirt_uri="test:///default"))
-        factories.vm(session, "test", server="cs1", state="running")
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID)
 
 
 def job(rt, job_id: str) -> Job:

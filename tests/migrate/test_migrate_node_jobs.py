@@ -10,10 +10,10 @@ from models.db import transaction
 from tasks.queues import CONTROL, node_queue
 from tests.fixtures import factories
 from tests.fixtures.vms import run_job
+from tests.support import TEST_DRIVER_UUID
 
 # test:///default is one shared fake hypervisor per process, with a running domain named "test".
 SHARED = "test:///default"
-TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"
 
 
 def servers(rt, **uris: str) -> None:
@@ -26,13 +26,13 @@ def test_migrate_check_gets_libvirts_problems_from_a_child_on_the_source_servers
     servers(rt, cs1=SHARED, cs2=SHARED)
     with transaction(rt.sessions) as session:
         session.execute(update(ClusterServer).where(ClusterServer.name == "cs2").values(maintenance=True))
-        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_UUID)
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID)
     celery_worker([CONTROL, node_queue("cs1")])
     job = run_job(rt, celery_app, "migrate", {"vm": "test", "to": "cs2", "check": True}, timeout=60)
     assert job.state == SUCCEEDED, job.error_message
     problems = {p["code"]: p["message"] for p in job.result["problems"]}
     assert {"ServerInMaintenance", "NotEnoughMemory", "DomainExists"} <= set(problems), problems
-    assert problems["DomainExists"] == (f"cs2 already has a domain of test (UUID {TEST_UUID}): "
+    assert problems["DomainExists"] == (f"cs2 already has a domain of test (UUID {TEST_DRIVER_UUID}): "
                                         "remove the stale definition there first")
     assert "needs 256 MiB" in problems["NotEnoughMemory"] and job.result["can_migrate"] is False
     with rt.sessions() as session:
@@ -47,7 +47,7 @@ def test_settle_domain_keeps_the_vm_where_it_runs_and_records_it(app, rt, celery
     empty.write_text("<node/>")
     servers(rt, cs1=SHARED, cs2=f"test://{empty}")
     with transaction(rt.sessions) as session:
-        factories.vm(session, "test", server="cs2", state="unknown", uuid=TEST_UUID)
+        factories.vm(session, "test", server="cs2", state="unknown", uuid=TEST_DRIVER_UUID)
     celery_worker([node_queue("cs1")])
     job = run_job(rt, celery_app, "settle-domain", {"vm": "test", "source": "cs1", "destination": "cs2"}, timeout=60)
     assert (job.state, job.result) == (SUCCEEDED, {"server": "cs1"}), job.error_message
