@@ -258,8 +258,9 @@ def prune_target(session: Session, params: OfPolicy) -> str:
 def restore_target(session: Session, params: Restore) -> str:
     """In place, the restore holds the VM; to a new volume, that volume."""
     if params.in_place:
-        vm = session.scalar(select(Backup.vm_name).where(Backup.id == params.backup))
-        return f"vm/{_existing(vm, f'no backup {params.backup}')}"
+        backup = _existing(session.get(Backup, params.backup), f"no backup {params.backup}")
+        vm = session.get(VirtualMachine, backup.vm_id) if backup.vm_id is not None else None
+        return f"vm/{vm.name if vm is not None else backup.vm_name}"
     return f"restore/{params.as_volume or params.backup}"
 
 

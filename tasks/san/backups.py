@@ -419,14 +419,15 @@ def write_backup(ctx: JobContext, store: StoreRef, backup_id: str, backend: Volu
 
 
 def in_place_disk(session: Session, backup: Backup) -> Volume:
-    """The disk an in-place restore replaces: the backed-up volume of a VM that is not running."""
-    vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == backup.vm_name))
+    """The disk an in-place restore replaces: the backed-up volume (by id) of the VM it was taken from (by id,
+    so never a later VM of the same name), which must not be running."""
+    vm = session.get(VirtualMachine, backup.vm_id) if backup.vm_id is not None else None
     if vm is None:
         raise NotFound(f"VM {backup.vm_name} no longer exists: restore to a new volume", vm=backup.vm_name)
     if vm.state not in STOPPED_STATES:
         raise VmNotStopped(f"VM {vm.name} is {vm.state}: shut it down before an in-place restore", vm=vm.name)
-    volume = session.scalar(select(Volume).where(Volume.vm_id == vm.id, Volume.name == backup.volume_name))
-    if volume is None:
+    volume = session.get(Volume, backup.volume_id) if backup.volume_id is not None else None
+    if volume is None or volume.vm_id != vm.id:
         raise NotFound(f"VM {vm.name} has no volume {backup.volume_name}", volume=backup.volume_name)
     return volume
 

@@ -102,15 +102,16 @@ def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, kind: st
     lab.record(f"worker killed -9 at {kind} / {phase} (backup)", job, seconds, "re-run; backup verifies; check clean")
 
 
-def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str):
+@pytest.mark.parametrize("phase", ["read manifest", "write"])
+def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: str):
     lab, name = fault_lab, unique("rs")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
     backup = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"})
     assert backup.state == SUCCEEDED, backup.error_message
-    lab.crash_worker_at("restore", "write")
+    lab.crash_worker_at("restore", phase)
     job_id = start(lab, "restore", {"backup": backup.result["backups"][0]["id"], "in_place": False})
-    lab.wait_for_the_crash(job_id, "restore/write")
+    lab.wait_for_the_crash(job_id, f"restore/{phase}")
     job, seconds = lab.final(job_id, lab.restart_worker())
     assert job.state == SUCCEEDED, job.error_message
     lab.assert_clean()
-    lab.record("worker killed -9 at restore / write (to a new volume)", job, seconds, "re-run; check clean")
+    lab.record(f"worker killed -9 at restore / {phase} (to a new volume)", job, seconds, "re-run; check clean")
