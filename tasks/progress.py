@@ -51,19 +51,18 @@ def job_snapshot(job: Job) -> dict[str, Any]:
     }
 
 
-def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Record one event for a job in Redis (hash, history, channel) and return it with its seq.
-
-    Events are a live view of what the DB also records: while Redis is away they are dropped (and
-    logged), never the job's reason to fail."""
+def publish_if_possible(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """publish, for a running job: events are a live view of what the DB also records, so while Redis is
+    away they are dropped (and logged), never the job's reason to fail."""
     try:
-        return _publish(client, job_id, fields)
+        return publish(client, job_id, fields)
     except redis.RedisError as error:
         log.warning("event of job %s not published: %s", job_id, error)
-        return {**fields, "seq": None, "at": time.time()}
+        return None
 
 
-def _publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Record one event for a job in Redis (hash, history, channel) and return it with its seq."""
     event = {**fields, "seq": client.incr(f"job:{job_id}:seq"), "at": time.time()}
     payload = json.dumps(event, default=str)
     flat = {k: json.dumps(v, default=str) for k, v in event.items()}
@@ -109,7 +108,7 @@ class Reporter:
         event = {"job_id": self.job_id, "state": "running", **self._state}
         if message:
             event["message"] = message
-        publish(self._redis, self.job_id, event)
+        publish_if_possible(self._redis, self.job_id, event)
         if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
             self.flush()
 
@@ -147,6 +146,11 @@ def announce(client: redis.Redis, job: Job) -> dict[str, Any]:
     return publish(client, job.id, job_snapshot(job))
 
 
+def announce_if_possible(client: redis.Redis, job: Job) -> dict[str, Any] | None:
+    """announce, from a worker: a Redis outage must not keep a job from running or ending."""
+    return publish_if_possible(client, job.id, job_snapshot(job))
+
+
 def roll_up(session: Session, client: redis.Redis, parent_id: str) -> None:
     """Carry children's progress up to a parent that waits for them (it runs no code to do so itself):
     their mean progress onto the parent's span, and a lone child's bytes."""
@@ -163,7 +167,7 @@ def roll_up(session: Session, client: redis.Redis, parent_id: str) -> None:
     parent.progress = max(parent.progress, min(progress, 100.0))
     if lone is not None:
         parent.bytes_done, parent.bytes_total, parent.rate_bps = lone.bytes_done, lone.bytes_total, lone.rate_bps
-    publish(client, parent.id, {"job_id": parent.id, "state": parent.state, "phase": parent.phase,
+    publish_if_possible(client, parent.id, {"job_id": parent.id, "state": parent.state, "phase": parent.phase,
                                 "progress": round(parent.progress, 2), "bytes_done": parent.bytes_done,
                                 "bytes_total": parent.bytes_total, "rate_bps": parent.rate_bps})
     if parent.parent_id is not None:

@@ -20,7 +20,7 @@ from tasks.app import app
 from tasks.context import JobContext
 from tasks.continuations import Suspended, wake, wake_waiters
 from tasks.dispatch import RUN_JOB, alive_key
-from tasks.progress import Reporter, announce
+from tasks.progress import Reporter, announce_if_possible
 from tasks.runtime import Runtime
 from tasks.workflow import Workflow, lookup
 
@@ -42,7 +42,7 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
     if job is None:
         return "stale"
     if not resume:
-        announce(rt.redis, job)
+        announce_if_possible(rt.redis, job)
     with Heartbeat(rt, job.id):
         try:
             outcome = execute(rt, job, lookup(job.kind), rollback=rollback)
@@ -125,7 +125,7 @@ def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] 
         orphans = [] if state == SUCCEEDED else jobs.unfinished_children(session, ctx.job_id)
         for child in orphans:
             jobs.request_cancel(session, rt.redis, child.id)
-    announce(rt.redis, job)
+    announce_if_possible(rt.redis, job)
     with transaction(rt.sessions) as session:
         wake_waiters(session, app, job)
     return state
@@ -144,7 +144,7 @@ def force_end(rt: Runtime, job_id: str, actor: str) -> Job:
                 flow.left_behind(ctx)
             except Exception:
                 log.exception("recording what job %s left behind failed", job.id)
-        announce(rt.redis, job)
+        announce_if_possible(rt.redis, job)
         with transaction(rt.sessions) as session:
             wake_waiters(session, app, job)
     return ended[-1]

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 
 from lab.topology import lab_dir
-from models import SUCCEEDED, ClusterServer, Job, VirtualMachine, Volume
+from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.san.volumes import san_place
 from tests.support import sha256_of
 from tests.fixtures.vms import boot_line, disk_handle, domain_named, install, run_job, server_uri, unique, wait_job
@@ -136,8 +136,7 @@ def test_a_differential_on_bk1_restores_in_place_and_the_vm_boots(cluster, celer
             wrecked.write(os.urandom(8 * MiB))
         restored = finished(rt, api.post(f"/backups/{newest['id']}/actions/restore", json={"in_place": True}))
         assert restored.state == SUCCEEDED, restored.error_message
-        with rt.sessions() as session:  # restored beside the wrecked disk, which it replaced
-            handle = session.scalar(select(Volume.backend_handle).where(Volume.name == f"{name}-disk"))
+        handle = disk_handle(rt, name)  # restored beside the wrecked disk, which it replaced
         assert not os.path.exists(disk)
         assert sha256_of(backend.path_for_export(handle)) == sha256_of(backend.path_for_export(newest["snapshot"]))
         power(rt, celery_app, "start", name)

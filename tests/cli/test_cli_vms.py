@@ -113,6 +113,6 @@ def test_templates_volumes_and_sans(rt, api_url, tokens, monkeypatch):
     assert "web1-disk" in ok(as_admin(api_url, tokens, "san", "volumes", "san-a"))
     assert "web1-disk" in ok(as_admin(api_url, tokens, "volume", "show", str(volume_id)))
     resized = ok(as_admin(api_url, tokens, "volume", "resize", str(volume_id), "2G"))
-    assert f"queued (resize-volume volume/{volume_id})" in resized
+    assert "queued (resize-volume vm/web1)" in resized
     unitless = as_admin(api_url, tokens, "volume", "resize", str(volume_id), "2048")
     assert unitless.exit_code == 1 and unitless.stderr.startswith("InvalidInput: size: ")
