@@ -7,7 +7,6 @@ import libvirt
 import pytest
 
 from workers.node import domains
-from workers.san.lvm import LvmThinBackend
 from workers.san.reflink import ReflinkBackend
 
 TEST_URI = "test:///default"
@@ -21,14 +20,6 @@ def test_a_reflink_pool_lists_volumes_and_snapshots_but_no_staging_or_stray_file
         (tmp_path / stray).write_bytes(b"")
     (tmp_path / "lost+found").mkdir()
     assert backend.listing() == {"vm-1-disk": str(tmp_path / "vm-1-disk.img"), snap: str(tmp_path / "vm-1-disk@bk-1.snap")}
-
-
-def test_an_lvm_group_lists_the_pools_thin_volumes_and_snapshots(monkeypatch):
-    backend = LvmThinBackend("vg0")
-    rows = {"pool": {"pool_lv": "", "segtype": "thin-pool"}, "[pool_tdata]": {"pool_lv": ""},
-            "vm-1-disk": {"pool_lv": "pool"}, "vm-1-disk.bk-1": {"pool_lv": "pool"}, "home": {"pool_lv": ""}}
-    monkeypatch.setattr(backend, "logical_volumes", lambda: rows)
-    assert backend.listing() == {"vm-1-disk": "/dev/vg0/vm-1-disk", "vm-1-disk@bk-1": "/dev/vg0/vm-1-disk.bk-1"}
 
 
 @pytest.fixture

@@ -182,3 +182,12 @@ def test_lvm_thin_snapshot_and_changed_ranges_need_devicemapper(thin_pool: LvmTh
     clone = backend.clone(new, "vm-2")
     with open(path, "rb") as a, open(backend.path_for_export(clone), "rb") as b:
         assert a.read(12 * MiB) == b.read(12 * MiB)
+
+
+@needs_devicemapper
+def test_an_lvm_pool_lists_its_thin_volumes_and_snapshots_needs_devicemapper(thin_pool: LvmThinBackend) -> None:
+    backend = thin_pool
+    volume = backend.create("vm-1-disk", 8 * MiB)
+    backend.snapshot(volume, "bk-1")
+    assert backend.listing() == {"vm-1-disk": f"/dev/{backend.vg}/vm-1-disk",
+                                 "vm-1-disk@bk-1": f"/dev/{backend.vg}/vm-1-disk.bk-1"}
