@@ -110,11 +110,12 @@ def _psql(statement: str) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Model and job tests run on SQLite and PostgreSQL; lab tests (slow, driving daemons) on SQLite."""
+    """Model and job tests run on SQLite and PostgreSQL; lab tests (slow, driving daemons) on SQLite, and
+    those marked `postgres_too` (one end to end per workflow kind) on PostgreSQL as well."""
     chosen = any("db_url" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize"))
     if "db_url" in metafunc.fixturenames and not chosen:
-        kinds = ["sqlite"] if metafunc.definition.get_closest_marker("lab") else ["sqlite", "postgresql"]
-        metafunc.parametrize("db_url", kinds, indirect=True)
+        sqlite_only = metafunc.definition.get_closest_marker("lab") and not metafunc.definition.get_closest_marker("postgres_too")
+        metafunc.parametrize("db_url", ["sqlite"] if sqlite_only else ["sqlite", "postgresql"], indirect=True)
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ def power(rt, celery_app, verb: str, name: str) -> None:
     assert job.state == SUCCEEDED, job.error_message
 
 
+@pytest.mark.postgres_too
 def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, celery_app, api, tmp_path: Path):
     rt = cluster
     name = unique("bk")
@@ -155,6 +156,7 @@ def _vm_state(rt, name: str) -> str:
         return session.scalar(select(VirtualMachine.state).where(VirtualMachine.name == name))
 
 
+@pytest.mark.postgres_too
 def test_verify_with_boot_restores_a_scratch_vm_that_comes_up_and_goes(cluster, celery_app, api, tmp_path: Path):
     rt = cluster
     name = unique("bkv")

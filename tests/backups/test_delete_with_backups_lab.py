@@ -22,6 +22,7 @@ def store(cluster, tmp_path) -> str:
     return "local"
 
 
+@pytest.mark.postgres_too
 def test_deleting_a_vm_drops_its_anchors_after_its_running_backup(cluster, celery_app, store):
     rt = cluster
     name, before = unique("anchor"), san_objects(rt)

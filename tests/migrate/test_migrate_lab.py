@@ -105,6 +105,7 @@ def assert_runs_only_on(rt, name: str, server: str, other: str) -> None:
     assert db_server(rt, name) == server
 
 
+@pytest.mark.postgres_too
 def test_preflight_cancel_and_live_migration(cluster, celery_app, api_url, tokens):
     rt, name = cluster, unique("mig")
     install_on(rt, celery_app, name, "cs1")
@@ -174,6 +175,7 @@ def test_a_destination_lost_mid_migration_leaves_the_vm_on_the_source(cluster, c
     run_job(rt, celery_app, "delete-vm", {"vm": name})
 
 
+@pytest.mark.postgres_too
 def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, tokens):
     rt = cluster
     small, big = unique("eva"), unique("evb")

@@ -43,8 +43,11 @@ def test_tiny_boots_from_iscsi_configures_itself_from_the_seed_and_shuts_down(
     name = unique("tiny-boot")
     work = tiny_dir / name
     work.mkdir(mode=0o755)
-    root_disk = work / "root.img"
-    shutil.copyfile(tiny.disk, root_disk)
+    root_disk, kernel, initrd = work / "root.img", work / "vmlinuz", work / "initrd"
+    # Own copies: libvirt relabels the files a domain boots from, and refuses a kernel that a domain of
+    # another libvirtd (the lab's, with other DAC owners) still holds.
+    for source, copy in ((tiny.disk, root_disk), (tiny.kernel, kernel), (tiny.initrd, initrd)):
+        shutil.copyfile(source, copy)
     target_iqn, initiator_iqn = f"{IQN_PREFIX}:{name}", f"{IQN_PREFIX}:cs-{name}"
     tgtd.tgt.ensure_target(target_iqn)
     tgtd.tgt.export_lun(target_iqn, 1, str(root_disk))
@@ -59,7 +62,7 @@ def test_tiny_boots_from_iscsi_configures_itself_from_the_seed_and_shuts_down(
         disks=(IscsiDisk(target_iqn, 1, "127.0.0.1", tgtd.port, initiator_iqn),),
         seed=FileDisk(seed),
         nics=(Nic("52:54:00:4c:58:01"),),
-        boot=DirectBoot(tiny.kernel, tiny.initrd, tiny.cmdline),
+        boot=DirectBoot(kernel, initrd, tiny.cmdline),
     )
     dom = system_libvirt.defineXML(domain_xml(spec))
     defined.append(dom)

@@ -23,6 +23,7 @@ def vm_row(rt, name: str) -> VirtualMachine | None:
         return session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
 
 
+@pytest.mark.postgres_too
 def test_an_install_whose_undo_fails_is_an_error_vm_deleted_once_it_can_be(cluster, celery_app, celery_worker, api):
     rt = cluster
     name, before = unique("ghost"), san_objects(rt)

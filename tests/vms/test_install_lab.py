@@ -14,6 +14,7 @@ from tests.fixtures.vms import domain_named, install, run_job, san_objects, serv
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 
 
+@pytest.mark.postgres_too
 def test_install_boots_a_customized_vm_and_delete_leaves_nothing(cluster, celery_app, served_api):
     rt = cluster
     web1, before = unique("web1"), san_objects(rt)

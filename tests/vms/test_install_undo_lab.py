@@ -47,6 +47,7 @@ def test_a_failure_starting_the_domain_is_undone(cluster, celery_app):
     assert_nothing_left(rt, name, before)
 
 
+@pytest.mark.postgres_too
 def test_a_cancelled_install_is_undone(cluster, celery_app):
     rt = cluster
     name, before = unique("cancel"), san_objects(rt)

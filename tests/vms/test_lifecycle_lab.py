@@ -45,6 +45,7 @@ def lun_size(rt, vm: str, server: str) -> int:
     return json.loads(output(["qemu-img", "info", "--output=json", "--image-opts", opts]))["virtual-size"]
 
 
+@pytest.mark.postgres_too
 def test_power_actions_follow_the_guest(cluster, celery_app):
     rt = cluster
     pwr1 = unique("pwr1")
@@ -82,6 +83,7 @@ def test_a_vm_that_stops_by_itself_is_seen_stopped(cluster, celery_app):
     wait_until(lambda: vm_row(rt, name).state == "shut off", 20, "the lifecycle event to reach the DB")
 
 
+@pytest.mark.postgres_too
 def test_three_installs_at_once_all_run(cluster, celery_app):
     rt = cluster
     results: dict[str, str] = {}
@@ -101,6 +103,7 @@ def test_three_installs_at_once_all_run(cluster, celery_app):
     assert running == ["running"] * 3
 
 
+@pytest.mark.postgres_too
 def test_a_grown_disk_reaches_the_guest_at_its_next_start_and_a_shrink_needs_it_stopped(cluster, celery_app, api):
     rt = cluster
     rsz1 = unique("rsz1")
