@@ -2,22 +2,25 @@
 when a tiny KVM guest actually runs there, else `qemu` (TCG, no acceleration).
 
 libvirt lists KVM wherever /dev/kvm exists, also on a host that is itself a VM without nested
-virtualisation, where KVM guests hang or abort. So the list is no evidence: a transient probe domain
-(no disk, no network, only firmware) must show that its vCPU executed instructions. The firmware fills
-the real-mode interrupt vector table at guest physical address 0 first thing; a guest whose table is
-still all zeros within the deadline never ran.
+virtualisation, where KVM guests hang. So the list is no evidence: a transient probe domain (no disk,
+no network) boots the server's own kernel and must print the kernel's banner on its serial console.
+The firmware and the kernel's real-mode start are no evidence either: on such a host they run, and
+the guest hangs once the kernel proper starts.
 """
 
+import os
+import re
 import secrets
 import threading
-import time
 import uuid as uuidlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import libvirt
 
-from errors import ServerUnreachable
-from workers.node.domain_xml import DomainSpec, Hypervisor, domain_xml
+from errors import ConsoleClosed, ConsoleTimeout, ServerUnreachable
+from workers.node.console import SerialConsole, start_event_loop
+from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, domain_xml
 from workers.node.host import connect
 
 PROBE_PREFIX = "laxcluster-kvm-probe-"
@@ -25,9 +28,9 @@ PROBE_TIMEOUT_S = 15.0
 # How long libvirt gets to start the probe guest (QEMU's start-up, not the guest's), and to give up
 # a start once the probe is destroyed.
 START_GRACE_S = 30.0
-POLL_S = 0.2
-PROBE_MEMORY_BYTES = 32 << 20
-IVT_BYTES = 1024
+PROBE_MEMORY_BYTES = 128 << 20
+# The kernel's first line on the console, printed once it runs in 64-bit mode.
+BANNER = "Linux version"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class Detected:
 
 def detect(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> Detected:
     """The hypervisor kind of the server behind `uri`; starts (and always removes) a probe domain when
-    libvirt offers KVM. Takes at most about `timeout_s` beyond libvirt's own start-up of the probe."""
+    libvirt offers KVM. Takes at most `timeout_s` plus twice START_GRACE_S."""
+    start_event_loop()  # before the connection: the probe reads its guest's console through it
     conn = connect(uri)
     try:
         if conn.getType() == "Xen":
@@ -55,6 +59,14 @@ def detect(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> Detected:
         conn.close()
 
 
+def host_kernel() -> Path | None:
+    """A kernel for the probe guest: the one this server runs if /boot has it, else the newest there (the
+    node worker runs on the server; any x86-64 Linux kernel prints the banner)."""
+    running = Path("/boot") / f"vmlinuz-{os.uname().release}"
+    installed = sorted(Path("/boot").glob("vmlinuz-*"))
+    return running if running.exists() else (installed[-1] if installed else None)
+
+
 def offers_kvm(conn: libvirt.virConnect) -> bool:
     """Whether libvirt's domain capabilities list kvm for the host's architecture."""
     try:
@@ -65,14 +77,19 @@ def offers_kvm(conn: libvirt.virConnect) -> bool:
 
 
 def guest_runs(conn: libvirt.virConnect, kind: Hypervisor, timeout_s: float) -> tuple[bool, str]:
-    """Start a probe domain of type `kind` and watch whether its firmware runs; (ran, what was seen).
+    """Boot a probe domain of type `kind` on the server's kernel and watch for the kernel's banner on its
+    console; (ran, what was seen). Needs start_event_loop() before `conn` was opened.
 
     Start and watch run in a thread: a QEMU that hangs while KVM sets up can hold libvirt's call
     without end, and only destroying the probe releases it. The probe is destroyed whatever happens,
     and so are leftovers of an earlier probe whose worker died."""
+    kernel = host_kernel()
+    if kernel is None:
+        return False, "no kernel in /boot to boot a probe guest with"
     remove_probes(conn)
     spec = DomainSpec(name=PROBE_PREFIX + secrets.token_hex(4), uuid=str(uuidlib.uuid4()),
-                      memory_bytes=PROBE_MEMORY_BYTES, vcpus=1, hypervisor=kind, disks=())
+                      memory_bytes=PROBE_MEMORY_BYTES, vcpus=1, hypervisor=kind, disks=(),
+                      boot=DirectBoot(kernel, None, "console=ttyS0"))
     outcome: list[tuple[bool, str]] = []
     watcher = threading.Thread(target=lambda: outcome.append(_start_and_watch(conn, spec, timeout_s)),
                                name="hypervisor-probe", daemon=True)
@@ -91,21 +108,24 @@ def guest_runs(conn: libvirt.virConnect, kind: Hypervisor, timeout_s: float) -> 
 
 def _start_and_watch(conn: libvirt.virConnect, spec: DomainSpec, timeout_s: float) -> tuple[bool, str]:
     try:
-        domain = conn.createXML(domain_xml(spec), 0)
+        # Paused until its console is open, so the banner cannot pass unread.
+        domain = conn.createXML(domain_xml(spec), libvirt.VIR_DOMAIN_START_PAUSED)
+        with SerialConsole(domain) as console:
+            domain.resume()
+            console.read_until(re.escape(BANNER), timeout_s)
+            return True, "the guest's kernel started (it printed its banner)"
+    except ConsoleTimeout as error:
+        return False, f"the guest's kernel printed no banner in {timeout_s:.0f} s; its console last showed " \
+                      f"{_last_line(error.extra['tail'])!r}"
+    except ConsoleClosed:
+        return False, "the guest stopped before its kernel printed its banner"
     except libvirt.libvirtError as error:
-        return False, f"libvirt could not start a {spec.hypervisor} guest: {error.get_error_message()}"
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if not domain.isActive():
-                return False, "the guest stopped by itself"
-            if any(domain.memoryPeek(0, IVT_BYTES, libvirt.VIR_MEMORY_PHYSICAL)):
-                return True, "the guest's firmware ran (it wrote its interrupt table)"
-        except libvirt.libvirtError as error:
-            return False, f"the guest could not be watched: {error.get_error_message()}"
-        if time.monotonic() >= deadline:
-            return False, f"the guest's firmware wrote nothing in {timeout_s:.0f} s (its vCPU does not run)"
-        time.sleep(POLL_S)
+        return False, f"libvirt could not run a {spec.hypervisor} guest: {error.get_error_message()[:150]}"
+
+
+def _last_line(tail: str) -> str:
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][:80] if lines else ""
 
 
 def remove_probes(conn: libvirt.virConnect) -> None:
