@@ -11,6 +11,8 @@ from sqlalchemy import select, update
 
 from models import SUCCEEDED, ClusterServer, VirtualMachine
 from models.db import transaction
+from tasks.inventory.config_sync import sync_from_config
+from tasks.queues import node_queue
 from tests.fixtures.vms import install, run_job, server_uri, unique
 from workers.node import probe
 from workers.node.domain_xml import DomainSpec, domain_xml
@@ -84,3 +86,21 @@ def test_a_vms_domain_takes_its_servers_kind_when_it_starts(cluster, celery_app)
         assert session.scalar(select(VirtualMachine.hypervisor).where(VirtualMachine.name == name)) == "qemu"
     with libvirt_session(server_uri(cluster, "cs1")) as conn:
         assert ET.fromstring(conn.lookupByName(name).XMLDesc(0)).get("type") == "qemu"
+
+
+def test_a_refresh_probes_a_server_whose_kind_the_config_leaves_out(rt, celery_app, celery_worker, lax_env, tmp_path):
+    unset = tmp_path / "laxcluster.toml"
+    unset.write_text(rt.config.path.read_text().replace('hypervisor = "qemu"\n', "", 1))  # cs1's line
+    lax_env["LAXCLUSTER_CONFIG"] = str(unset)  # the worker reads this config
+    with transaction(rt.sessions) as session:
+        sync_from_config(session, rt.config)
+        session.execute(update(ClusterServer).values(hypervisor=None, hypervisor_evidence=None))
+    celery_worker([node_queue("cs1")])
+    job = run_job(rt, celery_app, "refresh-server", {"server": "cs1"}, timeout=PROBE_BOUND_S + 60)
+    assert job.state == SUCCEEDED, job.error_message
+    with rt.sessions() as session:
+        cs1 = session.scalar(select(ClusterServer).where(ClusterServer.name == "cs1"))
+        assert cs1.hypervisor == "qemu"
+        assert cs1.hypervisor_evidence.startswith("kvm probe: the guest's kernel printed no banner in 15 s"), \
+            cs1.hypervisor_evidence
+    assert probes_on(server_uri(rt, "cs1")) == []
