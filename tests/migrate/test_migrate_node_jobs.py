@@ -87,3 +87,15 @@ def test_migrate_refuses_a_destination_of_unknown_kind(app, rt, celery_app, cele
     job = run_job(rt, celery_app, "migrate", {"vm": "test", "to": "cs2"}, timeout=60)
     assert (job.state, job.error_code) == (FAILED, "PreflightFailed"), job.error_message
     assert "the hypervisor kind of cs2 is not known yet" in job.error_message
+
+
+def test_migrate_without_a_destination_only_chooses_a_server_of_the_vms_kind(app, rt, celery_app, celery_worker):
+    servers(rt, cs1=SHARED, cs2=SHARED)
+    kinds(rt, cs1="kvm", cs2="qemu")  # cs2, the only other server of the cluster, is of another kind
+    with transaction(rt.sessions) as session:
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID, hypervisor="kvm")
+    celery_worker([CONTROL])
+    job = run_job(rt, celery_app, "migrate", {"vm": "test", "check": True}, timeout=60)
+    assert job.state == SUCCEEDED, job.error_message
+    assert [p["code"] for p in job.result["problems"]] == ["NoCapacity"]
+    assert "no usable server" in job.result["problems"][0]["message"]
