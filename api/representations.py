@@ -53,6 +53,8 @@ def server_json(server: ClusterServer) -> dict[str, Any]:
         "memory_free_bytes": server.memory_free_bytes,
         "hypervisor_type": server.hypervisor_type,
         "hypervisor_version": server.hypervisor_version,
+        "hypervisor": server.hypervisor,
+        "hypervisor_evidence": server.hypervisor_evidence,
         "hostname": server.hostname,
         "facts_updated_at": iso(server.facts_updated_at),
     }

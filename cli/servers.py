@@ -16,6 +16,7 @@ COLUMNS = (
     ("MHz", lambda s: s["cpu_mhz"]),
     ("memory", lambda s: s["memory_total_bytes"] and human_bytes(s["memory_total_bytes"])),
     ("free", lambda s: s["memory_free_bytes"] and human_bytes(s["memory_free_bytes"])),
+    ("kind", lambda s: s["hypervisor"]),
     ("hypervisor", lambda s: s["hypervisor_type"] and f"{s['hypervisor_type']} {s['hypervisor_version'] or ''}".strip()),
     ("facts from", lambda s: s["facts_updated_at"]),
 )

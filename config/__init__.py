@@ -19,6 +19,8 @@ from urllib.parse import quote
 from config.units import parse_size
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
+# A server's hypervisor kind: KVM, QEMU without acceleration (TCG), or Xen through libxl.
+HYPERVISOR_KINDS = ("kvm", "qemu", "xen")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class ServerConfig:
     initiator: str
     memory_limit: int | None = None
     addresses: dict[str, str] = field(default_factory=dict)
+    # None: refresh-server detects it with a probe domain.
+    hypervisor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
                     initiator=v["initiator"],
                     memory_limit=parse_size(v["memory_limit"]) if v.get("memory_limit") else None,
                     addresses=dict(v.get("addresses", {})),
+                    hypervisor=_hypervisor(v),
                 )
                 for v in c.get("servers", [])
             ],
@@ -170,3 +175,10 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
         for c in raw.get("clusters", [])
     ]
     return SiteConfig(name=raw["name"], sans=sans, clusters=clusters)
+
+
+def _hypervisor(server: dict[str, Any]) -> str | None:
+    kind = server.get("hypervisor") or None
+    if kind is not None and kind not in HYPERVISOR_KINDS:
+        raise ValueError(f"server {server['name']}: hypervisor {kind!r} is not one of {', '.join(HYPERVISOR_KINDS)}")
+    return kind

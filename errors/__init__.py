@@ -254,6 +254,12 @@ class ServerUnreachable(LaxError):
     http_status = 502
 
 
+class HypervisorUnknown(Conflict):
+    """A server's hypervisor kind (kvm, qemu, xen) is not known yet: neither configured nor probed."""
+
+    code = "HypervisorUnknown"
+
+
 class RefreshFailed(LaxError):
     """Some servers' facts could not be refreshed; `extra['servers']` says which."""
 

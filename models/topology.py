@@ -48,6 +48,10 @@ class ClusterServer(Base):
     memory_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
     hypervisor_type: Mapped[str | None] = mapped_column(String(31))
     hypervisor_version: Mapped[str | None] = mapped_column(String(31))
+    # The kind a VM's domain type follows (kvm, qemu, xen): from the config, else from a probe at refresh;
+    # the evidence says which, and what the probe saw.
+    hypervisor: Mapped[str | None] = mapped_column(String(15))
+    hypervisor_evidence: Mapped[str | None] = mapped_column(String(255))
     hostname: Mapped[str | None] = mapped_column(String(255))
     facts_updated_at: Mapped[datetime | None]
 

@@ -64,8 +64,10 @@ def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer,
                       vms: list[VirtualMachine]) -> tuple[dict[str, str], dict[str, str]]:
     """A destination for each VM, biggest first, counting the VMs planned before it (they move at the
     same time, so placement alone would not see them); {vm: server} and {vm: why none fits}."""
+    # Only servers of its own hypervisor kind can take a VM (its domain type moves with it).
     others = list(session.scalars(select(ClusterServer).where(ClusterServer.cluster_id == server.cluster_id,
-                                                              ClusterServer.id != server.id)))
+                                                              ClusterServer.id != server.id,
+                                                              ClusterServer.hypervisor == server.hypervisor)))
     taken = {other.name: (0, 0) for other in others}
     planned, failed = {}, {}
     for vm in sorted(vms, key=lambda v: (-v.memory_bytes, v.name)):

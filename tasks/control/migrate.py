@@ -92,11 +92,26 @@ def _inventory_problems(ctx: JobContext, name: str, asked: str | None
             return source.name, dest.name, [_problem(
                 "OtherCluster", f"{dest.name} is not in {name}'s cluster, so it cannot reach its disks: "
                                 "choose a server of the same cluster")], None
+        if kind_problem := _hypervisor_problem(name, source, dest):
+            return source.name, dest.name, [kind_problem], None
         room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
         check = {"vm": name, "source": source.name, "destination": dest.name, "destination_uri": dest.libvirt_uri,
                  "destination_maintenance": dest.maintenance, "free_memory_bytes": room.memory_bytes,
                  "free_vcpus": room.vcpus, "memory_bytes": vm.memory_bytes, "vcpus": vm.vcpus}
     return source.name, dest.name, [], check
+
+
+def _hypervisor_problem(name: str, source: ClusterServer, dest: ClusterServer) -> Problem | None:
+    """A domain keeps its type (kvm, qemu, xen) on a move, so both servers must be of one known kind."""
+    unknown = [server.name for server in (source, dest) if server.hypervisor is None]
+    if unknown:
+        return _problem("HypervisorUnknown", f"the hypervisor kind of {' and '.join(unknown)} is not known yet: "
+                                             "refresh the servers (laxcluster servers refresh)")
+    if source.hypervisor != dest.hypervisor:
+        return _problem("HypervisorMismatch", f"{dest.name} is a {dest.hypervisor} server, {name}'s server "
+                                              f"{source.name} is {source.hypervisor}: a VM moves only between "
+                                              f"servers of one kind: choose a {source.hypervisor} server")
+    return None
 
 
 def _problem(code: str, message: str) -> Problem:
@@ -110,7 +125,8 @@ def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: 
         if dest is None:
             raise ServerNotFound(f"no cluster server {asked}", server=asked)
         return dest
-    others = select(ClusterServer).where(ClusterServer.cluster_id == source.cluster_id, ClusterServer.id != source.id)
+    others = select(ClusterServer).where(ClusterServer.cluster_id == source.cluster_id, ClusterServer.id != source.id,
+                                         ClusterServer.hypervisor == source.hypervisor)
     return place(session, ctx.rt.config, list(session.scalars(others)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
 
 

@@ -7,6 +7,8 @@ from config import Config
 from models import Cluster, ClusterServer, San, Site, Subnet
 from tasks.inventory import ipam
 
+CONFIGURED = "set in the configuration"
+
 
 def sync_from_config(session: Session, config: Config) -> None:
     """Create or update the Site, Cluster, ClusterServer and San rows the config describes, and add
@@ -34,6 +36,8 @@ def sync_from_config(session: Session, config: Config) -> None:
                 server.libvirt_uri = server_config.uri
                 server.initiator_iqn = server_config.initiator
                 server.memory_limit_bytes = server_config.memory_limit
+                if server_config.hypervisor is not None:
+                    server.hypervisor, server.hypervisor_evidence = server_config.hypervisor, CONFIGURED
                 session.add(server)
     session.flush()
 

@@ -7,6 +7,7 @@ from celery.signals import worker_ready
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from errors import HypervisorUnknown
 from models import ClusterServer, Lease, San, Template, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from tasks import runtime
@@ -16,7 +17,7 @@ from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
 from workers.node import domains
-from workers.node.domain_xml import DirectBoot, DomainSpec, IscsiDisk, Nic, domain_xml
+from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, IscsiDisk, Nic, domain_xml
 from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
@@ -27,8 +28,17 @@ SHUTDOWN_TIMEOUT_S = 60
 BUSY_STATES = ("installing", "deleting", "error")
 
 
+def server_kind(server: ClusterServer) -> Hypervisor:
+    """The hypervisor kind a domain on `server` must have; HypervisorUnknown before the server's first refresh."""
+    if server.hypervisor is None:
+        raise HypervisorUnknown(f"the hypervisor kind of {server.name} is not known yet: refresh it "
+                                "(laxcluster servers refresh) or set it in the configuration", server=server.name)
+    return server.hypervisor
+
+
 def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> DomainSpec:
-    """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC and boot."""
+    """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC and boot; the
+    domain type is the server's hypervisor kind."""
     volumes = {v.role: v for v in session.scalars(select(Volume).where(Volume.vm_id == vm.id))}
     template = session.get(Template, vm.template_id) if vm.template_id else None
     lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
@@ -39,7 +49,7 @@ def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> 
 
     boot = template.boot if template and template.boot else None
     return DomainSpec(
-        name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=vm.hypervisor,
+        name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=server_kind(server),
         disks=(lun(volumes["disk"]),),
         seed=lun(volumes["seed"]) if "seed" in volumes else None,
         nics=(Nic(lease.mac),) if lease else (),
@@ -65,14 +75,15 @@ def start_domain(ctx: JobContext) -> dict[str, Any]:
     """Define the VM's domain on this server from the inventory and start it."""
     with ctx.session() as session:
         vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
-        xml = domain_xml(domain_spec(session, vm, server))
+        spec = domain_spec(session, vm, server)
+        xml = domain_xml(spec)
     ctx.phase("define", progress=20)
     domains.define(server.libvirt_uri, xml)
     ctx.phase("start", progress=60)
     state = domains.start(server.libvirt_uri, vm.uuid)
     with ctx.session() as session:
         vm = session.get(VirtualMachine, vm.id)
-        vm.server_id = server.id
+        vm.server_id, vm.hypervisor = server.id, spec.hypervisor
         record_state(session, vm, state)
     return {"state": state.state, "domain_id": state.domain_id}
 

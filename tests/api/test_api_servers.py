@@ -22,6 +22,21 @@ def test_servers_list_the_configured_servers_with_numeric_facts(rt, client, toke
     assert servers[1]["cpu_count"] is None and servers[1]["facts_updated_at"] is None
 
 
+def test_servers_show_their_hypervisor_kind_and_where_it_came_from(rt, client, tokens):
+    with transaction(rt.sessions) as session:
+        session.execute(update(ClusterServer).where(ClusterServer.name == "cs2").values(
+            hypervisor="kvm", hypervisor_evidence="kvm probe: the guest's kernel started (it printed its banner)"))
+        session.execute(update(ClusterServer).where(ClusterServer.name == "cs3").values(
+            hypervisor=None, hypervisor_evidence=None))
+    servers = client.get("/servers", headers=bearer(tokens["viewer"])).get_json()["items"]
+    assert {s["name"]: (s["hypervisor"], s["hypervisor_evidence"]) for s in servers} == {
+        "cs1": ("qemu", "set in the configuration"),
+        "cs2": ("kvm", "kvm probe: the guest's kernel started (it printed its banner)"),
+        "cs3": (None, None),
+    }
+    assert client.get("/servers/cs2", headers=bearer(tokens["viewer"])).get_json()["hypervisor"] == "kvm"
+
+
 def test_refresh_is_a_job_on_the_control_queue(client, tokens):
     response = client.post("/servers/refresh", headers=bearer(tokens["operator"]))
     assert response.status_code == 202

@@ -51,7 +51,7 @@ def test_servers_list_shows_a_table(rt, api_url, tokens):
     result = as_admin(api_url, tokens, "servers", "list")
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if " cs2 " in line)
-    assert "cluster-a" in row and " 6 " in row and "3.0 GiB" in row
+    assert "cluster-a" in row and " 6 " in row and "3.0 GiB" in row and " qemu " in row
 
 
 def test_api_errors_are_code_and_detail_with_exit_1(api_url, tokens):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 
-from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
+from models import FAILED, SUCCEEDED, ClusterServer, Job, VirtualMachine
 from models.db import transaction
 from tasks.queues import CONTROL, node_queue
 from tests.fixtures import factories
@@ -54,3 +54,48 @@ def test_settle_domain_keeps_the_vm_where_it_runs_and_records_it(app, rt, celery
     with rt.sessions() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == "test"))
         assert (session.get(ClusterServer, vm.server_id).name, vm.state) == ("cs1", "running")
+
+
+def kinds(rt, **kinds: str | None) -> None:
+    with transaction(rt.sessions) as session:
+        for name, kind in kinds.items():
+            session.execute(update(ClusterServer).where(ClusterServer.name == name).values(hypervisor=kind))
+
+
+def test_migrate_check_refuses_a_move_between_hypervisor_kinds_from_the_inventory(app, rt, celery_app, celery_worker):
+    servers(rt, cs1=SHARED, cs2=SHARED)
+    kinds(rt, cs1="kvm", cs2="qemu")
+    with transaction(rt.sessions) as session:
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID, hypervisor="kvm")
+    celery_worker([CONTROL])  # no node worker: the inventory alone refuses, libvirt is never asked
+    job = run_job(rt, celery_app, "migrate", {"vm": "test", "to": "cs2", "check": True}, timeout=60)
+    assert job.state == SUCCEEDED, job.error_message
+    assert job.result["problems"] == [{"code": "HypervisorMismatch", "message": (
+        "cs2 is a qemu server, test's server cs1 is kvm: a VM moves only between servers of one kind: "
+        "choose a kvm server")}]
+    assert job.result["can_migrate"] is False
+    with rt.sessions() as session:
+        assert session.scalar(select(Job).where(Job.parent_id == job.id)) is None
+
+
+def test_migrate_refuses_a_destination_of_unknown_kind(app, rt, celery_app, celery_worker):
+    servers(rt, cs1=SHARED, cs2=SHARED)
+    kinds(rt, cs2=None)
+    with transaction(rt.sessions) as session:
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID)
+    celery_worker([CONTROL])
+    job = run_job(rt, celery_app, "migrate", {"vm": "test", "to": "cs2"}, timeout=60)
+    assert (job.state, job.error_code) == (FAILED, "PreflightFailed"), job.error_message
+    assert "the hypervisor kind of cs2 is not known yet" in job.error_message
+
+
+def test_migrate_without_a_destination_only_chooses_a_server_of_the_vms_kind(app, rt, celery_app, celery_worker):
+    servers(rt, cs1=SHARED, cs2=SHARED)
+    kinds(rt, cs1="kvm", cs2="qemu")  # cs2, the only other server of the cluster, is of another kind
+    with transaction(rt.sessions) as session:
+        factories.vm(session, "test", server="cs1", state="running", uuid=TEST_DRIVER_UUID, hypervisor="kvm")
+    celery_worker([CONTROL])
+    job = run_job(rt, celery_app, "migrate", {"vm": "test", "check": True}, timeout=60)
+    assert job.state == SUCCEEDED, job.error_message
+    assert [p["code"] for p in job.result["problems"]] == ["NoCapacity"]
+    assert "no usable server" in job.result["problems"][0]["message"]

@@ -25,6 +25,8 @@ from workers.node.domain_xml import (
 
 TARGET = "iqn.2025-01.org.laxcluster:san-a.vm-web1"
 INITIATOR = "iqn.2025-01.org.laxcluster:cs1"
+# The name open-iscsi's udev rules give a LUN of TARGET on the SAN's portal after a login.
+BY_PATH = f"/dev/disk/by-path/ip-10.1.0.10:3261-iscsi-{TARGET}-lun-{{lun}}"
 
 
 def make_spec(hypervisor: Hypervisor, *, kernel_boot: bool = True, seed: FileDisk | IscsiDisk | None = None) -> DomainSpec:
@@ -77,10 +79,14 @@ def test_every_variant_is_accepted_by_libvirt(spec: DomainSpec, test_conn: libvi
         assert defined.get("type") == spec.hypervisor
         assert defined.findtext("description") == spec.description
         assert defined.findtext("memory") == str(spec.memory_bytes // 1024)
-        sources = [s.get("name") for s in defined.iterfind("devices/disk/source[@protocol='iscsi']")]
-        assert f"{TARGET}/1" in sources and f"{TARGET}/2" in sources
-        assert defined.find("devices/disk/source/initiator/iqn").get("name") == INITIATOR
-        assert {d.get("cache") for d in defined.iterfind("devices/disk[@type='network']/driver")} == {"none"}
+        if spec.hypervisor == "xen":
+            devices = [s.get("dev") for s in defined.iterfind("devices/disk[@type='block']/source")]
+            assert devices[:2] == [BY_PATH.format(lun=1), BY_PATH.format(lun=2)]
+        else:
+            sources = [s.get("name") for s in defined.iterfind("devices/disk/source[@protocol='iscsi']")]
+            assert f"{TARGET}/1" in sources and f"{TARGET}/2" in sources
+            assert defined.find("devices/disk/source/initiator/iqn").get("name") == INITIATOR
+            assert {d.get("cache") for d in defined.iterfind("devices/disk[@type='network']/driver")} == {"none"}
     finally:
         dom.undefine()
 
@@ -100,10 +106,17 @@ def test_qemu_disks_are_virtio_in_order_with_the_seed_last_and_read_only() -> No
     assert root.findtext("os/cmdline") == "console=ttyS0 quiet"
 
 
-def test_xen_uses_xvd_disks_through_qemu_and_a_xen_console() -> None:
-    root = ET.fromstring(domain_xml(make_spec("xen", kernel_boot=False)))
-    assert [d.find("target").get("dev") for d in root.findall("devices/disk")] == ["xvda", "xvdb", "xvdc"]
-    assert {d.find("driver").get("name") for d in root.findall("devices/disk")} == {"qemu"}
+def test_xen_passes_luns_as_open_iscsi_block_devices_with_xvd_names_and_a_xen_console() -> None:
+    root = ET.fromstring(domain_xml(make_spec("xen", kernel_boot=False, seed=IscsiDisk(TARGET, 9, "10.1.0.10", 3261,
+                                                                                        INITIATOR, readonly=True))))
+    disks = root.findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["xvda", "xvdb", "xvdc"]
+    assert {(d.get("type"), d.find("driver").get("name"), d.find("target").get("bus")) for d in disks} == {
+        ("block", "phy", "xen")}
+    assert [d.find("source").get("dev") for d in disks] == [BY_PATH.format(lun=n) for n in (1, 2, 9)]
+    assert root.find(".//initiator") is None and root.find(".//source[@protocol]") is None
+    assert disks[-1].find("readonly") is not None
+    assert (root.get("type"), root.find("os/type").text, root.find("os/type").get("machine")) == ("xen", "xen", "xenpv")
     assert root.find("devices/console/target").get("type") == "xen"
     assert root.findtext("bootloader") == "pygrub"
     assert root.find("devices/interface/source").get("bridge") == "br-lan"

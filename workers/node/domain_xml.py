@@ -2,7 +2,9 @@
 
 Disks are iSCSI LUNs reached through QEMU's own iSCSI client (libvirt network disks with
 cache='none', so live migration with shared storage is safe); the NoCloud seed is an
-extra read-only disk. Values only ever reach the XML as element text or attribute values
+extra read-only disk. Xen's libxl takes no iSCSI network disks: there a LUN is the block
+device the server's own open-iscsi session gives it (`iscsi_by_path`), which the server must
+have logged in to before the domain starts. Values only ever reach the XML as element text or attribute values
 through ElementTree, which escapes them.
 """
 
@@ -167,10 +169,18 @@ def target_dev(hypervisor: Hypervisor, index: int) -> str:
     return prefix + letters
 
 
+def iscsi_by_path(disk: IscsiDisk) -> str:
+    """The block device open-iscsi's udev rules name for `disk` once the server is logged in to its target."""
+    return f"/dev/disk/by-path/ip-{disk.host}:{disk.port}-iscsi-{disk.target_iqn}-lun-{disk.lun}"
+
+
 def add_disk(devices: ET.Element, disk: IscsiDisk | FileDisk, dev: str, hypervisor: Hypervisor) -> None:
-    if isinstance(disk, IscsiDisk):
+    if isinstance(disk, IscsiDisk) and hypervisor == "xen":
+        el = ET.SubElement(devices, "disk", type="block", device="disk")
+        ET.SubElement(el, "driver", name="phy")
+        ET.SubElement(el, "source", dev=iscsi_by_path(disk))
+    elif isinstance(disk, IscsiDisk):
         el = ET.SubElement(devices, "disk", type="network", device="disk")
-        # Xen reaches network disks only through its QEMU (qdisk) backend.
         ET.SubElement(el, "driver", name="qemu", type="raw", cache="none")
         source = ET.SubElement(el, "source", protocol="iscsi", name=f"{disk.target_iqn}/{disk.lun}")
         ET.SubElement(source, "host", name=disk.host, port=str(disk.port))
