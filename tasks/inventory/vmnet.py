@@ -42,7 +42,7 @@ def on_network(session: Session, config: Config, vm: VirtualMachine,
         return candidates
     bridged = [s for s in candidates if config.vm_bridge(s.name, network.name) is not None]
     if candidates and not bridged:
-        names = ", ".join(s.name for s in candidates)
+        names = ", ".join(sorted(s.name for s in candidates))
         raise NoVmNetwork(f"none of {names} has a bridge on VM network {network.name}, where {vm.name}'s subnet "
                           f"{network.subnet} lives: give one of them a bridge for it (vm_bridges in the config)",
                           network=network.name, servers=[s.name for s in candidates])

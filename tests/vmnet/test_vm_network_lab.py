@@ -133,8 +133,8 @@ def test_a_guest_gets_its_lease_by_dhcp_and_answers_tcp_from_the_root_namespace(
         mac, ip = install_on_vm_network(rt, celery_app, name, "cs1")
         # The seed carries no address (`type: dhcp`): the one the guest reports came from dnsmasq.
         assert boot_line(server_uri(rt, "cs1"), name) == (name, ip)
-        leases = (rt.config.dhcp_dir / f"{net.name}.leases").read_text()
-        assert f" {mac} {ip} " in leases, leases
+        leases = rt.config.dhcp_dir / f"{net.name}.leases"
+        wait_until(lambda: f" {mac} {ip} " in leases.read_text(), 10, f"dnsmasq to record the lease of {mac}")
         start_echo_service(rt, "cs1", name)
         with connect_to(ip) as sock:
             assert sock.getsockname()[0] == str(net.bridge_address.ip)  # the root namespace, on the VM network
@@ -160,8 +160,9 @@ def test_a_mac_without_a_lease_gets_no_address(cluster, celery_app):
         # ...once it is gone from the network DB, the same MAC gets nothing.
         assert on_console(rt, "cs1", name, ask, r"DHCP-EXIT-1=(\d+)").group(1) == "1"
         net = next(n for n in build(rt.config).vm_networks if n.subnet == SUBNET)
-        log = (rt.config.dhcp_dir / f"{net.name}.log").read_text()
-        assert re.search(rf"DHCPDISCOVER\({net.bridge}\) {mac} no address available", log), log[-2000:]
+        log = rt.config.dhcp_dir / f"{net.name}.log"
+        refusal = re.compile(rf"DHCPDISCOVER\({net.bridge}\) {mac} no address available")
+        wait_until(lambda: refusal.search(log.read_text()), 10, f"dnsmasq to log that {mac} has no address")
     finally:
         run_job(rt, celery_app, "delete-vm", {"vm": name})
 

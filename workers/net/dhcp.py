@@ -21,6 +21,8 @@ def pid_path(directory: Path, network: str) -> Path:
 def publish_hosts(directory: Path, network: str, text: str) -> bool:
     """Make `text` the network's hosts file and tell its dnsmasq to re-read it; False when none runs (it
     reads the file when it starts)."""
+    # Absolute, as the DHCP server was given them: its pidfile argument is how we know it is ours.
+    directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     path = hosts_path(directory, network)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
