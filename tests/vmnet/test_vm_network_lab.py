@@ -3,9 +3,6 @@ joined to one in the root namespace that carries the subnet's gateway) get their
 lab's dnsmasq, answer TCP from the root namespace, and keep a connection across a live migration."""
 
 import re
-import socket
-import threading
-import time
 
 import libvirt
 import pytest
@@ -18,13 +15,13 @@ from models.db import transaction
 from tasks.inventory import ipam
 from tasks.inventory.vmnet import publish_leases
 from tasks.inventory.vms import InstallRequest, reserve_vm
+from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to, echo
 from tests.fixtures.vms import boot_line, run_job, server_uri, unique
 from workers.node.console import SerialConsole, start_event_loop
 from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 SUBNET = "lab"  # carried by site-a's VM network vm-a, served by DHCP (config/defaults.toml)
-ECHO_PORT = 7000
 MIGRATE_TIMEOUT = 300
 
 
@@ -58,62 +55,7 @@ def on_console(rt, server: str, name: str, command: str, answer: str, timeout: f
 
 
 def start_echo_service(rt, server: str, name: str) -> None:
-    # `$((1+1))` makes the answer differ from the echoed command line.
-    on_console(rt, server, name, f"nc -ll -p {ECHO_PORT} -e /bin/cat & echo ECHO-STARTED-$((1+1))", r"ECHO-STARTED-2")
-
-
-def connect_to(ip: str) -> socket.socket:
-    """A TCP connection from the root namespace to the guest's echo service, once it accepts one."""
-    def attempt() -> socket.socket | None:
-        try:
-            return socket.create_connection((ip, ECHO_PORT), timeout=2)
-        except OSError:
-            return None
-
-    sock = wait_until(attempt, 60, f"the echo service at {ip}:{ECHO_PORT}", interval=0.5)
-    sock.settimeout(60)
-    return sock
-
-
-def echo(sock: socket.socket, data: bytes) -> bytes:
-    sock.sendall(data)
-    received = b""
-    while len(received) < len(data):
-        chunk = sock.recv(len(data) - len(received))
-        if not chunk:
-            raise ConnectionError(f"the guest closed the connection after {received!r}")
-        received += chunk
-    return received
-
-
-class EchoStream(threading.Thread):
-    """Numbered lines to the guest's echo service, each awaited before the next: counts the replies and the
-    longest wait for one (the connection's longest gap)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(name="echo-stream", daemon=True)
-        self.sock, self.replies, self.longest_gap = sock, 0, 0.0
-        self.error: BaseException | None = None
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        last = time.monotonic()
-        try:
-            while not self.stopping.is_set():
-                line = b"%08d\n" % self.replies
-                got = echo(self.sock, line)
-                if got != line:
-                    raise AssertionError(f"sent {line!r}, the guest sent back {got!r}")
-                now = time.monotonic()
-                self.longest_gap, last = max(self.longest_gap, now - last), now
-                self.replies += 1
-        except BaseException as error:  # reported by the test, which asserts there was none
-            self.error = error
-
-    def more_replies(self, count: int, what: str) -> None:
-        target = self.replies + count
-        wait_until(lambda: self.replies >= target or self.error is not None, 60, what)
-        assert self.error is None, self.error
+    on_console(rt, server, name, START_ECHO, ECHO_STARTED)
 
 
 def libvirt_state(rt, server: str, name: str) -> int | None:
@@ -183,11 +125,10 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(cluster, cele
                 during = stream.replies - before
                 stream.more_replies(20, "echoes after the migration")
             finally:
-                stream.stopping.set()
-                stream.join(60)
+                stream.stop()
         assert moved.state == SUCCEEDED, moved.error_message
         assert libvirt_state(rt, "cs2", name) == libvirt.VIR_DOMAIN_RUNNING and libvirt_state(rt, "cs1", name) is None
         assert during > 0 and stream.error is None, stream.error
-        print(f"longest gap {stream.longest_gap * 1000:.0f} ms, libvirt downtime {moved.result['downtime_ms']} ms")
+        print(f"longest gap {stream.longest_gap() * 1000:.0f} ms, libvirt downtime {moved.result['downtime_ms']} ms")
     finally:
         run_job(rt, celery_app, "delete-vm", {"vm": name})
