@@ -16,7 +16,7 @@ interleaved so both see the same machine load:
    from the destination's completed job stats.
 
 Throughout, a stream of small packets goes from the root namespace to an echo service in the guest over
-the VM network (one 9-byte line awaited before the next, tests/fixtures/echo.py): each migration also
+the VM network (one 9-byte line awaited before the next, lab/echo.py): each migration also
 reports the longest wait for a reply while it ran (`longest_gap_ms`), the pause a client of the guest
 sees, beside libvirt's downtime.
 
