@@ -2,7 +2,8 @@
 
 It answers only MACs in its hosts file (`--dhcp-range=<net>,static`: no lease, no address), which the
 control side rewrites from the network DB when leases change (workers/net/dhcp.py) and reloads with
-SIGHUP. No DNS (`--port=0`). Its files live in the config's `dhcp_dir`, where that writer finds them.
+SIGHUP, releasing what it gave back (`dhcp_release`). No DNS (`--port=0`). Its files live in the config's
+`dhcp_dir`, where that writer finds them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from errors import LabError
 from lab import processes
 from lab.topology import VmNetwork
-from workers.net.dhcp import hosts_path, pid_path, running_dnsmasq
+from workers.net.dhcp import host_entries, hosts_path, pid_path, running_dnsmasq
 
 START_TIMEOUT_S = 10
 
@@ -71,6 +72,7 @@ def start(server: DhcpServer) -> int:
     server.directory.mkdir(parents=True, exist_ok=True)
     if not server.hosts_file.exists():
         server.hosts_file.write_text("")
+    forget_stale_leases(server)
     proc = subprocess.Popen(server.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     processes.wait_until(lambda: running_dnsmasq(server.pidfile) == proc.pid or proc.poll() is not None,
@@ -78,6 +80,17 @@ def start(server: DhcpServer) -> int:
     if proc.poll() is not None:
         raise LabError(f"dnsmasq of {server.network.name} exited with {proc.returncode}; see {server.log}")
     return proc.pid
+
+
+def forget_stale_leases(server: DhcpServer) -> None:
+    """Drop leases the hosts file no longer has from dnsmasq's lease file (given back while it was down):
+    read at start, they would keep their addresses from the VMs the network DB now gives them to."""
+    if not server.leases_file.exists():
+        return
+    wanted = host_entries(server.hosts_file.read_text())
+    lines = server.leases_file.read_text().splitlines(keepends=True)
+    # A lease line: expiry MAC IP hostname client-id.
+    server.leases_file.write_text("".join(line for line in lines if tuple(line.split()[1:3]) in wanted))
 
 
 def stop_all(directory: Path, networks: list[VmNetwork]) -> None:

@@ -83,8 +83,9 @@ def test_a_guest_gets_its_lease_by_dhcp_and_answers_tcp_from_the_root_namespace(
             assert echo(sock, b"hello over the VM network\n") == b"hello over the VM network\n"
     finally:
         run_job(rt, celery_app, "delete-vm", {"vm": name})
-    # Deleted, its lease left the DHCP server's hosts file too.
+    # Deleted, its lease left the DHCP server's hosts file, and dnsmasq released it (its address is free again).
     assert mac not in (rt.config.dhcp_dir / f"{net.name}.hosts").read_text()
+    wait_until(lambda: mac not in leases.read_text(), 10, f"dnsmasq to release the lease of {mac}")
 
 
 def test_a_mac_without_a_lease_gets_no_address(cluster, celery_app):
