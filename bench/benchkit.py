@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.errors import LabError
+from errors import LabError
 
 RESULTS_DIR = Path(__file__).with_name("results")
 

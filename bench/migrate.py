@@ -15,6 +15,11 @@ interleaved so both see the same machine load:
    flags, same migration URI, the migratable XML with the destination's initiator), downtime
    from the destination's completed job stats.
 
+Throughout, a stream of small packets goes from the root namespace to an echo service in the guest over
+the VM network (one 9-byte line awaited before the next, lab/echo.py): each migration also
+reports the longest wait for a reply while it ran (`longest_gap_ms`), the pause a client of the guest
+sees, beside libvirt's downtime.
+
 Prints ours beside the baseline, writes `bench/results/migrate.json`, and stops every process it
 started and tears the lab down, also on failure, Ctrl-C or SIGTERM.
 
@@ -50,6 +55,7 @@ from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import all_queues
+from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to
 from workers.node.console import SerialConsole, start_event_loop
 
 READY_TIMEOUT_S = 120
@@ -135,7 +141,7 @@ def initiator(cfg: config.Config, name: str) -> str:
 
 
 def wait_booted(uri: str, vm: str) -> None:
-    """Until the guest's console shell answers with its boot line."""
+    """Until the guest's console shell answers with its boot line; then start its echo service."""
     start_event_loop()
     conn = libvirt.open(uri)
     try:
@@ -148,8 +154,19 @@ def wait_booted(uri: str, vm: str) -> None:
                     return False
 
             wait_until(asked, 300, f"{vm} to boot", interval=0.2)
+            console.write(START_ECHO.encode() + b"\n")
+            console.read_until(ECHO_STARTED, timeout=30)
     finally:
         conn.close()
+
+
+def longest_gap_ms(stream: EchoStream, move: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`move()`'s figures and the longest wait for an echo while it ran (a few replies after it close the last wait)."""
+    start = time.monotonic()
+    figures = move()
+    end = time.monotonic()
+    stream.more_replies(5, "echoes after the migration")
+    return {**figures, "longest_gap_ms": stream.longest_gap(start, end) * 1000}
 
 
 def ours(api: Api, vm: str, to: str) -> dict[str, float]:
@@ -202,12 +219,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             api.job_end(api.post("/vms", {"name": vm, "template": "tiny", "memory": "256M", "vcpus": 1, "disk": "128M",
                                           "server": "cs1"})["id"])
             wait_booted(server_uri(cfg, "cs1"), vm)
+            stream = EchoStream(connect_to(api.http.get(f"{api.url}/vms/{vm}", timeout=30).json()["ip"]))
+            stream.start()
             mine, baseline = [], []
             for round_ in range(args.rounds):
-                mine += [ours(api, vm, "cs2"), ours(api, vm, "cs1")]
-                baseline += [direct(cfg, vm, "cs1", "cs2"), direct(cfg, vm, "cs2", "cs1")]
+                mine += [longest_gap_ms(stream, lambda: ours(api, vm, "cs2")),
+                         longest_gap_ms(stream, lambda: ours(api, vm, "cs1"))]
+                baseline += [longest_gap_ms(stream, lambda: direct(cfg, vm, "cs1", "cs2")),
+                             longest_gap_ms(stream, lambda: direct(cfg, vm, "cs2", "cs1"))]
                 print(f"round {round_ + 1}/{args.rounds}: ours {mine[-2]['migration_ms']:.0f}+{mine[-1]['migration_ms']:.0f} ms, "
                       f"direct {baseline[-2]['migration_ms']:.0f}+{baseline[-1]['migration_ms']:.0f} ms", flush=True)
+            stream.stop()
+            stream.sock.close()
             api.job_end(api.http.delete(f"{api.url}/vms/{vm}", timeout=30).json()["id"])
         finally:
             supervisor.stop_all()
@@ -222,8 +245,9 @@ def report(args: argparse.Namespace, mine: list[dict[str, float]], baseline: lis
         "vm": {"template": "tiny", "memory_mib": 256, "idle": True},
         "rounds": args.rounds,
         "migrations_each": len(mine),
-        "ours": {key: summary(mine, key) for key in ("downtime_ms", "migration_ms", "overhead_ms", "post_to_done_ms")},
-        "direct_libvirt": {key: summary(baseline, key) for key in ("downtime_ms", "migration_ms")},
+        "ours": {key: summary(mine, key) for key in ("downtime_ms", "longest_gap_ms", "migration_ms", "overhead_ms",
+                                                     "post_to_done_ms")},
+        "direct_libvirt": {key: summary(baseline, key) for key in ("downtime_ms", "longest_gap_ms", "migration_ms")},
         "ratio_migration_time_p50": round(ours_time["p50"] / direct_time["p50"], 3) if direct_time else None,
         "samples": {"ours": mine, "direct_libvirt": baseline},
     }
@@ -233,7 +257,7 @@ def print_report(results: dict[str, Any]) -> None:
     ours, direct_ = results["ours"], results["direct_libvirt"]
     print(f"\n{results['migrations_each']} migrations each of an idle 256 MiB tiny VM between cs1 and cs2")
     print(f"{'':24}{'ours p50':>12}{'ours max':>12}{'direct p50':>12}{'direct max':>12}")
-    for key in ("downtime_ms", "migration_ms"):
+    for key in ("downtime_ms", "longest_gap_ms", "migration_ms"):
         print(f"{key:24}{ours[key].get('p50', '-'):>12}{ours[key].get('max', '-'):>12}"
               f"{direct_[key].get('p50', '-'):>12}{direct_[key].get('max', '-'):>12}")
     for key in ("overhead_ms", "post_to_done_ms"):

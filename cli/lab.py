@@ -57,6 +57,11 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     click.echo(f"lab {report['prefix']} ({report['lab_dir']}): {'up' if report['up'] else 'NOT fully up'}")
     for net in report["networks"]:
         click.echo(f"  network {net['name']:8} {net['cidr']:18} bridge {net['bridge']} {'' if net['present'] else '(missing)'}")
+    for net in report.get("vm_networks", []):
+        dhcp = net["dhcp"]
+        served = f"dnsmasq pid {dhcp['pid']}" if dhcp["pid"] else ("NO dnsmasq" if not dhcp["answers"] else "no DHCP")
+        click.echo(f"  vm net  {net['name']:8} {net['cidr']:18} bridge {net['bridge']} {'' if net['present'] else '(missing)'} "
+                   f"subnet {net['subnet']}, {served}")
     for host in report["hosts"]:
         addresses = " ".join(f"{net}={addr}" for net, addr in host["addresses"].items())
         missing = "" if host["netns_present"] else " (namespace missing)"

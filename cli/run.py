@@ -22,6 +22,7 @@ from lab import cluster as lab_cluster
 from lab.processes import wait_until
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
+from tasks.inventory.vmnet import publish_all
 
 READY_TIMEOUT_S = 90
 
@@ -101,6 +102,7 @@ def start_everything(cfg: config.Config, supervisor: Supervisor, record: RunReco
     engine = make_engine(cfg.db_url)
     with transaction(make_session_factory(engine)) as session:
         sync_from_config(session, cfg)
+        publish_all(session, cfg)
     engine.dispose()
     step("celery workers, beat, flower, api")
     for service in celery_services(cfg):

@@ -32,6 +32,21 @@ class ServerConfig:
     addresses: dict[str, str] = field(default_factory=dict)
     # None: refresh-server detects it with a probe domain.
     hypervisor: str | None = None
+    # The VM networks this server joins, each by the name of its bridge on this server.
+    vm_bridges: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmNetworkConfig:
+    """A site's VM network ("intranet"): one L2 segment, apart from management, storage and backup, that
+    the guests' NICs join through a bridge on each server; `subnet` is the subnet whose leases live on it.
+    With `dhcp`, a DHCP server hands out exactly the subnet's leases and seeds ask DHCP for the address.
+    `stretched`: the same network name at two sites is one segment (DR), allowed only when both say so."""
+
+    name: str
+    subnet: str
+    dhcp: bool = False
+    stretched: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class SiteConfig:
     name: str
     sans: list[SanConfig]
     clusters: list[ClusterConfig]
+    vm_networks: list[VmNetworkConfig] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,19 @@ class Config:
             if san.name == name:
                 return site, san
         raise KeyError(f"no SAN named {name} in {self.path}")
+
+    def vm_network_of(self, subnet: str) -> VmNetworkConfig | None:
+        """The VM network carrying `subnet`'s leases; None for a subnet on none (its VMs get user-mode NICs)."""
+        return next((net for site in self.sites for net in site.vm_networks if net.subnet == subnet), None)
+
+    def vm_bridge(self, server: str, network: str) -> str | None:
+        """The bridge through which `server` joins VM network `network`; None if it does not."""
+        return next((s.vm_bridges.get(network) for _, _, s in self.servers() if s.name == server), None)
+
+    @property
+    def dhcp_dir(self) -> Path:
+        """Where each DHCP-served VM network's hosts file (`<network>.hosts`) and its server's pidfile live."""
+        return self.var_dir / "dhcp"
 
 
 def config_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -168,13 +197,16 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
                     memory_limit=parse_size(v["memory_limit"]) if v.get("memory_limit") else None,
                     addresses=dict(v.get("addresses", {})),
                     hypervisor=_hypervisor(v),
+                    vm_bridges=dict(v.get("vm_bridges", {})),
                 )
                 for v in c.get("servers", [])
             ],
         )
         for c in raw.get("clusters", [])
     ]
-    return SiteConfig(name=raw["name"], sans=sans, clusters=clusters)
+    networks = [VmNetworkConfig(name=n["name"], subnet=n["subnet"], dhcp=bool(n.get("dhcp", False)),
+                                stretched=bool(n.get("stretched", False))) for n in raw.get("vm_networks", [])]
+    return SiteConfig(name=raw["name"], sans=sans, clusters=clusters, vm_networks=networks)
 
 
 def _hypervisor(server: dict[str, Any]) -> str | None:

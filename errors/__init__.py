@@ -313,6 +313,12 @@ class NoCapacity(Conflict):
     code = "NoCapacity"
 
 
+class NoVmNetwork(Conflict):
+    """The VM's subnet lives on a VM network that the server (or every server) has no bridge for."""
+
+    code = "NoVmNetwork"
+
+
 # -- libvirt domains and the serial console ------------------------------------------------------
 
 class DomainNotFound(NotFound):

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from config import Config
-from lab import libvirtd, netns, pool, processes, sshd, tgtd
-from lab.topology import Host, Topology, build, host_uuid, server_uri, tgt_control_port
+from lab import dhcp, libvirtd, netns, pool, processes, sshd, tgtd
+from lab.topology import Host, Topology, VmNetwork, build, host_uuid, server_uri, tgt_control_port
 from workers.command import output
 
 STATE_FILE = "state.json"
@@ -34,6 +34,7 @@ def up(cfg: Config) -> dict[str, Any]:
     networks = {net.name: net for net in topo.networks}
     for host in topo.hosts:
         netns.ensure_host(host, networks)
+    _bring_up_vm_networks(cfg, topo)
     for host in topo.servers():
         state["servers"][host.name] = libvirtd.start(_server_daemons(topo, host))
         _save_state(topo, state)
@@ -59,6 +60,7 @@ def down(cfg: Config) -> None:
     state = _load_state(topo)
     stray = _stray_namespaces(topo)
     _stop_processes(cfg, topo, state, stray)
+    dhcp.stop_all(cfg.dhcp_dir.resolve(), list(topo.vm_networks))
     _release_pools(cfg, topo, state)
     _remove_network(topo, stray)
     (topo.lab_dir / STATE_FILE).unlink(missing_ok=True)
@@ -90,7 +92,9 @@ def _release_pools(cfg: Config, topo: Topology, state: dict[str, Any]) -> None:
 def _remove_network(topo: Topology, stray: list[str]) -> None:
     for name in [*(h.netns for h in topo.hosts), *stray]:
         netns.delete_netns(name)
-    for link in [*(link.veth for h in topo.hosts for link in h.links), *_stray_bridges(topo), *(n.bridge for n in topo.networks)]:
+    veths = [link.veth for h in topo.hosts for link in (*h.links, *h.vm_links)]
+    bridges = [n.bridge for n in (*topo.networks, *topo.vm_networks)]
+    for link in [*veths, *_stray_bridges(topo), *bridges]:
         netns.delete_link(link)
 
 
@@ -116,8 +120,35 @@ def status(cfg: Config) -> dict[str, Any]:
         {"name": n.name, "cidr": str(n.cidr), "bridge": n.bridge, "address": str(n.bridge_address.ip), "present": netns.link_exists(n.bridge)}
         for n in topo.networks
     ]
+    vm_networks = [_vm_network_status(cfg, net) for net in topo.vm_networks]
     healthy = all(n["present"] for n in networks) and all(_host_healthy(h) for h in hosts)
-    return {"prefix": topo.prefix, "lab_dir": str(topo.lab_dir), "up": healthy, "networks": networks, "hosts": hosts}
+    healthy = healthy and all(n["present"] and n["dhcp"]["answers"] for n in vm_networks)
+    return {"prefix": topo.prefix, "lab_dir": str(topo.lab_dir), "up": healthy, "networks": networks,
+            "vm_networks": vm_networks, "hosts": hosts}
+
+
+def _vm_network_status(cfg: Config, net: VmNetwork) -> dict[str, Any]:
+    pid = dhcp.running_pid(_dhcp_server(cfg, net)) if net.dhcp else None
+    return {"name": net.name, "cidr": str(net.cidr), "bridge": net.bridge, "address": str(net.bridge_address.ip),
+            "subnet": net.subnet, "present": netns.link_exists(net.bridge),
+            "dhcp": {"name": "dnsmasq", "pid": pid, "answers": pid is not None or not net.dhcp}}
+
+
+def _bring_up_vm_networks(cfg: Config, topo: Topology) -> None:
+    """Each VM network's bridge (with the subnet's gateway), every server's way onto it, and its dnsmasq."""
+    for net in topo.vm_networks:
+        netns.ensure_bridge(net)
+    bridges = {net.name: net.bridge for net in topo.vm_networks}
+    for host in topo.servers():
+        for link in host.vm_links:
+            netns.ensure_vm_link(host, link, bridges[link.network])
+    for net in topo.vm_networks:
+        if net.dhcp:
+            dhcp.start(_dhcp_server(cfg, net))
+
+
+def _dhcp_server(cfg: Config, net: VmNetwork) -> dhcp.DhcpServer:
+    return dhcp.DhcpServer(net, cfg.dhcp_dir.resolve())
 
 
 def _host_healthy(entry: dict[str, Any]) -> bool:
@@ -207,7 +238,8 @@ def _stray_namespaces(topo: Topology) -> list[str]:
 
 def _stray_bridges(topo: Topology) -> list[str]:
     names = [line.split()[0].split("@")[0] for line in output(["ip", "-br", "link", "show", "type", "bridge"]).splitlines() if line.strip()]
-    return [name for name in names if name.startswith(f"{topo.prefix}-") and name not in {n.bridge for n in topo.networks}]
+    ours = {n.bridge for n in (*topo.networks, *topo.vm_networks)}
+    return [name for name in names if name.startswith(f"{topo.prefix}-") and name not in ours]
 
 
 def _load_state(topo: Topology) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lab.topology import Host, Network
+from lab.topology import Host, Network, VmLink, VmNetwork
 from workers.command import output, run
 
 
@@ -15,7 +15,7 @@ def link_exists(name: str, netns: str | None = None) -> bool:
     return run(_ip(netns) + ["link", "show", "dev", name], check=False).returncode == 0
 
 
-def ensure_bridge(net: Network) -> None:
+def ensure_bridge(net: Network | VmNetwork) -> None:
     """Make the network's bridge exist, carry its address and be up; harmless if it already does."""
     if not link_exists(net.bridge):
         run(["ip", "link", "add", net.bridge, "type", "bridge"])
@@ -37,6 +37,21 @@ def ensure_host(host: Host, networks: dict[str, Network]) -> None:
         run(["ip", "link", "set", link.veth, "master", networks[link.network].bridge, "up"])
         run(["ip", "-n", host.netns, "addr", "replace", str(link.address), "dev", link.inner])
         run(["ip", "-n", host.netns, "link", "set", link.inner, "up"])
+
+
+def ensure_vm_link(host: Host, link: VmLink, root_bridge: str) -> None:
+    """Give the host its bridge for a VM network and join it to the network's bridge in the root namespace
+    through a veth pair (no addresses: guests speak through it); harmless if it already is."""
+    inside = ["ip", "-n", host.netns]
+    if not link_exists(link.server_bridge, host.netns):
+        run(inside + ["link", "add", link.server_bridge, "type", "bridge"])
+    run(inside + ["link", "set", link.server_bridge, "up"])
+    if not link_exists(link.veth):
+        if link_exists(link.inner, host.netns):
+            run(inside + ["link", "del", link.inner])
+        run(["ip", "link", "add", link.veth, "type", "veth", "peer", "name", link.inner, "netns", host.netns])
+    run(["ip", "link", "set", link.veth, "master", root_bridge, "up"])
+    run(inside + ["link", "set", link.inner, "master", link.server_bridge, "up"])
 
 
 def netns_pids(netns: str) -> list[int]:

@@ -208,6 +208,7 @@ def build_root_disk(work_dir: Path) -> Path:
     write_file(root / "etc/inittab", lab_file("inittab"), 0o644)
     write_file(root / "etc/init.d/rcS", lab_file("rcS"), 0o755)
     write_file(root / "etc/profile", lab_file("profile"), 0o644)
+    write_file(root / "etc/udhcpc/default.script", lab_file("udhcpc-script"), 0o755)
     write_file(root / "etc/acpi/PWRF/00000080", lab_file("acpi-power-button"), 0o755)
     write_file(root / "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644)
     write_file(root / "etc/group", b"root:x:0:\n", 0o644)

@@ -34,7 +34,9 @@ def make_test_config(tmp_dir: Path) -> Path:
     sans = [san for site in raw["sites"] for san in site.get("sans", [])]
     for index, san in enumerate(sans, start=_free_control_port_base(len(sans))):
         san["tgt_control_port"] = index
-    moves = _move_networks(lab["networks"])
+    free = _free_networks()
+    moves = _move_networks(lab["networks"], free)
+    _move_vm_subnets(raw, free)
     raw["var_dir"] = str(var_dir)
     for host in raw.get("backup_hosts", []):
         host["addresses"] = {net: moves[net](addr) for net, addr in host["addresses"].items()}
@@ -77,18 +79,38 @@ def leftovers(cfg: config.Config, pids: Iterable[int]) -> list[str]:
     return found
 
 
-def _move_networks(networks: dict[str, Any]) -> dict[str, Any]:
-    """Give each lab network a free 10.X.0.0/24 in place; return, per network, how to move a host address onto it."""
+def _free_networks() -> list[ipaddress.IPv4Network]:
+    """10.X.0.0/24 networks (X in 100-199, random order) that overlap no address of the machine."""
     taken = _networks_in_use()
     candidates = [ipaddress.IPv4Network(f"10.{x}.0.0/24") for x in random.sample(range(100, 200), 100)]
-    free = [net for net in candidates if not any(net.overlaps(used) for used in taken)]
+    return [net for net in candidates if not any(net.overlaps(used) for used in taken)]
+
+
+def _move_networks(networks: dict[str, Any], free: list[ipaddress.IPv4Network]) -> dict[str, Any]:
+    """Give each lab network a network taken from `free`, in place; return, per network, how to move a host
+    address onto it."""
     moves = {}
-    for (name, net), new in zip(networks.items(), free, strict=False):
+    for name, net in networks.items():
+        new = free.pop(0)
         old = ipaddress.IPv4Network(net["cidr"])
         net["cidr"] = str(new)
         net["bridge_address"] = _moved(net["bridge_address"], old, new)
         moves[name] = lambda addr, old=old, new=new: _moved(addr, old, new)
     return moves
+
+
+def _move_vm_subnets(raw: dict[str, Any], free: list[ipaddress.IPv4Network]) -> None:
+    """Move each subnet a VM network carries onto a network taken from `free`: its gateway goes on a bridge of
+    the root namespace, where the default subnet's might already be (a `make run` lab)."""
+    carried = {net["subnet"] for site in raw["sites"] for net in site.get("vm_networks", [])}
+    for subnet in raw.get("subnets", []):
+        if subnet["name"] not in carried:
+            continue
+        old, new = ipaddress.IPv4Network(subnet["cidr"]), free.pop(0)
+        subnet["cidr"] = str(new)
+        for key in ("gateway", "range_start", "range_end"):
+            if key in subnet:
+                subnet[key] = _moved(subnet[key], old, new)
 
 
 def _moved(address: str, old: ipaddress.IPv4Network, new: ipaddress.IPv4Network) -> str:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from config import Config
+from config import Config, ServerConfig, SiteConfig, VmNetworkConfig
 from errors import InvalidInput
 
 IFNAME_MAX = 15  # the kernel's limit on interface names (IFNAMSIZ - 1)
@@ -42,6 +42,30 @@ class Link:
 
 
 @dataclass(frozen=True)
+class VmNetwork:
+    """A VM network: bridge `bridge` in the root namespace carrying the subnet's gateway (`bridge_address`),
+    so the root namespace reaches the guests; served by a dnsmasq on that bridge when `dhcp`."""
+
+    name: str
+    cidr: ipaddress.IPv4Network
+    bridge: str
+    bridge_address: ipaddress.IPv4Interface
+    subnet: str
+    dhcp: bool
+
+
+@dataclass(frozen=True)
+class VmLink:
+    """A server's way onto a VM network: its own bridge `server_bridge` (the one libvirt attaches guests
+    to), joined by a veth (`inner` inside, `veth` in the root namespace) to the network's bridge."""
+
+    network: str
+    veth: str
+    inner: str
+    server_bridge: str
+
+
+@dataclass(frozen=True)
 class Host:
     """A lab host: a network namespace with one link per network it has an address on."""
 
@@ -50,6 +74,7 @@ class Host:
     site: str
     netns: str
     links: tuple[Link, ...]
+    vm_links: tuple[VmLink, ...] = ()
 
     def address(self, network: str) -> str:
         """The host's plain IP address on `network`; KeyError if it has none there."""
@@ -69,6 +94,7 @@ class Topology:
     lab_dir: Path
     networks: tuple[Network, ...]
     hosts: tuple[Host, ...]
+    vm_networks: tuple[VmNetwork, ...] = ()
 
     def host(self, name: str) -> Host:
         for host in self.hosts:
@@ -91,15 +117,17 @@ def build(cfg: Config) -> Topology:
     lab = cfg.section("lab")
     prefix = lab.get("prefix", "lx")
     networks = tuple(_network(prefix, name, raw) for name, raw in lab.get("networks", {}).items())
+    vm_networks = _vm_networks(cfg, prefix)
     hosts = [
         _host(prefix, networks, site.name, "san", san.name, san.addresses) for site, san in cfg.sans()
     ] + [
-        _host(prefix, networks, site.name, "server", server.name, server.addresses)
+        replace(_host(prefix, networks, site.name, "server", server.name, server.addresses),
+                vm_links=_vm_links(prefix, vm_networks, site, server))
         for site, _cluster, server in cfg.servers()
     ] + [
         _host(prefix, networks, raw["site"], "backup", raw["name"], raw["addresses"]) for raw in cfg.raw.get("backup_hosts", [])
     ]
-    return Topology(prefix=prefix, lab_dir=lab_dir(cfg), networks=networks, hosts=tuple(hosts))
+    return Topology(prefix=prefix, lab_dir=lab_dir(cfg), networks=networks, hosts=tuple(hosts), vm_networks=vm_networks)
 
 
 def lab_dir(cfg: Config) -> Path:
@@ -172,6 +200,50 @@ def _host(prefix: str, networks: tuple[Network, ...], site: str, kind: str, name
             )
         )
     return Host(name=name, kind=kind, site=site, netns=f"{prefix}-{name}", links=tuple(links))
+
+
+def _vm_networks(cfg: Config, prefix: str) -> tuple[VmNetwork, ...]:
+    """One segment per VM network name; a name at two sites is one stretched segment only if each says so."""
+    declared: dict[str, list[VmNetworkConfig]] = {}
+    for site in cfg.sites:
+        for net in site.vm_networks:
+            declared.setdefault(net.name, []).append(net)
+    subnets = {raw["name"]: raw for raw in cfg.raw.get("subnets", [])}
+    found = []
+    for name, nets in declared.items():
+        if len(nets) > 1 and not all(net.stretched for net in nets):
+            raise InvalidInput(f"VM network {name} is declared at several sites: mark each `stretched = true` to join them")
+        if len({net.subnet for net in nets}) > 1:
+            raise InvalidInput(f"VM network {name} is one segment: every site must give it the same subnet")
+        raw = subnets.get(nets[0].subnet)
+        if raw is None or not raw.get("gateway"):
+            raise InvalidInput(f"VM network {name} needs its subnet {nets[0].subnet} in [[subnets]], with a gateway")
+        cidr = ipaddress.IPv4Network(raw["cidr"])
+        gateway = ipaddress.IPv4Address(raw["gateway"])
+        _check_in(gateway, cidr, f"gateway of subnet {nets[0].subnet}")
+        found.append(VmNetwork(name=name, cidr=cidr, bridge=_ifname(f"{prefix}-{name}"),
+                               bridge_address=ipaddress.IPv4Interface(f"{gateway}/{cidr.prefixlen}"),
+                               subnet=nets[0].subnet, dhcp=any(net.dhcp for net in nets)))
+    return tuple(found)
+
+
+def _vm_links(prefix: str, vm_networks: tuple[VmNetwork, ...], site: SiteConfig, server: ServerConfig) -> tuple[VmLink, ...]:
+    ours = {net.name for net in site.vm_networks}
+    links = []
+    for index, net in enumerate(vm_networks):
+        bridge = server.vm_bridges.get(net.name)
+        if bridge is None:
+            continue
+        if net.name not in ours:
+            raise InvalidInput(f"server {server.name} bridges VM network {net.name}, which {site.name} does not have")
+        if bridge == net.name:
+            raise InvalidInput(f"server {server.name}'s bridge for {net.name} needs a name other than the network's")
+        links.append(VmLink(network=net.name, veth=_ifname(f"{prefix}{server.name}v{index}"), inner=_ifname(net.name),
+                            server_bridge=_ifname(bridge)))
+    unknown = set(server.vm_bridges) - {net.name for net in vm_networks}
+    if unknown:
+        raise InvalidInput(f"server {server.name} bridges unknown VM networks {sorted(unknown)}")
+    return tuple(links)
 
 
 def _ifname(name: str) -> str:

@@ -148,7 +148,7 @@ def lab_config(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from lab.testing import make_test_config, running_lab
 
     need_root()
-    need_binary("libvirtd", "tgtd", "mkfs.xfs", "qemu-system-x86_64", "ip")
+    need_binary("libvirtd", "tgtd", "mkfs.xfs", "qemu-system-x86_64", "ip", "dnsmasq", "dhcp_release")
     path = make_test_config(tmp_path_factory.mktemp("lab"))
     with running_lab(path):
         yield path

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() == "true"
-LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm")
+LAB_BINARIES = ("ip", "nsenter", "unshare", "losetup", "mkfs.xfs", "libvirtd", "virtlogd", "virtlockd", "tgtd", "tgtadm", "dnsmasq", "dhcp_release")
 
 
 def missing(reason: str) -> None:

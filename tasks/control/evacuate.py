@@ -5,11 +5,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from errors import EvacuationIncomplete, NoCapacity, ServerNotFound, TargetBusy
+from errors import EvacuationIncomplete, NoCapacity, NoVmNetwork, ServerNotFound, TargetBusy
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, VirtualMachine
 from tasks.context import JobContext
 from tasks.control.migrate import MIGRATE_TIMEOUT_S
 from tasks.inventory.placement import capacity, place
+from tasks.inventory.vmnet import on_network
 from tasks.workflow import workflow
 
 EVACUATE_AT_ONCE = 2
@@ -74,7 +75,12 @@ def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer,
         left = {other.name: _room_left(session, ctx, other, vm, taken[other.name]) for other in others}
         fitting = [o for o in others if left[o.name][0] >= vm.memory_bytes and left[o.name][1] >= vm.vcpus]
         try:
-            dest = place(session, ctx.rt.config, fitting, vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+            bridged = on_network(session, ctx.rt.config, vm, others)
+            dest = place(session, ctx.rt.config, [o for o in fitting if o in bridged], vm.memory_bytes, vm.vcpus,
+                         exclude_vm=vm.id)
+        except NoVmNetwork as error:
+            failed[vm.name] = error.message
+            continue
         except NoCapacity:
             rooms = "; ".join(f"{name}: {memory // 2**20} MiB, {vcpus} vCPUs free" for name, (memory, vcpus) in left.items())
             failed[vm.name] = (f"no server has room for {vm.memory_bytes // 2**20} MiB and {vm.vcpus} vCPUs beside the "

@@ -15,10 +15,12 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from errors import NoCapacity, PreflightFailed, ServerNotFound
+from config import Config
+from errors import NoCapacity, NoVmNetwork, PreflightFailed, ServerNotFound
 from models import ClusterServer, VirtualMachine
 from tasks.context import JobContext, raise_unless_succeeded
 from tasks.inventory.placement import capacity, place
+from tasks.inventory.vmnet import missing_bridge, network_of, on_network
 from tasks.inventory.vms import find_vm, placed_on, site_and_san
 from tasks.workflow import workflow
 
@@ -69,10 +71,10 @@ def preflight(ctx: JobContext, name: str, asked: str | None) -> tuple[str, str, 
     destination already."""
     checked = ctx.once("pre-flight", lambda: dict(zip(("source", "destination", "problems", "check"),
                                                       _inventory_problems(ctx, name, asked))))
-    if checked["problems"]:
+    if checked["check"] is None:
         return checked["source"], checked["destination"], checked["problems"]
     found = ctx.run_child("preflight-migration", checked["check"], timeout=NODE_TIMEOUT_S, start=2, end=5)
-    return checked["source"], checked["destination"], list(found["problems"])
+    return checked["source"], checked["destination"], checked["problems"] + list(found["problems"])
 
 
 def _inventory_problems(ctx: JobContext, name: str, asked: str | None
@@ -86,6 +88,8 @@ def _inventory_problems(ctx: JobContext, name: str, asked: str | None
             dest = _destination(session, ctx, vm, source, asked)
         except NoCapacity as error:
             return source.name, "", [_problem(error.code, f"{error.message}: free memory or add a server")], None
+        except NoVmNetwork as error:
+            return source.name, "", [_problem(error.code, error.message)], None
         if dest.id == source.id:
             return source.name, dest.name, [_problem("SameServer", f"{name} already runs on {dest.name}")], None
         if dest.cluster_id != source.cluster_id:
@@ -94,11 +98,20 @@ def _inventory_problems(ctx: JobContext, name: str, asked: str | None
                                 "choose a server of the same cluster")], None
         if kind_problem := _hypervisor_problem(name, source, dest):
             return source.name, dest.name, [kind_problem], None
+        problems = network_problems(session, ctx.rt.config, vm, dest)
         room = capacity(session, ctx.rt.config, dest, exclude_vm=vm.id)
         check = {"vm": name, "source": source.name, "destination": dest.name, "destination_uri": dest.libvirt_uri,
                  "destination_maintenance": dest.maintenance, "free_memory_bytes": room.memory_bytes,
                  "free_vcpus": room.vcpus, "memory_bytes": vm.memory_bytes, "vcpus": vm.vcpus}
-    return source.name, dest.name, [], check
+    return source.name, dest.name, problems, check
+
+
+def network_problems(session: Session, config: Config, vm: VirtualMachine, dest: ClusterServer) -> list[Problem]:
+    """NoVmNetwork when the destination has no bridge on the VM's network (its NIC could not be attached)."""
+    network = network_of(session, config, vm)
+    if network is None or config.vm_bridge(dest.name, network.name) is not None:
+        return []
+    return [_problem(NoVmNetwork.code, missing_bridge(dest.name, network))]
 
 
 def _hypervisor_problem(name: str, source: ClusterServer, dest: ClusterServer) -> Problem | None:
@@ -127,7 +140,8 @@ def _destination(session: Session, ctx: JobContext, vm: VirtualMachine, source: 
         return dest
     others = select(ClusterServer).where(ClusterServer.cluster_id == source.cluster_id, ClusterServer.id != source.id,
                                          ClusterServer.hypervisor == source.hypervisor)
-    return place(session, ctx.rt.config, list(session.scalars(others)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+    candidates = on_network(session, ctx.rt.config, vm, list(session.scalars(others)))
+    return place(session, ctx.rt.config, candidates, vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
 
 
 def export_to(ctx: JobContext, name: str, server: str) -> None:

@@ -17,6 +17,7 @@ from tasks.context import JobContext
 from tasks.kinds import backup_lock
 from tasks.inventory import ipam
 from tasks.inventory.placement import lock_placement, place_vm
+from tasks.inventory.vmnet import leased_subnets, publish_leases
 from tasks.inventory.vms import find_vm, placed_on, site_and_san, vm_volume
 from tasks.workflow import workflow
 
@@ -30,11 +31,21 @@ BACKUP_WAIT_S = 3600
 def undo_install(ctx: JobContext) -> None:
     """Remove the domain, the disks and export, the lease and the VM row: whatever the install made."""
     remove_vm_everywhere(ctx, progress_from=0)
+    subnets: list[str] = []
     with ctx.session() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == ctx.params.vm))
         if vm is not None:
+            subnets = leased_subnets(session, vm.id)
             ipam.release(session, vm.id)
             session.delete(vm)
+    publish_dhcp(ctx, subnets)
+
+
+def publish_dhcp(ctx: JobContext, subnets: list[str]) -> None:
+    """After a lease change has committed: the DHCP servers of those subnets' networks serve the DB's leases."""
+    with ctx.session() as session:
+        for subnet in subnets:
+            publish_leases(session, ctx.rt.config, subnet)
 
 
 def vm_left_in_error(ctx: JobContext) -> str | None:
@@ -108,7 +119,11 @@ def place_prepare_and_start(ctx: JobContext, name: str, progress_from: float = 0
     ctx.phase("place", progress=at(2))
     server_name = choose_server(ctx, name, ctx.params.server)
     with ctx.session() as session:
-        template_size = session.get(Template, find_vm(session, name).template_id).default_size_bytes
+        vm = find_vm(session, name)
+        template_size = session.get(Template, vm.template_id).default_size_bytes
+        subnets = leased_subnets(session, vm.id)
+    ctx.phase("publish lease", progress=at(5))
+    publish_dhcp(ctx, subnets)
     ctx.phase("prepare disks", progress=at(10))
     disk_bytes = ctx.params.disk_bytes or template_size
     disks = ctx.run_child("prepare-vm-disks", {"vm": name, "disk_bytes": disk_bytes}, timeout=SAN_TIMEOUT_S,

@@ -1,4 +1,5 @@
-"""Choosing a cluster server for a VM: enough allocatable memory and vCPUs, not in maintenance."""
+"""Choosing a cluster server for a VM: enough allocatable memory and vCPUs, not in maintenance, a bridge on
+the VM's network."""
 
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ from sqlalchemy.orm import Session
 from config import Config, parse_size
 from errors import NoCapacity
 from models import ClusterServer, VirtualMachine
+from tasks.inventory.vmnet import on_network
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,12 @@ def place(session: Session, config: Config, candidates: list[ClusterServer], mem
 
 
 def place_vm(session: Session, config: Config, vm: VirtualMachine, asked: str | None) -> ClusterServer:
-    """Choose `vm`'s server (the one asked for if it has room, else the roomiest of its cluster) and record
-    it on the VM; under lock_placement, taken first in the same transaction."""
+    """Choose `vm`'s server (the one asked for if it has room, else the roomiest of its cluster that bridges the
+    VM's network) and record it on the VM; under lock_placement, taken first in the same transaction."""
     query = select(ClusterServer).where(ClusterServer.cluster_id == vm.cluster_id)
     if asked:
         query = select(ClusterServer).where(ClusterServer.name == asked)
-    server = place(session, config, list(session.scalars(query)), vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
+    candidates = on_network(session, config, vm, list(session.scalars(query)))
+    server = place(session, config, candidates, vm.memory_bytes, vm.vcpus, exclude_vm=vm.id)
     vm.server_id = server.id
     return server

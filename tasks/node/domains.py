@@ -7,12 +7,14 @@ from celery.signals import worker_ready
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config import Config
 from errors import HypervisorUnknown
-from models import ClusterServer, Lease, San, Template, VirtualMachine, Volume, utcnow
+from models import ClusterServer, Lease, San, Subnet, Template, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.inventory.vmnet import bridge_for
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
@@ -36,9 +38,9 @@ def server_kind(server: ClusterServer) -> Hypervisor:
     return server.hypervisor
 
 
-def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> DomainSpec:
-    """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC and boot; the
-    domain type is the server's hypervisor kind."""
+def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer, config: Config) -> DomainSpec:
+    """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC (on the server's bridge
+    for the lease's VM network) and boot; the domain type is the server's hypervisor kind."""
     volumes = {v.role: v for v in session.scalars(select(Volume).where(Volume.vm_id == vm.id))}
     template = session.get(Template, vm.template_id) if vm.template_id else None
     lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
@@ -52,9 +54,14 @@ def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer) -> 
         name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=server_kind(server),
         disks=(lun(volumes["disk"]),),
         seed=lun(volumes["seed"]) if "seed" in volumes else None,
-        nics=(Nic(lease.mac),) if lease else (),
+        nics=(nic(session, config, lease, server),) if lease else (),
         boot=DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, boot["cmdline"]) if boot else None,
     )
+
+
+def nic(session: Session, config: Config, lease: Lease, server: ClusterServer) -> Nic:
+    subnet = session.get(Subnet, lease.subnet_id).name
+    return Nic(lease.mac, bridge=bridge_for(config, subnet, server.name))
 
 
 def vm_and_server(session: Session, vm_name: str, server_name: str) -> tuple[VirtualMachine, ClusterServer]:
@@ -75,7 +82,7 @@ def start_domain(ctx: JobContext) -> dict[str, Any]:
     """Define the VM's domain on this server from the inventory and start it."""
     with ctx.session() as session:
         vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
-        spec = domain_spec(session, vm, server)
+        spec = domain_spec(session, vm, server, ctx.rt.config)
         xml = domain_xml(spec)
     ctx.phase("define", progress=20)
     domains.define(server.libvirt_uri, xml)

@@ -47,7 +47,7 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm, source = vm_and_server(session, name, ctx.params.source)
         _, dest = vm_and_server(session, name, ctx.params.destination)
-        xml = domain_xml(domain_spec(session, vm, dest))
+        xml = domain_xml(domain_spec(session, vm, dest, ctx.rt.config))
         source_uri, dest_uri, uuid = source.libvirt_uri, dest.libvirt_uri, vm.uuid
     ctx.phase("transfer memory", progress=5)
 

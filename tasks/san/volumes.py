@@ -74,7 +74,8 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
         ctx.phase("grow disk", progress=40)
         place.backend.resize(disk, size)
     ctx.phase("write seed", progress=60)
-    seed = _write_seed(place.backend, seed, vm, lease, subnet)
+    network = ctx.rt.config.vm_network_of(subnet.name) if subnet else None
+    seed = _write_seed(place.backend, seed, vm, lease, subnet, dhcp=bool(network and network.dhcp))
     ctx.phase("export", progress=80)
     iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
     _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
@@ -141,11 +142,13 @@ def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Le
 
 
 def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Lease | None,
-                subnet: Subnet | None) -> str:
-    prefix = subnet.cidr.split("/")[1] if subnet else None
+                subnet: Subnet | None, dhcp: bool) -> str:
+    """The seed names the lease's MAC; its address and gateway only when no DHCP server hands them out
+    (the seed then says `type: dhcp`)."""
+    static = lease is not None and subnet is not None and not dhcp
     return write_seed(backend, seed, hostname=vm.name, mac=lease.mac if lease else None,
-                      ip_cidr=f"{lease.ip}/{prefix}" if lease else None, gateway=subnet.gateway if subnet else None,
-                      ssh_keys=list(vm.ssh_keys))
+                      ip_cidr=f"{lease.ip}/{subnet.cidr.split('/')[1]}" if static else None,
+                      gateway=subnet.gateway if static else None, ssh_keys=list(vm.ssh_keys))
 
 
 def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:

@@ -49,6 +49,9 @@ def test_status_shows_every_host_with_its_addresses_and_answering_daemons(lab: c
         assert [d["name"] for d in hosts[server.name]["daemons"]] == ["virtlogd", "virtlockd", "libvirtd"]
     assert all(d["pid"] and d["answers"] for h in report["hosts"] for d in h["daemons"])
     assert all(h["netns_present"] and h["netns"].startswith(report["prefix"] + "-") for h in report["hosts"])
+    assert [(n["name"], n["bridge"], n["present"]) for n in report["vm_networks"]] == [
+        ("vm-a", f"{report['prefix']}-vm-a", True), ("vm-b", f"{report['prefix']}-vm-b", True)]
+    assert all(n["dhcp"]["pid"] and n["dhcp"]["answers"] for n in report["vm_networks"])
 
 
 def test_the_backup_host_takes_ssh_logins_with_the_labs_key_only(lab: config.Config, tmp_path) -> None:
@@ -156,6 +159,7 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     try:
         report = cluster.up(cfg)
         pids = [pid for pid in _pids(report).values() if pid] + [_start_guest(cfg, "cs2", kernel)]
+        pids += [net["dhcp"]["pid"] for net in report["vm_networks"]]
         # Any libvirtd on the machine gives each QEMU a mount namespace like this one, copying the pools' mounts.
         bystander = subprocess.Popen(["unshare", "--mount", "--propagation", "slave", "sleep", "600"])
         wait_until(lambda: _mount_namespace(bystander.pid) != _mount_namespace(os.getpid()), 10, "the bystander's mount namespace")
@@ -166,9 +170,10 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
         os.kill(_pids(report)[("san-a", "tgtd")], signal.SIGKILL)
         run(["ip", "netns", "add", f"{topo.prefix}-gone"])
         run(["ip", "link", "add", f"{topo.prefix}-old", "type", "bridge"])
-        # ... and the records are lost: down must find san-b's tgtd and cs3's libvirtd all the same.
+        # ... and the records are lost: down must find san-b's tgtd, cs3's libvirtd and vm-b's dnsmasq all the same.
         (topo.lab_dir / "state.json").unlink()
         (topo.lab_dir / "cs3" / "pids" / "libvirtd.pid").unlink()
+        (cfg.dhcp_dir / "vm-b.pid").unlink()
         assert cluster.status(cfg)["up"] is False
 
         cluster.down(cfg)

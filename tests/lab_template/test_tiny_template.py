@@ -58,7 +58,7 @@ def test_initramfs_loads_virtio_before_the_disk_and_ext4_after_its_deps(built: T
 def test_root_disk_is_an_ext4_busybox_system(built: TinyTemplate) -> None:
     blkid = subprocess.run(["blkid", "-o", "export", str(built.disk)], capture_output=True, text=True, check=True).stdout
     assert "TYPE=ext4" in blkid
-    for path in ("/bin/busybox", "/etc/inittab", "/etc/init.d/rcS"):
+    for path in ("/bin/busybox", "/etc/inittab", "/etc/init.d/rcS", "/etc/udhcpc/default.script"):
         stat = subprocess.run(["debugfs", "-R", f"stat {path}", str(built.disk)], capture_output=True, text=True)
         assert "Type: regular" in stat.stdout, f"{path} missing from the root disk: {stat.stderr}"
     init = subprocess.run(["debugfs", "-R", "stat /sbin/init", str(built.disk)], capture_output=True, text=True)

@@ -34,7 +34,7 @@ def spec_on(rt, vm_name: str, server_name: str):
     with rt.sessions() as session:
         vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == vm_name))
         server = session.scalar(select(ClusterServer).where(ClusterServer.name == server_name))
-        return domain_spec(session, vm, server)
+        return domain_spec(session, vm, server, rt.config)
 
 
 @pytest.mark.parametrize("kind", ["kvm", "qemu", "xen"])

@@ -192,14 +192,17 @@ def _params(domain: libvirt.virDomain, dest_uri: str, dest_xml: str, bandwidth_m
 
 
 def running_xml_for_destination(domain: libvirt.virDomain, dest_xml: str) -> str:
-    """The running domain's migratable XML with each iSCSI disk logging in as the destination's initiator.
+    """The running domain's migratable XML with each iSCSI disk logging in as the destination's initiator
+    and each bridged NIC on the destination's bridge.
 
     The running XML (not `dest_xml`) keeps the device addresses libvirt assigned at start, which
-    the destination must reproduce exactly; only the initiator names change with the server.
+    the destination must reproduce exactly; only initiator and bridge names change with the server.
     """
+    wanted_xml = ET.fromstring(dest_xml)
     wanted = {disk.find("./target").get("dev"): disk.find("./source/initiator")
-              for disk in ET.fromstring(dest_xml).findall("./devices/disk")}
+              for disk in wanted_xml.findall("./devices/disk")}
     live = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    _use_destination_bridges(live, wanted_xml)
     for disk in live.findall("./devices/disk"):
         source, initiator = disk.find("./source"), wanted.get(disk.find("./target").get("dev"))
         if source is None or initiator is None:
@@ -208,6 +211,15 @@ def running_xml_for_destination(domain: libvirt.virDomain, dest_xml: str) -> str
             source.remove(old)
         source.append(initiator)
     return ET.tostring(live, encoding="unicode")
+
+
+def _use_destination_bridges(live: ET.Element, wanted: ET.Element) -> None:
+    bridges = {nic.find("./mac").get("address"): nic.find("./source").get("bridge")
+               for nic in wanted.findall("./devices/interface[@type='bridge']")}
+    for nic in live.findall("./devices/interface[@type='bridge']"):
+        bridge = bridges.get(nic.find("./mac").get("address"))
+        if bridge is not None:
+            nic.find("./source").set("bridge", bridge)
 
 
 def _run_in_thread(call: Callable[[], object]) -> "Outcome":
