@@ -44,9 +44,11 @@ def find_subnet(session: Session, name: str) -> Subnet:
 def allocate_lease(session: Session, subnet: Subnet, vm: VirtualMachine) -> Lease:
     """Lease the lowest free address of the subnet's range and a fresh MAC to `vm`; NoAddress if full.
 
-    Uniqueness of (subnet, ip) and mac is enforced by the DB too, so two concurrent installs
-    cannot both get an address: the second commit fails instead of duplicating it.
+    The subnet's row is locked first (until the caller commits), so concurrent installs take their
+    addresses one after another and never pick the same one (PostgreSQL runs them truly in parallel;
+    SQLite's single writer already does). Uniqueness of (subnet, ip) and mac is enforced by the DB too.
     """
+    session.execute(select(Subnet.id).where(Subnet.id == subnet.id).with_for_update())
     used = set(session.scalars(select(Lease.ip).where(Lease.subnet_id == subnet.id)))
     start, end = ipaddress.ip_address(subnet.range_start), ipaddress.ip_address(subnet.range_end)
     free = next((str(ip) for ip in _addresses(start, end) if str(ip) not in used), None)

@@ -40,7 +40,6 @@ def laxcluster(api_url: str, token: str, *args: str):
     return CliRunner().invoke(cli, ["--url", api_url, "--token", token, *args], catch_exceptions=False)
 
 
-@pytest.mark.postgres_too
 def test_check_lists_exactly_the_drift_made_by_hand_and_repairs_it(checked_cluster, drift_baseline, celery_app,
                                                                    orphans, api_url, tokens):
     rt, name = checked_cluster, unique("chk")
