@@ -99,14 +99,19 @@ def postgres() -> Iterator[Postgres]:
     finally:
         _psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         _psql(f"DROP ROLE IF EXISTS {role}")
-        if started:
+        if started and not _other_test_databases():
             subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False)
 
 
-def _psql(statement: str) -> None:
+def _psql(statement: str) -> str:
     # Names and password are generated above from hex digits only, never from outside input.
-    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-v", "ON_ERROR_STOP=1", "-c", statement],
-                   check=True, capture_output=True)
+    return subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
+                           "-c", statement], check=True, capture_output=True, text=True).stdout
+
+
+def _other_test_databases() -> bool:
+    """Whether another test session still has its database here (then PostgreSQL stays up for it)."""
+    return bool(_psql("SELECT datname FROM pg_database WHERE datname LIKE 'lxtest_%'").strip())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -126,10 +131,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         migrate(url)
         yield url
         return
-    pg: Postgres = request.getfixturevalue("postgres")
-    _reset_schema(pg.url)
-    migrate(pg.url)
-    yield pg.url
+    url = request.getfixturevalue("fresh_postgres_url")
+    migrate(url)
+    yield url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres: Postgres) -> str:
+    """The session's PostgreSQL database, emptied: no tables, not migrated."""
+    _reset_schema(postgres.url)
+    return postgres.url
 
 
 def _reset_schema(url: str) -> None:

@@ -1,6 +1,6 @@
 """`laxcluster run` leaves no service behind: Ctrl-C stops them all within 15 s (a second Ctrl-C at once),
 a second launcher on the same var_dir refuses to start, and a launcher killed -9 takes its services along,
-or else the next start stops what it left first.
+or else the next start stops what it left first. On an empty PostgreSQL database it migrates it and serves.
 
 Real launchers (`--no-lab`, a config without sites) on free ports with var_dir in the test's tmp_path;
 everything they started is killed by PID at the end, also when a test fails."""
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import func, select
 
 from cli.procs import live_groups, start_time
 from cli.runrecord import RunRecord
 from cli.services import STOP_GRACE_S
 from lab.processes import alive, free_port, wait_until
+from models.access import ApiToken
+from models.db import make_engine
 from tests.support import REPO, need_binary
 
 STOP_WITHIN_S = 15
@@ -89,19 +92,22 @@ def _pgid(pid: int) -> int | None:
 
 
 @pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Callable[[], Launcher]]:
-    """Start `laxcluster run --no-lab` on this test's config (each call another launcher on the same var_dir);
+def launch(tmp_path: Path) -> Iterator[Callable[..., Launcher]]:
+    """Start `laxcluster run --no-lab` on this test's config (each call another launcher on the same var_dir,
+    keyword arguments add to its environment);
     at the end SIGKILL every launcher, every process seen and every recorded group still ours."""
     need_binary("redis-server")
     env = launcher_env(tmp_path)
     started: list[Launcher] = []
 
-    def start() -> Launcher:
+    def start(**extra_env: str) -> Launcher:
         output = tmp_path / f"launcher-{len(started)}.out"
+        own_env = {**env, **extra_env}
         with output.open("wb") as out:
-            proc = subprocess.Popen([*LAXCLUSTER, "run", "--no-lab"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        started.append(Launcher(proc, output, env))
+            proc = subprocess.Popen([*LAXCLUSTER, "run", "--no-lab"], cwd=REPO, env=own_env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        started.append(Launcher(proc, output, own_env))
         return started[-1]
 
     try:
@@ -260,3 +266,25 @@ def test_the_next_start_stops_what_a_killed_launcher_left_then_starts(launch):
     assert gone(procs)
     assert health(second) == 200
     assert second.record.launcher.pid == second.proc.pid
+
+
+def test_a_launcher_on_an_empty_postgresql_database_migrates_it_and_serves(launch, fresh_postgres_url):
+    launcher = launch(LAXCLUSTER_DB_URL=fresh_postgres_url)
+    launcher.wait_running()
+
+    created = subprocess.run([*LAXCLUSTER, "token", "create", "--role", "admin"], cwd=REPO, env=launcher.env,
+                             capture_output=True, text=True, check=True)
+    token = created.stdout.strip().splitlines()[-1]
+    answer = requests.get(f"{launcher.api_url}/vms", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["active"] == [] and answer.json()["inactive"] == []
+    assert _tokens_in(fresh_postgres_url) == 1
+
+
+def _tokens_in(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(ApiToken)).scalar_one()
+    finally:
+        engine.dispose()
