@@ -451,6 +451,13 @@ class IscsiTargetBusy(Conflict):
     code = "IscsiTargetBusy"
 
 
+class FenceFailed(LaxError):
+    """An initiator still showed on a target (in its ACL or logged in) after it was fenced off."""
+
+    code = "FenceFailed"
+    http_status = 502
+
+
 # -- backups: stores, chunks, manifests, policies ------------------------------------------------
 
 class BackupNotFound(NotFound):

@@ -13,6 +13,7 @@ from tests.fixtures.san import TgtDaemon
 from tests.support import need_binary
 from workers.san.tgt import (
     Export,
+    Nexus,
     Target,
     lowest_free_tid,
     parse_targets,
@@ -73,7 +74,8 @@ def test_parse_targets_reads_luns_acl_and_sessions() -> None:
         "        LUN: 1\n            Type: disk\n            Backing store path: /pool/b.img\n"
         "    Account information:\n    ACL information:\n        iqn.x:cs1\n        iqn.x:cs2\n"
     )
-    assert parse_targets(text) == [Target(3, "iqn.2025-01.org.laxcluster:a.b", {1: "/pool/b.img"}, ("iqn.x:cs1", "iqn.x:cs2"), 1)]
+    assert parse_targets(text) == [Target(3, "iqn.2025-01.org.laxcluster:a.b", {1: "/pool/b.img"}, ("iqn.x:cs1", "iqn.x:cs2"), 1,
+                                          (Nexus(1, "iqn.x:cs1", (0,)),))]
 
 
 @pytest.mark.integration
@@ -166,3 +168,38 @@ def test_reconcile_restores_exports_after_tgtd_restart(tgtd: TgtDaemon, tmp_path
     assert {t.iqn: (t.luns, set(t.initiators)) for t in tgtd.tgt.list_targets()} == served
     assert qemu_img_info(tgtd, vm_a, CS2, lun=2).returncode == 0
     assert qemu_img_info(tgtd, vm_b, CS2).returncode != 0
+
+
+@pytest.mark.integration
+def test_fence_drops_an_open_session_and_keeps_the_initiator_out(tgtd: TgtDaemon, tmp_path: Path) -> None:
+    tgt = tgtd.tgt
+    shared, other = target_iqn("site-a", unique_vm()), target_iqn("site-a", unique_vm())
+    disk = backing_file(tmp_path, "fenced")
+    for iqn in (shared, other):
+        tgt.export_lun(iqn, 1, disk if iqn == shared else backing_file(tmp_path, "other"))
+    tgt.bind_initiators(shared, [CS1, CS2])
+    tgt.bind_initiators(other, [CS2])
+    need_binary("qemu-io")
+    opts = f"driver=iscsi,transport=tcp,portal={tgtd.portal},target={shared},lun=1,initiator-name={CS1}"
+    holder = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: tgt.find(shared).sessions == 1, 20, "QEMU to log in")
+        assert [n.initiator for n in tgt.find(shared).nexuses] == [CS1]
+
+        assert tgt.fence(CS1) == [shared]
+
+        fenced = tgt.find(shared)
+        assert (fenced.initiators, fenced.sessions) == ((CS2,), 0)
+        assert tgt.find(other).initiators == (CS2,)
+        # The old session's holder writes on: the write must never reach the disk.
+        holder.stdin.write(b"write -P 0xab 0 4k\nflush\nquit\n")
+        holder.stdin.flush()
+        with pytest.raises(subprocess.TimeoutExpired):
+            holder.wait(10)
+        assert b"\xab" not in Path(disk).read_bytes()[:4096]
+        assert qemu_img_info(tgtd, shared, CS1).returncode != 0
+        assert qemu_img_info(tgtd, shared, CS2).returncode == 0
+    finally:
+        holder.kill()
+        holder.wait(10)

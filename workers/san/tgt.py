@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from errors import CommandFailed, Conflict, InvalidInput, InvalidIqn, IscsiTargetBusy, TargetNotFound
+from errors import CommandFailed, Conflict, FenceFailed, InvalidInput, InvalidIqn, IscsiTargetBusy, TargetNotFound
 from workers.command import output, run
 from workers.san.backend import validate_name
 
@@ -39,6 +39,15 @@ def target_iqn(site: str, vm: str, *, date: str = "2025-01", authority: str = "o
 
 
 @dataclass(frozen=True)
+class Nexus:
+    """A logged-in session (tgt's I_T nexus): its id, the initiator's name, its connection ids."""
+
+    sid: int
+    initiator: str
+    connections: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Target:
     """A target as tgtd reports it: disk LUNs (number -> backing path), ACL, logged-in sessions."""
 
@@ -47,6 +56,7 @@ class Target:
     luns: dict[int, str] = field(default_factory=dict)
     initiators: tuple[str, ...] = ()
     sessions: int = 0
+    nexuses: tuple[Nexus, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,7 +76,7 @@ def parse_targets(text: str) -> list[Target]:
     for line in text.splitlines():
         stripped = line.strip()
         if match := re.fullmatch(r"Target (\d+): (\S+)", line):
-            current = {"tid": int(match[1]), "iqn": match[2], "luns": {}, "initiators": [], "sessions": 0}
+            current = {"tid": int(match[1]), "iqn": match[2], "luns": {}, "initiators": [], "nexuses": []}
             targets.append(current)  # type: ignore[arg-type]
             section, lun = "", None
         elif current is None or not stripped:
@@ -77,11 +87,22 @@ def parse_targets(text: str) -> list[Target]:
             lun = int(match[1])
         elif section == "LUN information" and stripped.startswith("Backing store path:") and lun:
             current["luns"][lun] = stripped.split(":", 1)[1].strip()
-        elif section == "I_T nexus information" and re.fullmatch(r"I_T nexus: \d+", stripped):
-            current["sessions"] += 1
+        elif section == "I_T nexus information":
+            _read_nexus_line(current["nexuses"], stripped)
         elif section == "ACL information":
             current["initiators"].append(stripped)
-    return [Target(t["tid"], t["iqn"], t["luns"], tuple(t["initiators"]), t["sessions"]) for t in targets]  # type: ignore[index]
+    return [Target(t["tid"], t["iqn"], t["luns"], tuple(t["initiators"]), len(t["nexuses"]),  # type: ignore[index]
+                   tuple(Nexus(n["sid"], n["initiator"], tuple(n["connections"])) for n in t["nexuses"]))
+            for t in targets]
+
+
+def _read_nexus_line(nexuses: list[dict], line: str) -> None:
+    if match := re.fullmatch(r"I_T nexus: (\d+)", line):
+        nexuses.append({"sid": int(match[1]), "initiator": "", "connections": []})
+    elif nexuses and (match := re.fullmatch(r"Initiator: (\S+).*", line)):
+        nexuses[-1]["initiator"] = match[1]
+    elif nexuses and (match := re.fullmatch(r"Connection: (\d+)", line)):
+        nexuses[-1]["connections"].append(int(match[1]))
 
 
 class Tgt:
@@ -184,6 +205,37 @@ class Tgt:
         after = {t.iqn: t for t in self.list_targets()}
         return [f"{iqn}: {describe(before.get(iqn))} -> {describe(after.get(iqn))}"
                 for iqn in sorted(set(before) | set(after)) if _view(before.get(iqn)) != _view(after.get(iqn))]
+
+    def fence(self, initiator: str) -> list[str]:
+        """Lock `initiator` out of every target: take it off each ACL and drop its sessions, so neither a
+        new login nor a session already open can reach a LUN. Returns the targets it was bound to or
+        logged in to. Raises FenceFailed unless tgtd then shows it nowhere."""
+        validate_iqn(initiator)
+        touched = []
+        for target in self.list_targets():
+            mine = [nexus for nexus in target.nexuses if nexus.initiator == initiator]
+            if initiator in target.initiators:
+                run(self.argv("--op", "unbind", "--mode", "target", "--tid", str(target.tid),
+                              "--initiator-name", initiator))
+            for nexus, cid in ((nexus, cid) for nexus in mine for cid in nexus.connections):
+                self._drop_connection(target.tid, nexus.sid, cid)
+            if mine or initiator in target.initiators:
+                touched.append(target.iqn)
+        self._confirm_fenced(initiator)
+        return touched
+
+    def _drop_connection(self, tid: int, sid: int, cid: int) -> None:
+        try:
+            run(self.argv("--op", "delete", "--mode", "conn", "--tid", str(tid), "--sid", str(sid), "--cid", str(cid)))
+        except CommandFailed:
+            pass  # the connection ended by itself meanwhile; the confirmation below tells
+
+    def _confirm_fenced(self, initiator: str) -> None:
+        left = [t.iqn for t in self.list_targets()
+                if initiator in t.initiators or any(n.initiator == initiator for n in t.nexuses)]
+        if left:
+            raise FenceFailed(f"{initiator} still reaches {', '.join(left)} after fencing", initiator=initiator,
+                              targets=left)
 
     def stop_daemon(self) -> None:
         """Delete every target, then ask tgtd to exit (it ignores SIGTERM)."""
