@@ -184,6 +184,14 @@ def freeze(launcher: Launcher, name: str) -> None:
     os.kill(launcher.service_pid(name), signal.SIGSTOP)
 
 
+def running_with_beat_hung(launch: Callable[..., Launcher]) -> tuple[Launcher, set[Proc]]:
+    """A running launcher whose beat is frozen, and every process of its services."""
+    launcher = launch()
+    launcher.wait_running()
+    freeze(launcher, "beat")
+    return launcher, launcher.processes()
+
+
 def gone(procs: set[Proc]) -> bool:
     return not any(proc.running() for proc in procs)
 
@@ -193,10 +201,7 @@ def health(launcher: Launcher) -> int:
 
 
 def test_ctrl_c_stops_every_service_within_15_s_even_a_hung_one(launch):
-    launcher = launch()
-    launcher.wait_running()
-    freeze(launcher, "beat")
-    procs = launcher.processes()
+    launcher, procs = running_with_beat_hung(launch)
     assert {s.name for s in launcher.record.services} >= {"redis", "worker control", "beat", "flower", "api"}
 
     launcher.signal(signal.SIGINT)
@@ -208,10 +213,7 @@ def test_ctrl_c_stops_every_service_within_15_s_even_a_hung_one(launch):
 
 
 def test_a_second_ctrl_c_while_stopping_kills_what_is_left_at_once(launch):
-    launcher = launch()
-    launcher.wait_running()
-    freeze(launcher, "beat")
-    procs = launcher.processes()
+    launcher, procs = running_with_beat_hung(launch)
 
     launcher.signal(signal.SIGINT)
     wait_until(lambda: "stopping: SIGINT received" in launcher.text, 10, "the launcher to start stopping")
@@ -248,10 +250,7 @@ def test_a_launcher_killed_with_sigkill_takes_its_services_along(launch):
 
 
 def test_the_next_start_stops_what_a_killed_launcher_left_then_starts(launch):
-    first = launch()
-    first.wait_running()
-    freeze(first, "beat")
-    procs = first.processes()
+    first, procs = running_with_beat_hung(launch)
     first.signal(signal.SIGKILL)
     first.proc.wait(10)
     # Every service got SIGTERM as the launcher died; the hung one cannot act on it.

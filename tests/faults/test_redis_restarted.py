@@ -17,6 +17,7 @@ from models.db import transaction
 from tasks import jobs
 from tasks.dispatch import alive_key, dispatch
 from tasks.queues import CONTROL
+from tests.fixtures.faults import record
 from tests.fixtures.vms import wait_job
 from tests.support import need_binary
 
@@ -84,6 +85,5 @@ def test_a_redis_restart_loses_no_job(rt, lax_env, celery_worker, celery_app, ow
     assert [job.state for job in ended] == [SUCCEEDED] * 6, [(j.state, j.error_message) for j in ended]
     assert ended[0].result["attempt"] == 1  # carried on through the restart, not run again
     database = rt.config.db_url.split(":")[0].split("+")[0]
-    fault_table.append({"fault": f"Redis killed -9 and restarted empty: 1 job running, 5 queued ({database})",
-                        "job": "noop x6: succeeded", "seconds": seconds,
-                        "outcome": "running job not re-run; queued jobs sent again by the reconciler"})
+    record(fault_table, f"Redis killed -9 and restarted empty: 1 job running, 5 queued ({database})",
+           "noop x6: succeeded", seconds, "running job not re-run; queued jobs sent again by the reconciler")

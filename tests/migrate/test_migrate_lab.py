@@ -20,7 +20,7 @@ from tasks import jobs
 from tasks.dispatch import dispatch
 from tasks.queues import CONTROL
 from tasks.inventory.vms import InstallRequest, reserve_vm
-from tests.fixtures.vms import boot_line, run_job, server_uri
+from tests.fixtures.vms import boot_line, libvirt_state, run_job, server_uri
 from workers.node.host import connect
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
@@ -65,17 +65,6 @@ def final(rt, job_id, timeout=MIGRATE_TIMEOUT) -> Job:
             return job if job.is_final else None
 
     return wait_until(ended, timeout, f"job {job_id} to end")
-
-
-def libvirt_state(uri: str, name: str) -> int | None:
-    """The domain's state on that server's libvirt, None when it has no such domain."""
-    conn = connect(uri)
-    try:
-        return conn.lookupByName(name).state()[0]
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
 
 
 def migration_active(uri: str, name: str) -> bool:

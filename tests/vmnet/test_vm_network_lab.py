@@ -16,7 +16,7 @@ from tasks.inventory import ipam
 from tasks.inventory.vmnet import publish_leases
 from tasks.inventory.vms import InstallRequest, reserve_vm
 from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to, echo
-from tests.fixtures.vms import boot_line, run_job, server_uri, unique
+from tests.fixtures.vms import boot_line, libvirt_state, run_job, server_uri, unique
 from workers.node.console import SerialConsole, start_event_loop
 from workers.node.host import connect
 
@@ -56,16 +56,6 @@ def on_console(rt, server: str, name: str, command: str, answer: str, timeout: f
 
 def start_echo_service(rt, server: str, name: str) -> None:
     on_console(rt, server, name, START_ECHO, ECHO_STARTED)
-
-
-def libvirt_state(rt, server: str, name: str) -> int | None:
-    conn = connect(server_uri(rt, server))
-    try:
-        return conn.lookupByName(name).state()[0]
-    except libvirt.libvirtError:
-        return None
-    finally:
-        conn.close()
 
 
 def test_a_guest_gets_its_lease_by_dhcp_and_answers_tcp_from_the_root_namespace(cluster, celery_app):
@@ -129,7 +119,7 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(cluster, cele
             finally:
                 stream.stop()
         assert moved.state == SUCCEEDED, moved.error_message
-        assert libvirt_state(rt, "cs2", name) == libvirt.VIR_DOMAIN_RUNNING and libvirt_state(rt, "cs1", name) is None
+        assert libvirt_state(server_uri(rt, "cs2"), name) == libvirt.VIR_DOMAIN_RUNNING and libvirt_state(server_uri(rt, "cs1"), name) is None
         assert during > 0 and stream.error is None, stream.error
         print(f"longest gap {stream.longest_gap() * 1000:.0f} ms, libvirt downtime {moved.result['downtime_ms']} ms")
     finally:
