@@ -158,6 +158,7 @@ SCHEMAS: dict[str, Any] = {
             "name": {"type": "string"}, "cluster": {"type": "string"}, "site": {"type": "string"},
             "libvirt_uri": {"type": "string"}, "initiator_iqn": {"type": "string"},
             "memory_limit_bytes": _NULLABLE_INT, "maintenance": {"type": "boolean"}, "reachable": {"type": ["boolean", "null"]},
+            "fenced_at": {**_TIME, "description": "when the server was fenced off at its SAN; null unless fenced"},
             "cpu_count": _NULLABLE_INT, "cpu_model": _NULLABLE_STRING, "cpu_mhz": _NULLABLE_INT,
             "memory_total_bytes": _NULLABLE_INT, "memory_free_bytes": _NULLABLE_INT,
             "hypervisor_type": _NULLABLE_STRING, "hypervisor_version": _NULLABLE_STRING, "hostname": _NULLABLE_STRING,

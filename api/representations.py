@@ -45,6 +45,7 @@ def server_json(server: ClusterServer) -> dict[str, Any]:
         "initiator_iqn": server.initiator_iqn,
         "memory_limit_bytes": server.memory_limit_bytes,
         "maintenance": server.maintenance,
+        "fenced_at": iso(server.fenced_at),
         "reachable": server.reachable,
         "cpu_count": server.cpu_count,
         "cpu_model": server.cpu_model,

@@ -1,17 +1,15 @@
-"""The HTTP face of cluster servers: their facts, the job that refreshes them, evacuate and activate."""
+"""The HTTP face of cluster servers: their facts, the job that refreshes them, evacuate, fence and activate."""
 
 from flask import Blueprint, jsonify
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload
 
 from api import context, validation
-from api.changes import audit, submit_job
+from api.changes import submit_job
 from api.openapi import list_of, operation, ref
 from api.representations import server_json
-from errors import ServerNotFound, TargetBusy
+from errors import ServerNotFound
 from models import Cluster, ClusterServer
-from tasks import jobs
-from tasks.kinds import server_lock
 
 blueprint = Blueprint("servers", __name__)
 REFRESH_TARGET = "servers"
@@ -50,24 +48,29 @@ def refresh():
 @operation("Put a server into maintenance (no new VMs) and migrate every VM on it elsewhere, as a job",
            status=202, response=ref("Job"))
 def evacuate(name: str):
-    validation.reject_unknown(validation.json_body(), set())
-    with context.session() as db:
-        _existing_server(db, name)
-    return submit_job("evacuate", {"server": name})
+    return _server_job("evacuate", name)
 
 
 @blueprint.post("/servers/<name>/actions/activate")
-@operation("End a server's maintenance: placement and migrations may use it again", response=ref("Server"))
+@operation("End a server's maintenance, as a job: placement and migrations may use it again. A fenced server "
+           "first loses its stale domains, then is let back into its site's target ACLs", status=202, response=ref("Job"))
 def activate(name: str):
+    return _server_job("activate-server", name)
+
+
+@blueprint.post("/servers/<name>/actions/fence")
+@operation("Fence a server at its site's SAN, as a job: its initiator leaves every target ACL and its sessions are "
+           "dropped, so nothing on it can write a VM disk; it stays in maintenance until activated",
+           status=202, response=ref("Job"))
+def fence(name: str):
+    return _server_job("fence-server", name)
+
+
+def _server_job(kind: str, name: str):
     validation.reject_unknown(validation.json_body(), set())
     with context.session() as db:
-        server = _existing_server(db, name)
-        holder = jobs.holder_of(db, server_lock(name))
-        if holder is not None:
-            raise TargetBusy(f"server/{name} is busy with job {holder}", job_id=holder, target=server_lock(name))
-        server.maintenance = False
-        audit(db, "server.activate", server_lock(name))
-        return jsonify(server_json(server))
+        _existing_server(db, name)
+    return submit_job(kind, {"server": name})
 
 
 def _existing_server(db: Session, name: str) -> ClusterServer:

@@ -1,9 +1,9 @@
-"""`laxcluster servers list|refresh|evacuate|activate` (also `laxcluster server …`): the cluster servers."""
+"""`laxcluster servers list|refresh|evacuate|fence|activate` (also `laxcluster server …`): the cluster servers."""
 
 import click
 
 from cli.client import api
-from cli.output import json_option, print_fields, print_rows
+from cli.output import json_option, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes, watch_job
 
@@ -53,13 +53,26 @@ def refresh(watch: bool, idempotency_key: str | None) -> None:
 @watch_option
 def evacuate(name: str, watch: bool) -> None:
     """Put server NAME into maintenance and migrate every VM on it elsewhere, as a job."""
-    client = api()
-    show_job(client, client.post(f"/servers/{name}/actions/evacuate"), watch)
+    _server_action(name, "evacuate", watch)
 
 
 @servers.command("activate")
 @click.argument("name")
-def activate(name: str) -> None:
-    """End server NAME's maintenance: new VMs and migrations may use it again."""
-    server = api().post(f"/servers/{name}/actions/activate")
-    print_fields({"name": server["name"], "maintenance": server["maintenance"]})
+@watch_option
+def activate(name: str, watch: bool) -> None:
+    """End server NAME's maintenance, as a job: new VMs and migrations may use it again (a fenced server first
+    loses its stale domains and is let back into its site's targets)."""
+    _server_action(name, "activate", watch)
+
+
+@servers.command("fence")
+@click.argument("name")
+@watch_option
+def fence(name: str, watch: bool) -> None:
+    """Fence server NAME at its site's SAN, as a job: nothing on it can reach a VM disk until it is activated."""
+    _server_action(name, "fence", watch)
+
+
+def _server_action(name: str, action: str, watch: bool) -> None:
+    client = api()
+    show_job(client, client.post(f"/servers/{name}/actions/{action}"), watch)

@@ -267,6 +267,13 @@ class RefreshFailed(LaxError):
     http_status = 502
 
 
+class ActivateFailed(LaxError):
+    """A fenced server could not be re-admitted: its stale domains or its site's exports could not be put right."""
+
+    code = "ActivateFailed"
+    http_status = 502
+
+
 class EvacuationIncomplete(Conflict):
     """Some VMs could not leave the server; `extra['failed']` says which and why."""
 

@@ -40,6 +40,9 @@ class ClusterServer(Base):
     initiator_iqn: Mapped[str] = mapped_column(String(223))
     memory_limit_bytes: Mapped[int | None] = mapped_column(BigInteger)
     maintenance: Mapped[bool] = mapped_column(default=False)
+    # Set while the server is fenced off at its site's SAN (no initiator login, no placements); cleared by
+    # `server activate` once its stale domains are gone.
+    fenced_at: Mapped[datetime | None]
     reachable: Mapped[bool | None]
     cpu_count: Mapped[int | None]
     cpu_model: Mapped[str | None] = mapped_column(String(127))

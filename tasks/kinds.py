@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from errors import InvalidInput, NotFound, UnknownKind
-from models import San, Site, VirtualMachine, Volume
+from errors import InvalidInput, NotFound, ServerNotFound, UnknownKind
+from models import Cluster, ClusterServer, San, Site, VirtualMachine, Volume
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks.inventory.retention import selected_vms
 from tasks.inventory.vms import find_vm, site_and_san
@@ -215,6 +215,16 @@ def san_of_vm(session: Session, params: OfVm) -> str:
     return on_disk or site_and_san(session, vm)[1]
 
 
+def san_of_server(session: Session, params: OfServer) -> str:
+    """The SAN of the server's site (the one its initiator logs in to)."""
+    san = session.scalar(select(San.name).join(Site, San.site_id == Site.id).join(Cluster, Cluster.site_id == Site.id)
+                         .join(ClusterServer, ClusterServer.cluster_id == Cluster.id)
+                         .where(ClusterServer.name == params.server).limit(1))
+    if san is None:
+        raise ServerNotFound(f"no cluster server {params.server}", server=params.server)
+    return san
+
+
 def san_of_volume(session: Session, params: ResizeVolume) -> str:
     return _existing(session.scalar(select(San.name).join(Volume, Volume.san_id == San.id)
                                     .where(Volume.id == params.volume_id)), f"no volume {params.volume_id}")
@@ -309,6 +319,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("delete-vm", OfVm, on_control, vm_target, CONTROL_VMS, "vm.delete"),
     Kind("migrate", Migrate, on_control, vm_target, CONTROL_MIGRATE, "vm.migrate"),
     Kind("evacuate", OfServer, on_control, server_target, "tasks.control.evacuate", "server.evacuate"),
+    Kind("activate-server", OfServer, on_control, server_target, "tasks.control.servers", "server.activate"),
+    Kind("fence-server", OfServer, on_san_of(san_of_server), server_target, "tasks.san.fencing", "server.fence"),
     Kind("prepare-vm-disks", VmDisks, on_san_of(san_of_vm), disks_target, SAN_VOLUMES),
     Kind("remove-vm-disks", VmOnSan, on_san_of(lambda _, p: p.san), disks_target, SAN_VOLUMES),
     Kind("refresh-luns", OfVm, on_san_of(san_of_vm), disks_target, SAN_VOLUMES),
@@ -333,6 +345,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
          "tasks.node.migrate"),
     Kind("settle-domain", SettleDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
+    Kind("remove-stale-domains", OfServer, on_server("server"), lambda _, p: f"stale/{p.server}", "tasks.node.servers"),
     Kind("check-cluster", CheckCluster, on_control, lambda _, __: "cluster-check", "tasks.control.check", "cluster.check"),
     Kind("inspect-san", OfSan, on_san_of(lambda _, p: p.san), lambda _, p: f"inspect/{p.san}", "tasks.san.inspect"),
     Kind("repair-san", RepairSan, on_san_of(lambda _, p: p.san), lambda _, p: f"repair/{p.san}", "tasks.san.inspect"),

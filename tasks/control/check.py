@@ -121,7 +121,7 @@ def read_inventory(session: Session, config: Config, since: datetime) -> drift.I
         snapshots=frozenset(session.execute(select(Backup.san_name, Backup.snapshot)
                                             .where(Backup.snapshot.is_not(None))).tuples().all()),
         anchors=_anchors(session),
-        initiators={san.name: site_initiators(site) for site, san in config.sans()},
+        initiators={san.name: site_initiators(session, site) for site, san in config.sans()},
         iqn_prefix=config.raw.get("iqn_prefix", ""),
         server_uris={row.name: row.libvirt_uri for row in server_rows},
         busy_vms=frozenset(vm.uuid for vm in vms if vm.name in busy_names),

@@ -1,15 +1,18 @@
-"""Server workflows: refreshing every cluster server's facts through its own node queue."""
+"""Server workflows: refreshing every cluster server's facts through its own node queue, and re-admitting a
+server after maintenance or a fence."""
 
 from typing import Any
 
 from sqlalchemy import select
 
-from errors import RefreshFailed, TargetBusy
-from models import SUCCEEDED, ClusterServer
+from errors import ActivateFailed, RefreshFailed, ServerNotFound, TargetBusy
+from models import SUCCEEDED, ClusterServer, Job
 from tasks.context import JobContext
+from tasks.san.storage import san_of_site
 from tasks.workflow import workflow
 
 REFRESH_TIMEOUT_S = 120
+ACTIVATE_STEP_TIMEOUT_S = 300
 
 
 @workflow("refresh-servers")
@@ -38,3 +41,51 @@ def _spawn_refreshes(ctx: JobContext) -> dict[str, Any]:
         except TargetBusy as error:
             busy.append({"server": name, "job_id": error.extra["job_id"]})
     return {"children": children, "busy": busy}
+
+
+@workflow("activate-server")
+def activate_server(ctx: JobContext) -> dict[str, Any]:
+    """End a server's maintenance. A fenced server first loses its stale domains (on its own queue: its
+    libvirtd must answer), is then re-admitted and let back into its site's target ACLs."""
+    name = ctx.params.server
+    ctx.phase("look", progress=2)
+    site = ctx.once("fenced site", lambda: _fenced_site(ctx, name))
+    if site is None:
+        _readmit(ctx, name)
+        return {"server": name, "was_fenced": False}
+    ctx.phase("remove stale domains", progress=5)
+    cleared = _run_child(ctx, "remove-stale-domains", {"server": name}, 5, 60)
+    ctx.phase("re-admit", progress=60)
+    _readmit(ctx, name)
+    ctx.phase("restore exports", progress=70)
+    san = san_of_site(ctx.rt.config, site).name
+    restored = _run_child(ctx, "repair-san", {"san": san, "actions": [{"op": "restore-exports", "what": san}]}, 70, 100)
+    [outcome] = restored.result["actions"]
+    if not outcome["done"]:
+        raise ActivateFailed(f"{name} is re-admitted, but {san} could not restore its exports: {outcome['detail']}",
+                             server=name)
+    return {"server": name, "was_fenced": True, "undefined": cleared.result["undefined"],
+            "stopped": cleared.result["stopped"], "exports": outcome["detail"]}
+
+
+def _fenced_site(ctx: JobContext, name: str) -> str | None:
+    """The site of the server if it is fenced, None if it is not."""
+    with ctx.session() as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+        if server is None:
+            raise ServerNotFound(f"no cluster server {name}", server=name)
+        return server.cluster.site.name if server.fenced_at is not None else None
+
+
+def _run_child(ctx: JobContext, kind: str, params: dict[str, Any], start: float, end: float) -> Job:
+    [child] = ctx.wait_for_children([ctx.spawn(kind, params)], ACTIVATE_STEP_TIMEOUT_S, start, end)
+    if child.state != SUCCEEDED:
+        raise ActivateFailed(f"{ctx.params.server} stays out: {kind} ended {child.state}: {child.error_message}",
+                             server=ctx.params.server, job_id=child.id)
+    return child
+
+
+def _readmit(ctx: JobContext, name: str) -> None:
+    with ctx.session() as session:
+        server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
+        server.fenced_at, server.maintenance = None, False

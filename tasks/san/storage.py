@@ -5,7 +5,7 @@ from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
 from errors import UnknownBackend
-from models import Template, Volume
+from models import ClusterServer, Template, Volume
 from workers.san.backend import VolumeBackend
 from workers.san.lvm import LvmThinBackend
 from workers.san.reflink import ReflinkBackend
@@ -25,9 +25,12 @@ def target_for(san: SanConfig) -> Tgt:
     return Tgt(control_port=san.tgt_control_port)
 
 
-def site_initiators(site: SiteConfig) -> tuple[str, ...]:
-    """The initiator names allowed to log in to this site's targets: its cluster servers'."""
-    return tuple(server.initiator for cluster in site.clusters for server in cluster.servers)
+def site_initiators(session: Session, site: SiteConfig) -> tuple[str, ...]:
+    """The initiator names allowed to log in to this site's targets: its cluster servers', but for those
+    fenced off (until `server activate` re-admits them)."""
+    fenced = set(session.scalars(select(ClusterServer.initiator_iqn).where(ClusterServer.fenced_at.is_not(None))))
+    return tuple(server.initiator for cluster in site.clusters for server in cluster.servers
+                 if server.initiator not in fenced)
 
 
 def san_of_site(config: Config, site_name: str) -> SanConfig:

@@ -78,7 +78,8 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
     seed = _write_seed(place.backend, seed, vm, lease, subnet, dhcp=bool(network and network.dhcp))
     ctx.phase("export", progress=80)
     iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
-    _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
+    with ctx.session() as session:
+        _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed}, site_initiators(session, place.site))
     with ctx.session() as session:
         _record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
         _record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
@@ -151,12 +152,12 @@ def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Le
                       gateway=subnet.gateway if static else None, ssh_keys=list(vm.ssh_keys))
 
 
-def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:
+def _export(place: SanPlace, iqn: str, luns: dict[int, str], initiators: tuple[str, ...]) -> None:
     tgt = target_for(place.san)
     tgt.ensure_target(iqn)
     for lun, handle in luns.items():
         tgt.export_lun(iqn, lun, place.backend.path_for_export(handle))
-    tgt.bind_initiators(iqn, site_initiators(place.site))
+    tgt.bind_initiators(iqn, initiators)
 
 
 def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int) -> None:
@@ -271,10 +272,11 @@ def restore_exports(san_name: str) -> list[str]:
     place = san_place(rt.config, san_name)
     with rt.sessions() as session:
         volumes = session.scalars(select(Volume).join(San).where(San.name == san_name, Volume.iscsi_target.is_not(None))).all()
+        initiators = site_initiators(session, place.site)
     luns: dict[str, dict[int, str]] = {}
     for volume in volumes:
         luns.setdefault(volume.iscsi_target, {})[volume.iscsi_lun] = place.backend.path_for_export(volume.backend_handle)
-    exports = [Export(iqn, by_lun, site_initiators(place.site)) for iqn, by_lun in luns.items()]
+    exports = [Export(iqn, by_lun, initiators) for iqn, by_lun in luns.items()]
     return target_for(place.san).reconcile(exports)
 
 

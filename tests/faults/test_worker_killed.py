@@ -115,3 +115,31 @@ def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: 
     assert job.state == SUCCEEDED, job.error_message
     lab.assert_clean()
     lab.record(f"worker killed -9 at restore / {phase} (to a new volume)", job, seconds, "re-run; check clean")
+
+
+def fenced(lab: FaultLab, server: str) -> bool:
+    with lab.rt.sessions() as session:
+        return session.scalar(select(ClusterServer.fenced_at).where(ClusterServer.name == server)) is not None
+
+
+@pytest.mark.parametrize("kind, phase", [
+    ("fence-server", "fence at the SAN"),              # marked fenced, tgtd not yet told
+    ("remove-stale-domains", "remove stale domains"),  # activate's node child
+    ("activate-server", "restore exports"),            # re-admitted, ACLs not yet restored
+])
+def test_fence_and_activate_survive_a_crash(fault_lab: FaultLab, kind: str, phase: str):
+    lab, fencing = fault_lab, kind == "fence-server"
+    if not fencing:
+        assert run_job(lab.rt, lab.celery_app, "fence-server", {"server": "cs2"}).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "fence-server" if fencing else "activate-server", {"server": "cs2"})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    assert fenced(lab, "cs2") is fencing
+    lab.assert_clean()
+    if fencing:
+        assert run_job(lab.rt, lab.celery_app, "activate-server", {"server": "cs2"}).state == SUCCEEDED
+        lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase}", job, seconds,
+               f"re-run; cs2 {'fenced' if fencing else 're-admitted'}; check clean")

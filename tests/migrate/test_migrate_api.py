@@ -1,4 +1,4 @@
-"""migrate, evacuate and activate over HTTP: validated at the edge, jobs on the right locks, audited."""
+"""migrate, evacuate, fence and activate over HTTP: validated at the edge, jobs on the right locks, audited."""
 
 from sqlalchemy import select
 
@@ -27,7 +27,7 @@ def test_migrate_is_a_job_on_the_vms_lock_with_checked_parameters(rt, client, to
     assert offline["params"] == {"vm": "web1", "live": False, "check": False}
 
 
-def test_evacuate_is_a_job_on_the_servers_lock_and_activate_ends_maintenance(rt, client, tokens):
+def test_evacuate_fence_and_activate_are_jobs_on_the_servers_lock(rt, client, tokens):
     operator = bearer(tokens["operator"])
     response = client.post("/servers/cs1/actions/evacuate", headers=operator)
     assert response.status_code == 202, response.get_data(as_text=True)
@@ -37,10 +37,16 @@ def test_evacuate_is_a_job_on_the_servers_lock_and_activate_ends_maintenance(rt,
     client.post(f"/jobs/{job['id']}/cancel", headers=operator)
     with transaction(rt.sessions) as session:
         session.scalar(select(ClusterServer).where(ClusterServer.name == "cs1")).maintenance = True
-    activated = client.post("/servers/cs1/actions/activate", headers=operator)
-    assert activated.status_code == 200 and activated.get_json()["maintenance"] is False
+    for action, kind in (("activate", "activate-server"), ("fence", "fence-server")):
+        started = client.post(f"/servers/cs1/actions/{action}", headers=operator)
+        assert started.status_code == 202, started.get_data(as_text=True)
+        assert (started.get_json()["kind"], started.get_json()["target"]) == (kind, "server/cs1")
+        client.post(f"/jobs/{started.get_json()['id']}/cancel", headers=operator)
+    assert started.get_json()["queue"] == "san.site-a"
     with rt.sessions() as session:
-        assert session.scalar(select(ClusterServer.maintenance).where(ClusterServer.name == "cs1")) is False
         assert session.scalar(select(AuditEvent.actor).where(AuditEvent.action == "server.activate")) == "test-operator"
-    assert_problem(client.post("/servers/ghost/actions/evacuate", headers=operator), 404, "ServerNotFound")
-    assert_problem(client.post("/servers/cs1/actions/activate", headers=bearer(tokens["viewer"])), 403, "Forbidden")
+        assert session.scalar(select(AuditEvent.actor).where(AuditEvent.action == "server.fence")) == "test-operator"
+    for action in ("evacuate", "fence", "activate"):
+        assert_problem(client.post(f"/servers/ghost/actions/{action}", headers=operator), 404, "ServerNotFound")
+        assert_problem(client.post(f"/servers/cs1/actions/{action}", headers=bearer(tokens["viewer"])), 403, "Forbidden")
+    assert_problem(client.post("/servers/cs1/actions/fence", json={"force": True}, headers=operator), 422, "InvalidInput")

@@ -195,6 +195,6 @@ def test_evacuate_moves_every_vm_off_the_server(cluster, celery_app, api_url, to
             assert session.scalar(select(ClusterServer.maintenance).where(ClusterServer.name == "cs1")) is True
     finally:
         set_server(rt, "cs2", memory_limit_bytes=2 << 30)
-        assert laxcluster(api_url, tokens, "server", "activate", "cs1").exit_code == 0
+        assert laxcluster(api_url, tokens, "server", "activate", "cs1", "--watch").exit_code == 0
         for name in names:
             run_job(rt, celery_app, "delete-vm", {"vm": name})
