@@ -34,7 +34,9 @@ MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
 # libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
-INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description"}
+INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description", "ha",
+                  "ha_priority"}
+HA_PRIORITY_BOUNDS = (0, 1000)
 MAX_SSH_KEYS, MAX_SSH_KEY_LENGTH, MAX_DESCRIPTION = 32, 8192, 1024
 SSH_KEY = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$")
 STATE = re.compile(r"^[a-z ]{1,31}$")
@@ -49,7 +51,8 @@ VM_SCHEMA = {"type": "object", "properties": {
     "description": {"type": "string"}}}
 VM_DETAIL_SCHEMA = {"type": "object", "properties": {
     **VM_SCHEMA["properties"], "uuid": {"type": "string"}, "desired_state": {"type": "string"},
-    "hypervisor": {"type": "string"}, "ssh_keys": {"type": "array"},
+    "hypervisor": {"type": "string"}, "ssh_keys": {"type": "array"}, "ha": {"type": "boolean"},
+    "ha_priority": {"type": "integer"},
     "state_updated_at": _TEXT, "created_at": {"type": "string"}, "error": _TEXT, "volumes": {"type": "array", "items": VOLUME_SCHEMA}}}
 OVERVIEW_SCHEMA = {"type": "object", "properties": {
     "active": {"type": "array", "items": VM_SCHEMA}, "inactive": {"type": "array", "items": VM_SCHEMA},
@@ -61,7 +64,10 @@ INSTALL_SCHEMA = {"type": "object", "required": ["name", "template", "memory", "
     "disk": sizes.schema(sizes.DISK_BOUNDS), "subnet": {"type": "string", "description": "lease an address here"},
     "server": {"type": "string", "description": "run it here instead of where there is most room"},
     "ssh_keys": {"type": "array", "items": {"type": "string"}, "maxItems": MAX_SSH_KEYS},
-    "description": {"type": "string", "maxLength": MAX_DESCRIPTION}}}
+    "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+    "ha": {"type": "boolean", "description": "restart it on another server when its server fails (default true)"},
+    "ha_priority": {"type": "integer", "minimum": HA_PRIORITY_BOUNDS[0], "maximum": HA_PRIORITY_BOUNDS[1],
+                    "description": "higher restarts first when not all fit"}}}
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -101,6 +107,7 @@ def show(name: str):
         _add_addresses(db, {vm.id: shown})
         disks = db.execute(volumes_query().where(Volume.vm_id == vm.id).order_by(Volume.role, Volume.name))
         shown.update(uuid=vm.uuid, desired_state=vm.desired_state, hypervisor=vm.hypervisor, ssh_keys=vm.ssh_keys,
+                     ha=vm.ha, ha_priority=vm.ha_priority,
                      state_updated_at=iso(vm.state_updated_at), created_at=iso(vm.created_at),
                      volumes=[volume_json(*disk) for disk in disks], error=_error_of(db, vm))
     return jsonify(shown)
@@ -220,6 +227,8 @@ def install_request(body: dict[str, Any]) -> vms.InstallRequest:
         server=_optional_name(body, "server"),
         ssh_keys=_ssh_keys(body.get("ssh_keys", [])),
         description=_description(body.get("description", "")),
+        ha=_boolean(body.get("ha", True), "ha"),
+        ha_priority=_ha_priority(body.get("ha_priority", 0)),
     )
 
 
@@ -229,6 +238,18 @@ def vm_name(value: Any, field: str = "name") -> str:
     if name.startswith("-") or len(name) > vms.MAX_VM_NAME:
         raise validation.invalid(field, f"must start with a-z or 0-9 and be at most {vms.MAX_VM_NAME} characters")
     return name
+
+
+def _boolean(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise validation.invalid(field, "must be true or false")
+    return value
+
+
+def _ha_priority(value: Any) -> int:
+    if isinstance(value, (str, bool)):
+        raise validation.invalid("ha_priority", "must be a JSON integer")
+    return validation.integer(value, "ha_priority", *HA_PRIORITY_BOUNDS)
 
 
 def _vcpus(value: Any) -> int:

@@ -46,13 +46,15 @@ def vm() -> None:
 @click.option("--ssh-key", "ssh_key_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="a file of OpenSSH public keys to let in (repeatable)")
 @click.option("--description", default="", help="a note shown in the overview")
+@click.option("--ha/--no-ha", default=True, help="restart it on another server when its server fails (default: yes)")
+@click.option("--ha-priority", default=0, type=click.IntRange(0, 1000), help="higher restarts first when not all fit")
 @watch_option
 def install(name: str, template: str, memory: str, vcpus: int, disk: str, server: str | None, subnet: str | None,
-            ssh_key_files: tuple[Path, ...], description: str, watch: bool) -> None:
+            ssh_key_files: tuple[Path, ...], description: str, ha: bool, ha_priority: int, watch: bool) -> None:
     """Install VM NAME from a template, customized with its hostname, address and SSH keys, as a job."""
     body: dict[str, Any] = {"name": name, "template": template, "memory": memory, "vcpus": vcpus, "disk": disk,
                             "ssh_keys": [key for path in ssh_key_files for key in public_keys(path)],
-                            "description": description}
+                            "description": description, "ha": ha, "ha_priority": ha_priority}
     body.update({key: value for key, value in (("server", server), ("subnet", subnet)) if value is not None})
     client = api()
     show_job(client, client.post("/vms", body), watch)

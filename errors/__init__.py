@@ -274,6 +274,13 @@ class ActivateFailed(LaxError):
     http_status = 502
 
 
+class RecoveryIncomplete(LaxError):
+    """A failed server was fenced but some of its VMs could not be restarted elsewhere; `extra['failed']` says which."""
+
+    code = "RecoveryIncomplete"
+    http_status = 503
+
+
 class EvacuationIncomplete(Conflict):
     """Some VMs could not leave the server; `extra['failed']` says which and why."""
 

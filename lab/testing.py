@@ -29,6 +29,8 @@ def make_test_config(tmp_dir: Path) -> Path:
     10.X.0.0/24 subnets, with var_dir inside `tmp_dir`, 4G pools and unused tgtd control ports."""
     raw = tomllib.loads(config.DEFAULTS.read_text())
     var_dir = (tmp_dir / "var").resolve()
+    # Tests kill daemons and workers on purpose; only the HA tests (LAXCLUSTER_HA_ENABLED) want restarts.
+    raw["ha"]["enabled"] = False
     lab = raw["lab"]
     lab["prefix"] = "lt" + "".join(random.choices(string.ascii_lowercase + string.digits, k=3))
     sans = [san for site in raw["sites"] for san in site.get("sans", [])]

@@ -47,6 +47,9 @@ class VirtualMachine(Base):
     cpu_time_ns: Mapped[int | None] = mapped_column(BigInteger)
     state_updated_at: Mapped[datetime | None]
     desired_state: Mapped[str] = mapped_column(String(31), default="running")
+    # Restarted on another server of its cluster when its server fails (higher priority first).
+    ha: Mapped[bool] = mapped_column(default=True)
+    ha_priority: Mapped[int] = mapped_column(default=0)
     ssh_keys: Mapped[list] = mapped_column(default=list)
     tags: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

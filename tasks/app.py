@@ -11,14 +11,16 @@ from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile",
                     "tasks.control.diagnostics", "tasks.control.servers", "tasks.control.vms", "tasks.control.migrate",
-                    "tasks.control.evacuate", "tasks.control.schedules", "tasks.control.check",
-                    "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune", "tasks.san.inspect",
-                    "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers", "tasks.node.inspect"]
+                    "tasks.control.evacuate", "tasks.control.schedules", "tasks.control.check", "tasks.control.ha",
+                    "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune", "tasks.san.inspect", "tasks.san.fencing",
+                    "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers", "tasks.node.inspect",
+                    "tasks.node.heartbeat"]
 
 
 def make_celery(config: Config) -> Celery:
     jobs = config.section("jobs")
     backup_tick = float(config.section("backups").get("dispatch_every_s", 20.0))
+    ha_tick = float(config.section("ha").get("check_every_s", 5.0))
     app = Celery("laxcluster", broker=config.redis_url, backend=config.redis_url, include=WORKFLOW_MODULES)
     app.conf.update(
         task_serializer="json",
@@ -42,6 +44,11 @@ def make_celery(config: Config) -> Celery:
                 "task": "laxcluster.reconcile",
                 "schedule": float(jobs["reconcile_every_s"]),
                 "options": {"queue": CONTROL, "expires": float(jobs["reconcile_every_s"])},
+            },
+            "watch-servers": {
+                "task": "laxcluster.watch_servers",
+                "schedule": ha_tick,
+                "options": {"queue": CONTROL, "expires": ha_tick},
             },
             # Backup schedules live in BackupPolicy rows; this one tick enqueues what is due.
             "dispatch-backups": {

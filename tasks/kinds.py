@@ -320,6 +320,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("migrate", Migrate, on_control, vm_target, CONTROL_MIGRATE, "vm.migrate"),
     Kind("evacuate", OfServer, on_control, server_target, "tasks.control.evacuate", "server.evacuate"),
     Kind("activate-server", OfServer, on_control, server_target, "tasks.control.servers", "server.activate"),
+    Kind("recover-server", OfServer, on_control, lambda _, p: f"recover/{p.server}", "tasks.control.ha", "server.recover"),
     Kind("fence-server", OfServer, on_san_of(san_of_server), server_target, "tasks.san.fencing", "server.fence"),
     Kind("prepare-vm-disks", VmDisks, on_san_of(san_of_vm), disks_target, SAN_VOLUMES),
     Kind("remove-vm-disks", VmOnSan, on_san_of(lambda _, p: p.san), disks_target, SAN_VOLUMES),

@@ -1,5 +1,6 @@
 """`evacuate`: put a server into maintenance and move every VM on it elsewhere, as migrate jobs."""
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -61,17 +62,18 @@ def move_placement_of_domainless(session: Session, vms: list[VirtualMachine], pl
     return moved
 
 
-def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer,
-                      vms: list[VirtualMachine]) -> tuple[dict[str, str], dict[str, str]]:
-    """A destination for each VM, biggest first, counting the VMs planned before it (they move at the
-    same time, so placement alone would not see them); {vm: server} and {vm: why none fits}."""
+def plan_destinations(session: Session, ctx: JobContext, server: ClusterServer, vms: list[VirtualMachine],
+                      order: Callable[[VirtualMachine], Any] = lambda v: (-v.memory_bytes, v.name),
+                      ) -> tuple[dict[str, str], dict[str, str]]:
+    """A destination for each VM in `order` (biggest first unless told), counting the VMs planned before it
+    (they move at the same time, so placement alone would not see them); {vm: server} and {vm: why none fits}."""
     # Only servers of its own hypervisor kind can take a VM (its domain type moves with it).
     others = list(session.scalars(select(ClusterServer).where(ClusterServer.cluster_id == server.cluster_id,
                                                               ClusterServer.id != server.id,
                                                               ClusterServer.hypervisor == server.hypervisor)))
     taken = {other.name: (0, 0) for other in others}
     planned, failed = {}, {}
-    for vm in sorted(vms, key=lambda v: (-v.memory_bytes, v.name)):
+    for vm in sorted(vms, key=order):
         left = {other.name: _room_left(session, ctx, other, vm, taken[other.name]) for other in others}
         fitting = [o for o in others if left[o.name][0] >= vm.memory_bytes and left[o.name][1] >= vm.vcpus]
         try:

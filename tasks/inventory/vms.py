@@ -27,6 +27,8 @@ class InstallRequest:
     description: str = ""
     # The SAN whose template to use (a VM restored from a backup lives where the backup's disk is).
     san: str | None = None
+    ha: bool = True
+    ha_priority: int = 0
 
 
 def reserve_vm(session: Session, config: Config, request: InstallRequest) -> VirtualMachine:
@@ -42,7 +44,8 @@ def reserve_vm(session: Session, config: Config, request: InstallRequest) -> Vir
     cluster_id = server.cluster_id if server else _cluster_of_san(session, template.san_id)
     vm = VirtualMachine(name=request.name, template_id=template.id, cluster_id=cluster_id,
                         memory_bytes=request.memory_bytes, vcpus=request.vcpus, state="installing",
-                        desired_state="running", ssh_keys=list(request.ssh_keys), description=request.description)
+                        desired_state="running", ssh_keys=list(request.ssh_keys), description=request.description,
+                        ha=request.ha, ha_priority=request.ha_priority)
     session.add(vm)
     session.flush()
     subnet = ipam.find_subnet(session, request.subnet) if request.subnet else _default_subnet(session, config)

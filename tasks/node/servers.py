@@ -60,7 +60,7 @@ def remove_stale_domains(ctx: JobContext) -> dict[str, Any]:
     domains of its own VMs too (their disks were cut off under them). Domains of no VM are left to check."""
     with ctx.session() as session:
         server = session.scalar(select(ClusterServer).where(ClusterServer.name == ctx.params.server))
-        placed = dict(session.execute(select(VirtualMachine.uuid, VirtualMachine.server_id)).tuples().all())
+        placed = dict(session.execute(select(VirtualMachine.uuid, VirtualMachine.server_id)).all())
         uri, server_id, fenced = server.libvirt_uri, server.id, server.fenced_at is not None
     ctx.phase("remove stale domains", progress=20)
     removed, stopped = [], []

@@ -48,7 +48,7 @@ def test_an_install_takes_the_template_of_the_asked_servers_site_else_of_the_fir
 
 def test_an_install_reserves_one_vm_one_lease_and_one_queued_job(rt, client, tokens, inventory):
     before = counts(rt)
-    response = install(client, tokens, ssh_keys=[KEY], description="the web server", server="cs2")
+    response = install(client, tokens, ssh_keys=[KEY], description="the web server", server="cs2", ha_priority=7)
     assert response.status_code == 202, response.get_data(as_text=True)
     job = response.get_json()
     assert (job["kind"], job["target"], job["queue"], job["state"]) == ("install-vm", "vm/web1", "control", "queued")
@@ -68,6 +68,7 @@ def test_an_install_reserves_one_vm_one_lease_and_one_queued_job(rt, client, tok
     assert (shown["state"], shown["template"], shown["mac"], shown["ip"], shown["subnet"]) == (
         "installing", "tiny", lease.mac, "10.40.0.10", "lan")
     assert shown["volumes"] == [] and shown["server"] is None and shown["uuid"] == vm.uuid
+    assert (shown["ha"], shown["ha_priority"], vm.ha, vm.ha_priority) == (True, 7, True, 7)
 
 
 @pytest.mark.parametrize("changes, status, code, field", [
@@ -92,6 +93,9 @@ def test_an_install_reserves_one_vm_one_lease_and_one_queued_job(rt, client, tok
     ({"ssh_keys": KEY}, 422, "InvalidInput", "ssh_keys"),
     ({"description": "two\nlines"}, 422, "InvalidInput", "description"),
     ({"colour": "red"}, 422, "InvalidInput", "colour"),
+    ({"ha": "yes"}, 422, "InvalidInput", "ha"),
+    ({"ha_priority": 1001}, 422, "InvalidInput", "ha_priority"),
+    ({"ha_priority": "5"}, 422, "InvalidInput", "ha_priority"),
 ])
 def test_bad_input_is_refused_and_changes_nothing(rt, client, tokens, inventory, changes, status, code, field):
     before = counts(rt)

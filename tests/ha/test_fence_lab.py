@@ -2,70 +2,23 @@
 fence survives a re-export of the site, and `server activate` stops the cut-off guest, lets the server back
 in and the VM starts again with what it had written before the fence."""
 
-import re
 import secrets
 
 import pytest
 from sqlalchemy import select
 
-from errors import ConsoleTimeout
 from models import SUCCEEDED, ClusterServer
-from tasks.san.storage import backend_for, target_for
+from tasks.san.storage import target_for
 from tests.fixtures.check import assert_clean
-from tests.fixtures.vms import boot_line, disk_handle, install, libvirt_state, run_job, server_uri, unique, vm_uuid
-from workers.node.console import SerialConsole, start_event_loop
-from workers.node.host import connect
+from tests.fixtures.guest import on_disk, read_probe, write_and_sync
+from tests.fixtures.vms import boot_line, install, libvirt_state, run_job, server_uri, unique, vm_uuid
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
-PROBE_FILE = "/root/fence-probe"
-
-
-def write_and_sync(uri: str, name: str, marker: str, timeout: float) -> bool:
-    """Have the guest write `marker` to a file and sync it to disk; whether it said so within `timeout`."""
-    start_event_loop()
-    conn = connect(uri)
-    try:
-        with SerialConsole(conn.lookupByName(name)) as console:
-            console.write(f"echo {marker} > {PROBE_FILE} && sync && echo synced-{marker[::-1]}\n".encode())
-            try:
-                console.read_until(re.escape(f"synced-{marker[::-1]}"), timeout=timeout)
-                return True
-            except ConsoleTimeout:
-                return False
-    finally:
-        conn.close()
-
-
-def read_probe(uri: str, name: str) -> str:
-    start_event_loop()
-    conn = connect(uri)
-    try:
-        with SerialConsole(conn.lookupByName(name)) as console:
-            console.write(f"echo probe=$(cat {PROBE_FILE})\n".encode())
-            return console.read_until(r"probe=((?:before|after)-[0-9a-f]+)", timeout=30)[1]
-    finally:
-        conn.close()
-
-
-def on_disk(rt, name: str, marker: str) -> bool:
-    """Whether `marker` is in the VM's disk volume on the SAN (read from the backend, not through iSCSI)."""
-    _, san = rt.config.san("san-a")
-    path = backend_for(san).path_for_export(disk_handle(rt, name))
-    wanted, tail = marker.encode(), b""
-    with open(path, "rb") as volume:
-        while chunk := volume.read(8 << 20):
-            if wanted in tail + chunk:
-                return True
-            tail = chunk[-len(wanted):]
-    return False
-
-
 def server_row(rt, name: str) -> ClusterServer:
     with rt.sessions() as session:
         return session.scalar(select(ClusterServer).where(ClusterServer.name == name))
 
 
-@pytest.mark.postgres_too
 def test_a_fenced_server_cannot_write_and_activate_lets_it_back(checked_cluster, celery_app, drift_baseline):
     rt, name = checked_cluster, unique("fence")
     assert install(rt, celery_app, name, server="cs1").state == SUCCEEDED

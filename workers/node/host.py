@@ -62,3 +62,12 @@ def _cpu_model(capabilities_xml: str) -> str:
 
 def _version(number: int) -> str:
     return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def answers(uri: str) -> bool:
+    """Whether the libvirtd behind `uri` accepts a connection now."""
+    try:
+        libvirt.open(uri).close()
+        return True
+    except libvirt.libvirtError:
+        return False
