@@ -79,6 +79,7 @@ def recover_server(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("restart", progress=35)
     restarted, failed = _restart_all(ctx, plan["restart"])
     result = {"server": name, "recovered": True, "signals": seen, "fenced_targets": fenced["targets"],
+              "sessions_dropped": fenced["sessions_dropped"],
               "restarted": restarted, "failed": {**plan["unplaced"], **failed}, "opted_out": plan["opted_out"]}
     ctx.record_result(result)
     if result["failed"]:

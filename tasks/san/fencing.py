@@ -25,8 +25,10 @@ def fence_server(ctx: JobContext) -> dict[str, Any]:
     initiator, site = _mark_fenced(ctx, ctx.params.server)
     ctx.phase("fence at the SAN", progress=40)
     san = san_of_site(ctx.rt.config, site)
-    targets = target_for(san).fence(initiator)
-    return {"server": ctx.params.server, "initiator": initiator, "san": san.name, "targets": targets}
+    fenced = target_for(san).fence(initiator)
+    # Sessions still open are the SAN's view of the server: something there was still using its disks.
+    return {"server": ctx.params.server, "initiator": initiator, "san": san.name, "targets": fenced.targets,
+            "sessions_dropped": fenced.sessions}
 
 
 def _mark_fenced(ctx: JobContext, name: str) -> tuple[str, str]:

@@ -81,6 +81,7 @@ def test_a_failed_server_is_fenced_and_its_vms_restart_elsewhere(ha_lab, celery_
     assert recovery.state == SUCCEEDED, recovery.error_message
     assert recovery.result["restarted"] == {kept: "cs2"} and recovery.result["opted_out"] == [opted_out]
     assert recovery.result["signals"] == {"node worker": False, "libvirtd": False}
+    assert recovery.result["sessions_dropped"] >= 2, "the SAN saw cs1's QEMUs still logged in: a split brain"
     assert took >= FAILED_AFTER_S
     assert len(old_qemu) == 1 and alive(old_qemu[0]), "the old QEMU on cs1 must still run"
     assert (server_of(rt, kept), server_of(rt, opted_out)) == ("cs2", "cs1")

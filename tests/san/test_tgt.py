@@ -13,6 +13,7 @@ from tests.fixtures.san import TgtDaemon
 from tests.support import need_binary
 from workers.san.tgt import (
     Export,
+    Fenced,
     Nexus,
     Target,
     lowest_free_tid,
@@ -187,7 +188,7 @@ def test_fence_drops_an_open_session_and_keeps_the_initiator_out(tgtd: TgtDaemon
         wait_until(lambda: tgt.find(shared).sessions == 1, 20, "QEMU to log in")
         assert [n.initiator for n in tgt.find(shared).nexuses] == [CS1]
 
-        assert tgt.fence(CS1) == [shared]
+        assert tgt.fence(CS1) == Fenced([shared], 1)
 
         fenced = tgt.find(shared)
         assert (fenced.initiators, fenced.sessions) == ((CS2,), 0)

@@ -60,6 +60,14 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Fenced:
+    """What a fence found: the targets the initiator could reach, and its sessions it had open (dropped)."""
+
+    targets: list[str]
+    sessions: int
+
+
+@dataclass(frozen=True)
 class Export:
     """What should be exported: a target, its LUNs (number -> backing path) and who may log in."""
 
@@ -206,12 +214,12 @@ class Tgt:
         return [f"{iqn}: {describe(before.get(iqn))} -> {describe(after.get(iqn))}"
                 for iqn in sorted(set(before) | set(after)) if _view(before.get(iqn)) != _view(after.get(iqn))]
 
-    def fence(self, initiator: str) -> list[str]:
+    def fence(self, initiator: str) -> "Fenced":
         """Lock `initiator` out of every target: take it off each ACL and drop its sessions, so neither a
         new login nor a session already open can reach a LUN. Returns the targets it was bound to or
-        logged in to. Raises FenceFailed unless tgtd then shows it nowhere."""
+        logged in to, and how many sessions it still had. Raises FenceFailed unless tgtd then shows it nowhere."""
         validate_iqn(initiator)
-        touched = []
+        touched, sessions = [], 0
         for target in self.list_targets():
             mine = [nexus for nexus in target.nexuses if nexus.initiator == initiator]
             if initiator in target.initiators:
@@ -221,8 +229,9 @@ class Tgt:
                 self._drop_connection(target.tid, nexus.sid, cid)
             if mine or initiator in target.initiators:
                 touched.append(target.iqn)
+            sessions += len(mine)
         self._confirm_fenced(initiator)
-        return touched
+        return Fenced(touched, sessions)
 
     def _drop_connection(self, tid: int, sid: int, cid: int) -> None:
         try:
