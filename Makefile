@@ -9,7 +9,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
 	qemu-system-x86 qemu-utils qemu-block-extra \
 	tgt lvm2 thin-provisioning-tools xfsprogs btrfs-progs e2fsprogs fdisk parted \
 	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux dosfstools mtools \
-	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils
+	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils debootstrap
 
 .PHONY: setup run test test-fast bench bench-clone bench-migrate
 

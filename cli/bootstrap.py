@@ -1,6 +1,9 @@
-"""The first jobs of an embedded LaxCluster: server and SAN facts, and the lab's `tiny` template."""
+"""The first jobs of an embedded LaxCluster: server and SAN facts, and the lab's `tiny` template; and
+registering a template built on this host (`laxcluster template build`) on every SAN."""
 
 import time
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -41,19 +44,34 @@ def lab_backup_stores(cfg: config.Config) -> list[str]:
 
 def first_jobs(cfg: config.Config, with_lab: bool) -> list[Job]:
     """Refresh every server and SAN, import `tiny` where a lab SAN lacks it; wait and return the jobs."""
+    wanted: list[tuple[str, dict[str, Any]]] = [("refresh-servers", {})]
+    wanted += [("refresh-san", {"san": san.name}) for _, san in cfg.sans()]
+    if with_lab:
+        tiny = build_tiny(cfg.import_dir / "tiny")  # imports read only from the import directory
+        wanted += template_imports(cfg, "tiny", tiny.disk, tiny.boot_info(), "busybox")
+    return run_jobs(cfg, wanted)
+
+
+def template_imports(cfg: config.Config, name: str, disk: Path, boot: dict[str, Any],
+                     os_name: str) -> list[tuple[str, dict[str, Any]]]:
+    """The import-template jobs that register `disk` as template `name` on every SAN lacking it."""
+    rt = make_runtime(cfg)
+    try:
+        with rt.sessions() as session:
+            have = set(session.scalars(select(San.name).join(Template, Template.san_id == San.id)
+                                       .where(Template.name == name)))
+    finally:
+        rt.engine.dispose()
+    return [("import-template", {"name": name, "san": san.name, "source_path": str(disk.resolve()), "format": "raw",
+                                 "os": os_name, "boot": boot})
+            for _, san in cfg.sans() if san.name not in have]
+
+
+def run_jobs(cfg: config.Config, wanted: list[tuple[str, dict[str, Any]]]) -> list[Job]:
+    """Start the jobs (kind, params) as the launcher, wait for all and return them."""
     rt = make_runtime(cfg)
     celery = make_celery(cfg)
     try:
-        with transaction(rt.sessions) as session:
-            sans = list(session.scalars(select(San.name)))
-            have_tiny = set(session.scalars(select(San.name).join(Template, Template.san_id == San.id)
-                                            .where(Template.name == "tiny")))
-        wanted = [("refresh-servers", {})] + [("refresh-san", {"san": name}) for name in sans]
-        if with_lab:
-            tiny = build_tiny(cfg.import_dir / "tiny")  # imports read only from the import directory
-            wanted += [("import-template", {"name": "tiny", "san": name, "source_path": str(tiny.disk.resolve()),
-                                            "format": "raw", "os": "busybox", "boot": tiny.boot_info()})
-                       for name in sans if name not in have_tiny]
         submitted = [_start(rt, celery, kind, params) for kind, params in wanted]
         return [_wait(rt, job.id) for job in submitted]
     finally:

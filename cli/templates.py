@@ -1,13 +1,17 @@
-"""`laxcluster template list|import`: the images new VMs are cloned from."""
+"""`laxcluster template list|import|build`: the images new VMs are cloned from."""
 
 import os
 
 import click
 
+import config
+from cli.bootstrap import run_jobs, template_imports
 from cli.client import api
 from cli.output import json_option, print_rows
 from cli.submitted import show_job, watch_option
 from cli.watch import human_bytes
+from lab.debian import build_debian
+from models import SUCCEEDED
 
 COLUMNS = (
     ("name", lambda t: t["name"]),
@@ -53,3 +57,23 @@ def import_template(name: str, file: str, san: str, image_format: str | None, os
         body["default_size"] = default_size
     client = api()
     show_job(client, client.post("/templates", body), watch)
+
+
+BUILDERS = ("debian",)
+
+
+@template.command("build")
+@click.argument("name", type=click.Choice(BUILDERS))
+def build_template(name: str) -> None:
+    """Build template NAME on this host (the SAN host of the embedded cluster) and register it on every SAN
+    that lacks it. `debian`: Debian 12 with cloud-init and SSH by debootstrap, cached under the import
+    directory, so only the first build takes minutes."""
+    cfg = config.load()
+    click.echo(f"building {name} under {cfg.import_dir / name} (debootstrap from apt's Debian archive) ...")
+    built = build_debian(cfg.import_dir / name)
+    jobs = run_jobs(cfg, template_imports(cfg, name, built.disk, built.boot_info(), "debian12"))
+    for job in jobs:
+        click.echo(f"  {job.kind} {job.target}: {job.state}" + (f" ({job.error_message})" if job.error_message else ""))
+    if any(job.state != SUCCEEDED for job in jobs):
+        raise SystemExit(1)
+    click.echo(f"template {name} is on every SAN")

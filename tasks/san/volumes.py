@@ -144,12 +144,13 @@ def _vm_parts(session: Session, name: str) -> tuple[VirtualMachine, Template, Le
 
 def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Lease | None,
                 subnet: Subnet | None, dhcp: bool) -> str:
-    """The seed names the lease's MAC; its address and gateway only when no DHCP server hands them out
-    (the seed then says `type: dhcp`)."""
+    """The seed names the lease's MAC; its address, gateway and DNS servers only when no DHCP server hands
+    them out (the seed then says `type: dhcp`)."""
     static = lease is not None and subnet is not None and not dhcp
     return write_seed(backend, seed, hostname=vm.name, mac=lease.mac if lease else None,
                       ip_cidr=f"{lease.ip}/{subnet.cidr.split('/')[1]}" if static else None,
-                      gateway=subnet.gateway if static else None, ssh_keys=list(vm.ssh_keys))
+                      gateway=subnet.gateway if static else None, ssh_keys=list(vm.ssh_keys),
+                      dns=list(subnet.dns) if static else [])
 
 
 def _export(place: SanPlace, iqn: str, luns: dict[int, str], initiators: tuple[str, ...]) -> None:

@@ -24,7 +24,8 @@ def seed_file(image: Path, name: str) -> str:
 
 def test_seed_is_a_cidata_vfat_volume_with_hostname_network_and_keys(tmp_path: Path) -> None:
     image = make_seed(
-        tmp_path / "seed.img", hostname="web1", mac="52:54:00:AB:cd:01", ip_cidr="10.20.0.5/24", gateway="10.20.0.1", ssh_keys=[KEY]
+        tmp_path / "seed.img", hostname="web1", mac="52:54:00:AB:cd:01", ip_cidr="10.20.0.5/24", gateway="10.20.0.1", ssh_keys=[KEY],
+        dns=["10.20.0.1", "9.9.9.9"],
     )
     blkid = subprocess.run(["blkid", "-o", "export", str(image)], capture_output=True, text=True, check=True).stdout
     assert "TYPE=vfat" in blkid and "LABEL=CIDATA" in blkid
@@ -34,6 +35,7 @@ def test_seed_is_a_cidata_vfat_volume_with_hostname_network_and_keys(tmp_path: P
     assert '    mac_address: "52:54:00:ab:cd:01"' in network.splitlines()
     assert "        address: 10.20.0.5/24" in network.splitlines()
     assert "        gateway: 10.20.0.1" in network.splitlines()
+    assert "        dns_nameservers: [10.20.0.1, 9.9.9.9]" in network.splitlines()
     user = seed_file(image, "user-data")
     assert user.startswith("#cloud-config\n")
     assert f'  - "{KEY}"' in user.splitlines()
@@ -76,6 +78,7 @@ def test_a_seed_is_written_into_a_volume_again_and_again(tmp_path: Path) -> None
         {"ip_cidr": "10.0.0.300/24"},
         {"ip_cidr": "10.0.0.5"},
         {"gateway": "gateway"},
+        {"dns": ["10.0.0.1; rm -rf /"]},
         {"ssh_keys": ['ssh-ed25519 AAAA x"\nrm -rf /']},
         {"ssh_keys": ["not a key"]},
     ],

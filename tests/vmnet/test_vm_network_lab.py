@@ -10,13 +10,13 @@ from sqlalchemy import select
 
 from lab.processes import wait_until
 from lab.topology import build
-from models import SUCCEEDED, Lease, VirtualMachine
+from models import SUCCEEDED, VirtualMachine
 from models.db import transaction
 from tasks.inventory import ipam
 from tasks.inventory.vmnet import publish_leases
 from tasks.inventory.vms import InstallRequest, reserve_vm
 from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to, echo
-from tests.fixtures.vms import boot_line, libvirt_state, run_job, server_uri, unique
+from tests.fixtures.vms import boot_line, lease_of, libvirt_state, run_job, server_uri, unique
 from workers.node.console import SerialConsole, start_event_loop
 from workers.node.host import connect
 
@@ -33,13 +33,6 @@ def install_on_vm_network(rt, celery_app, name: str, server: str) -> tuple[str, 
     installed = run_job(rt, celery_app, "install-vm", {"vm": name, "disk_bytes": 128 << 20, "server": server})
     assert installed.state == SUCCEEDED, installed.error_message
     return lease_of(rt, name)
-
-
-def lease_of(rt, name: str) -> tuple[str, str]:
-    with rt.sessions() as session:
-        lease = session.scalar(select(Lease).join(VirtualMachine, Lease.vm_id == VirtualMachine.id)
-                               .where(VirtualMachine.name == name))
-        return lease.mac, lease.ip
 
 
 def on_console(rt, server: str, name: str, command: str, answer: str, timeout: float = 60) -> re.Match:

@@ -1,4 +1,4 @@
-"""NoCloud seed disks: how a fresh VM learns its hostname, address and SSH keys.
+"""NoCloud seed disks: how a fresh VM learns its hostname, address, DNS servers and SSH keys.
 
 The seed is the standard cloud-init NoCloud volume: a small VFAT image labelled CIDATA
 holding `meta-data`, `user-data` (#cloud-config) and `network-config` (version 1), built
@@ -35,17 +35,19 @@ def make_seed(
     ip_cidr: str | None,
     gateway: str | None,
     ssh_keys: list[str],
+    dns: list[str] = (),
 ) -> Path:
     """Write a NoCloud seed image to `path` (replacing it atomically) and return `path`.
 
     `mac` selects the interface the address goes to; `ip_cidr` ("10.0.0.5/24") makes it
-    static, without it the interface asks DHCP. Raises InvalidInput for a malformed value.
+    static (with the subnet's `dns` servers), without it the interface asks DHCP. Raises InvalidInput for a
+    malformed value.
     """
     path = Path(path)
     files = {
         "meta-data": meta_data(hostname),
         "user-data": user_data(hostname, ssh_keys),
-        "network-config": network_config(mac, ip_cidr, gateway),
+        "network-config": network_config(mac, ip_cidr, gateway, dns),
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     partial.unlink(missing_ok=True)
@@ -66,11 +68,11 @@ def make_seed(
 
 
 def write_seed(backend: VolumeBackend, name: str, *, hostname: str, mac: str | None, ip_cidr: str | None,
-               gateway: str | None, ssh_keys: list[str]) -> str:
+               gateway: str | None, ssh_keys: list[str], dns: list[str] = ()) -> str:
     """Build the seed image (as `make_seed`) in a scratch directory and write it into volume `name`; return its handle."""
     with tempfile.TemporaryDirectory() as scratch:
         image = make_seed(Path(scratch) / "seed.img", hostname=hostname, mac=mac, ip_cidr=ip_cidr, gateway=gateway,
-                          ssh_keys=ssh_keys)
+                          ssh_keys=ssh_keys, dns=dns)
         return write_image(backend, name, image, "raw")
 
 
@@ -92,7 +94,7 @@ def user_data(hostname: str, ssh_keys: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def network_config(mac: str | None, ip_cidr: str | None, gateway: str | None) -> str:
+def network_config(mac: str | None, ip_cidr: str | None, gateway: str | None, dns: list[str] = ()) -> str:
     lines = ["version: 1", "config:", "  - type: physical", "    name: eth0"]
     if mac is not None:
         if not MAC.fullmatch(mac.lower()):
@@ -105,6 +107,7 @@ def network_config(mac: str | None, ip_cidr: str | None, gateway: str | None) ->
     try:
         interface = ipaddress.ip_interface(ip_cidr)
         router = ipaddress.ip_address(gateway) if gateway is not None else None
+        servers = [str(ipaddress.ip_address(server)) for server in dns]
     except ValueError as exc:
         raise InvalidInput(str(exc), field="ip_cidr") from exc
     if "/" not in ip_cidr:
@@ -112,4 +115,6 @@ def network_config(mac: str | None, ip_cidr: str | None, gateway: str | None) ->
     lines += ["      - type: static", f"        address: {interface.with_prefixlen}"]
     if router is not None:
         lines.append(f"        gateway: {router}")
+    if servers:
+        lines.append(f"        dns_nameservers: [{', '.join(servers)}]")
     return "\n".join(lines) + "\n"
