@@ -34,6 +34,8 @@ from workers.san.chunks import ChunkStore, LocalStore
 from workers.san.ssh_store import SshStore
 
 STORE_KINDS = ("local", "ssh")
+# A VM's boot disk and its data disks: backed up together, from snapshots taken in one phase.
+DISK_ROLES = ("disk", "data")
 MODES = ("full", "diff")
 # States of a backup whose manifest is published and whose snapshot may anchor a differential.
 USABLE = ("complete", "verified")
@@ -110,7 +112,7 @@ def vm_disks(session: Session, vm_name: str) -> tuple[VirtualMachine, list[Disk]
     if vm is None:
         raise NotFound(f"no VM {vm_name}", vm=vm_name)
     rows = session.execute(select(Volume, San.name).join(San, Volume.san_id == San.id)
-                           .where(Volume.vm_id == vm.id, Volume.role == "disk").order_by(Volume.name)).all()
+                           .where(Volume.vm_id == vm.id, Volume.role.in_(DISK_ROLES)).order_by(Volume.name)).all()
     return vm, [Disk(volume.id, volume.name, volume.backend_handle, san) for volume, san in rows]
 
 

@@ -218,3 +218,45 @@ def undefine_inactive(uri: str, uuid: str) -> bool:
             return False
         _call(domain.undefine)
         return True
+
+
+DETACH_TIMEOUT_S = 30.0
+
+
+def has_disk(domain: libvirt.virDomain, dev: str, flags: int = 0) -> bool:
+    """Whether the domain's (live, or with VIR_DOMAIN_XML_INACTIVE its persistent) definition has disk `dev`."""
+    xml = _call(domain.XMLDesc, flags)
+    return f"<target dev='{dev}'" in xml or f'<target dev="{dev}"' in xml
+
+
+def attach_disk(uri: str, uuid: str, disk_xml: str, dev: str) -> str:
+    """Add a disk to a domain: hot-plugged into a running one (and its definition), else to its definition only.
+    Returns "live" or "config"; a disk already there is left alone."""
+    with session(uri) as conn:
+        domain = require(conn, uuid)
+        live = bool(domain.isActive())
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
+        if not has_disk(domain, dev) or not has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            _call(domain.attachDeviceFlags, disk_xml, flags)
+        return "live" if live else "config"
+
+
+def detach_disk(uri: str, uuid: str, disk_xml: str, dev: str, timeout: float = DETACH_TIMEOUT_S) -> str:
+    """Remove a disk from a domain (live and definition) and wait until the guest let go of it; a missing domain
+    or disk is fine. Returns "live", "config" or "absent"."""
+    with session(uri) as conn:
+        domain = lookup(conn, uuid)
+        if domain is None:
+            return "absent"
+        live = bool(domain.isActive())
+        if has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if not live or not has_disk(domain, dev):
+            return "config" if live is False else "live"
+        _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        deadline = time.monotonic() + timeout
+        while domain.isActive() and has_disk(domain, dev):
+            if time.monotonic() > deadline:
+                raise DomainFailed(f"the guest of {domain.name()} did not release disk {dev} within {timeout:.0f} s")
+            time.sleep(POLL_S)
+        return "live"

@@ -1,0 +1,24 @@
+"""volume label: the operator's name for a VM's data disk (disks are found by volume id, never by it)
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-03 17:00:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = '0006'
+down_revision = '0005'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('volumes') as batch:
+        batch.add_column(sa.Column('label', sa.String(length=63), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('volumes') as batch:
+        batch.drop_column('label')
