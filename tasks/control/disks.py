@@ -101,12 +101,18 @@ def add_disk(ctx: JobContext) -> dict[str, Any]:
 @workflow("remove-disk")
 def remove_disk(ctx: JobContext) -> dict[str, Any]:
     """Detach a data disk from the VM (live if it runs), remove its LUN and delete its volume."""
-    with ctx.session() as session:
-        volume = data_disk_of(session, find_vm(session, ctx.params.vm), ctx.params.volume_id)
-        name, san = volume.name, session.get(San, volume.san_id).name
+    # Found once: a run resumed after a child ended finds the row gone once the disk is deleted.
+    name, san = ctx.once("disk", lambda: disk_to_remove(ctx))
     ctx.phase("detach", progress=5)
     remove_disk_everywhere(ctx, ctx.params.volume_id, name, san, cancellable=True)
     return {"vm": ctx.params.vm, "disk": ctx.params.volume_id, "deleted": name}
+
+
+def disk_to_remove(ctx: JobContext) -> list[str]:
+    """The volume name and SAN of the job's data disk (refused unless it is one of the VM's data disks)."""
+    with ctx.session() as session:
+        volume = data_disk_of(session, find_vm(session, ctx.params.vm), ctx.params.volume_id)
+        return [volume.name, session.get(San, volume.san_id).name]
 
 
 def data_disk_of(session: Session, vm: VirtualMachine, volume_id: int) -> Volume:

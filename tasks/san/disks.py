@@ -53,6 +53,8 @@ def remove_data_disk(ctx: JobContext) -> dict[str, Any]:
         san_id = session.scalar(select(San.id).where(San.name == place.san.name))
         row = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == name))
         anchors = anchors_of(session, [row.id]) if row is not None else []
+        # An in-place restore may have put the disk on another backend volume than its name.
+        handles = sorted({name} | ({row.backend_handle} if row is not None else set()))
         export = (row.iscsi_target, row.iscsi_lun) if row is not None and row.iscsi_target else None
     ctx.phase("unexport", progress=20)
     if export is not None:
@@ -62,9 +64,10 @@ def remove_data_disk(ctx: JobContext) -> dict[str, Any]:
         place.backend.delete_snapshot(snap)
     with ctx.session() as session:
         forget_volume(session, san_id, name)
-        if not handle_in_use(session, san_id, name):
-            place.backend.delete(name)
-    return {"deleted": name, "anchors": anchors}
+        for handle in handles:
+            if not handle_in_use(session, san_id, handle):
+                place.backend.delete(handle)
+    return {"deleted": handles, "anchors": anchors}
 
 
 def forget_volume(session: Session, san_id: int, name: str) -> None:
