@@ -1,6 +1,7 @@
 """Data disks on the lab, through the API: a disk hot-plugged into a running tiny VM is written from inside the
 guest, backed up in one backup with the boot disk, overwritten, restored in place with it, read back by the
-guest after a start (the domain carries it), and removed live with its LUN and volume."""
+guest after a start (the domain carries it), and removed live with its LUN and volume; a data disk the VM still
+has when it is deleted goes with it."""
 
 import secrets
 from pathlib import Path
@@ -89,7 +90,12 @@ def test_a_hot_plugged_disk_is_backed_up_and_restored_with_the_boot_disk(cluster
         assert not path.exists()
         assert 3 not in target_for(rt.config.san("san-a")[1]).find(iqn).luns
         assert [d["role"] for d in api.get(f"/vms/{name}/disks").get_json()["items"]] == ["disk"]
+
+        again = finished(rt, api.post(f"/vms/{name}/disks", json={"size": "64M"}))
+        assert (again.result["attached"], again.result["lun"]) == ("hot-plugged", 3)
+        kept = volume_path(rt, again.result["disk"])
         assert run_job(rt, celery_app, "delete-vm", {"vm": name}).state == SUCCEEDED
+        assert not kept.exists()  # deleting the VM deletes its data disks
     finally:
         for snap in snapshots:
             if snap:
