@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from errors import BootDiskNotRemovable, DiskNotFound, TooManyDisks
+from errors import BootDiskNotRemovable, DiskNotFound, TooManyDisks, VmBeingDeleted
 from models import San, VirtualMachine, Volume
 from tasks.context import JobContext
 from tasks.inventory.vms import find_vm, placed_on, vm_volume
@@ -33,7 +33,10 @@ def data_disks(session: Session, vm: VirtualMachine) -> list[Volume]:
 
 
 def check_room(session: Session, vm: VirtualMachine) -> None:
-    """Refuse (TooManyDisks) a new data disk for a VM that has the most it may have."""
+    """Refuse a new data disk for a VM being deleted (VmBeingDeleted) or one that has the most it may have
+    (TooManyDisks)."""
+    if vm.desired_state == "deleted":
+        raise VmBeingDeleted(f"VM {vm.name} is being deleted", vm=vm.name)
     if len(data_disks(session, vm)) >= MAX_DATA_DISKS:
         raise TooManyDisks(f"VM {vm.name} has {MAX_DATA_DISKS} data disks, the most it may have", vm=vm.name,
                            limit=MAX_DATA_DISKS)

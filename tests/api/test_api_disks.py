@@ -113,3 +113,9 @@ def test_removing_a_data_disk_is_a_remove_disk_job(rt, client, tokens, vm_id):
 def test_a_viewer_cannot_add_a_disk(client, tokens, vm_id):
     response = client.post("/vms/web1/disks", json={"size": "1G"}, headers=bearer(tokens["viewer"]))
     assert_problem(response, 403, "Forbidden")
+
+
+def test_a_vm_being_deleted_gets_no_new_disk(rt, client, tokens, vm_id):
+    with transaction(rt.sessions) as session:
+        session.get(VirtualMachine, vm_id).desired_state = "deleted"
+    assert_problem(post(client, tokens, {"size": "1G"}), 409, "VmBeingDeleted")

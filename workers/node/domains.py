@@ -230,15 +230,25 @@ def has_disk(domain: libvirt.virDomain, dev: str, flags: int = 0) -> bool:
 
 
 def attach_disk(uri: str, uuid: str, disk_xml: str, dev: str) -> str:
-    """Add a disk to a domain: hot-plugged into a running one (and its definition), else to its definition only.
-    Returns "live" or "config"; a disk already there is left alone."""
+    """Add a disk to a domain's definition and hot-plug it into the domain if it runs and takes it. Returns
+    "live" (plugged in now) or "config" (the guest sees it from its next start); a disk already there is kept."""
     with session(uri) as conn:
         domain = require(conn, uuid)
         live = bool(domain.isActive())
-        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if live else 0)
-        if not has_disk(domain, dev) or not has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
-            _call(domain.attachDeviceFlags, disk_xml, flags)
+        if live and not has_disk(domain, dev):
+            live = _hot_plug(domain, disk_xml)
+        if not has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            _call(domain.attachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         return "live" if live else "config"
+
+
+def _hot_plug(domain: libvirt.virDomain, disk_xml: str) -> bool:
+    """Plug the disk into the running domain; False when libvirt or the hypervisor refuses (no hot-plug there)."""
+    try:
+        domain.attachDeviceFlags(disk_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError:
+        return False
+    return True
 
 
 def detach_disk(uri: str, uuid: str, disk_xml: str, dev: str, timeout: float = DETACH_TIMEOUT_S) -> str:
