@@ -119,3 +119,12 @@ def test_a_vm_being_deleted_gets_no_new_disk(rt, client, tokens, vm_id):
     with transaction(rt.sessions) as session:
         session.get(VirtualMachine, vm_id).desired_state = "deleted"
     assert_problem(post(client, tokens, {"size": "1G"}), 409, "VmBeingDeleted")
+
+
+def test_a_data_disk_grows_or_shrinks_by_its_volume_id_under_the_vms_lock(rt, client, tokens, vm_id):
+    disk = add_data_disks(rt, vm_id, 1)[0]
+    response = client.post(f"/volumes/{disk}/actions/resize", json={"size": "2G"}, headers=bearer(tokens["operator"]))
+    assert response.status_code == 202, response.get_data(as_text=True)
+    job = response.get_json()
+    assert (job["kind"], job["target"], job["params"]) == ("resize-volume", "vm/web1",
+                                                           {"volume_id": disk, "size_bytes": 2 << 30})
