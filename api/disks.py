@@ -14,8 +14,7 @@ from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from api.vms import _existing_vm
 from models import Volume
 from tasks.control.disks import check_room, data_disk_of
-from tasks.inventory.vms import find_vm
-from tasks.san.disks import DATA_ROLE
+from tasks.inventory.vms import DATA_ROLE, find_vm
 
 blueprint = Blueprint("disks", __name__)
 

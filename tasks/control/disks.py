@@ -14,9 +14,8 @@ from sqlalchemy.orm import Session
 from errors import BootDiskNotRemovable, DiskNotFound, TooManyDisks, VmBeingDeleted
 from models import San, VirtualMachine, Volume
 from tasks.context import JobContext
-from tasks.inventory.vms import find_vm, placed_on, vm_volume
+from tasks.inventory.vms import DATA_ROLE, find_vm, placed_on, vm_volume
 from tasks.kinds import san_of_vm
-from tasks.san.disks import DATA_ROLE
 from tasks.san.volumes import SEED_LUN
 from tasks.workflow import workflow
 

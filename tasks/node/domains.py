@@ -15,6 +15,7 @@ from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vmnet import bridge_for
+from tasks.inventory.vms import DATA_ROLE
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
@@ -23,7 +24,6 @@ from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, IscsiDis
 from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
-DATA_ROLE = "data"
 BOOT_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
 # States a running job owns, and `error` (a failed job left the VM for an operator or the reconciler):

@@ -24,6 +24,7 @@ from models.protection import Backup, BackupStore
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
+from tasks.inventory.vms import DATA_ROLE
 from tasks.kinds import prune_lock
 from tasks.san.storage import handle_in_use, target_for
 from tasks.san.volumes import SanPlace, san_place
@@ -35,7 +36,7 @@ from workers.san.ssh_store import SshStore
 
 STORE_KINDS = ("local", "ssh")
 # A VM's boot disk and its data disks: backed up together, from snapshots taken in one phase.
-DISK_ROLES = ("disk", "data")
+DISK_ROLES = ("disk", DATA_ROLE)
 MODES = ("full", "diff")
 # States of a backup whose manifest is published and whose snapshot may anchor a differential.
 USABLE = ("complete", "verified")

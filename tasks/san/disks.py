@@ -11,12 +11,17 @@ from sqlalchemy.orm import Session
 from models import San, Volume
 from models.protection import Backup
 from tasks.context import JobContext
-from tasks.inventory.vms import find_vm
+from tasks.inventory.vms import DATA_ROLE, find_vm
 from tasks.san.storage import handle_in_use, target_for
-from tasks.san.volumes import _export, _record_volume, anchors_of, refuse_if_owned_by_another, san_place, vm_target_iqn
+from tasks.san.volumes import (
+    anchors_of,
+    export_luns,
+    record_volume,
+    refuse_if_owned_by_another,
+    san_place,
+    vm_target_iqn,
+)
 from tasks.workflow import workflow
-
-DATA_ROLE = "data"
 
 
 @workflow("create-data-disk")
@@ -33,13 +38,10 @@ def create_data_disk(ctx: JobContext) -> dict[str, Any]:
     if not place.backend.exists(name):
         place.backend.create(name, ctx.params.size_bytes)
     ctx.phase("export", progress=60)
-    _export(place, iqn, {lun: name})
+    export_luns(place, iqn, {lun: name})
     with ctx.session() as session:
-        _record_volume(session, san.id, vm.id, name, DATA_ROLE, place.backend.size(name), iqn, lun)
-        volume = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name))
-        volume.label = ctx.params.label
-        session.flush()
-        volume_id = volume.id
+        volume_id = record_volume(session, san.id, vm.id, name, DATA_ROLE, place.backend.size(name), iqn, lun,
+                                  ctx.params.label).id
     return {"volume_id": volume_id, "volume": name, "target": iqn, "lun": lun}
 
 

@@ -78,10 +78,10 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
     seed = _write_seed(place.backend, seed, vm, lease, subnet, dhcp=bool(network and network.dhcp))
     ctx.phase("export", progress=80)
     iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
-    _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
+    export_luns(place, iqn, {DISK_LUN: disk, SEED_LUN: seed})
     with ctx.session() as session:
-        _record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
-        _record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
+        record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
+        record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
     return {"target": iqn, "disk": disk, "seed": seed}
 
 
@@ -151,7 +151,7 @@ def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Le
                       gateway=subnet.gateway if static else None, ssh_keys=list(vm.ssh_keys))
 
 
-def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:
+def export_luns(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:
     tgt = target_for(place.san)
     tgt.ensure_target(iqn)
     for lun, handle in luns.items():
@@ -159,12 +159,17 @@ def _export(place: SanPlace, iqn: str, luns: dict[int, str]) -> None:
     tgt.bind_initiators(iqn, site_initiators(place.site))
 
 
-def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int) -> None:
+def record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int,
+                  label: str | None = None) -> Volume:
+    """Make or update the VM's volume row `name` with its role, size and LUN; return it (with its id)."""
     volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == name))
     if volume is None:
         volume = Volume(san_id=san_id, name=name, backend_handle=name)
         session.add(volume)
     volume.vm_id, volume.role, volume.size_bytes, volume.iscsi_target, volume.iscsi_lun = vm_id, role, size, iqn, lun
+    volume.label = label
+    session.flush()
+    return volume
 
 
 # -- templates, resize, facts -------------------------------------------------------------------------

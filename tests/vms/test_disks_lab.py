@@ -1,5 +1,5 @@
 """Data disks on the lab, through the API: a disk hot-plugged into a running tiny VM is written from inside the
-guest, backed up in one backup with the boot disk, overwritten, restored in place with it, read back by the
+guest, read back after a live migration, backed up in one backup with the boot disk, overwritten, restored in place with it, read back by the
 guest after a start (the domain carries it), and removed live with its LUN and volume; a data disk the VM still
 has when it is deleted goes with it."""
 
@@ -16,6 +16,7 @@ from tests.fixtures.vms import boot_line, console_answer, install, run_job, serv
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
+READ_BACK = "dd if=/dev/vdc bs=512 count=1 2>/dev/null | head -c 32; echo"
 
 
 def finished(rt, response) -> Job:
@@ -64,6 +65,11 @@ def test_a_hot_plugged_disk_is_backed_up_and_restored_with_the_boot_disk(cluster
 
         guest_writes(uri, name, "vdc", pattern)
         assert head(volume_path(rt, disk_id), len(pattern)) == pattern.encode()
+        to = "cs2" if server_of(rt, name) == "cs1" else "cs1"
+        moved = run_job(rt, celery_app, "migrate", {"vm": name, "to": to})  # live: the data disk moves along
+        assert moved.state == SUCCEEDED, moved.error_message
+        uri = server_uri(rt, to)
+        console_answer(uri, name, READ_BACK, pattern)
 
         assert api.post("/stores", json={"name": "local", "kind": "local",
                                          "location": str(tmp_path / "store")}).status_code == 201
@@ -83,7 +89,7 @@ def test_a_hot_plugged_disk_is_backed_up_and_restored_with_the_boot_disk(cluster
 
         assert run_job(rt, celery_app, "start", {"vm": name}).state == SUCCEEDED
         assert boot_line(uri, name)[0] == name
-        console_answer(uri, name, "dd if=/dev/vdc bs=512 count=1 2>/dev/null | head -c 32; echo", pattern)
+        console_answer(uri, name, READ_BACK, pattern)
 
         path, iqn = volume_path(rt, disk_id), listed[1]["iscsi_target"]
         finished(rt, api.delete(f"/vms/{name}/disks/{disk_id}"))
