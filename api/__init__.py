@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import (audit, auth, backups, check, console, health, ipam, jobs, openapi, problems, servers, storage,
+from api import (audit, auth, backups, check, console, disks, health, ipam, jobs, openapi, problems, servers, storage,
                  streams, tokens, topology, vms)
 from api.context import EXTENSION
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.blueprint,
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
-              ipam.subnets, ipam.leases, vms.blueprint, console.blueprint,
+              ipam.subnets, ipam.leases, vms.blueprint, disks.blueprint, console.blueprint,
               backups.backups, backups.stores, backups.policies, tokens.blueprint,
               audit.blueprint, check.blueprint)
 

@@ -51,7 +51,7 @@ _INT = {"type": "integer"}
 
 
 BACKUP_SCHEMA = {"type": "object", "properties": {
-    "id": _TEXT, "vm": _TEXT, "volume": _TEXT, "san": _TEXT, "store": _TEXT, "mode": {"enum": ["full", "diff"]},
+    "id": _TEXT, "vm": _TEXT, "volume": _TEXT, "group": {"type": ["string", "null"]}, "san": _TEXT, "store": _TEXT, "mode": {"enum": ["full", "diff"]},
     "parent": _NTEXT, "state": {"enum": ["complete", "verified", "corrupt"]}, "snapshot": _NTEXT,
     "chunks": _INT, "size_bytes": _INT,
     "stored_bytes": {"type": "integer", "description": "compressed bytes this backup added to its store"},
@@ -172,7 +172,8 @@ def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm"):
 
 
 def backup_json(backup: Backup, store: str) -> dict[str, Any]:
-    return {"id": backup.id, "vm": backup.vm_name, "volume": backup.volume_name, "san": backup.san_name,
+    return {"id": backup.id, "vm": backup.vm_name, "volume": backup.volume_name, "group": backup.group_id,
+            "san": backup.san_name,
             "store": store, "mode": backup.mode, "parent": backup.parent_id, "state": backup.state,
             "snapshot": backup.snapshot, "chunks": backup.chunks, "size_bytes": backup.size_bytes,
             "stored_bytes": backup.stored_bytes, "bytes_read": backup.bytes_read, "error": backup.error,

@@ -34,7 +34,7 @@ SAN_SCHEMA = {"type": "object", "properties": {
     "facts": {"type": "object", "description": "everything the SAN's last refresh reported"}}}
 VOLUME_SCHEMA = {"type": "object", "properties": {
     "id": {"type": "integer"}, "name": _TEXT, "san": _TEXT, "site": _TEXT, "vm": {"type": ["string", "null"]},
-    "role": {"enum": ["disk", "seed"]}, "size_bytes": {"type": "integer"}, "backend_handle": _TEXT,
+    "role": {"enum": ["disk", "seed", "data", "restoring"]}, "label": _TEXT, "size_bytes": {"type": "integer"}, "backend_handle": _TEXT,
     "iscsi_target": {"type": ["string", "null"]}, "iscsi_lun": _INT, "created_at": _TEXT}}
 TEMPLATE_SCHEMA = {"type": "object", "properties": {
     "name": _TEXT, "san": {"type": ["string", "null"]}, "site": {"type": ["string", "null"]}, "os": _TEXT,
@@ -53,7 +53,7 @@ def san_facts_json(san: San) -> dict[str, Any]:
 
 def volume_json(volume: Volume, san: San, vm: str | None) -> dict[str, Any]:
     return {"id": volume.id, "name": volume.name, "san": san.name, "site": san.site.name,
-            "vm": vm, "role": volume.role, "size_bytes": volume.size_bytes, "backend_handle": volume.backend_handle,
+            "vm": vm, "role": volume.role, "label": volume.label, "size_bytes": volume.size_bytes, "backend_handle": volume.backend_handle,
             "iscsi_target": volume.iscsi_target, "iscsi_lun": volume.iscsi_lun, "created_at": iso(volume.created_at)}
 
 

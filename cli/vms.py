@@ -1,4 +1,4 @@
-"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|migrate|delete|console`: virtual machines."""
+"""`laxcluster vm install|list|show|start|shutdown|reboot|destroy|migrate|delete|console|disk`: virtual machines."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,3 +169,55 @@ def show_problems(result: dict[str, Any]) -> None:
 
 
 vm.add_command(console)
+
+DISK_COLUMNS = (
+    ("id", lambda v: v["id"]),
+    ("role", lambda v: v["role"]),
+    ("label", lambda v: v["label"]),
+    ("size", lambda v: human_bytes(v["size_bytes"])),
+    ("LUN", lambda v: v["iscsi_lun"]),
+    ("volume", lambda v: v["name"]),
+)
+
+
+@vm.group("disk")
+def disk() -> None:
+    """A VM's disks: its boot disk and data disks, named by volume id."""
+
+
+@disk.command("add")
+@click.argument("name")
+@click.option("--size", required=True, help="the new disk's size, e.g. 10G")
+@click.option("--label", help="a note shown with the disk ([a-z0-9-])")
+@watch_option
+def disk_add(name: str, size: str, label: str | None, watch: bool) -> None:
+    """Add a data disk to VM NAME: hot-plugged if it runs, else attached at its next start; as a job."""
+    body = {"size": size} | ({"label": label} if label is not None else {})
+    client = api()
+    job = client.post(f"/vms/{name}/disks", body)
+    show_job(client, job, watch)
+    if watch:
+        result = client.get(f"/jobs/{job['id']}")["result"]
+        click.echo(f"disk {result['disk']} (LUN {result['lun']}) attached {result['attached']}")
+
+
+@disk.command("list")
+@click.argument("name")
+@json_option
+def disk_list(name: str, as_json: bool) -> None:
+    """VM NAME's disks, in LUN order."""
+    items = api().get(f"/vms/{name}/disks")["items"]
+    if as_json:
+        print_json(items)
+        return
+    print_table(items, DISK_COLUMNS)
+
+
+@disk.command("remove")
+@click.argument("name")
+@click.argument("disk_id", type=int)
+@watch_option
+def disk_remove(name: str, disk_id: int, watch: bool) -> None:
+    """Detach data disk DISK_ID (a volume id) from VM NAME and delete it, as a job; the boot disk is refused."""
+    client = api()
+    show_job(client, client.request("DELETE", f"/vms/{name}/disks/{disk_id}").json(), watch)

@@ -564,6 +564,20 @@ class NoDisks(Conflict):
     code = "NoDisks"
 
 
+class DiskNotFound(NotFound):
+    code = "DiskNotFound"
+
+
+class BootDiskNotRemovable(Conflict):
+    """The boot disk (and the seed) go only with the VM: delete the VM instead."""
+
+    code = "BootDiskNotRemovable"
+
+
+class TooManyDisks(Conflict):
+    code = "TooManyDisks"
+
+
 class VmNotStopped(Conflict):
     """An in-place restore or a shrink needs the VM shut down."""
 

@@ -72,4 +72,6 @@ class Volume(Base):
     backend_handle: Mapped[str] = mapped_column(String(1023))
     iscsi_target: Mapped[str | None] = mapped_column(String(223))
     iscsi_lun: Mapped[int | None]
+    # A data disk's operator-given label (shown, never used to find the volume: that is by id).
+    label: Mapped[str | None] = mapped_column(String(63))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -41,6 +41,8 @@ class Backup(Base):
     volume_id: Mapped[int | None] = mapped_column(ForeignKey("volumes.id", ondelete="SET NULL"))
     vm_name: Mapped[str] = mapped_column(String(63), default="", index=True)
     volume_name: Mapped[str] = mapped_column(String(127), default="")
+    # The job that took it: the backups of one VM's disks taken together share it and are restored together.
+    group_id: Mapped[str | None] = mapped_column(String(36), index=True)
     # The SAN that read the volume: verify and restore run on its queue, a local store lives on it.
     san_name: Mapped[str] = mapped_column(String(63), default="")
     store_id: Mapped[int] = mapped_column(ForeignKey("backup_stores.id"))

@@ -95,6 +95,30 @@ class ImportTemplate(OfSan):
     default_size_bytes: int | None = None
 
 
+class AddDisk(OfVm):
+    size_bytes: int
+    label: str | None = None
+
+
+class OfDisk(OfVm):
+    volume_id: int
+
+
+class DiskOnServer(OfDisk):
+    server: str
+
+
+class CreateDataDisk(VmOnSan):
+    volume: str
+    lun: int
+    size_bytes: int
+    label: str | None = None
+
+
+class RemoveDataDisk(VmOnSan):
+    volume: str
+
+
 class ResizeVolume(Params):
     volume_id: int
     size_bytes: int
@@ -303,7 +327,8 @@ def server_target(_: Session, params: OfServer) -> str:
     return server_lock(params.server)
 
 
-CONTROL_VMS, CONTROL_MIGRATE = "tasks.control.vms", "tasks.control.migrate"
+CONTROL_VMS, CONTROL_MIGRATE, CONTROL_DISKS = "tasks.control.vms", "tasks.control.migrate", "tasks.control.disks"
+SAN_DISKS = "tasks.san.disks"
 SAN_VOLUMES, SAN_BACKUPS, NODE_DOMAINS = "tasks.san.volumes", "tasks.san.backups", "tasks.node.domains"
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in [
@@ -318,6 +343,12 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("destroy", Power, on_control, vm_target, CONTROL_VMS, "vm.destroy"),
     Kind("delete-vm", OfVm, on_control, vm_target, CONTROL_VMS, "vm.delete"),
     Kind("migrate", Migrate, on_control, vm_target, CONTROL_MIGRATE, "vm.migrate"),
+    Kind("add-disk", AddDisk, on_control, vm_target, CONTROL_DISKS, "vm.disk.add"),
+    Kind("remove-disk", OfDisk, on_control, vm_target, CONTROL_DISKS, "vm.disk.remove"),
+    Kind("create-data-disk", CreateDataDisk, on_san_of(lambda _, p: p.san), disks_target, SAN_DISKS),
+    Kind("remove-data-disk", RemoveDataDisk, on_san_of(lambda _, p: p.san), disks_target, SAN_DISKS),
+    Kind("attach-disk", DiskOnServer, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("detach-disk", DiskOnServer, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("evacuate", OfServer, on_control, server_target, "tasks.control.evacuate", "server.evacuate"),
     Kind("activate-server", OfServer, on_control, server_target, "tasks.control.servers", "server.activate"),
     Kind("recover-server", OfServer, on_control, lambda _, p: f"recover/{p.server}", "tasks.control.ha", "server.recover"),

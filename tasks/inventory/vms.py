@@ -12,6 +12,7 @@ from tasks.inventory import ipam
 from workers.san.backend import validate_name
 
 MAX_VM_NAME = 63  # a DNS label: the VM's name is its guest's hostname
+DATA_ROLE = "data"  # the role of a VM's data disks (its boot disk is `disk`, its NoCloud seed `seed`)
 
 
 @dataclass(frozen=True)

@@ -8,18 +8,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from errors import HypervisorUnknown
+from errors import DiskNotFound, HypervisorUnknown
 from models import ClusterServer, Lease, San, Subnet, Template, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vmnet import bridge_for
+from tasks.inventory.vms import DATA_ROLE
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
 from workers.node import domains
-from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, IscsiDisk, Nic, domain_xml
+from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, IscsiDisk, Nic, data_dev, data_disk_xml, domain_xml
 from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
@@ -41,22 +42,29 @@ def server_kind(server: ClusterServer) -> Hypervisor:
 def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer, config: Config) -> DomainSpec:
     """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC (on the server's bridge
     for the lease's VM network) and boot; the domain type is the server's hypervisor kind."""
-    volumes = {v.role: v for v in session.scalars(select(Volume).where(Volume.vm_id == vm.id))}
+    rows = session.scalars(select(Volume).where(Volume.vm_id == vm.id).order_by(Volume.iscsi_lun)).all()
+    volumes = {v.role: v for v in rows if v.role != DATA_ROLE}
     template = session.get(Template, vm.template_id) if vm.template_id else None
     lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
 
     def lun(volume: Volume) -> IscsiDisk:
-        host, _, port = session.get(San, volume.san_id).portal.rpartition(":")
-        return IscsiDisk(volume.iscsi_target, volume.iscsi_lun, host, int(port or ISCSI_PORT), server.initiator_iqn)
+        return iscsi_disk(session, volume, server)
 
     boot = template.boot if template and template.boot else None
     return DomainSpec(
         name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=server_kind(server),
         disks=(lun(volumes["disk"]),),
         seed=lun(volumes["seed"]) if "seed" in volumes else None,
+        data=tuple(lun(v) for v in rows if v.role == DATA_ROLE and v.iscsi_lun is not None),
         nics=(nic(session, config, lease, server),) if lease else (),
         boot=DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, boot["cmdline"]) if boot else None,
     )
+
+
+def iscsi_disk(session: Session, volume: Volume, server: ClusterServer) -> IscsiDisk:
+    """How `server` reaches the volume's LUN: the SAN's portal, logging in with the server's initiator name."""
+    host, _, port = session.get(San, volume.san_id).portal.rpartition(":")
+    return IscsiDisk(volume.iscsi_target, volume.iscsi_lun, host, int(port or ISCSI_PORT), server.initiator_iqn)
 
 
 def nic(session: Session, config: Config, lease: Lease, server: ClusterServer) -> Nic:
@@ -135,6 +143,35 @@ def remove_domain(ctx: JobContext) -> dict[str, Any]:
     if vm is not None:
         domains.undefine(server.libvirt_uri, vm.uuid)
     return {"undefined": ctx.params.vm, "server": server.name}
+
+
+def data_disk_device(ctx: JobContext) -> tuple[VirtualMachine, ClusterServer, str, str]:
+    """The VM, its server, and the `<disk>` XML and device name of the job's data disk (`volume_id`)."""
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
+        volume = session.get(Volume, ctx.params.volume_id)
+        if vm is None or volume is None or volume.vm_id != vm.id or volume.role != DATA_ROLE:
+            raise DiskNotFound(f"VM {ctx.params.vm} has no data disk {ctx.params.volume_id}",
+                               vm=ctx.params.vm, disk=ctx.params.volume_id)
+        disk, kind = iscsi_disk(session, volume, server), server_kind(server)
+    return vm, server, data_disk_xml(disk, kind), data_dev(kind, disk)
+
+
+@workflow("attach-disk")
+def attach_disk(ctx: JobContext) -> dict[str, Any]:
+    """Hot-plug a data disk into the VM's running domain (and its definition), or into the definition only."""
+    vm, server, xml, dev = data_disk_device(ctx)
+    ctx.phase("attach", progress=20)
+    how = domains.attach_disk(server.libvirt_uri, vm.uuid, xml, dev)
+    return {"attached": how, "device": dev}
+
+
+@workflow("detach-disk")
+def detach_disk(ctx: JobContext) -> dict[str, Any]:
+    """Unplug a data disk from the VM's domain (live, waiting for the guest to let go, and its definition)."""
+    vm, server, xml, dev = data_disk_device(ctx)
+    ctx.phase("detach", progress=20)
+    return {"detached": domains.detach_disk(server.libvirt_uri, vm.uuid, xml, dev), "device": dev}
 
 
 @app.task(name="laxcluster.sync_vm_states")

@@ -24,6 +24,7 @@ from models.protection import Backup, BackupStore
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.dispatch import cancel_key
+from tasks.inventory.vms import DATA_ROLE
 from tasks.kinds import prune_lock
 from tasks.san.storage import handle_in_use, target_for
 from tasks.san.volumes import SanPlace, san_place
@@ -34,6 +35,8 @@ from workers.san.chunks import ChunkStore, LocalStore
 from workers.san.ssh_store import SshStore
 
 STORE_KINDS = ("local", "ssh")
+# A VM's boot disk and its data disks: backed up together, from snapshots taken in one phase.
+DISK_ROLES = ("disk", DATA_ROLE)
 MODES = ("full", "diff")
 # States of a backup whose manifest is published and whose snapshot may anchor a differential.
 USABLE = ("complete", "verified")
@@ -110,7 +113,7 @@ def vm_disks(session: Session, vm_name: str) -> tuple[VirtualMachine, list[Disk]
     if vm is None:
         raise NotFound(f"no VM {vm_name}", vm=vm_name)
     rows = session.execute(select(Volume, San.name).join(San, Volume.san_id == San.id)
-                           .where(Volume.vm_id == vm.id, Volume.role == "disk").order_by(Volume.name)).all()
+                           .where(Volume.vm_id == vm.id, Volume.role.in_(DISK_ROLES)).order_by(Volume.name)).all()
     return vm, [Disk(volume.id, volume.name, volume.backend_handle, san) for volume, san in rows]
 
 
@@ -178,7 +181,7 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
     manifests = back_up_disks(ctx, disks, snaps, store, mode)
     ctx.phase("record", progress=96)
     with ctx.session() as session:
-        rows = [record_backup(session, vm_id, ctx.params.vm, disk, store, manifest)
+        rows = [record_backup(session, vm_id, ctx.params.vm, disk, store, manifest | {"group": ctx.job_id})
                 for disk, manifest in zip(disks, manifests)]
     ctx.report.update(phase="drop older anchors", progress=98)
     for disk in disks:
@@ -261,9 +264,10 @@ def record_backup(session: Session, vm_id: int, vm_name: str, disk: Disk, store:
         session.add(row)
     row.vm_id, row.vm_name, row.volume_id, row.volume_name, row.san_name = vm_id, vm_name, disk.volume_id, disk.name, disk.san
     row.store_id, row.mode, row.parent_id, row.snapshot = store.id, manifest["mode"], manifest["parent"], manifest["snapshot"]
+    row.group_id = manifest.get("group")
     row.state, row.chunks, row.size_bytes = "complete", len(manifest["chunks"]), manifest["volume_size"]
     row.stored_bytes, row.bytes_read = manifest["bytes_written"], manifest["bytes_read"]
-    return {"id": row.id, "volume": disk.name, "mode": row.mode, "parent": row.parent_id, "size_bytes": row.size_bytes,
+    return {"id": row.id, "volume": disk.name, "volume_id": disk.volume_id, "mode": row.mode, "parent": row.parent_id, "size_bytes": row.size_bytes,
             "bytes_read": row.bytes_read, "stored_bytes": row.stored_bytes, "seconds": manifest["seconds"]}
 
 
@@ -325,6 +329,7 @@ class InPlace:
     """The disk an in-place restore replaces: its volume row, the handle it had when the job began, and
     the volume beside it that the backup is written to (both chosen once per job)."""
 
+    backup_id: str
     volume_id: int
     san_id: int
     original: str
@@ -349,9 +354,10 @@ def undo_restore(ctx: JobContext) -> None:
         san = session.scalar(select(San).where(San.name == backup.san_name))
         backend = san_place(ctx.rt.config, backup.san_name).backend
         if ctx.params.in_place:
-            beside = ctx.remembered("restore-into")
-            if beside is not None and not handle_in_use(session, san.id, beside):
-                backend.delete(beside)
+            for member in group_of(session, backup):
+                beside = ctx.remembered(f"restore-into/{member.id}")
+                if beside is not None and not handle_in_use(session, san.id, beside):
+                    backend.delete(beside)
             return
         name = restore_target_name(ctx, backup)
         volume = session.scalar(select(Volume).where(Volume.san_id == san.id, Volume.name == name,
@@ -364,44 +370,48 @@ def undo_restore(ctx: JobContext) -> None:
 
 @workflow("restore", cleanup=undo_restore)
 def restore_job(ctx: JobContext) -> dict[str, Any]:
-    """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disk.
+    """Restore a backup bit for bit: to a new volume on the backup's SAN, or in place onto its stopped VM's disks.
 
-    Nothing is written before the store is seen to hold every chunk the backup needs. In place, the backup
-    is written to a new volume beside the disk, which replaces the disk only once it is whole: a missing
-    chunk, a failure or a cancel before that leaves the disk as it was."""
+    Nothing is written before the store is seen to hold every chunk the backup needs. In place, every disk
+    backed up together with this one (the backup's group) is restored: each backup is written to a new volume
+    beside its disk, and the new volumes replace the disks together, only once all are whole: a missing
+    chunk, a failure or a cancel before that leaves every disk as it was."""
     with ctx.session() as session:
         backup, store = load_backup(session, ctx.params.backup)
         backup_id, volume_name, san_name, vm_name = backup.id, backup.volume_name, backup.san_name, backup.vm_name
-        disk = in_place_disk(session, backup) if ctx.params.in_place else None
-        target = None if disk else claim_new_volume(ctx, session, backup)
+        disks = [in_place_plan(ctx, member, in_place_disk(session, member)) for member in group_of(session, backup)] \
+            if ctx.params.in_place else []
+        target = None if disks else claim_new_volume(ctx, session, backup)
     place = san_place(ctx.rt.config, san_name)
-    if disk:
-        written = restore_in_place(ctx, place, store, backup_id, in_place_plan(ctx, disk))
+    if disks:
+        written = restore_in_place(ctx, place, store, disks)
     else:
         written = write_backup(ctx, store, backup_id, place.backend, target)
         with ctx.session() as session:
             san_id = session.scalar(select(San.id).where(San.name == san_name))
             volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == target))
             volume.size_bytes, volume.role = written["volume_size"], "disk"
-    return {"backup": backup_id, "volume": volume_name if disk else target, "san": san_name,
-            "in_place": ctx.params.in_place, "vm": vm_name if disk else None, "source_volume": volume_name,
+    return {"backup": backup_id, "volume": volume_name if disks else target, "san": san_name,
+            "in_place": ctx.params.in_place, "vm": vm_name if disks else None, "source_volume": volume_name,
             **written}
 
 
-def restore_in_place(ctx: JobContext, place: SanPlace, store: StoreRef, backup_id: str,
-                     disk: InPlace) -> dict[str, Any]:
-    """Write the backup beside the disk, swap it in, drop the replaced volume. A run after a crash past the
-    swap only finishes the last step."""
-    written: dict[str, Any] = {}
-    if not disk.swapped:
-        written = write_backup(ctx, store, backup_id, place.backend, disk.beside)
-        ctx.phase("replace the disk", progress=98)
-        swap_in(ctx, disk, written["volume_size"])
+def restore_in_place(ctx: JobContext, place: SanPlace, store: StoreRef, disks: list[InPlace]) -> dict[str, Any]:
+    """Write each backup beside its disk, swap them all in at once, drop the replaced volumes. A run after a
+    crash past the swap only finishes the last step."""
+    written: dict[str, dict[str, Any]] = {}
+    if not any(disk.swapped for disk in disks):
+        for disk in disks:
+            written[disk.backup_id] = write_backup(ctx, store, disk.backup_id, place.backend, disk.beside)
+        ctx.phase("replace the disks", progress=98)
+        swap_in(ctx, disks, {backup: done["volume_size"] for backup, done in written.items()})
     with ctx.session() as session:
-        if not handle_in_use(session, disk.san_id, disk.original):
-            place.backend.delete(disk.original)
-        serve_restored(place, session.get(Volume, disk.volume_id))
-    return written
+        for disk in disks:
+            if not handle_in_use(session, disk.san_id, disk.original):
+                place.backend.delete(disk.original)
+            serve_restored(place, session.get(Volume, disk.volume_id))
+    first = written.get(disks[0].backup_id, {})
+    return first | {"disks": [{"backup": d.backup_id, "volume_id": d.volume_id} for d in disks]}
 
 
 def write_backup(ctx: JobContext, store: StoreRef, backup_id: str, backend: VolumeBackend,
@@ -432,22 +442,30 @@ def in_place_disk(session: Session, backup: Backup) -> Volume:
     return volume
 
 
-def in_place_plan(ctx: JobContext, disk: Volume) -> InPlace:
+def group_of(session: Session, backup: Backup) -> list[Backup]:
+    """The backups taken together with `backup` (one job, one VM's disks), in volume order; alone if it has no group."""
+    if backup.group_id is None:
+        return [backup]
+    return list(session.scalars(select(Backup).where(Backup.group_id == backup.group_id).order_by(Backup.volume_name)))
+
+
+def in_place_plan(ctx: JobContext, backup: Backup, disk: Volume) -> InPlace:
     """The disk's handle when the job began and the new volume beside it, both remembered across runs."""
-    original = ctx.once("replaces", lambda: disk.backend_handle)
-    beside = ctx.once("restore-into", new_volume_handle)
-    return InPlace(disk.id, disk.san_id, original, beside, swapped=disk.backend_handle == beside)
+    original = ctx.once(f"replaces/{backup.id}", lambda: disk.backend_handle)
+    beside = ctx.once(f"restore-into/{backup.id}", new_volume_handle)
+    return InPlace(backup.id, disk.id, disk.san_id, original, beside, swapped=disk.backend_handle == beside)
 
 
-def swap_in(ctx: JobContext, disk: InPlace, size: int) -> None:
-    """The point of no return: in one transaction the disk's row takes the restored volume, while the VM is
+def swap_in(ctx: JobContext, disks: list[InPlace], sizes: dict[str, int]) -> None:
+    """The point of no return: in one transaction every disk's row takes its restored volume, while the VM is
     still stopped. A cancel from here on is too late: the job finishes."""
     with ctx.session() as session:
-        volume = session.get(Volume, disk.volume_id)
-        vm = session.get(VirtualMachine, volume.vm_id)
-        if vm.state not in STOPPED_STATES:
-            raise VmNotStopped(f"VM {vm.name} is {vm.state}: it was started during the restore", vm=vm.name)
-        volume.backend_handle, volume.size_bytes = disk.beside, size
+        for disk in disks:
+            volume = session.get(Volume, disk.volume_id)
+            vm = session.get(VirtualMachine, volume.vm_id)
+            if vm.state not in STOPPED_STATES:
+                raise VmNotStopped(f"VM {vm.name} is {vm.state}: it was started during the restore", vm=vm.name)
+            volume.backend_handle, volume.size_bytes = disk.beside, sizes[disk.backup_id]
 
 
 def serve_restored(place: SanPlace, volume: Volume) -> None:

@@ -79,10 +79,10 @@ def prepare_vm_disks(ctx: JobContext) -> dict[str, Any]:
     ctx.phase("export", progress=80)
     iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
     with ctx.session() as session:
-        _export(place, iqn, {DISK_LUN: disk, SEED_LUN: seed}, site_initiators(session, place.site))
+        export_luns(place, iqn, {DISK_LUN: disk, SEED_LUN: seed}, site_initiators(session, place.site))
     with ctx.session() as session:
-        _record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
-        _record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
+        record_volume(session, san.id, vm.id, disk, "disk", place.backend.size(disk), iqn, DISK_LUN)
+        record_volume(session, san.id, vm.id, seed, "seed", place.backend.size(seed), iqn, SEED_LUN)
     return {"target": iqn, "disk": disk, "seed": seed}
 
 
@@ -153,7 +153,7 @@ def _write_seed(backend: VolumeBackend, seed: str, vm: VirtualMachine, lease: Le
                       dns=list(subnet.dns) if static else [])
 
 
-def _export(place: SanPlace, iqn: str, luns: dict[int, str], initiators: tuple[str, ...]) -> None:
+def export_luns(place: SanPlace, iqn: str, luns: dict[int, str], initiators: tuple[str, ...]) -> None:
     tgt = target_for(place.san)
     tgt.ensure_target(iqn)
     for lun, handle in luns.items():
@@ -161,12 +161,17 @@ def _export(place: SanPlace, iqn: str, luns: dict[int, str], initiators: tuple[s
     tgt.bind_initiators(iqn, initiators)
 
 
-def _record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int) -> None:
+def record_volume(session: Session, san_id: int, vm_id: int, name: str, role: str, size: int, iqn: str, lun: int,
+                  label: str | None = None) -> Volume:
+    """Make or update the VM's volume row `name` with its role, size and LUN; return it (with its id)."""
     volume = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == name))
     if volume is None:
         volume = Volume(san_id=san_id, name=name, backend_handle=name)
         session.add(volume)
     volume.vm_id, volume.role, volume.size_bytes, volume.iscsi_target, volume.iscsi_lun = vm_id, role, size, iqn, lun
+    volume.label = label
+    session.flush()
+    return volume
 
 
 # -- templates, resize, facts -------------------------------------------------------------------------

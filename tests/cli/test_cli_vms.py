@@ -116,3 +116,23 @@ def test_templates_volumes_and_sans(rt, api_url, tokens, monkeypatch):
     assert "queued (resize-volume vm/web1)" in resized
     unitless = as_admin(api_url, tokens, "volume", "resize", str(volume_id), "2048")
     assert unitless.exit_code == 1 and unitless.stderr.startswith("InvalidInput: size: ")
+
+
+def test_vm_disk_add_list_and_remove(rt, api_url, tokens):
+    with transaction(rt.sessions) as session:
+        vm = factories.vm(session, "web1", disk_bytes=1 << 30)
+        san_id = session.scalar(select(San.id).where(San.name == "san-a"))
+        data = Volume(name="web1-data", san_id=san_id, vm_id=vm.id, role="data", size_bytes=2 << 30,
+                      backend_handle="web1-data", iscsi_lun=3, label="pgdata")
+        session.add(data)
+        session.flush()
+        data_id, boot_id = data.id, session.scalar(select(Volume.id).where(Volume.name == "web1-disk"))
+    listed = ok(as_admin(api_url, tokens, "vm", "disk", "list", "web1"))
+    assert "pgdata" in row_of(listed, str(data_id)) and "2.0 GiB" in listed
+    added = ok(as_admin(api_url, tokens, "vm", "disk", "add", "web1", "--size", "1G", "--label", "logs"))
+    assert "queued (add-disk vm/web1)" in added
+    ok(as_admin(api_url, tokens, "jobs", "cancel", added.split()[1].rstrip(":")))
+    refused = as_admin(api_url, tokens, "vm", "disk", "remove", "web1", str(boot_id))
+    assert refused.exit_code == 1 and refused.stderr.startswith("BootDiskNotRemovable: ")
+    removed = ok(as_admin(api_url, tokens, "vm", "disk", "remove", "web1", str(data_id)))
+    assert "queued (remove-disk vm/web1)" in removed

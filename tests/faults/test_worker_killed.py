@@ -72,6 +72,24 @@ def test_delete_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
     lab.record(f"worker killed -9 at {kind} / {phase} (delete)", job, seconds, "re-run; VM gone; check clean")
 
 
+@pytest.mark.parametrize("kind, phase", [("create-data-disk", "export"), ("attach-disk", "attach")])
+def test_add_disk_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
+    lab, name = fault_lab, unique("dsk")
+    assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "add-disk", {"vm": name, "size_bytes": 64 << 20})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    assert (job.result["lun"], job.result["attached"]) == (3, "hot-plugged")
+    lab.assert_clean()
+    removed = run_job(lab.rt, lab.celery_app, "remove-disk", {"vm": name, "volume_id": job.result["disk"]})
+    assert removed.state == SUCCEEDED, removed.error_message
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (add-disk)", job, seconds,
+               "re-run; disk hot-plugged as LUN 3; check clean; removed; check clean")
+
+
 @pytest.mark.parametrize("kind, phase", [("migrate", "export storage"), ("migrate-domain", "transfer memory")])
 def test_migrate_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
     lab, name = fault_lab, unique("move")

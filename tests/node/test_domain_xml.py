@@ -19,6 +19,7 @@ from workers.node.domain_xml import (
     Hypervisor,
     IscsiDisk,
     Nic,
+    data_disk_xml,
     domain_xml,
     target_dev,
 )
@@ -47,12 +48,14 @@ def make_spec(hypervisor: Hypervisor, *, kernel_boot: bool = True, seed: FileDis
     return DomainSpec(**values)  # type: ignore[arg-type]
 
 
+DATA = (IscsiDisk(TARGET, 3, "10.1.0.10", 3261, INITIATOR), IscsiDisk(TARGET, 5, "10.1.0.10", 3261, INITIATOR))
 VARIANTS = [
     pytest.param(make_spec(h, kernel_boot=b, seed=s), id=f"{h}-{'kernel' if b else 'disk'}-{type(s).__name__ if s else 'fileseed'}")
     for h in ("qemu", "kvm", "xen")
     for b in (True, False)
     for s in (None, IscsiDisk(TARGET, 9, "10.1.0.10", 3261, INITIATOR, readonly=True))
-]
+] + [pytest.param(replace(make_spec(h), disks=make_spec(h).disks[:1], data=DATA), id=f"{h}-data-disks")
+      for h in ("qemu", "xen")]
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +84,11 @@ def test_every_variant_is_accepted_by_libvirt(spec: DomainSpec, test_conn: libvi
         assert defined.findtext("memory") == str(spec.memory_bytes // 1024)
         if spec.hypervisor == "xen":
             devices = [s.get("dev") for s in defined.iterfind("devices/disk[@type='block']/source")]
-            assert devices[:2] == [BY_PATH.format(lun=1), BY_PATH.format(lun=2)]
+            luns = [disk.lun for disk in (*spec.disks, *spec.data)]
+            assert [d for d in devices if not d.endswith("-lun-9")] == [BY_PATH.format(lun=lun) for lun in luns]
         else:
             sources = [s.get("name") for s in defined.iterfind("devices/disk/source[@protocol='iscsi']")]
-            assert f"{TARGET}/1" in sources and f"{TARGET}/2" in sources
+            assert {f"{TARGET}/{disk.lun}" for disk in (*spec.disks, *spec.data)} <= set(sources)
             assert defined.find("devices/disk/source/initiator/iqn").get("name") == INITIATOR
             assert {d.get("cache") for d in defined.iterfind("devices/disk[@type='network']/driver")} == {"none"}
     finally:
@@ -160,3 +164,12 @@ def test_bad_specs_are_refused(changes: dict[str, object]) -> None:
 def test_xen_refuses_a_nic_without_network() -> None:
     with pytest.raises(InvalidInput):
         domain_xml(replace(make_spec("xen"), nics=(Nic("00:16:3e:00:00:01"),)))
+
+
+def test_data_disks_follow_the_seed_named_by_their_lun_and_attach_as_the_same_element() -> None:
+    spec = replace(make_spec("qemu"), disks=(IscsiDisk(TARGET, 1, "10.1.0.10", 3261, INITIATOR),), data=DATA)
+    disks = ET.fromstring(domain_xml(spec)).findall("devices/disk")
+    assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb", "vdc", "vde"]
+    assert [d.find("source").get("name") for d in disks[2:]] == [f"{TARGET}/3", f"{TARGET}/5"]
+    shown = ET.canonicalize(ET.tostring(disks[3], encoding="unicode"), strip_text=True)
+    assert shown == ET.canonicalize(data_disk_xml(DATA[1], "qemu"), strip_text=True)

@@ -70,6 +70,9 @@ class DomainSpec:
     hypervisor: Hypervisor
     disks: tuple[IscsiDisk, ...]
     seed: IscsiDisk | FileDisk | None = None
+    # Data disks after the boot disk and seed; each one's device follows its LUN (see data_dev), so adding or
+    # removing one never renames another.
+    data: tuple[IscsiDisk, ...] = ()
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     boot: DirectBoot | None = None
     description: str | None = None
@@ -146,6 +149,8 @@ def add_devices(domain: ET.Element, spec: DomainSpec) -> None:
     disks: list[IscsiDisk | FileDisk] = [*spec.disks, *([spec.seed] if spec.seed is not None else [])]
     for index, disk in enumerate(disks):
         add_disk(devices, disk, target_dev(spec.hypervisor, index), spec.hypervisor)
+    for disk in spec.data:
+        add_disk(devices, disk, data_dev(spec.hypervisor, disk), spec.hypervisor)
     for nic in spec.nics:
         add_nic(devices, nic, spec.hypervisor)
     if spec.hypervisor == "xen":
@@ -167,6 +172,18 @@ def target_dev(hypervisor: Hypervisor, index: int) -> str:
         index, rest = divmod(index - 1, 26)
         letters = chr(ord("a") + rest) + letters
     return prefix + letters
+
+
+def data_dev(hypervisor: Hypervisor, disk: IscsiDisk) -> str:
+    """A data disk's device name from its LUN (LUN 1 is the boot disk's vda, LUN 2 the seed's vdb, LUN 3 vdc, …)."""
+    return target_dev(hypervisor, disk.lun - 1)
+
+
+def data_disk_xml(disk: IscsiDisk, hypervisor: Hypervisor) -> str:
+    """The `<disk>` element of one data disk, as libvirt's attachDeviceFlags and detachDeviceFlags take it."""
+    devices = ET.Element("devices")
+    add_disk(devices, disk, data_dev(hypervisor, disk), hypervisor)
+    return ET.tostring(devices[0], encoding="unicode")
 
 
 def iscsi_by_path(disk: IscsiDisk) -> str:

@@ -218,3 +218,55 @@ def undefine_inactive(uri: str, uuid: str) -> bool:
             return False
         _call(domain.undefine)
         return True
+
+
+DETACH_TIMEOUT_S = 30.0
+
+
+def has_disk(domain: libvirt.virDomain, dev: str, flags: int = 0) -> bool:
+    """Whether the domain's (live, or with VIR_DOMAIN_XML_INACTIVE its persistent) definition has disk `dev`."""
+    xml = _call(domain.XMLDesc, flags)
+    return f"<target dev='{dev}'" in xml or f'<target dev="{dev}"' in xml
+
+
+def attach_disk(uri: str, uuid: str, disk_xml: str, dev: str) -> str:
+    """Add a disk to a domain's definition and hot-plug it into the domain if it runs and takes it. Returns
+    "live" (plugged in now) or "config" (the guest sees it from its next start); a disk already there is kept."""
+    with session(uri) as conn:
+        domain = require(conn, uuid)
+        live = bool(domain.isActive())
+        if live and not has_disk(domain, dev):
+            live = _hot_plug(domain, disk_xml)
+        if not has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            _call(domain.attachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return "live" if live else "config"
+
+
+def _hot_plug(domain: libvirt.virDomain, disk_xml: str) -> bool:
+    """Plug the disk into the running domain; False when libvirt or the hypervisor refuses (no hot-plug there)."""
+    try:
+        domain.attachDeviceFlags(disk_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    except libvirt.libvirtError:
+        return False
+    return True
+
+
+def detach_disk(uri: str, uuid: str, disk_xml: str, dev: str, timeout: float = DETACH_TIMEOUT_S) -> str:
+    """Remove a disk from a domain (live and definition) and wait until the guest let go of it; a missing domain
+    or disk is fine. Returns "live", "config" or "absent"."""
+    with session(uri) as conn:
+        domain = lookup(conn, uuid)
+        if domain is None:
+            return "absent"
+        live = bool(domain.isActive())
+        if has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
+            _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        if not live or not has_disk(domain, dev):
+            return "config" if live is False else "live"
+        _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        deadline = time.monotonic() + timeout
+        while domain.isActive() and has_disk(domain, dev):
+            if time.monotonic() > deadline:
+                raise DomainFailed(f"the guest of {domain.name()} did not release disk {dev} within {timeout:.0f} s")
+            time.sleep(POLL_S)
+        return "live"
