@@ -102,8 +102,17 @@ def stack_environment(lab_cfg_path: Path, workdir: Path) -> dict[str, str]:
                 LAXCLUSTER_REDIS_PORT=str(free_port()), LAXCLUSTER_API_PORT=str(free_port()))
 
 
-def start_stack(supervisor: Supervisor) -> tuple[config.Config, Api]:
-    """Redis, DB, inventory, one worker on every queue, the API and the first jobs; return config and client."""
+def one_worker(cfg: config.Config) -> list[Service]:
+    """One Celery worker (-c 4) on every queue of the lab."""
+    return [Service("worker", [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", ",".join(all_queues(cfg)),
+                               "-n", f"bench-{secrets.token_hex(3)}@%h", "-c", "4", "--loglevel", "INFO"],
+                    cfg.var_dir.resolve() / "log" / "worker.log")]
+
+
+def start_stack(supervisor: Supervisor, celery: Callable[[config.Config], list[Service]] = one_worker
+                ) -> tuple[config.Config, Api]:
+    """Redis, DB, inventory, the Celery services `celery` makes (workers: their name starts with "worker"),
+    the API and the first jobs; return config and client."""
     cfg = config.load(environ=supervisor.env)
     (cfg.var_dir / "log").mkdir(parents=True, exist_ok=True)
     supervisor.start(redis_service(cfg))
@@ -116,14 +125,15 @@ def start_stack(supervisor: Supervisor) -> tuple[config.Config, Api]:
         sync_from_config(session, cfg)
         token = create_token(session, "admin", f"bench-{secrets.token_hex(3)}")
     engine.dispose()
-    worker = Service("worker", [sys.executable, "-m", "celery", "-A", "tasks.app", "worker", "-Q", ",".join(all_queues(cfg)),
-                                "-n", f"bench-{secrets.token_hex(3)}@%h", "-c", "4", "--loglevel", "INFO"],
-                     cfg.var_dir.resolve() / "log" / "worker.log")
-    supervisor.start(worker)
+    services = celery(cfg)
+    for service in services:
+        supervisor.start(service)
     supervisor.start(api_service(cfg))
     api = cfg.section("api")
     url = f"http://{api['host']}:{api['port']}"
-    wait_until(lambda: " ready." in worker.log.read_text(), READY_TIMEOUT_S, "the worker to be ready", interval=0.2)
+    for worker in (service for service in services if service.name.startswith("worker")):
+        wait_until(lambda worker=worker: " ready." in worker.log.read_text(), READY_TIMEOUT_S, f"{worker.name} to be ready",
+                   interval=0.2)
     wait_until(lambda: answers(lambda: requests.get(f"{url}/health", timeout=2).ok), READY_TIMEOUT_S,
                "the API to answer", interval=0.2)
     for job in first_jobs(cfg, with_lab=True):
@@ -200,12 +210,12 @@ def direct(cfg: config.Config, vm: str, source: str, dest: str) -> dict[str, flo
     return {"downtime_ms": stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME), "migration_ms": migration_ms}
 
 
-def summary(samples: list[dict[str, float]], key: str) -> dict[str, float]:
+def summary(samples: list[dict[str, float]], key: str, digits: int = 1) -> dict[str, float]:
     values = sorted(s[key] for s in samples if s.get(key) is not None)
     if not values:
         return {}
-    return {"p50": round(statistics.median(values), 1), "max": round(values[-1], 1), "min": round(values[0], 1),
-            "n": len(values)}
+    return {"p50": round(statistics.median(values), digits), "max": round(values[-1], digits),
+            "min": round(values[0], digits), "n": len(values)}
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
