@@ -378,7 +378,7 @@ def print_report(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, choices=range(1, 6), help="failures of cs1 (1-5)")
-    parser.add_argument("--failed-after-s", type=float, help="ha.failed_after_s (default: the packaged config's)")
+    parser.add_argument("--failed-after-s", type=int, help="ha.failed_after_s (default: the packaged config's)")
     parser.add_argument("--check-every-s", type=float, help="ha.check_every_s (default: the packaged config's)")
     parser.add_argument("--worker-ttl-s", type=int, help="ha.worker_ttl_s (default: the packaged config's)")
     args = parser.parse_args(argv)
