@@ -11,7 +11,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
 	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux dosfstools mtools \
 	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils debootstrap
 
-.PHONY: setup run test test-fast bench bench-clone bench-migrate
+.PHONY: setup run test test-fast bench bench-clone bench-migrate bench-ha
 
 setup:
 	apt-get update -q
@@ -39,3 +39,6 @@ bench-clone:
 
 bench-migrate:
 	$(PY) bench/migrate.py
+
+bench-ha:
+	$(PY) bench/ha.py

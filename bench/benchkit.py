@@ -20,10 +20,10 @@ class BenchError(Exception):
     """The stack did not come up or a job did not behave; the message says what and where to look."""
 
 
-def require_root_and(script: str, tools: tuple[str, ...]) -> None:
+def require_root_and(script: str, tools: tuple[str, ...], why: str = "losetup, mount") -> None:
     """Exit with a message unless we are root and every command in `tools` exists."""
     if os.geteuid() != 0:
-        raise SystemExit(f"{script} needs root (losetup, mount)")
+        raise SystemExit(f"{script} needs root ({why})")
     missing = [tool for tool in tools if not shutil.which(tool)]
     if missing:
         raise SystemExit(f"missing commands: {', '.join(missing)}")

@@ -49,7 +49,7 @@ from typing import Any
 
 import libvirt
 import redis
-from benchkit import BenchError, measure_and_report
+from benchkit import BenchError, measure_and_report, require_root_and
 from migrate import (
     BOOT_LINE,
     READY_TIMEOUT_S,
@@ -65,10 +65,10 @@ from cli.services import Service, Supervisor, celery_services
 from errors import ConsoleTimeout
 from lab import cluster as lab_cluster
 from lab.echo import ECHO_PORT, ECHO_STARTED, START_ECHO, echo
-from lab.processes import cmdline, read_pidfile, stop, wait_until
+from lab.processes import qemu_of, read_pidfile, stop, wait_until
 from lab.testing import make_test_config, running_lab
 from lab.topology import lab_dir
-from tasks.node.heartbeat import worker_key
+from tasks.node.heartbeat import silence_key, worker_key
 from tasks.queues import node_queue
 from workers.node.console import SerialConsole, start_event_loop
 
@@ -112,12 +112,6 @@ def ha_environment(args: argparse.Namespace, lab_cfg_path: Path, workdir: Path) 
 def run_services(cfg: config.Config) -> list[Service]:
     """`laxcluster run`'s Celery services without Flower: a worker per queue, and beat (the HA watcher)."""
     return [service for service in celery_services(cfg) if service.name != "flower"]
-
-
-def qemu_of(name: str) -> list[int]:
-    """PIDs of the QEMUs running guest `name` (libvirt names it with `-name guest=<name>,...`)."""
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [pid for pid in pids if any(arg.startswith(f"guest={name},") for arg in cmdline(pid))]
 
 
 def fail_cs1(bench: HaBench) -> float:
@@ -265,11 +259,11 @@ def bring_back_cs1(bench: HaBench, worker: Service) -> None:
     lab_cluster.up(bench.cfg)
     restart_node_worker(bench, worker.name, worker.argv, worker.log)
     bench.api.job_end(bench.api.post(f"/servers/{FAILED}/actions/activate", {})["id"])
-    # The watcher forgets cs1's silence only at its first tick after the activation; failing cs1 before that
-    # would count the silence of this round into the next round's detection.
+    # The activation made the watcher forget cs1's silence; its heartbeat must be back before cs1 fails again,
+    # or the next round's detection would start from a server already silent.
     client = redis.Redis.from_url(bench.cfg.redis_url)
     try:
-        wait_until(lambda: client.exists(worker_key(FAILED)) and not client.exists(f"server:{FAILED}:silent-since"),
+        wait_until(lambda: client.exists(worker_key(FAILED)) and not client.exists(silence_key(FAILED)),
                    READY_TIMEOUT_S, f"the watcher to hear {FAILED} again", interval=0.2)
     finally:
         client.close()
@@ -382,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-every-s", type=float, help="ha.check_every_s (default: the packaged config's)")
     parser.add_argument("--worker-ttl-s", type=int, help="ha.worker_ttl_s (default: the packaged config's)")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/ha.py needs root (it brings up a lab of namespaces and libvirtds)", file=sys.stderr)
-        return 2
+    require_root_and("bench/ha.py", (), "it brings up a lab of namespaces and libvirtds")
     return measure_and_report("ha", lambda scratch: measure(args, scratch), print_report)
 
 

@@ -45,7 +45,7 @@ import redis
 import requests
 
 import config
-from benchkit import BenchError, measure_and_report
+from benchkit import BenchError, measure_and_report, require_root_and
 from cli.bootstrap import first_jobs
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
@@ -279,9 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="round trips cs1 -> cs2 -> cs1, each way ours and direct")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/migrate.py needs root (it brings up a lab of namespaces and libvirtds)", file=sys.stderr)
-        return 2
+    require_root_and("bench/migrate.py", (), "it brings up a lab of namespaces and libvirtds")
     return measure_and_report("migrate", lambda scratch: measure(args, scratch), print_report)
 
 

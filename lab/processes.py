@@ -47,6 +47,12 @@ def cmdline(pid: int) -> list[str]:
     return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
 
 
+def qemu_of(name: str) -> list[int]:
+    """PIDs of the QEMU processes running guest `name` (libvirt names it with `-name guest=<name>,...`)."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if any(arg.startswith(f"guest={name},") for arg in cmdline(pid))]
+
+
 def is_ours(pid: int | None, program: str, *tokens: str) -> bool:
     """True if `pid` is alive, runs `program` and has every one of `tokens` among its arguments.
 

@@ -8,14 +8,13 @@ import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from lab import cluster as lab_cluster
-from lab.processes import alive, cmdline, read_pidfile, stop, wait_until
+from lab.processes import alive, qemu_of, read_pidfile, stop, wait_until
 from lab.topology import lab_dir
 from models import SUCCEEDED, AuditEvent, ClusterServer, Job, VirtualMachine
 from tasks.faults import KILL_AT
@@ -23,9 +22,24 @@ from tasks.queues import CONTROL, node_queue, san_queue
 from tasks.runtime import Runtime
 from tests.fixtures.check import assert_clean, run_check
 from tests.fixtures.faults import record
-from tests.fixtures.guest import Pty, on_disk, read_probe, serial_pty, sync_command, write_and_sync
+from tests.fixtures.guest import (
+    Pty,
+    on_disk,
+    read_probe,
+    serial_pty,
+    sync_command,
+    write_and_sync,
+)
 from tests.fixtures.lab_vms import prepare_inventory, remove_domains_of_this_test
-from tests.fixtures.vms import boot_line, install, libvirt_state, run_job, server_uri, unique, vm_uuid
+from tests.fixtures.vms import (
+    boot_line,
+    install,
+    libvirt_state,
+    run_job,
+    server_uri,
+    unique,
+    vm_uuid,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 FAILED_AFTER_S = 6
@@ -187,9 +201,3 @@ def test_a_recovery_survives_a_crash_of_the_control_worker(ha_lab: HaLab, celery
 
 def _final(job: Job | None) -> Job | None:
     return job if job is not None and job.is_final else None
-
-
-def qemu_of(name: str) -> list[int]:
-    """PIDs of the QEMU processes running guest `name` (libvirt names it with `-name guest=<name>,...`)."""
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [pid for pid in pids if any(arg.startswith(f"guest={name},") for arg in cmdline(pid))]
