@@ -17,7 +17,7 @@ from tasks import runtime, submission
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.control.evacuate import plan_destinations
-from tasks.node.heartbeat import worker_key
+from tasks.node.heartbeat import silence_key, worker_key
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
 from workers.node.host import answers
@@ -48,7 +48,7 @@ def watch_servers() -> dict[str, list[str]]:
 
 def _silent_for(rt: Runtime, server: str, uri: str) -> float:
     """How long every signal of the server has been silent (0 while one answers)."""
-    key = f"server:{server}:silent-since"
+    key = silence_key(server)
     if any(signals(rt, server, uri).values()):
         rt.redis.delete(key)
         return 0.0

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from errors import ActivateFailed, RefreshFailed, ServerNotFound, TargetBusy
 from models import SUCCEEDED, ClusterServer, Job
 from tasks.context import JobContext
+from tasks.node.heartbeat import silence_key
 from tasks.san.storage import san_of_site
 from tasks.workflow import workflow
 
@@ -89,3 +90,6 @@ def _readmit(ctx: JobContext, name: str) -> None:
     with ctx.session() as session:
         server = session.scalar(select(ClusterServer).where(ClusterServer.name == name))
         server.fenced_at, server.maintenance = None, False
+    # The watcher skips fenced servers, so it still remembers the silence that got this one fenced: a
+    # failure right after the activation would otherwise be declared at once, without its grace.
+    ctx.rt.redis.delete(silence_key(name))

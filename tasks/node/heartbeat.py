@@ -17,6 +17,11 @@ def worker_key(server: str) -> str:
     return f"server:{server}:worker"
 
 
+def silence_key(server: str) -> str:
+    """Since when the HA watcher has heard none of the server's signals (absent while one answers)."""
+    return f"server:{server}:silent-since"
+
+
 def worker_ttl_s(rt: Runtime) -> int:
     return int(rt.config.section("ha").get("worker_ttl_s", 9))
 

@@ -3,11 +3,13 @@ fence survives a re-export of the site, and `server activate` stops the cut-off 
 in and the VM starts again with what it had written before the fence."""
 
 import secrets
+import time
 
 import pytest
 from sqlalchemy import select
 
 from models import SUCCEEDED, ClusterServer
+from tasks.node.heartbeat import silence_key
 from tasks.san.storage import target_for
 from tests.fixtures.check import assert_clean
 from tests.fixtures.guest import on_disk, read_probe, write_and_sync
@@ -33,6 +35,7 @@ def test_a_fenced_server_cannot_write_and_activate_lets_it_back(checked_cluster,
         assert fenced.state == SUCCEEDED, fenced.error_message
         row = server_row(rt, "cs1")
         assert row.fenced_at is not None and row.maintenance is True
+        rt.redis.set(silence_key("cs1"), time.time() - 3600)  # what the watcher kept from the failure
         targets = tgt.list_targets()
         assert any(t.iqn in fenced.result["targets"] for t in targets)
         assert not [t.iqn for t in targets if initiator in t.initiators or any(n.initiator == initiator for n in t.nexuses)]
@@ -50,6 +53,7 @@ def test_a_fenced_server_cannot_write_and_activate_lets_it_back(checked_cluster,
     assert activated.result["was_fenced"] is True and activated.result["stopped"] == [vm_uuid(rt, name)]
     row = server_row(rt, "cs1")
     assert row.fenced_at is None and row.maintenance is False
+    assert not rt.redis.exists(silence_key("cs1"))
     assert all(initiator in t.initiators for t in tgt.list_targets() if t.iqn in fenced.result["targets"])
 
     assert run_job(rt, celery_app, "start", {"vm": name}).state == SUCCEEDED
