@@ -14,7 +14,8 @@ STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("parent_id", "step"),)
+    # Named as migration 0002 created it: the naming convention would say uq_jobs_parent_id.
+    __table_args__ = (UniqueConstraint("parent_id", "step", name="uq_jobs_parent_id_step"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     kind: Mapped[str] = mapped_column(String(31), index=True)
