@@ -4,6 +4,7 @@ from datetime import timedelta
 
 import pytest
 import redis
+from openapi_spec_validator import OpenAPIV31SpecValidator
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import select, update
@@ -173,3 +174,8 @@ def test_openapi_describes_every_route(app, client, tokens):
     assert spec["paths"]["/servers/refresh"]["post"]["x-required-role"] == "operator"
     assert {p["name"] for p in spec["paths"]["/jobs/{job_id}"]["get"]["parameters"]} == {"job_id"}
     assert spec == document(app)
+
+
+def test_the_openapi_document_is_valid_openapi_31(client, tokens):
+    spec = client.get("/openapi.json", headers=bearer(tokens["viewer"])).get_json()
+    OpenAPIV31SpecValidator(spec).validate()
