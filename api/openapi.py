@@ -149,7 +149,9 @@ SCHEMAS: dict[str, Any] = {
             "result": {"type": "object"},
             "error": {"type": ["object", "null"], "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
             "requested_by": {"type": "string"}, "parent_id": _NULLABLE_STRING, "cancel_requested": {"type": "boolean"},
-            "attempt": {"type": "integer"}, "created_at": _TIME, "started_at": _TIME, "finished_at": _TIME, "updated_at": _TIME,
+            "attempt": {"type": "integer"},
+            "celery_task_id": {"type": "string", "description": "the Celery task (Flower's /task/<id>) of the current attempt"},
+            "created_at": _TIME, "started_at": _TIME, "finished_at": _TIME, "updated_at": _TIME,
         },
     },
     "Server": {

@@ -4,6 +4,7 @@ from datetime import datetime
 from typing import Any
 
 from models import Cluster, ClusterServer, Job, San, Site
+from tasks.dispatch import celery_task_id
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -29,6 +30,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "parent_id": job.parent_id,
         "cancel_requested": job.cancel_requested,
         "attempt": job.attempt,
+        "celery_task_id": celery_task_id(job),
         "created_at": iso(job.created_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),

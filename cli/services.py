@@ -112,7 +112,8 @@ def api_argv(host: str, port: int, threads: int = 16) -> list[str]:
     Console sessions are long-lived, so a stop waits only a few seconds for them.
     """
     return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(threads),
-            "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--no-control-socket", "api:create_app()"]
+            "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--no-control-socket",
+            "--config", "python:config.gunicorn_settings", "api:create_app()"]
 
 
 class StopRequested(KeyboardInterrupt):

@@ -3,9 +3,13 @@
 Workers start with `celery -A tasks.app worker -Q <queue>`; the launcher does that per queue.
 """
 
+import logging.config
+
 from celery import Celery
+from celery.signals import setup_logging
 
 from config import Config
+from config.logs import dict_config
 from tasks import runtime
 from tasks.queues import CONTROL
 
@@ -62,3 +66,10 @@ def make_celery(config: Config) -> Celery:
 
 
 app = make_celery(runtime.current().config)
+
+
+@setup_logging.connect
+def log_as_configured(loglevel: int | str | None = None, logfile: str | None = None, **_: object) -> None:
+    """Workers and beat log in the `[logging]` format instead of Celery's own (`--loglevel` and `--logfile`
+    still choose the level and the file)."""
+    logging.config.dictConfig(dict_config(runtime.current().config.section("logging"), loglevel, logfile or None))

@@ -6,6 +6,7 @@ start when they end. Its children are named steps, found again on every run.
 """
 
 import copy
+import logging
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from tasks.progress import Reporter
 from tasks.runtime import Runtime
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 class JobContext:
@@ -69,6 +72,7 @@ class JobContext:
             self._held_phase = (name, progress)
             return
         self.report.update(phase=name, progress=progress)
+        log.info("phase %s", name)
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if someone asked to cancel this job."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 
+from config.logs import about_job
 from errors import CleanupFailed, InternalError, LaxError, WorkerLost
 from models import CANCELLED, FAILED, SUCCEEDED, Job
 from models.db import transaction
@@ -31,9 +32,18 @@ WAITING = "waiting"
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
-def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = False) -> str:
+def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = False, kind: str = "",
+            target: str = "", parent: str | None = None) -> str:
     """Run (or, with `rollback`, only undo; with `resume`, take up again after its children) attempt
-    `attempt` of a job; a stale message does nothing."""
+    `attempt` of a job; a stale message does nothing. `kind`, `target` and `parent` label the message
+    (for Flower) and every line logged meanwhile."""
+    with about_job(job_id, kind, target, attempt, parent):
+        outcome = _run_attempt(job_id, attempt, rollback=rollback, resume=resume)
+        log.info("attempt %s ended: %s", attempt, outcome)
+        return outcome
+
+
+def _run_attempt(job_id: str, attempt: int, *, rollback: bool, resume: bool) -> str:
     rt = runtime.current()
     worker = f"{socket.gethostname()}:{threading.get_native_id()}"
     with transaction(rt.sessions) as session:
@@ -41,6 +51,8 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
         job = claim(session, job_id, attempt, worker=worker)
     if job is None:
         return "stale"
+    log.info("attempt %s %s on %s%s", attempt, "resumed" if resume else "started", worker,
+             ", only to roll back" if rollback else "")
     if not resume:
         announce_if_possible(rt.redis, job)
     with Heartbeat(rt, job.id):

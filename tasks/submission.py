@@ -3,6 +3,7 @@ come through here. Given a kind and its parameters, it validates them, picks the
 target, records the job (and, for a top-level job, its audit event), then announces and dispatches it.
 """
 
+import logging
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +13,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from sqlalchemy.orm import Session
 
+from config.logs import about_job
 from errors import BrokerUnavailable
 from models import FAILED, AuditEvent, Job
 from models.db import transaction
@@ -23,6 +25,8 @@ from tasks.progress import announce
 from tasks.runtime import Runtime
 
 BROKER_ERRORS = (OperationalError, redis.RedisError, OSError)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ def submit(session: Session, kind: str, params: dict[str, Any] | Params | None, 
 
 def launch(rt: Runtime, app: Celery, job: Job) -> None:
     """Announce and dispatch a committed job; if the broker is down the job fails instead of waiting forever."""
+    with about_job(job.id, job.kind, job.target, job.attempt, job.parent_id):
+        log.info("submitted by %s", job.requested_by)
     try:
         announce(rt.redis, job)
         dispatch(app, job)
