@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import (audit, auth, backups, check, console, disks, health, ipam, jobs, openapi, problems, servers, storage,
-                 streams, tokens, topology, vms)
+from api import (audit, auth, backups, check, console, disks, health, ipam, jobs, metrics, openapi, problems, servers,
+                 storage, streams, tokens, topology, vms)
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.bluep
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
               ipam.subnets, ipam.leases, vms.blueprint, disks.blueprint, console.blueprint,
               backups.backups, backups.stores, backups.policies, tokens.blueprint,
-              audit.blueprint, check.blueprint)
+              audit.blueprint, check.blueprint, metrics.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:
@@ -43,5 +43,6 @@ def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
     problems.register(app)
+    metrics.record_latency(app)
     auth.register(app)
     return app
