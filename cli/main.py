@@ -6,6 +6,7 @@ from cli.audit import audit
 from cli.backups import backup, policy, store
 from cli.check import check
 from cli.client import Settings
+from cli.db import db
 from cli.jobs import jobs
 from cli.lab import lab
 from cli.servers import servers
@@ -44,3 +45,4 @@ cli.add_command(store)
 cli.add_command(policy)
 cli.add_command(check)
 cli.add_command(audit)
+cli.add_command(db)
