@@ -24,13 +24,15 @@ from tasks.kinds import (
     MAX_SHUTDOWN_TIMEOUT_S,
     Migrate,
     Power,
+    Rescue,
     request_schema,
 )
 
 blueprint = Blueprint("vms", __name__)
 
-ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate")
+ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate", "rescue")
 MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
+ACTION_FIELDS = {"shutdown": {"timeout_s"}, "reboot": {"timeout_s"}, "migrate": MIGRATE_FIELDS, "rescue": {"end"}}
 # libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
@@ -173,20 +175,35 @@ def install():
 
 
 @blueprint.post("/vms/<name>/actions/<action>")
-@operation("Start, shut down (ACPI, optional timeout_s), reboot, destroy (power off) or migrate a VM, as a job",
-           status=202, response=ref("Job"), body=request_schema(Power, Migrate, exclude=frozenset({"vm"})))
+@operation("Start, shut down (ACPI, optional timeout_s), reboot, destroy (power off), migrate a VM, or boot the "
+           "stopped VM into its rescue system (rescue; end: true puts its own domain back), as a job",
+           status=202, response=ref("Job"), body=request_schema(Power, Migrate, Rescue, exclude=frozenset({"vm"})))
 def act(name: str, action: str):
     if action not in ACTIONS:
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
     body = validation.json_body()
-    validation.reject_unknown(body, {"timeout_s"} if action in ("shutdown", "reboot") else
-                              MIGRATE_FIELDS if action == "migrate" else set())
-    params: dict[str, Any] = {"vm": _existing_vm(name)}
+    validation.reject_unknown(body, ACTION_FIELDS.get(action, set()))
+    params: dict[str, Any] = {"vm": _vm_allowing(name, action, body)}
     if "timeout_s" in body:
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
     if action == "migrate":
         params.update(migrate_params(body))
+    if action == "rescue":
+        params["end"] = _flag(body, "end", False)
     return submit_job(action, params)
+
+
+def _vm_allowing(name: str, action: str, body: dict[str, Any]) -> str:
+    """The VM's name once its state allows the action (a rescue, or a start or move of a VM in rescue, is
+    refused here with 409 rather than by a failed job)."""
+    validation.name(name, "name")
+    with context.session() as db:
+        vm = vms.find_vm(db, name)
+        if action == "rescue":
+            vms.check_rescue(vm, _flag(body, "end", False))
+        elif action in ("start", "migrate"):
+            vms.refuse_in_rescue(vm)
+    return name
 
 
 @blueprint.delete("/vms/<name>")

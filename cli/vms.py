@@ -126,6 +126,16 @@ for _action, _help in (("start", "Start VM NAME on its server, as a job."),
     vm.add_command(_power_command(_action, _help))
 
 
+@vm.command("rescue")
+@click.argument("name")
+@click.option("--end", is_flag=True, help="leave the rescue system: the VM's own domain back, stopped")
+@watch_option
+def rescue(name: str, end: bool, watch: bool) -> None:
+    """Boot stopped VM NAME into the rescue system with its disks attached (use `vm console`); as a job."""
+    client = api()
+    show_job(client, client.post(f"/vms/{name}/actions/rescue", {"end": end}), watch)
+
+
 @vm.command("delete")
 @click.argument("name")
 @watch_option

@@ -197,6 +197,28 @@ class VmNotPlaced(Conflict):
     code = "VmNotPlaced"
 
 
+class VmIsRunning(Conflict):
+    """The action needs the VM stopped first (rescue boots a stopped VM)."""
+
+    code = "VmIsRunning"
+
+
+class VmInRescue(Conflict):
+    """The VM runs its rescue system: end the rescue first (`vm rescue NAME --end`)."""
+
+    code = "VmInRescue"
+
+
+class VmNotInRescue(Conflict):
+    code = "VmNotInRescue"
+
+
+class RescueUnavailable(Conflict):
+    """The template `[templates] rescue` names is missing or has no kernel to boot."""
+
+    code = "RescueUnavailable"
+
+
 class VmBeingDeleted(Conflict):
     """The VM is being deleted (or a failed job left it to be deleted): nothing new starts on it."""
 

@@ -15,7 +15,7 @@ from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile",
                     "tasks.control.diagnostics", "tasks.control.servers", "tasks.control.vms", "tasks.control.migrate",
-                    "tasks.control.evacuate", "tasks.control.schedules", "tasks.control.check", "tasks.control.ha",
+                    "tasks.control.evacuate", "tasks.control.rescue", "tasks.control.schedules", "tasks.control.check", "tasks.control.ha",
                     "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune", "tasks.san.inspect", "tasks.san.fencing",
                     "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers", "tasks.node.inspect",
                     "tasks.node.heartbeat"]

@@ -66,6 +66,10 @@ class Migrate(OfVm):
                                         description="migrate: cap the memory transfer rate")
 
 
+class Rescue(OfVm):
+    end: bool = Field(False, description="rescue: leave the rescue system, the VM's own domain back, stopped")
+
+
 class OfServer(Params):
     server: str
 
@@ -145,6 +149,10 @@ class OfPolicy(Params):
 
 class VmOnServer(OfVm):
     server: str
+
+
+class RescueDomain(VmOnServer):
+    end: bool = False
 
 
 class ProbeBoot(VmOnServer):
@@ -342,6 +350,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("reboot", Power, on_control, vm_target, CONTROL_VMS, "vm.reboot"),
     Kind("destroy", Power, on_control, vm_target, CONTROL_VMS, "vm.destroy"),
     Kind("delete-vm", OfVm, on_control, vm_target, CONTROL_VMS, "vm.delete"),
+    Kind("rescue", Rescue, on_control, vm_target, "tasks.control.rescue", "vm.rescue"),
     Kind("migrate", Migrate, on_control, vm_target, CONTROL_MIGRATE, "vm.migrate"),
     Kind("add-disk", AddDisk, on_control, vm_target, CONTROL_DISKS, "vm.disk.add"),
     Kind("remove-disk", OfDisk, on_control, vm_target, CONTROL_DISKS, "vm.disk.remove"),
@@ -372,6 +381,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("power-domain", PowerDomain, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("probe-boot", ProbeBoot, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("remove-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("rescue-domain", RescueDomain, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("migrate-domain", MigrateDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("preflight-migration", PreflightMigration, on_server("source"), lambda _, p: f"preflight/{p.vm}",
          "tasks.node.migrate"),

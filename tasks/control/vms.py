@@ -18,7 +18,7 @@ from tasks.kinds import backup_lock
 from tasks.inventory import ipam
 from tasks.inventory.placement import lock_placement, place_vm
 from tasks.inventory.vmnet import leased_subnets, publish_leases
-from tasks.inventory.vms import find_vm, placed_on, site_and_san, vm_volume
+from tasks.inventory.vms import find_vm, placed_on, refuse_in_rescue, site_and_san, vm_volume
 from tasks.workflow import workflow
 
 SAN_TIMEOUT_S = 600
@@ -153,7 +153,9 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
     """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
     name = ctx.params.vm
     with ctx.session() as session:
-        server = placed_on(session, find_vm(session, name))
+        vm = find_vm(session, name)
+        refuse_in_rescue(vm)
+        server = placed_on(session, vm)
     ctx.phase("refresh LUNs", progress=10)
     ctx.run_child("refresh-luns", {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
     ctx.phase("start", progress=30)

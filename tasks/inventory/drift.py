@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tasks.inventory.vms import RESCUE
+
 ORPHAN, MISSING, MISMATCHED, UNREACHABLE = "orphan", "missing", "mismatched", "unreachable"
 # Names LaxCluster gives what it makes; anything else on a SAN was put there by someone else.
 OUR_VOLUME_PREFIXES = ("vm-", "tpl-")
@@ -306,6 +308,11 @@ def _domain_drifts(inventory: Inventory, observed: Observed, busy: list[str]) ->
                 yield _orphan_domain(inventory, server, domain)
             elif vm.server != server:
                 yield _misplaced_domain(inventory, server, domain, vm, (vm.server, vm.uuid) in seen_on)
+            elif vm.state == RESCUE:
+                if domain.state not in RUNNING_STATES:
+                    yield Drift(MISMATCHED, "domain", server, domain.uuid,
+                                f"VM {vm.name}'s rescue system is {domain.state} in libvirt",
+                                f"laxcluster vm rescue {vm.name} --end (puts its own domain back)")
             elif (vm.state in RUNNING_STATES) != (domain.state in RUNNING_STATES):
                 fix = f"laxcluster vm start {vm.name}" if vm.state in RUNNING_STATES else f"laxcluster vm shutdown {vm.name}"
                 yield Drift(MISMATCHED, "domain", server, domain.uuid,

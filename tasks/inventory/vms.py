@@ -6,13 +6,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from errors import InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmNotFound, VmNotPlaced
+from errors import (InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmInRescue, VmIsRunning, VmNotFound,
+                    VmNotInRescue, VmNotPlaced)
 from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
 from tasks.inventory import ipam
 from workers.san.backend import validate_name
 
 MAX_VM_NAME = 63  # a DNS label: the VM's name is its guest's hostname
 DATA_ROLE = "data"  # the role of a VM's data disks (its boot disk is `disk`, its NoCloud seed `seed`)
+RESCUE = "rescue"  # the state of a VM running its rescue system
+# What a VM must not be in to boot its rescue system: running (in some way), or owned by a job.
+NOT_RESCUABLE = frozenset({"running", "blocked", "paused", "shutting down", "suspended", "installing", "deleting",
+                           "error", RESCUE})
 
 
 @dataclass(frozen=True)
@@ -110,3 +115,19 @@ def placed_on(session: Session, vm: VirtualMachine) -> str:
     if vm.server_id is None:
         raise VmNotPlaced(f"{vm.name} is not placed on a server", vm=vm.name)
     return session.get(ClusterServer, vm.server_id).name
+
+
+def check_rescue(vm: VirtualMachine, end: bool) -> None:
+    """Refuse a rescue the VM's state does not allow: it boots a stopped VM, and ends only a rescue."""
+    if end and vm.state != RESCUE:
+        raise VmNotInRescue(f"{vm.name} is not in rescue (it is {vm.state})", vm=vm.name)
+    if not end and vm.state == RESCUE:
+        raise VmInRescue(f"{vm.name} is in rescue already (end it: laxcluster vm rescue {vm.name} --end)", vm=vm.name)
+    if not end and vm.state in NOT_RESCUABLE:
+        raise VmIsRunning(f"{vm.name} is {vm.state}: shut it down before booting it into rescue", vm=vm.name)
+
+
+def refuse_in_rescue(vm: VirtualMachine) -> None:
+    """A VM running its rescue system neither starts nor moves until the rescue ends."""
+    if vm.state == RESCUE:
+        raise VmInRescue(f"{vm.name} is in rescue: end it first (laxcluster vm rescue {vm.name} --end)", vm=vm.name)

@@ -1,5 +1,6 @@
 """Node-side work, run on the `node.<server>` queue: a VM's domain on that server."""
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -8,14 +9,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from errors import DiskNotFound, HypervisorUnknown
+from errors import DiskNotFound, HypervisorUnknown, RescueUnavailable
 from models import ClusterServer, Lease, San, Subnet, Template, VirtualMachine, Volume, utcnow
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vmnet import bridge_for
-from tasks.inventory.vms import DATA_ROLE
+from tasks.inventory.vms import DATA_ROLE, RESCUE
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
@@ -26,9 +27,9 @@ from workers.node.events import LifecycleWatcher
 ISCSI_PORT = 3260
 BOOT_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
-# States a running job owns, and `error` (a failed job left the VM for an operator or the reconciler):
-# events and the state sync leave them alone.
-BUSY_STATES = ("installing", "deleting", "error")
+# States a running job owns, `error` (a failed job left the VM for an operator or the reconciler) and
+# `rescue` (its rescue system runs until the operator ends it): events and the state sync leave them alone.
+BUSY_STATES = ("installing", "deleting", "error", RESCUE)
 
 
 def server_kind(server: ClusterServer) -> Hypervisor:
@@ -101,6 +102,44 @@ def start_domain(ctx: JobContext) -> dict[str, Any]:
         vm.server_id, vm.hypervisor = server.id, spec.hypervisor
         record_state(session, vm, state)
     return {"state": state.state, "domain_id": state.domain_id}
+
+
+@workflow("rescue-domain")
+def rescue_domain(ctx: JobContext) -> dict[str, Any]:
+    """Replace the VM's domain on this server by its rescue system, started; with `end`, stop the rescue
+    system and define the VM's own domain again, stopped."""
+    end = ctx.params.end
+    with ctx.session() as session:
+        vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
+        spec = domain_spec(session, vm, server, ctx.rt.config)
+        xml = domain_xml(spec if end else replace(spec, boot=rescue_boot(session, ctx.rt.config)))
+    ctx.phase("stop", progress=10)
+    domains.destroy(server.libvirt_uri, vm.uuid)
+    ctx.phase("define", progress=40)
+    domains.define(server.libvirt_uri, xml)
+    if not end:
+        ctx.phase("start", progress=60)
+        domains.start(server.libvirt_uri, vm.uuid)
+    state = domains.domain_state(server.libvirt_uri, vm.uuid)
+    with ctx.session() as session:
+        vm = session.get(VirtualMachine, vm.id)
+        record_state(session, vm, state)
+        if not end:
+            # Wanted stopped: the HA watcher must not restart a VM under repair elsewhere.
+            vm.state, vm.desired_state = RESCUE, "stopped"
+        return {"state": vm.state}
+
+
+def rescue_boot(session: Session, config: Config) -> DirectBoot:
+    """The rescue system: the `[templates] rescue` template's kernel and initramfs, told to stop at a shell."""
+    name = config.section("templates").get("rescue", "tiny")
+    template = session.scalar(select(Template).where(Template.name == name))
+    boot = template.boot if template is not None else None
+    if not boot or not boot.get("kernel"):
+        raise RescueUnavailable(f"no rescue system: template {name} has no direct-boot kernel "
+                                "([templates] rescue names the template)", template=name)
+    return DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None,
+                      f"{boot['cmdline']} laxcluster.rescue")
 
 
 @workflow("power-domain")

@@ -10,7 +10,7 @@ from models.db import transaction
 from models.protection import BackupStore
 from tasks import submission
 from tests.fixtures.faults import FaultLab
-from tests.fixtures.vms import boot_line, install, run_job, server_uri, start_install, unique
+from tests.fixtures.vms import boot_line, console_answer, install, run_job, server_uri, start_install, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab, pytest.mark.faults]
 
@@ -161,3 +161,35 @@ def test_fence_and_activate_survive_a_crash(fault_lab: FaultLab, kind: str, phas
         lab.assert_clean()
     lab.record(f"worker killed -9 at {kind} / {phase}", job, seconds,
                f"re-run; cs2 {'fenced' if fencing else 're-admitted'}; check clean")
+
+
+@pytest.mark.parametrize("kind, phase, end", [
+    ("rescue", "boot the rescue system", False),  # the control workflow, starting its node child
+    ("rescue-domain", "start", False),            # the node, the rescue domain defined, not started
+    ("rescue-domain", "define", True),            # the node, the rescue system stopped, the VM's own not defined
+])
+def test_rescue_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str, end: bool):
+    lab, name = fault_lab, unique("rsq")
+    assert install(lab.rt, lab.celery_app, name, server="cs1").state == SUCCEEDED
+    assert run_job(lab.rt, lab.celery_app, "destroy", {"vm": name}).state == SUCCEEDED
+    if end:
+        assert run_job(lab.rt, lab.celery_app, "rescue", {"vm": name}).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "rescue", {"vm": name, "end": end})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    with lab.rt.sessions() as session:
+        state = session.scalar(select(VirtualMachine.state).where(VirtualMachine.name == name))
+    assert state == ("shut off" if end else "rescue")
+    if not end:
+        console_answer(server_uri(lab.rt, "cs1"), name, 'echo RES""CUED-$(grep -c laxcluster.rescue /proc/cmdline)',
+                       "RESCUED-1")
+    lab.assert_clean()
+    if not end:
+        assert run_job(lab.rt, lab.celery_app, "rescue", {"vm": name, "end": True}).state == SUCCEEDED
+    assert run_job(lab.rt, lab.celery_app, "start", {"vm": name}).state == SUCCEEDED
+    works = assert_vm_works(lab, name)
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} (rescue{' --end' if end else ''})", job, seconds,
+               f"re-run; {'its own domain back' if end else 'the rescue system runs'}; check clean; {works}")
