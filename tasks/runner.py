@@ -20,7 +20,8 @@ from tasks import jobs, runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.continuations import Suspended, wake, wake_waiters
-from tasks.dispatch import RUN_JOB, alive_key
+from tasks.dispatch import RUN_JOB, alive_key, task_name
+from tasks.kinds import KINDS
 from tasks.progress import Reporter, announce_if_possible
 from tasks.runtime import Runtime
 from tasks.workflow import Workflow, lookup
@@ -41,6 +42,10 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
         outcome = _run_attempt(job_id, attempt, rollback=rollback, resume=resume)
         log.info("attempt %s ended: %s", attempt, outcome)
         return outcome
+
+
+for _kind in KINDS:
+    app.task(name=task_name(_kind), acks_late=True, reject_on_worker_lost=True)(run_job.run)
 
 
 def _run_attempt(job_id: str, attempt: int, *, rollback: bool, resume: bool) -> str:

@@ -104,6 +104,6 @@ def test_flower_lists_a_job_by_its_kind_with_its_target(client, celery_worker, t
         return task if task and task.get("state") == "SUCCESS" else None
 
     task = wait_until(listed, 60, f"Flower to list task {task_id} as done", interval=0.5)
-    assert task["name"] == "laxcluster.noop"
+    assert task["name"] == "laxcluster.job.noop"
     assert f"'target': '{job['target']}'" in task["kwargs"] and "'kind': 'noop'" in task["kwargs"]
     assert worker.proc.poll() is None
