@@ -20,6 +20,7 @@ def vm_row(rt, name: str) -> VirtualMachine:
         return session.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
 
 
+@pytest.mark.postgres_too
 def test_a_rescued_vms_disk_is_edited_on_the_console_and_the_vm_boots_with_the_edit(checked_cluster, celery_app,
                                                                                      drift_baseline):
     rt, name = checked_cluster, unique("rescue")
