@@ -119,6 +119,9 @@ def rescue_domain(ctx: JobContext) -> dict[str, Any]:
     domains.define(server.libvirt_uri, xml)
     if not end:
         ctx.phase("start", progress=60)
+        # Marked first: the lifecycle event of the start must find the VM in a state the syncs leave alone.
+        with ctx.session() as session:
+            session.get(VirtualMachine, vm.id).state = RESCUE
         domains.start(server.libvirt_uri, vm.uuid)
     state = domains.domain_state(server.libvirt_uri, vm.uuid)
     with ctx.session() as session:
