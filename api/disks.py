@@ -11,10 +11,10 @@ from api.changes import submit_job
 from api.ipam import items_of
 from api.openapi import operation, ref
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
-from api.vms import _existing_vm
+from api.vms import vm_named
 from models import Volume
 from tasks.control.disks import check_room, data_disk_of
-from tasks.inventory.vms import DATA_ROLE, find_vm
+from tasks.inventory.vms import DATA_ROLE
 
 blueprint = Blueprint("disks", __name__)
 
@@ -31,7 +31,7 @@ SHOWN_ROLES = ("disk", DATA_ROLE)
            response=items_of(VOLUME_SCHEMA))
 def index(name: str):
     with context.session() as db:
-        return jsonify(items=vm_disks_json(db, find_vm(db, _existing_vm(name)).id))
+        return jsonify(items=vm_disks_json(db, vm_named(db, name).id))
 
 
 def vm_disks_json(db: Session, vm_id: int) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def add(name: str):
     size_bytes = sizes.disk(body.get("size"), "size")
     label = _label(body)
     with context.session() as db:
-        check_room(db, find_vm(db, _existing_vm(name)))
+        check_room(db, vm_named(db, name))
     return submit_job("add-disk", {"vm": name, "size_bytes": size_bytes, "label": label})
 
 
@@ -61,7 +61,7 @@ def remove(name: str, volume_id: str):
     validation.reject_unknown(validation.json_body(), set())
     number = validation.integer(volume_id, "volume_id", 1, 2**62)
     with context.session() as db:
-        data_disk_of(db, find_vm(db, _existing_vm(name)), number)
+        data_disk_of(db, vm_named(db, name), number)
     return submit_job("remove-disk", {"vm": name, "volume_id": number})
 
 

@@ -24,12 +24,12 @@ from models import FINAL_STATES, QUEUED, RUNNING, ClusterServer, Job, JobLock, S
 from models.protection import Backup
 from tasks.inventory.placement import capacity
 from tasks.runtime import Runtime
+from tasks.san.backups import USABLE
 
 blueprint = Blueprint("metrics", __name__)
 LATENCY_KEY = "metrics:api:latency"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 JOB_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, float("inf"))
-USABLE_BACKUPS = ("complete", "verified")
 
 
 @blueprint.get("/metrics")
@@ -172,10 +172,10 @@ def backup_metrics(session: Session) -> Iterator[Metric]:
     for vm, state, created in session.execute(select(Backup.vm_name, Backup.state, Backup.created_at).where(
             Backup.state != "writing").order_by(Backup.created_at)):
         newest[vm] = state
-        if state in USABLE_BACKUPS:
+        if state in USABLE:
             newest_usable[vm] = created
     for vm, state in sorted(newest.items()):
-        last.add_metric([vm], int(state in USABLE_BACKUPS))
+        last.add_metric([vm], int(state in USABLE))
     for vm, created in sorted(newest_usable.items()):
         age.add_metric([vm], (now - created).total_seconds())
     yield from (age, last)

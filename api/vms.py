@@ -33,8 +33,6 @@ blueprint = Blueprint("vms", __name__)
 ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate", "rescue")
 MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
 ACTION_FIELDS = {"shutdown": {"timeout_s"}, "reboot": {"timeout_s"}, "migrate": MIGRATE_FIELDS, "rescue": {"end"}}
-# libvirt's names for a domain that exists on a server (workers.node.domains.STATE_NAMES).
-ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description", "ha",
                   "ha_priority"}
@@ -91,8 +89,8 @@ def index():
         by_id = {row[0].id: vm_json(*row) for row in rows[:limit]}
         _add_addresses(db, by_id)
     page = list(by_id.values())
-    return jsonify(active=[vm for vm in page if vm["state"] in ACTIVE_STATES],
-                   inactive=[vm for vm in page if vm["state"] not in ACTIVE_STATES],
+    return jsonify(active=[vm for vm in page if vm["state"] in vms.ACTIVE_STATES],
+                   inactive=[vm for vm in page if vm["state"] not in vms.ACTIVE_STATES],
                    next=page[-1]["name"] if len(rows) > limit else None)
 
 
@@ -183,27 +181,27 @@ def act(name: str, action: str):
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
     body = validation.json_body()
     validation.reject_unknown(body, ACTION_FIELDS.get(action, set()))
-    params: dict[str, Any] = {"vm": _vm_allowing(name, action, body)}
+    end = _flag(body, "end", False) if action == "rescue" else False
+    _refuse_if_state_forbids(name, action, end)
+    params: dict[str, Any] = {"vm": name}
     if "timeout_s" in body:
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
     if action == "migrate":
         params.update(migrate_params(body))
     if action == "rescue":
-        params["end"] = _flag(body, "end", False)
+        params["end"] = end
     return submit_job(action, params)
 
 
-def _vm_allowing(name: str, action: str, body: dict[str, Any]) -> str:
-    """The VM's name once its state allows the action (a rescue, or a start or move of a VM in rescue, is
-    refused here with 409 rather than by a failed job)."""
-    validation.name(name, "name")
+def _refuse_if_state_forbids(name: str, action: str, end: bool) -> None:
+    """VmNotFound, or a 409 when the VM's state does not allow the action (a rescue, or a start or move of a
+    VM in rescue) rather than a job that fails."""
     with context.session() as db:
-        vm = vms.find_vm(db, name)
+        vm = vm_named(db, name)
         if action == "rescue":
-            vms.check_rescue(vm, _flag(body, "end", False))
+            vms.check_rescue(vm, end)
         elif action in ("start", "migrate"):
             vms.refuse_in_rescue(vm)
-    return name
 
 
 @blueprint.delete("/vms/<name>")
@@ -211,7 +209,9 @@ def _vm_allowing(name: str, action: str, body: dict[str, Any]) -> str:
            status=202, response=ref("Job"))
 def delete(name: str):
     validation.reject_unknown(validation.json_body(), set())
-    return submit_job("delete-vm", {"vm": _existing_vm(name)})
+    with context.session() as db:
+        vm_named(db, name)
+    return submit_job("delete-vm", {"vm": name})
 
 
 def migrate_params(body: dict[str, Any]) -> dict[str, Any]:
@@ -296,9 +296,7 @@ def _description(value: Any) -> str:
     return value
 
 
-def _existing_vm(name: str) -> str:
+def vm_named(db: Session, name: str) -> VirtualMachine:
+    """The VM a URL names (a valid name), else VmNotFound."""
     validation.name(name, "name")
-    with context.session() as db:
-        if db.scalar(select(VirtualMachine.id).where(VirtualMachine.name == name)) is None:
-            raise VmNotFound(f"no VM {name}", vm=name)
-    return name
+    return vms.find_vm(db, name)

@@ -14,16 +14,14 @@ from sqlalchemy.orm import Session
 from errors import BootDiskNotRemovable, DiskNotFound, TooManyDisks, VmBeingDeleted
 from models import San, VirtualMachine, Volume
 from tasks.context import JobContext
+from tasks.control.vms import SAN_TIMEOUT_S
 from tasks.inventory.vms import DATA_ROLE, find_vm, placed_on, vm_volume
 from tasks.kinds import san_of_vm
 from tasks.san.volumes import SEED_LUN
 from tasks.workflow import workflow
 
-SAN_TIMEOUT_S = 600
-NODE_TIMEOUT_S = 120
+NODE_TIMEOUT_S = 120  # one attach or detach (the guest gets workers.node.domains.DETACH_TIMEOUT_S to let go)
 MAX_DATA_DISKS = 16
-# A domain in these states takes a hot-plugged disk; any other defined domain gets it in its definition.
-LIVE_STATES = ("running", "blocked", "paused")
 
 
 def data_disks(session: Session, vm: VirtualMachine) -> list[Volume]:

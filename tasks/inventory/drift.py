@@ -17,13 +17,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.inventory.vms import RESCUE
+from tasks.inventory.vms import ACTIVE_STATES, RESCUE
 
 ORPHAN, MISSING, MISMATCHED, UNREACHABLE = "orphan", "missing", "mismatched", "unreachable"
 # Names LaxCluster gives what it makes; anything else on a SAN was put there by someone else.
 OUR_VOLUME_PREFIXES = ("vm-", "tpl-")
 OUR_SNAPSHOT_PREFIXES = ("bk-",)
-ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
 RUNNING_STATES = frozenset({"running", "blocked"})
 REPAIR = "laxcluster check --repair"
 DELETE_TARGET, RESTORE_EXPORTS, DELETE_SNAPSHOT, DELETE_VOLUME = (

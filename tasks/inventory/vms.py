@@ -15,9 +15,11 @@ from workers.san.backend import validate_name
 MAX_VM_NAME = 63  # a DNS label: the VM's name is its guest's hostname
 DATA_ROLE = "data"  # the role of a VM's data disks (its boot disk is `disk`, its NoCloud seed `seed`)
 RESCUE = "rescue"  # the state of a VM running its rescue system
-# What a VM must not be in to boot its rescue system: running (in some way), or owned by a job.
-NOT_RESCUABLE = frozenset({"running", "blocked", "paused", "shutting down", "suspended", "installing", "deleting",
-                           "error", RESCUE})
+# libvirt's names for a domain that exists and runs in some way on a server (workers.node.domains.STATE_NAMES).
+ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
+# States a running job owns, `error` (a failed job left the VM for an operator or the reconciler) and
+# `rescue` (its rescue system runs until the operator ends it): events and the state sync leave them alone.
+BUSY_STATES = frozenset({"installing", "deleting", "error", RESCUE})
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def check_rescue(vm: VirtualMachine, end: bool) -> None:
         raise VmNotInRescue(f"{vm.name} is not in rescue (it is {vm.state})", vm=vm.name)
     if not end and vm.state == RESCUE:
         raise VmInRescue(f"{vm.name} is in rescue already (end it: laxcluster vm rescue {vm.name} --end)", vm=vm.name)
-    if not end and vm.state in NOT_RESCUABLE:
+    if not end and vm.state in ACTIVE_STATES | BUSY_STATES:
         raise VmIsRunning(f"{vm.name} is {vm.state}: shut it down before booting it into rescue", vm=vm.name)
 
 

@@ -16,7 +16,7 @@ from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vmnet import bridge_for
-from tasks.inventory.vms import DATA_ROLE, RESCUE
+from tasks.inventory.vms import BUSY_STATES, DATA_ROLE, RESCUE
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
@@ -27,9 +27,6 @@ from workers.node.events import LifecycleWatcher
 ISCSI_PORT = 3260
 BOOT_TIMEOUT_S = 120
 SHUTDOWN_TIMEOUT_S = 60
-# States a running job owns, `error` (a failed job left the VM for an operator or the reconciler) and
-# `rescue` (its rescue system runs until the operator ends it): events and the state sync leave them alone.
-BUSY_STATES = ("installing", "deleting", "error", RESCUE)
 
 
 def server_kind(server: ClusterServer) -> Hypervisor:
@@ -58,8 +55,14 @@ def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer, con
         seed=lun(volumes["seed"]) if "seed" in volumes else None,
         data=tuple(lun(v) for v in rows if v.role == DATA_ROLE and v.iscsi_lun is not None),
         nics=(nic(session, config, lease, server),) if lease else (),
-        boot=DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, boot["cmdline"]) if boot else None,
+        boot=direct_boot(boot) if boot else None,
     )
+
+
+def direct_boot(boot: dict[str, Any], extra_cmdline: str = "") -> DirectBoot:
+    """A template's `boot` record as libvirt's direct kernel boot, its command line extended by `extra_cmdline`."""
+    cmdline = f"{boot['cmdline']} {extra_cmdline}".strip()
+    return DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, cmdline)
 
 
 def iscsi_disk(session: Session, volume: Volume, server: ClusterServer) -> IscsiDisk:
@@ -141,8 +144,7 @@ def rescue_boot(session: Session, config: Config) -> DirectBoot:
     if not boot or not boot.get("kernel"):
         raise RescueUnavailable(f"no rescue system: template {name} has no direct-boot kernel "
                                 "([templates] rescue names the template)", template=name)
-    return DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None,
-                      f"{boot['cmdline']} laxcluster.rescue")
+    return direct_boot(boot, "laxcluster.rescue")
 
 
 @workflow("power-domain")

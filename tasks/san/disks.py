@@ -6,16 +6,15 @@ steps are idempotent and the undo of a failed add finds exactly what it made."""
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from models import San, Volume
-from models.protection import Backup
 from tasks.context import JobContext
 from tasks.inventory.vms import DATA_ROLE, find_vm
 from tasks.san.storage import handle_in_use, site_initiators, target_for
 from tasks.san.volumes import (
     anchors_of,
     export_luns,
+    forget_volumes,
     record_volume,
     refuse_if_owned_by_another,
     san_place,
@@ -66,19 +65,9 @@ def remove_data_disk(ctx: JobContext) -> dict[str, Any]:
     for snap in anchors:
         place.backend.delete_snapshot(snap)
     with ctx.session() as session:
-        forget_volume(session, san_id, name)
+        forget_volumes(session, list(session.scalars(select(Volume).where(Volume.san_id == san_id, Volume.name == name))),
+                       anchors)
         for handle in handles:
             if not handle_in_use(session, san_id, handle):
                 place.backend.delete(handle)
     return {"deleted": handles, "anchors": anchors}
-
-
-def forget_volume(session: Session, san_id: int, name: str) -> None:
-    """Drop the volume's row; its backups stay, no longer pointing at it or at a snapshot of it."""
-    row = session.scalar(select(Volume).where(Volume.san_id == san_id, Volume.name == name))
-    if row is None:
-        return
-    for backup in session.scalars(select(Backup).where(Backup.volume_id == row.id)):
-        backup.volume_id, backup.snapshot = None, None
-    session.delete(row)
-    session.flush()

@@ -107,11 +107,18 @@ def remove_vm_disks(ctx: JobContext) -> dict[str, Any]:
     for handle in handles:
         place.backend.delete(handle)
     with ctx.session() as session:
-        for backup in session.scalars(select(Backup).where(Backup.snapshot.in_(anchors))):
-            backup.snapshot = None
-        for row in owned_volumes(session, place.san.name, session.get(VirtualMachine, vm.id)):
-            session.delete(row)
+        forget_volumes(session, owned_volumes(session, place.san.name, session.get(VirtualMachine, vm.id)), anchors)
     return {"deleted": handles, "anchors": anchors}
+
+
+def forget_volumes(session: Session, rows: list[Volume], anchors: list[str]) -> None:
+    """Drop volume rows whose snapshots `anchors` were deleted; their backups stay, pointing at neither (the
+    foreign key empties their volume_id)."""
+    for backup in session.scalars(select(Backup).where(Backup.snapshot.in_(anchors))):
+        backup.snapshot = None
+    for row in rows:
+        session.delete(row)
+    session.flush()
 
 
 def owned_volumes(session: Session, san_name: str, vm: VirtualMachine) -> list[Volume]:

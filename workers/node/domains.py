@@ -262,7 +262,7 @@ def detach_disk(uri: str, uuid: str, disk_xml: str, dev: str, timeout: float = D
         if has_disk(domain, dev, libvirt.VIR_DOMAIN_XML_INACTIVE):
             _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
         if not live or not has_disk(domain, dev):
-            return "config" if live is False else "live"
+            return "live" if live else "config"
         _call(domain.detachDeviceFlags, disk_xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         deadline = time.monotonic() + timeout
         while domain.isActive() and has_disk(domain, dev):
