@@ -22,7 +22,8 @@ from sqlalchemy import select
 from api import context, streams, validation
 from api.openapi import operation
 from errors import ServerUnreachable, UpgradeRequired, VmNotFound, VmNotRunning
-from models import ClusterServer, VirtualMachine
+from models import ClusterServer, San, Template, VirtualMachine
+from tasks.inventory.vms import MAINTENANCE
 from workers.node.console import CHUNK, SerialConsole, start_event_loop
 from workers.node.host import connect
 
@@ -92,15 +93,22 @@ def close_websocket(ws: Server) -> None:
 
 
 def attach(name: str) -> Attached:
-    """The console of running VM `name` on its server; VmNotFound, VmNotRunning or ServerUnreachable if there is none."""
+    """The console of running VM `name` on its server (or its SAN host, in maintenance); VmNotFound, VmNotRunning
+    or ServerUnreachable if there is none."""
     validation.name(name, "name")
     with context.session() as db:
-        row = db.execute(select(VirtualMachine.uuid, ClusterServer.name, ClusterServer.libvirt_uri)
+        row = db.execute(select(VirtualMachine.uuid, VirtualMachine.state, ClusterServer.name, ClusterServer.libvirt_uri,
+                                San.name)
                          .outerjoin(ClusterServer, VirtualMachine.server_id == ClusterServer.id)
+                         .outerjoin(Template, VirtualMachine.template_id == Template.id)
+                         .outerjoin(San, Template.san_id == San.id)
                          .where(VirtualMachine.name == name)).first()
     if row is None:
         raise VmNotFound(f"no VM {name}", vm=name)
-    uuid, server, uri = row
+    uuid, state, server, uri, san = row
+    if state == MAINTENANCE:
+        # It runs on its SAN host, whose libvirt the config names.
+        server, uri = san, context.runtime().config.san(san)[1].uri
     if uri is None:
         raise VmNotRunning(f"VM {name} is on no server, so it is not running", vm=name)
     # Stream data only flows on connections opened after libvirt's event loop runs.

@@ -17,8 +17,9 @@ from api.openapi import operation, ref
 from api.representations import iso
 from api.storage import VOLUME_SCHEMA, volume_json, volumes_query
 from errors import UnknownAction, VmNotFound
-from models import FAILED, ClusterServer, Job, Lease, Subnet, Template, VirtualMachine, Volume
+from models import FAILED, ClusterServer, Job, Lease, San, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import vms
+from tasks.san.maintenance import checked_for_san
 from tasks.kinds import (
     MAX_BANDWIDTH_MIB_S,
     MAX_SHUTDOWN_TIMEOUT_S,
@@ -32,7 +33,10 @@ blueprint = Blueprint("vms", __name__)
 
 ACTIONS = ("start", "shutdown", "reboot", "destroy", "migrate", "rescue")
 MIGRATE_FIELDS = {"to", "live", "check", "bandwidth_mib_s"}
-ACTION_FIELDS = {"shutdown": {"timeout_s"}, "reboot": {"timeout_s"}, "migrate": MIGRATE_FIELDS, "rescue": {"end"}}
+ACTION_FIELDS = {"start": {"on_san"}, "shutdown": {"timeout_s"}, "reboot": {"timeout_s"}, "migrate": MIGRATE_FIELDS,
+                 "rescue": {"end"}}
+# The true/false switch of an action: rescue's `end`, start's `on_san`.
+ACTION_FLAGS = {"rescue": "end", "start": "on_san"}
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 INSTALL_FIELDS = {"name", "template", "memory", "vcpus", "disk", "subnet", "server", "ssh_keys", "description", "ha",
                   "ha_priority"}
@@ -40,12 +44,16 @@ HA_PRIORITY_BOUNDS = (0, 1000)
 MAX_SSH_KEYS, MAX_SSH_KEY_LENGTH, MAX_DESCRIPTION = 32, 8192, 1024
 SSH_KEY = re.compile(r"^[a-z0-9@.-]{3,64} [A-Za-z0-9+/]+={0,3}( [^\x00-\x1f\x7f]*)?$")
 STATE = re.compile(r"^[a-z ]{1,31}$")
+# The overview's active VMs: running on a server, in their rescue system, or on their SAN host.
+RUNNING_SOMEWHERE = vms.ACTIVE_STATES | {vms.RESCUE, vms.MAINTENANCE}
 
 
 _INT = {"type": ["integer", "null"]}
 _TEXT = {"type": ["string", "null"]}
 VM_SCHEMA = {"type": "object", "properties": {
-    "name": {"type": "string"}, "server": _TEXT, "domain_id": _INT, "memory_bytes": {"type": "integer"},
+    "name": {"type": "string"}, "server": _TEXT,
+    "host": {"type": ["string", "null"], "description": "where it runs: its server, or its SAN in maintenance"},
+    "domain_id": _INT, "memory_bytes": {"type": "integer"},
     "vcpus": {"type": "integer"}, "state": {"type": "string"}, "cpu_time_ns": _INT, "disk_bytes": _INT,
     "mac": _TEXT, "ip": _TEXT, "subnet": _TEXT, "hostname": _TEXT, "template": _TEXT,
     "description": {"type": "string"}}}
@@ -89,8 +97,8 @@ def index():
         by_id = {row[0].id: vm_json(*row) for row in rows[:limit]}
         _add_addresses(db, by_id)
     page = list(by_id.values())
-    return jsonify(active=[vm for vm in page if vm["state"] in vms.ACTIVE_STATES],
-                   inactive=[vm for vm in page if vm["state"] not in vms.ACTIVE_STATES],
+    return jsonify(active=[vm for vm in page if vm["state"] in RUNNING_SOMEWHERE],
+                   inactive=[vm for vm in page if vm["state"] not in RUNNING_SOMEWHERE],
                    next=page[-1]["name"] if len(rows) > limit else None)
 
 
@@ -121,21 +129,24 @@ def _error_of(db: Session, vm: VirtualMachine) -> str | None:
                                                      Job.parent_id.is_(None)).order_by(Job.finished_at.desc()).limit(1))
 
 
-def vm_json(vm: VirtualMachine, server: str | None, template: str | None, disk_bytes: int | None) -> dict[str, Any]:
+def vm_json(vm: VirtualMachine, server: str | None, template: str | None, disk_bytes: int | None,
+            san: str | None) -> dict[str, Any]:
     """One line of the overview; `mac`, `ip`, `subnet` and `hostname` are filled in by _add_addresses."""
-    return {"name": vm.name, "server": server, "domain_id": vm.domain_id, "memory_bytes": vm.memory_bytes,
+    host = san if vm.state == vms.MAINTENANCE else server
+    return {"name": vm.name, "server": server, "host": host, "domain_id": vm.domain_id, "memory_bytes": vm.memory_bytes,
             "vcpus": vm.vcpus, "state": vm.state, "cpu_time_ns": vm.cpu_time_ns,
             "disk_bytes": None if disk_bytes is None else int(disk_bytes), "mac": None, "ip": None,
             "template": template, "description": vm.description, "subnet": None, "hostname": None}
 
 
 def _overview() -> Select:
-    """VMs with their server's and template's names and their disk size: one statement for any number of rows."""
+    """VMs with their server's, template's and SAN's names and their disk size: one statement for any number of rows."""
     disks = (select(Volume.vm_id, func.sum(Volume.size_bytes).label("disk_bytes"))
              .where(Volume.role == "disk").group_by(Volume.vm_id).subquery())
-    return (select(VirtualMachine, ClusterServer.name, Template.name, disks.c.disk_bytes)
+    return (select(VirtualMachine, ClusterServer.name, Template.name, disks.c.disk_bytes, San.name)
             .outerjoin(ClusterServer, VirtualMachine.server_id == ClusterServer.id)
             .outerjoin(Template, VirtualMachine.template_id == Template.id)
+            .outerjoin(San, Template.san_id == San.id)
             .outerjoin(disks, disks.c.vm_id == VirtualMachine.id))
 
 
@@ -173,35 +184,38 @@ def install():
 
 
 @blueprint.post("/vms/<name>/actions/<action>")
-@operation("Start, shut down (ACPI, optional timeout_s), reboot, destroy (power off), migrate a VM, or boot the "
-           "stopped VM into its rescue system (rescue; end: true puts its own domain back), as a job",
+@operation("Start (on_san: true runs it on its SAN host for maintenance, its exports locked), shut down (ACPI, "
+           "optional timeout_s), reboot, destroy (power off), migrate a VM, or boot the stopped VM into its rescue "
+           "system (rescue; end: true puts its own domain back), as a job",
            status=202, response=ref("Job"), body=request_schema(Power, Migrate, Rescue, exclude=frozenset({"vm"})))
 def act(name: str, action: str):
     if action not in ACTIONS:
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
     body = validation.json_body()
     validation.reject_unknown(body, ACTION_FIELDS.get(action, set()))
-    end = _flag(body, "end", False) if action == "rescue" else False
-    _refuse_if_state_forbids(name, action, end)
+    flag = _flag(body, ACTION_FLAGS[action], False) if action in ACTION_FLAGS else False
+    _refuse_if_state_forbids(name, action, flag)
     params: dict[str, Any] = {"vm": name}
+    if ACTION_FLAGS.get(action) in body:
+        params[ACTION_FLAGS[action]] = flag
     if "timeout_s" in body:
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
     if action == "migrate":
         params.update(migrate_params(body))
-    if action == "rescue":
-        params["end"] = end
     return submit_job(action, params)
 
 
-def _refuse_if_state_forbids(name: str, action: str, end: bool) -> None:
-    """VmNotFound, or a 409 when the VM's state does not allow the action (a rescue, or a start or move of a
-    VM in rescue) rather than a job that fails."""
+def _refuse_if_state_forbids(name: str, action: str, flag: bool) -> None:
+    """VmNotFound, or a 409 when the VM's state does not allow the action (a rescue, a start on the SAN host,
+    or a start or move of a VM in rescue or maintenance) rather than a job that fails."""
     with context.session() as db:
         vm = vm_named(db, name)
         if action == "rescue":
-            vms.check_rescue(vm, end)
+            vms.check_rescue(vm, end=flag)
+        elif action == "start" and flag:
+            checked_for_san(db, context.runtime().config, vm)
         elif action in ("start", "migrate"):
-            vms.refuse_in_rescue(vm)
+            vms.refuse_while_away(vm)
 
 
 @blueprint.delete("/vms/<name>")

@@ -16,7 +16,7 @@ from cli.watch import human_bytes, watch_job
 PAGE = 1000
 COLUMNS = (
     ("name", lambda v: v["name"]),
-    ("server", lambda v: v["server"]),
+    ("host", lambda v: v["host"]),
     ("id", lambda v: v["domain_id"]),
     ("memory", lambda v: human_bytes(v["memory_bytes"])),
     ("vCPUs", lambda v: v["vcpus"]),
@@ -119,8 +119,18 @@ def _power_command(action: str, help_text: str) -> click.Command:
     return click.command(action, help=help_text)(command)
 
 
-for _action, _help in (("start", "Start VM NAME on its server, as a job."),
-                       ("shutdown", "Ask VM NAME's guest to power off (ACPI), as a job."),
+@vm.command("start")
+@click.argument("name")
+@click.option("--on-san", is_flag=True, help="run it on its SAN host, from its volumes, for maintenance when no server "
+                                             "can (its exports are locked meanwhile; stop it with shutdown or destroy)")
+@watch_option
+def start(name: str, on_san: bool, watch: bool) -> None:
+    """Start VM NAME on its server (or with --on-san on its SAN host), as a job."""
+    client = api()
+    show_job(client, client.post(f"/vms/{name}/actions/start", {"on_san": on_san}), watch)
+
+
+for _action, _help in (("shutdown", "Ask VM NAME's guest to power off (ACPI), as a job."),
                        ("reboot", "Ask VM NAME's guest to reboot, as a job."),
                        ("destroy", "Power VM NAME off at once, like pulling the plug, as a job.")):
     vm.add_command(_power_command(_action, _help))

@@ -67,6 +67,9 @@ class SanConfig:
     tgt_control_port: int | None = None
     # The `lvm` backend's volume group (its thin pool is called "pool").
     volume_group: str | None = None
+    # The SAN host's own libvirt, which runs VMs for maintenance (`vm start --on-san`); None: it runs none.
+    uri: str | None = None
+    hypervisor: str = "kvm"
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,8 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
             addresses=dict(s.get("addresses", {})),
             tgt_control_port=s.get("tgt_control_port"),
             volume_group=s.get("volume_group"),
+            uri=s.get("uri"),
+            hypervisor=_hypervisor(s, "SAN") or "kvm",
         )
         for s in raw.get("sans", [])
     ]
@@ -209,8 +214,8 @@ def _site(raw: dict[str, Any]) -> SiteConfig:
     return SiteConfig(name=raw["name"], sans=sans, clusters=clusters, vm_networks=networks)
 
 
-def _hypervisor(server: dict[str, Any]) -> str | None:
-    kind = server.get("hypervisor") or None
+def _hypervisor(host: dict[str, Any], what: str = "server") -> str | None:
+    kind = host.get("hypervisor") or None
     if kind is not None and kind not in HYPERVISOR_KINDS:
-        raise ValueError(f"server {server['name']}: hypervisor {kind!r} is not one of {', '.join(HYPERVISOR_KINDS)}")
+        raise ValueError(f"{what} {host['name']}: hypervisor {kind!r} is not one of {', '.join(HYPERVISOR_KINDS)}")
     return kind

@@ -213,6 +213,18 @@ class VmNotInRescue(Conflict):
     code = "VmNotInRescue"
 
 
+class VmInMaintenance(Conflict):
+    """The VM runs on its SAN host for maintenance: stop it there first (`vm shutdown` or `vm destroy`)."""
+
+    code = "VmInMaintenance"
+
+
+class NoSanHost(Conflict):
+    """The VM's SAN has no libvirt of its own (`uri` in its config entry) to run VMs on for maintenance."""
+
+    code = "NoSanHost"
+
+
 class RescueUnavailable(Conflict):
     """The template `[templates] rescue` names is missing or has no kernel to boot."""
 

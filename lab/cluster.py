@@ -24,7 +24,8 @@ def up(cfg: Config) -> dict[str, Any]:
     """Build every bridge, namespace, pool and daemon of the lab that is missing; return `status`.
 
     Cluster servers start before the pools are mounted, so their mount namespaces (and their
-    guests') never hold a copy of a pool mount.
+    guests') never hold a copy of a pool mount; a SAN host's libvirtd (for VMs run there for
+    maintenance) starts after its pool, which its guests open by path.
     """
     topo = build(cfg)
     topo.lab_dir.mkdir(parents=True, exist_ok=True)
@@ -45,8 +46,8 @@ def up(cfg: Config) -> dict[str, Any]:
         recorded = state["backup_hosts"].get(host.name)
         state["backup_hosts"][host.name] = sshd.running_pid(daemon, recorded) or sshd.start(daemon)
         _save_state(topo, state)
-    for host in topo.servers():
-        libvirtd.wait_answering(server_uri(cfg, host.name), host.name)
+    for host, uri in _libvirt_hosts(cfg, topo):
+        libvirtd.wait_answering(uri, host.name)
     return status(cfg)
 
 
@@ -75,7 +76,8 @@ def _stop_processes(cfg: Config, topo: Topology, state: dict[str, Any], stray: l
         control_port = tgt_control_port(cfg, host.name)
         recorded = state["sans"].get(host.name, {}).get("tgtd")
         tgtd.stop(control_port, tgtd.running_pid(_portal(cfg, host.name), control_port, recorded))
-        processes.stop(netns.netns_pids(host.netns))
+        processes.stop(netns.netns_pids(host.netns))  # its libvirtd and the guests it runs
+        libvirtd.stop(_server_daemons(topo, host))
     for host in topo.backup_hosts():
         processes.stop(netns.netns_pids(host.netns))
     for name in stray:
@@ -157,12 +159,15 @@ def _host_healthy(entry: dict[str, Any]) -> bool:
 
 
 def _server_status(cfg: Config, topo: Topology, host: Host, _state: dict[str, Any]) -> dict[str, Any]:
-    uri = server_uri(cfg, host.name)
+    return {"daemons": _libvirt_status(topo, host, server_uri(cfg, host.name))}
+
+
+def _libvirt_status(topo: Topology, host: Host, uri: str) -> list[dict[str, Any]]:
     pids = _server_daemons(topo, host).pids()
     answered = libvirtd.hostname_over_tcp(uri) if pids["libvirtd"] else None
     daemons = [{"name": name, "pid": pid, "answers": pid is not None} for name, pid in pids.items() if name != "libvirtd"]
     daemons.append({"name": "libvirtd", "pid": pids["libvirtd"], "answers": answered == host.name, "uri": uri, "hostname": answered})
-    return {"daemons": daemons}
+    return daemons
 
 
 def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> dict[str, Any]:
@@ -172,8 +177,10 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
     pid = tgtd.running_pid(portal, control_port, recorded)
     image, mountpoint = _pool_paths(cfg, topo, host.name)
     loops = pool.loop_devices(image)
+    uri = cfg.san(host.name)[1].uri
     return {
-        "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port}],
+        "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port},
+                    *(_libvirt_status(topo, host, uri) if uri else [])],
         "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": bool(loops) and pool.is_mounted(mountpoint, source=loops[0]), "loop": loops[0] if loops else None},
     }
 
@@ -201,7 +208,15 @@ def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]
     record["tgtd"] = tgtd.running_pid(san.portal, control_port, record.get("tgtd")) or tgtd.start(
         host.netns, san.portal, control_port, topo.lab_dir / host.name / "tgtd.log"
     )
+    if san.uri:
+        record["libvirtd"] = libvirtd.start(_server_daemons(topo, host))
     _save_state(topo, state)
+
+
+def _libvirt_hosts(cfg: Config, topo: Topology) -> list[tuple[Host, str]]:
+    """The hosts running a libvirtd, with its URI: every server, and each SAN given one."""
+    sans = [(host, cfg.san(host.name)[1].uri) for host in topo.sans()]
+    return [(host, server_uri(cfg, host.name)) for host in topo.servers()] + [(h, uri) for h, uri in sans if uri]
 
 
 def _server_daemons(topo: Topology, host: Host) -> libvirtd.ServerDaemons:

@@ -1,4 +1,4 @@
-"""One libvirtd (with its virtlogd and virtlockd) per cluster server, each a host of its own.
+"""One libvirtd (with its virtlogd and virtlockd) per cluster server (and per SAN host given one), each a host of its own.
 
 The daemons run in the server's network namespace and in a mount + UTS namespace of their own:
 hostname = the server's name, and /etc/libvirt, /var/lib/libvirt, /var/cache/libvirt,
@@ -16,12 +16,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import libvirt
 
 from errors import LabError
 from lab import processes
+from workers.node.host import answers_tcp
 
 DAEMONS = ("virtlogd", "virtlockd", "libvirtd")
 # Per-server directory name -> where the server's daemons see it.
@@ -99,12 +99,11 @@ def stop(server: ServerDaemons) -> None:
 
 def hostname_over_tcp(uri: str) -> str | None:
     """The hostname libvirtd at `uri` reports, or None if it does not answer (yet)."""
-    address, port = _uri_address(uri)
+    if not answers_tcp(uri):
+        return None
     try:
-        # A quick TCP probe first: libvirt's own connect to an unreachable address waits much longer.
-        socket.create_connection((address, port), timeout=2).close()
         conn = libvirt.open(uri)
-    except (OSError, libvirt.libvirtError):
+    except libvirt.libvirtError:
         return None
     try:
         return conn.getHostname()
@@ -117,11 +116,6 @@ def hostname_over_tcp(uri: str) -> str | None:
 def wait_answering(uri: str, hostname: str, timeout: float = 90) -> None:
     """Return once libvirtd at `uri` answers with `hostname`; LabError after `timeout` s."""
     processes.wait_until(lambda: hostname_over_tcp(uri) == hostname, timeout, f"libvirtd at {uri} to answer as {hostname}", interval=0.5)
-
-
-def _uri_address(uri: str) -> tuple[str, int]:
-    parts = urlsplit(uri)
-    return parts.hostname or "127.0.0.1", parts.port or 16509
 
 
 def _prepare_directories(server: ServerDaemons) -> None:

@@ -46,6 +46,8 @@ def make_test_config(tmp_dir: Path) -> Path:
         for san in site.get("sans", []):
             san["addresses"] = {net: moves[net](addr) for net, addr in san["addresses"].items()}
             san["portal"] = f"{san['addresses']['storage']}:{san['portal'].rpartition(':')[2]}"
+            if "uri" in san:
+                san["uri"] = f"qemu+tcp://{san['addresses']['mgmt']}/system"
             san["pool_path"] = str(var_dir / "lab" / san["name"] / "pool")
             san["pool_size"] = TEST_POOL_SIZE
         for cluster_raw in site.get("clusters", []):

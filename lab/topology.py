@@ -16,7 +16,6 @@ from config import Config, ServerConfig, SiteConfig, VmNetworkConfig
 from errors import InvalidInput
 
 IFNAME_MAX = 15  # the kernel's limit on interface names (IFNAMSIZ - 1)
-LIBVIRT_TCP_PORT = 16509
 ISCSI_PORT = 3260
 TGT_CONTROL_PORT_MAX = 32767  # tgtd refuses a larger -C
 

@@ -56,6 +56,7 @@ class VmFromBackup(InstallVm):
 class Power(OfVm):
     timeout_s: int | None = Field(None, ge=1, le=MAX_SHUTDOWN_TIMEOUT_S,
                                   description="shutdown and reboot: how long the guest gets before the job fails")
+    on_san: bool = Field(False, description="start: run the VM on its SAN host for maintenance, its exports locked")
 
 
 class Migrate(OfVm):
@@ -84,6 +85,11 @@ class VmDisks(OfVm):
 
 class VmOnSan(OfVm):
     san: str
+
+
+class PowerOnSan(VmOnSan):
+    action: Literal["shutdown", "reboot", "destroy"]
+    timeout_s: int | None = None
 
 
 class ExportVmDisks(VmOnSan):
@@ -377,6 +383,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
          "backup.verify"),
     Kind("restore", Restore, on_san_of(san_of_backup), restore_target, SAN_BACKUPS, "backup.restore"),
     Kind("prune-backups", OfPolicy, on_san_of(san_of_policy), prune_target, "tasks.san.prune", "backup.prune"),
+    Kind("start-on-san", VmOnSan, on_san_of(lambda _, p: p.san), domain_target, "tasks.san.maintenance"),
+    Kind("power-on-san", PowerOnSan, on_san_of(lambda _, p: p.san), domain_target, "tasks.san.maintenance"),
     Kind("start-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("power-domain", PowerDomain, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("probe-boot", ProbeBoot, on_server("server"), domain_target, NODE_DOMAINS),

@@ -95,7 +95,11 @@ def _why(job: Job, timeout_s: float) -> str:
 def _san_facts(result: dict[str, Any]) -> drift.SanFacts:
     targets = tuple(drift.TargetFacts(t["iqn"], {int(lun): path for lun, path in t["luns"].items()},
                                       tuple(t["initiators"]), t["sessions"]) for t in result["targets"])
-    return drift.SanFacts(dict(result["volumes"]), targets)
+    host = result.get("host") or {}
+    domains = host.get("domains")
+    return drift.SanFacts(dict(result["volumes"]), targets,
+                          None if domains is None else tuple(drift.DomainFacts(**domain) for domain in domains),
+                          host.get("error"))
 
 
 # -- the inventory -------------------------------------------------------------------------------------

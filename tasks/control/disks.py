@@ -15,7 +15,7 @@ from errors import BootDiskNotRemovable, DiskNotFound, TooManyDisks, VmBeingDele
 from models import San, VirtualMachine, Volume
 from tasks.context import JobContext
 from tasks.control.vms import SAN_TIMEOUT_S
-from tasks.inventory.vms import DATA_ROLE, find_vm, placed_on, vm_volume
+from tasks.inventory.vms import DATA_ROLE, MAINTENANCE, find_vm, placed_on, refuse_while_away, vm_volume
 from tasks.kinds import san_of_vm
 from tasks.san.volumes import SEED_LUN
 from tasks.workflow import workflow
@@ -30,8 +30,10 @@ def data_disks(session: Session, vm: VirtualMachine) -> list[Volume]:
 
 
 def check_room(session: Session, vm: VirtualMachine) -> None:
-    """Refuse a new data disk for a VM being deleted (VmBeingDeleted) or one that has the most it may have
-    (TooManyDisks)."""
+    """Refuse a new data disk for a VM being deleted (VmBeingDeleted), one on its SAN host (VmInMaintenance: its
+    exports are locked), or one that has the most it may have (TooManyDisks)."""
+    if vm.state == MAINTENANCE:
+        refuse_while_away(vm)
     if vm.desired_state == "deleted":
         raise VmBeingDeleted(f"VM {vm.name} is being deleted", vm=vm.name)
     if len(data_disks(session, vm)) >= MAX_DATA_DISKS:

@@ -21,7 +21,7 @@ from models import ClusterServer, VirtualMachine
 from tasks.context import JobContext, raise_unless_succeeded
 from tasks.inventory.placement import capacity, place
 from tasks.inventory.vmnet import missing_bridge, network_of, on_network
-from tasks.inventory.vms import find_vm, placed_on, site_and_san
+from tasks.inventory.vms import find_vm, placed_on, refuse_while_away, site_and_san
 from tasks.workflow import workflow
 
 MIGRATE_TIMEOUT_S = 1800
@@ -83,6 +83,7 @@ def _inventory_problems(ctx: JobContext, name: str, asked: str | None
     the source server's libvirt the rest (None when the inventory already refuses)."""
     with ctx.session() as session:
         vm = find_vm(session, name)
+        refuse_while_away(vm)
         source = session.scalar(select(ClusterServer).where(ClusterServer.name == placed_on(session, vm)))
         try:
             dest = _destination(session, ctx, vm, source, asked)

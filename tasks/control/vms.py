@@ -18,7 +18,9 @@ from tasks.kinds import backup_lock
 from tasks.inventory import ipam
 from tasks.inventory.placement import lock_placement, place_vm
 from tasks.inventory.vmnet import leased_subnets, publish_leases
-from tasks.inventory.vms import find_vm, placed_on, refuse_in_rescue, site_and_san, vm_volume
+from tasks.inventory.vms import MAINTENANCE, find_vm, placed_on, refuse_while_away, site_and_san, vm_volume
+from tasks.kinds import san_of_vm
+from tasks.san.maintenance import checked_for_san
 from tasks.workflow import workflow
 
 SAN_TIMEOUT_S = 600
@@ -150,11 +152,17 @@ def _place(ctx: JobContext, name: str, asked: str | None) -> str:
 
 @workflow("start")
 def start_vm(ctx: JobContext) -> dict[str, Any]:
-    """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size."""
+    """Start a VM on its server, re-creating its LUNs first so a grown disk shows its new size; with `on_san`,
+    on its SAN host instead, its exports locked (maintenance)."""
     name = ctx.params.vm
+    if ctx.params.on_san:
+        # Checked once: a re-run after a crash finds the VM in the maintenance state this job put it in.
+        san = ctx.once("san", lambda: _checked_for_san(ctx, name))
+        ctx.phase("start on the SAN host", progress=10)
+        return ctx.run_child("start-on-san", {"vm": name, "san": san}, timeout=SAN_TIMEOUT_S, start=10, end=98)
     with ctx.session() as session:
         vm = find_vm(session, name)
-        refuse_in_rescue(vm)
+        refuse_while_away(vm)
         server = placed_on(session, vm)
     ctx.phase("refresh LUNs", progress=10)
     ctx.run_child("refresh-luns", {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
@@ -162,19 +170,33 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
     return ctx.run_child("start-domain", {"vm": name, "server": server}, timeout=NODE_TIMEOUT_S, start=30, end=98)
 
 
+def _checked_for_san(ctx: JobContext, name: str) -> str:
+    with ctx.session() as session:
+        return checked_for_san(session, ctx.rt.config, find_vm(session, name))
+
+
 def _power(action: str):
     def run(ctx: JobContext) -> dict[str, Any]:
         name = ctx.params.vm
-        with ctx.session() as session:
-            server = placed_on(session, find_vm(session, name))
+        # Decided once: a re-run after the SAN host's child ended the maintenance must not turn to the server.
+        where = ctx.once("where", lambda: _runs_where(ctx, name))
         ctx.phase(action, progress=5)
-        params = {"vm": name, "server": server, "action": action}
+        params = {"vm": name, "action": action, **where}
         if ctx.params.timeout_s is not None:
             params["timeout_s"] = ctx.params.timeout_s
-        return ctx.run_child("power-domain", params, timeout=NODE_TIMEOUT_S, start=5, end=98)
+        kind = "power-on-san" if "san" in where else "power-domain"
+        return ctx.run_child(kind, params, timeout=NODE_TIMEOUT_S, start=5, end=98)
 
-    run.__doc__ = f"{action.capitalize()} a VM on its server."
+    run.__doc__ = f"{action.capitalize()} a VM on its server (or on its SAN host, in maintenance)."
     return run
+
+
+def _runs_where(ctx: JobContext, name: str) -> dict[str, str]:
+    on_san = _maintenance_san(ctx)
+    if on_san:
+        return {"san": on_san}
+    with ctx.session() as session:
+        return {"server": placed_on(session, find_vm(session, name))}
 
 
 for _action in ("shutdown", "reboot", "destroy"):
@@ -185,6 +207,11 @@ for _action in ("shutdown", "reboot", "destroy"):
 def delete_vm(ctx: JobContext) -> dict[str, Any]:
     """Stop and undefine the domain, unexport and delete the volumes and backup anchors, release the lease,
     drop the VM: in whatever state it is, removing whatever of it exists."""
+    on_san = ctx.once("on san", lambda: _maintenance_san(ctx))
+    if on_san:
+        ctx.phase("stop on the SAN host", progress=2)
+        ctx.run_child("power-on-san", {"vm": ctx.params.vm, "san": on_san, "action": "destroy"}, timeout=SAN_TIMEOUT_S,
+                      start=2, end=5)
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         vm.state, vm.desired_state = "deleting", "deleted"
@@ -196,6 +223,12 @@ def delete_vm(ctx: JobContext) -> dict[str, Any]:
             raise TargetBusy(f"backup job {backup} of {ctx.params.vm} did not end", job_id=backup)
     undo_install(ctx)
     return {"deleted": ctx.params.vm}
+
+
+def _maintenance_san(ctx: JobContext) -> str | None:
+    """The SAN whose host runs the VM for maintenance, if it does."""
+    with ctx.session() as session:
+        return san_of_vm(session, ctx.params) if find_vm(session, ctx.params.vm).state == MAINTENANCE else None
 
 
 def remove_vm_everywhere(ctx: JobContext, progress_from: float) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tasks.inventory.vms import ACTIVE_STATES, RESCUE
+from tasks.inventory.vms import ACTIVE_STATES, MAINTENANCE, RESCUE
 
 ORPHAN, MISSING, MISMATCHED, UNREACHABLE = "orphan", "missing", "mismatched", "unreachable"
 # Names LaxCluster gives what it makes; anything else on a SAN was put there by someone else.
@@ -123,16 +123,20 @@ class TargetFacts:
 
 
 @dataclass(frozen=True)
-class SanFacts:
-    volumes: dict[str, str]  # volume and snapshot handles -> backing path
-    targets: tuple[TargetFacts, ...] = ()
-
-
-@dataclass(frozen=True)
 class DomainFacts:
     uuid: str
     name: str
     state: str
+
+
+@dataclass(frozen=True)
+class SanFacts:
+    volumes: dict[str, str]  # volume and snapshot handles -> backing path
+    targets: tuple[TargetFacts, ...] = ()
+    # The domains of the SAN host's own libvirt (VMs run there for maintenance); None with `host_error` if it
+    # did not answer, or if the SAN has none.
+    host_domains: tuple[DomainFacts, ...] | None = None
+    host_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,12 +179,14 @@ class _SanCheck:
         self.rows = [row for row in inventory.volumes if row.san == san]
         self.targets = {target.iqn: target for target in facts.targets}
         self.exported_by = {path: target.iqn for target in facts.targets for path in target.luns.values()}
+        in_maintenance = {vm.uuid for vm in inventory.vms if vm.state == MAINTENANCE}
+        self.on_host = {row.vm_uuid for row in self.rows if row.role == "disk" and row.vm_uuid in in_maintenance}
 
     def drifts(self) -> list[Drift]:
         orphan_targets = list(self._orphan_targets())
         deletable = {drift.what for drift in orphan_targets if drift.safe}
         return [*self._missing_volumes(), *self._orphan_volumes(deletable), *self._snapshots(deletable),
-                *self._expected_targets(), *orphan_targets]
+                *self._expected_targets(), *orphan_targets, *self._host_domains()]
 
     def _skip(self, what: str, busy: bool) -> bool:
         if busy:
@@ -269,7 +275,9 @@ class _SanCheck:
                 yield Drift(MISMATCHED, "lun", self.san, f"{iqn} lun {lun}", f"LUN {lun} serves {served}, not {path}", "")
         for lun in sorted(set(target.luns) - set(luns)):
             yield Drift(ORPHAN, "lun", self.san, f"{iqn} lun {lun}", f"no volume row is LUN {lun} ({target.luns[lun]})", "")
-        wanted_acl = set(self.inv.initiators.get(self.san, ()))
+        # A VM running on the SAN host has its targets locked.
+        locked = any(row.vm_uuid in self.on_host for row in luns.values())
+        wanted_acl = set() if locked else set(self.inv.initiators.get(self.san, ()))
         if set(target.initiators) != wanted_acl:
             absent, extra = sorted(wanted_acl - set(target.initiators)), sorted(set(target.initiators) - wanted_acl)
             yield Drift(MISMATCHED, "acl", self.san, iqn, f"ACL lacks {absent or 'nothing'}, has extra {extra or 'nothing'}", "")
@@ -285,6 +293,33 @@ class _SanCheck:
                    + ("" if ours else "; not named like LaxCluster's targets"))
             fix = REPAIR if safe else "find the initiator using it (an orphan domain?); delete the target by hand when unused"
             yield Drift(ORPHAN, "target", self.san, iqn, why, fix, safe, DELETE_TARGET if safe else None)
+
+
+    def _host_domains(self) -> Iterator[Drift]:
+        """VMs in maintenance here must run on the SAN host; nothing else may have a domain there."""
+        if self.facts.host_domains is None:
+            if self.on_host and self.facts.host_error:
+                yield Drift(UNREACHABLE, "san host", self.san, self.san, self.facts.host_error,
+                            f"make {self.san}'s libvirtd answer, then laxcluster check again")
+            return
+        vms = {vm.uuid: vm for vm in self.inv.vms}
+        found = {domain.uuid: domain for domain in self.facts.host_domains}
+        for uuid in sorted(self.on_host - self.inv.busy_vms):
+            state = found[uuid].state if uuid in found else "not defined"
+            if state not in RUNNING_STATES:
+                name = vms[uuid].name
+                yield Drift(MISMATCHED, "domain", self.san, uuid,
+                            f"VM {name} is in maintenance, its domain on the SAN host is {state}",
+                            f"laxcluster vm destroy {name} (ends the maintenance)")
+        for uuid, domain in sorted(found.items()):
+            if uuid in self.on_host or self._skip(f"host domain {uuid}", uuid in self.inv.busy_vms):
+                continue
+            vm = vms.get(uuid)
+            owner = f"VM {vm.name} ({vm.state})" if vm else "no VM row"
+            yield Drift(ORPHAN if vm is None else MISMATCHED, "domain", self.san, uuid,
+                        f"domain {domain.name} is {domain.state} on the SAN host; {owner} runs there",
+                        f"find out what runs there; stop and undefine it on {self.san}'s libvirt (virsh destroy, "
+                        "undefine)")
 
 
 def _with_reexport(drift: Drift, can_export: bool) -> Drift:

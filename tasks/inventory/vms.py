@@ -6,8 +6,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config
-from errors import (InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmInRescue, VmIsRunning, VmNotFound,
-                    VmNotInRescue, VmNotPlaced)
+from errors import (InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmInMaintenance, VmInRescue, VmIsRunning,
+                    VmNotFound, VmNotInRescue, VmNotPlaced)
 from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
 from tasks.inventory import ipam
 from workers.san.backend import validate_name
@@ -15,11 +15,13 @@ from workers.san.backend import validate_name
 MAX_VM_NAME = 63  # a DNS label: the VM's name is its guest's hostname
 DATA_ROLE = "data"  # the role of a VM's data disks (its boot disk is `disk`, its NoCloud seed `seed`)
 RESCUE = "rescue"  # the state of a VM running its rescue system
+MAINTENANCE = "maintenance"  # the state of a VM running on its SAN host (`vm start --on-san`)
 # libvirt's names for a domain that exists and runs in some way on a server (workers.node.domains.STATE_NAMES).
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutting down", "suspended"})
-# States a running job owns, `error` (a failed job left the VM for an operator or the reconciler) and
-# `rescue` (its rescue system runs until the operator ends it): events and the state sync leave them alone.
-BUSY_STATES = frozenset({"installing", "deleting", "error", RESCUE})
+# States a running job owns, `error` (a failed job left the VM for an operator or the reconciler), `rescue`
+# (its rescue system runs until the operator ends it) and `maintenance` (it runs on the SAN host, which no
+# server's events or state sync see): events and the state sync leave them alone.
+BUSY_STATES = frozenset({"installing", "deleting", "error", RESCUE, MAINTENANCE})
 
 
 @dataclass(frozen=True)
@@ -129,7 +131,19 @@ def check_rescue(vm: VirtualMachine, end: bool) -> None:
         raise VmIsRunning(f"{vm.name} is {vm.state}: shut it down before booting it into rescue", vm=vm.name)
 
 
-def refuse_in_rescue(vm: VirtualMachine) -> None:
-    """A VM running its rescue system neither starts nor moves until the rescue ends."""
+def refuse_while_away(vm: VirtualMachine) -> None:
+    """A VM running its rescue system or on its SAN host neither starts nor moves until that ends."""
     if vm.state == RESCUE:
         raise VmInRescue(f"{vm.name} is in rescue: end it first (laxcluster vm rescue {vm.name} --end)", vm=vm.name)
+    if vm.state == MAINTENANCE:
+        raise VmInMaintenance(f"{vm.name} runs on its SAN host for maintenance: stop it there first "
+                              f"(laxcluster vm shutdown {vm.name})", vm=vm.name)
+
+
+def check_on_san(vm: VirtualMachine, server_fenced: bool) -> None:
+    """Refuse a start on the SAN host the VM's state does not allow: it must be stopped, or on a fenced server
+    (which can no longer reach its disks)."""
+    refuse_while_away(vm)
+    if vm.state in BUSY_STATES or (vm.state in ACTIVE_STATES and not server_fenced):
+        raise VmIsRunning(f"{vm.name} is {vm.state}: only a stopped VM (or one on a fenced server) starts on its "
+                          "SAN host", vm=vm.name)

@@ -1,7 +1,6 @@
 """Node-side work, run on the `node.<server>` queue: a VM's domain on that server."""
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from celery.signals import worker_ready
@@ -16,6 +15,7 @@ from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
 from tasks.inventory.vmnet import bridge_for
+from tasks.inventory.specs import direct_boot, vm_spec
 from tasks.inventory.vms import BUSY_STATES, DATA_ROLE, RESCUE
 from tasks.queues import node_queue
 from tasks.runtime import Runtime
@@ -40,29 +40,9 @@ def server_kind(server: ClusterServer) -> Hypervisor:
 def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer, config: Config) -> DomainSpec:
     """The libvirt definition of `vm` as it should run on `server`: its SAN LUNs, NIC (on the server's bridge
     for the lease's VM network) and boot; the domain type is the server's hypervisor kind."""
-    rows = session.scalars(select(Volume).where(Volume.vm_id == vm.id).order_by(Volume.iscsi_lun)).all()
-    volumes = {v.role: v for v in rows if v.role != DATA_ROLE}
-    template = session.get(Template, vm.template_id) if vm.template_id else None
     lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
-
-    def lun(volume: Volume) -> IscsiDisk:
-        return iscsi_disk(session, volume, server)
-
-    boot = template.boot if template and template.boot else None
-    return DomainSpec(
-        name=vm.name, uuid=vm.uuid, memory_bytes=vm.memory_bytes, vcpus=vm.vcpus, hypervisor=server_kind(server),
-        disks=(lun(volumes["disk"]),),
-        seed=lun(volumes["seed"]) if "seed" in volumes else None,
-        data=tuple(lun(v) for v in rows if v.role == DATA_ROLE and v.iscsi_lun is not None),
-        nics=(nic(session, config, lease, server),) if lease else (),
-        boot=direct_boot(boot) if boot else None,
-    )
-
-
-def direct_boot(boot: dict[str, Any], extra_cmdline: str = "") -> DirectBoot:
-    """A template's `boot` record as libvirt's direct kernel boot, its command line extended by `extra_cmdline`."""
-    cmdline = f"{boot['cmdline']} {extra_cmdline}".strip()
-    return DirectBoot(Path(boot["kernel"]), Path(boot["initrd"]) if boot.get("initrd") else None, cmdline)
+    nics = (nic(session, config, lease, server),) if lease else ()
+    return vm_spec(session, vm, server_kind(server), lambda volume: iscsi_disk(session, volume, server), nics)
 
 
 def iscsi_disk(session: Session, volume: Volume, server: ClusterServer) -> IscsiDisk:

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from config import SanConfig
 from errors import Conflict, LaxError
 from models import San, Template, VirtualMachine, Volume
 from models.protection import Backup
@@ -17,6 +18,8 @@ from tasks.context import JobContext
 from tasks.san.storage import target_for
 from tasks.san.volumes import SanPlace, restore_exports, san_place
 from tasks.workflow import workflow
+from workers.node import domains
+from workers.node.host import answers_tcp
 
 
 @workflow("inspect-san")
@@ -29,7 +32,19 @@ def inspect_san(ctx: JobContext) -> dict[str, Any]:
     targets = [{"iqn": t.iqn, "luns": {str(lun): path for lun, path in t.luns.items()},
                 "initiators": list(t.initiators), "sessions": t.sessions}
                for t in target_for(place.san).list_targets()]
-    return {"volumes": volumes, "targets": targets}
+    return {"volumes": volumes, "targets": targets, "host": _host(place.san)}
+
+
+def _host(san: SanConfig) -> dict[str, Any] | None:
+    """The domains of the SAN host's libvirt (VMs run there for maintenance), or why it did not answer."""
+    if not san.uri:
+        return None
+    if not answers_tcp(san.uri):
+        return {"error": f"nothing answers at {san.uri}"}
+    try:
+        return {"domains": domains.listing(san.uri)}
+    except LaxError as error:
+        return {"error": f"{error.code}: {error.message}"}
 
 
 @workflow("repair-san")

@@ -22,7 +22,7 @@ from models.protection import Backup
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
-from tasks.inventory.vms import find_vm, vm_volume
+from tasks.inventory.vms import MAINTENANCE, find_vm, vm_volume
 from tasks.queues import san_queue
 from tasks.san.storage import backend_for, handle_in_use, site_initiators, target_for
 from tasks.workflow import workflow
@@ -284,12 +284,15 @@ def restore_exports(san_name: str) -> list[str]:
     rt = runtime.current()
     place = san_place(rt.config, san_name)
     with rt.sessions() as session:
-        volumes = session.scalars(select(Volume).join(San).where(San.name == san_name, Volume.iscsi_target.is_not(None))).all()
+        volumes = session.execute(select(Volume, VirtualMachine.state).join(San).outerjoin(VirtualMachine)
+                                  .where(San.name == san_name, Volume.iscsi_target.is_not(None))).all()
         initiators = site_initiators(session, place.site)
     luns: dict[str, dict[int, str]] = {}
-    for volume in volumes:
+    for volume, _ in volumes:
         luns.setdefault(volume.iscsi_target, {})[volume.iscsi_lun] = place.backend.path_for_export(volume.backend_handle)
-    exports = [Export(iqn, by_lun, initiators) for iqn, by_lun in luns.items()]
+    # A VM running on the SAN host keeps its targets locked.
+    locked = {volume.iscsi_target for volume, state in volumes if state == MAINTENANCE}
+    exports = [Export(iqn, by_lun, () if iqn in locked else initiators) for iqn, by_lun in luns.items()]
     return target_for(place.san).reconcile(exports)
 
 

@@ -25,7 +25,7 @@ def test_a_stopped_vm_is_rescued_by_a_rescue_job_on_its_lock(rt, client, tokens)
     response = act(client, tokens, "rescue")
     assert response.status_code == 202, response.get_json()
     job = response.get_json()
-    assert (job["kind"], job["target"], job["params"]) == ("rescue", "vm/web1", {"vm": "web1", "end": False})
+    assert (job["kind"], job["target"], job["params"]) == ("rescue", "vm/web1", {"vm": "web1"})
 
 
 def test_ending_a_rescue_is_the_same_job_with_end(rt, client, tokens):

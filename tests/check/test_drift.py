@@ -172,3 +172,37 @@ def test_an_unanswered_san_or_server_is_unreachable_and_nothing_is_guessed_about
     assert [(d.kind, d.resource, d.where, d.safe) for d in drifts] == [
         ("unreachable", "server", "cs2", False), ("unreachable", "san", "san-a", False)]
     assert "no answer within 5 s" in drifts[1].detail
+
+
+def in_maintenance(**changes) -> Inventory:
+    """`web` runs on san-a's host (vm start --on-san): its server's domain is stopped."""
+    return inventory(vms=(VmRow(1, UUID, "web", "cs1", "maintenance"),), **changes)
+
+
+def on_san_host(*domains: DomainFacts, error: str | None = None, acl: tuple[str, ...] = ()) -> Observed:
+    seen = observed(targets=(target(initiators=acl, sessions=0),), domains=(DomainFacts(UUID, "web", "shut off"),))
+    san = seen.sans["san-a"]
+    facts = SanFacts(san.volumes, san.targets, None if error else domains, error)
+    return Observed(sans={"san-a": facts}, servers=seen.servers)
+
+
+def test_a_vm_in_maintenance_runs_on_the_san_host_with_its_target_locked():
+    assert compare(in_maintenance(), on_san_host(DomainFacts(UUID, "web", "running"))).drifts == []
+    assert found(in_maintenance(), on_san_host(DomainFacts(UUID, "web", "running"), acl=ACL)) == {
+        ("mismatched", "acl", "san-a", IQN, True)}
+    assert found(in_maintenance(), on_san_host(DomainFacts(UUID, "web", "shut off"))) == {
+        ("mismatched", "domain", "san-a", UUID, False)}
+    assert found(in_maintenance(), on_san_host()) == {("mismatched", "domain", "san-a", UUID, False)}
+    assert found(in_maintenance(), on_san_host(error="nothing answers")) == {
+        ("unreachable", "san host", "san-a", "san-a", False)}
+
+
+def test_a_domain_on_the_san_host_of_no_vm_in_maintenance_is_reported_not_repaired():
+    seen = observed()
+    host = SanFacts(seen.sans["san-a"].volumes, seen.sans["san-a"].targets,
+                    (DomainFacts(UUID, "web", "running"), DomainFacts(OTHER, "stray", "shut off")))
+    assert found(inventory(), Observed(sans={"san-a": host}, servers=seen.servers)) == {
+        ("mismatched", "domain", "san-a", UUID, False), ("orphan", "domain", "san-a", OTHER, False)}
+    # A SAN host nobody needs may be down: no drift.
+    quiet = SanFacts(seen.sans["san-a"].volumes, seen.sans["san-a"].targets, None, "nothing answers")
+    assert compare(inventory(), Observed(sans={"san-a": quiet}, servers=seen.servers)).drifts == []

@@ -179,9 +179,7 @@ def test_rescue_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str, end
     lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
     job, seconds = lab.final(job_id, lab.restart_worker())
     assert job.state == SUCCEEDED, job.error_message
-    with lab.rt.sessions() as session:
-        state = session.scalar(select(VirtualMachine.state).where(VirtualMachine.name == name))
-    assert state == ("shut off" if end else "rescue")
+    assert lab.vm_state(name) == ("shut off" if end else "rescue")
     if not end:
         console_answer(server_uri(lab.rt, "cs1"), name, 'echo RES""CUED-$(grep -c laxcluster.rescue /proc/cmdline)',
                        "RESCUED-1")
@@ -193,3 +191,34 @@ def test_rescue_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str, end
     lab.assert_clean()
     lab.record(f"worker killed -9 at {kind} / {phase} (rescue{' --end' if end else ''})", job, seconds,
                f"re-run; {'its own domain back' if end else 'the rescue system runs'}; check clean; {works}")
+
+
+@pytest.mark.parametrize("kind, phase, stop", [
+    ("start", "start on the SAN host", False),  # the control workflow, starting its SAN child
+    ("start-on-san", "define", False),          # the SAN, the VM's exports locked, its domain not yet defined
+    ("start-on-san", "start", False),           # the SAN, the domain defined on its host, not started
+    ("power-on-san", "end maintenance", True),  # the SAN, the domain there stopped, still defined, exports locked
+])
+def test_a_start_on_the_san_host_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str, stop: bool):
+    lab, name = fault_lab, unique("osn")
+    san_host = lab.rt.config.san("san-a")[1].uri
+    assert install(lab.rt, lab.celery_app, name, server="cs1").state == SUCCEEDED
+    assert run_job(lab.rt, lab.celery_app, "destroy", {"vm": name}).state == SUCCEEDED
+    if stop:
+        assert run_job(lab.rt, lab.celery_app, "start", {"vm": name, "on_san": True}).state == SUCCEEDED
+    lab.crash_worker_at(kind, phase)
+    job_id = start(lab, "destroy", {"vm": name}) if stop else start(lab, "start", {"vm": name, "on_san": True})
+    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    assert lab.vm_state(name) == ("shut off" if stop else "maintenance")
+    if not stop:
+        assert boot_line(san_host, name)[0] == name
+    lab.assert_clean()
+    if not stop:
+        assert run_job(lab.rt, lab.celery_app, "destroy", {"vm": name}).state == SUCCEEDED
+    assert run_job(lab.rt, lab.celery_app, "start", {"vm": name}).state == SUCCEEDED
+    works = assert_vm_works(lab, name)
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at {kind} / {phase} ({'destroy on' if stop else 'start --on'}-san)", job, seconds,
+               f"re-run; {'maintenance ended' if stop else 'runs on the SAN host'}; check clean; {works}")

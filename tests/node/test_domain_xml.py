@@ -18,6 +18,7 @@ from workers.node.domain_xml import (
     FileDisk,
     Hypervisor,
     IscsiDisk,
+    LocalDisk,
     Nic,
     data_disk_xml,
     domain_xml,
@@ -48,6 +49,9 @@ def make_spec(hypervisor: Hypervisor, *, kernel_boot: bool = True, seed: FileDis
     return DomainSpec(**values)  # type: ignore[arg-type]
 
 
+# A VM on its SAN host: a reflink volume file, the seed, and a data disk on a block device (an LVM volume).
+LOCAL = (LocalDisk(Path("/srv/pool/vm-1-disk"), 1), LocalDisk(Path("/srv/pool/vm-1-seed"), 2),
+         LocalDisk(Path("/dev/vg0/vm-1-data"), 4))
 DATA = (IscsiDisk(TARGET, 3, "10.1.0.10", 3261, INITIATOR), IscsiDisk(TARGET, 5, "10.1.0.10", 3261, INITIATOR))
 VARIANTS = [
     pytest.param(make_spec(h, kernel_boot=b, seed=s), id=f"{h}-{'kernel' if b else 'disk'}-{type(s).__name__ if s else 'fileseed'}")
@@ -55,7 +59,8 @@ VARIANTS = [
     for b in (True, False)
     for s in (None, IscsiDisk(TARGET, 9, "10.1.0.10", 3261, INITIATOR, readonly=True))
 ] + [pytest.param(replace(make_spec(h), disks=make_spec(h).disks[:1], data=DATA), id=f"{h}-data-disks")
-      for h in ("qemu", "xen")]
+      for h in ("qemu", "xen")] + [pytest.param(replace(make_spec("qemu"), disks=LOCAL[:1], seed=LOCAL[1], data=LOCAL[2:]),
+                                                id="qemu-on-the-san-host")]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +91,9 @@ def test_every_variant_is_accepted_by_libvirt(spec: DomainSpec, test_conn: libvi
             devices = [s.get("dev") for s in defined.iterfind("devices/disk[@type='block']/source")]
             luns = [disk.lun for disk in (*spec.disks, *spec.data)]
             assert [d for d in devices if not d.endswith("-lun-9")] == [BY_PATH.format(lun=lun) for lun in luns]
+        elif isinstance(spec.disks[0], LocalDisk):
+            paths = {source.get("file") or source.get("dev") for source in defined.iterfind("devices/disk/source")}
+            assert paths == {str(disk.path) for disk in (*spec.disks, spec.seed, *spec.data)}
         else:
             sources = [s.get("name") for s in defined.iterfind("devices/disk/source[@protocol='iscsi']")]
             assert {f"{TARGET}/{disk.lun}" for disk in (*spec.disks, *spec.data)} <= set(sources)
@@ -173,3 +181,11 @@ def test_data_disks_follow_the_seed_named_by_their_lun_and_attach_as_the_same_el
     assert [d.find("source").get("name") for d in disks[2:]] == [f"{TARGET}/3", f"{TARGET}/5"]
     shown = ET.canonicalize(ET.tostring(disks[3], encoding="unicode"), strip_text=True)
     assert shown == ET.canonicalize(data_disk_xml(DATA[1], "qemu"), strip_text=True)
+
+
+def test_on_the_san_host_volumes_are_opened_by_path_named_by_their_lun() -> None:
+    root = ET.fromstring(domain_xml(replace(make_spec("qemu"), disks=LOCAL[:1], seed=LOCAL[1], data=LOCAL[2:])))
+    disks = [(d.get("type"), d.find("source").attrib, d.find("target").get("dev")) for d in root.findall("devices/disk")]
+    assert disks == [("file", {"file": "/srv/pool/vm-1-disk"}, "vda"), ("file", {"file": "/srv/pool/vm-1-seed"}, "vdb"),
+                     ("block", {"dev": "/dev/vg0/vm-1-data"}, "vdd")]
+    assert not root.findall("devices/disk/source/host")

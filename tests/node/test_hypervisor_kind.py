@@ -64,9 +64,14 @@ def test_without_kvm_in_libvirts_capabilities_the_kind_is_qemu_and_no_probe_star
 
 def test_the_config_refuses_a_hypervisor_kind_it_does_not_know(tmp_path: Path) -> None:
     path = tmp_path / "laxcluster.toml"
-    path.write_text(config.DEFAULTS.read_text().replace('hypervisor = "qemu"', 'hypervisor = "lxc"', 1))
+    cs1 = 'initiator = "iqn.2026-11.org.laxcluster:cs1"\n'
+    path.write_text(config.DEFAULTS.read_text().replace(f'{cs1}hypervisor = "qemu"', f'{cs1}hypervisor = "lxc"'))
     with pytest.raises(ValueError, match="server cs1: hypervisor 'lxc' is not one of kvm, qemu, xen"):
         config.load(path, environ={})
-    path.write_text(config.DEFAULTS.read_text().replace('hypervisor = "qemu"\n', "", 1))
+    path.write_text(config.DEFAULTS.read_text().replace('uri = "qemu+tcp://10.251.0.10/system"\nhypervisor = "qemu"',
+                                                        'uri = "qemu+tcp://10.251.0.10/system"\nhypervisor = "lxc"'))
+    with pytest.raises(ValueError, match="SAN san-a: hypervisor 'lxc' is not one of kvm, qemu, xen"):
+        config.load(path, environ={})
+    path.write_text(config.DEFAULTS.read_text().replace(f'{cs1}hypervisor = "qemu"\n', cs1))
     assert [(s.name, s.hypervisor) for _, _, s in config.load(path, environ={}).servers()] == [
         ("cs1", None), ("cs2", "qemu"), ("cs3", "qemu")]

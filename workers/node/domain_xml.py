@@ -2,7 +2,8 @@
 
 Disks are iSCSI LUNs reached through QEMU's own iSCSI client (libvirt network disks with
 cache='none', so live migration with shared storage is safe); the NoCloud seed is an
-extra read-only disk. Xen's libxl takes no iSCSI network disks: there a LUN is the block
+extra read-only disk. The SAN host itself, running a VM for maintenance, opens the volumes
+by path instead (LocalDisk). Xen's libxl takes no iSCSI network disks: there a LUN is the block
 device the server's own open-iscsi session gives it (`iscsi_by_path`), which the server must
 have logged in to before the domain starts. Values only ever reach the XML as element text or attribute values
 through ElementTree, which escapes them.
@@ -44,6 +45,19 @@ class FileDisk:
 
 
 @dataclass(frozen=True)
+class LocalDisk:
+    """A volume on the host that runs the domain, by path: the SAN host running a VM for maintenance opens
+    its volumes directly. `lun` is the LUN the volume has when exported; it names the device, as on a server."""
+
+    path: Path
+    lun: int
+    readonly: bool = False
+
+
+Disk = IscsiDisk | LocalDisk
+
+
+@dataclass(frozen=True)
 class Nic:
     """A network card; with neither `network` nor `bridge`, QEMU's user-mode network (no host setup needed)."""
 
@@ -68,11 +82,11 @@ class DomainSpec:
     memory_bytes: int
     vcpus: int
     hypervisor: Hypervisor
-    disks: tuple[IscsiDisk, ...]
-    seed: IscsiDisk | FileDisk | None = None
+    disks: tuple[Disk, ...]
+    seed: Disk | FileDisk | None = None
     # Data disks after the boot disk and seed; each one's device follows its LUN (see data_dev), so adding or
     # removing one never renames another.
-    data: tuple[IscsiDisk, ...] = ()
+    data: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     boot: DirectBoot | None = None
     description: str | None = None
@@ -146,7 +160,7 @@ def add_os(domain: ET.Element, spec: DomainSpec) -> None:
 
 def add_devices(domain: ET.Element, spec: DomainSpec) -> None:
     devices = ET.SubElement(domain, "devices")
-    disks: list[IscsiDisk | FileDisk] = [*spec.disks, *([spec.seed] if spec.seed is not None else [])]
+    disks: list[Disk | FileDisk] = [*spec.disks, *([spec.seed] if spec.seed is not None else [])]
     for index, disk in enumerate(disks):
         add_disk(devices, disk, target_dev(spec.hypervisor, index), spec.hypervisor)
     for disk in spec.data:
@@ -174,7 +188,7 @@ def target_dev(hypervisor: Hypervisor, index: int) -> str:
     return prefix + letters
 
 
-def data_dev(hypervisor: Hypervisor, disk: IscsiDisk) -> str:
+def data_dev(hypervisor: Hypervisor, disk: Disk) -> str:
     """A data disk's device name from its LUN (LUN 1 is the boot disk's vda, LUN 2 the seed's vdb, LUN 3 vdc, …)."""
     return target_dev(hypervisor, disk.lun - 1)
 
@@ -191,7 +205,7 @@ def iscsi_by_path(disk: IscsiDisk) -> str:
     return f"/dev/disk/by-path/ip-{disk.host}:{disk.port}-iscsi-{disk.target_iqn}-lun-{disk.lun}"
 
 
-def add_disk(devices: ET.Element, disk: IscsiDisk | FileDisk, dev: str, hypervisor: Hypervisor) -> None:
+def add_disk(devices: ET.Element, disk: Disk | FileDisk, dev: str, hypervisor: Hypervisor) -> None:
     if isinstance(disk, IscsiDisk) and hypervisor == "xen":
         el = ET.SubElement(devices, "disk", type="block", device="disk")
         ET.SubElement(el, "driver", name="phy")
@@ -205,9 +219,10 @@ def add_disk(devices: ET.Element, disk: IscsiDisk | FileDisk, dev: str, hypervis
             initiator = ET.SubElement(source, "initiator")
             ET.SubElement(initiator, "iqn", name=disk.initiator_iqn)
     else:
-        el = ET.SubElement(devices, "disk", type="file", device="disk")
+        block = isinstance(disk, LocalDisk) and disk.path.is_relative_to("/dev")
+        el = ET.SubElement(devices, "disk", type="block" if block else "file", device="disk")
         ET.SubElement(el, "driver", name="qemu", type="raw")
-        ET.SubElement(el, "source", file=str(disk.path))
+        ET.SubElement(el, "source", **{"dev" if block else "file": str(disk.path)})
     ET.SubElement(el, "target", dev=dev, bus="xen" if hypervisor == "xen" else "virtio")
     if disk.readonly:
         ET.SubElement(el, "readonly")

@@ -1,13 +1,16 @@
 """Facts about a cluster server, read through libvirt-python."""
 
+import socket
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
 from errors import ServerUnreachable
 
+LIBVIRT_TCP_PORT = 16509
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,19 @@ class HostFacts:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def answers_tcp(uri: str, timeout: float = 2.0) -> bool:
+    """Whether a `qemu+tcp` URI's libvirtd accepts a TCP connection within `timeout` (libvirt's own connect to
+    an address nobody answers at waits much longer); other transports are not probed and count as answering."""
+    parts = urlsplit(uri)
+    if not parts.scheme.endswith("+tcp"):
+        return True
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or LIBVIRT_TCP_PORT), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def connect(uri: str) -> libvirt.virConnect:

@@ -233,6 +233,19 @@ class Tgt:
         self._confirm_fenced(initiator)
         return Fenced(touched, sessions)
 
+    def lock_out(self, iqn: str) -> int:
+        """Let no initiator reach target `iqn`: empty its ACL and drop its sessions. Returns how many sessions
+        were dropped; raises FenceFailed unless tgtd then shows the target with neither."""
+        target = self._require(iqn)
+        self.bind_initiators(iqn, [])
+        for nexus, cid in ((nexus, cid) for nexus in target.nexuses for cid in nexus.connections):
+            self._drop_connection(target.tid, nexus.sid, cid)
+        after = self._require(iqn)
+        if after.initiators or after.nexuses:
+            raise FenceFailed(f"{iqn} still lets {', '.join(sorted({*after.initiators, *(n.initiator for n in after.nexuses)}))} in "
+                              "after locking it", targets=[iqn])
+        return len(target.nexuses)
+
     def _drop_connection(self, tid: int, sid: int, cid: int) -> None:
         try:
             run(self.argv("--op", "delete", "--mode", "conn", "--tid", str(tid), "--sid", str(sid), "--cid", str(cid)))
