@@ -9,16 +9,19 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
 	qemu-system-x86 qemu-utils qemu-block-extra \
 	tgt lvm2 thin-provisioning-tools xfsprogs btrfs-progs e2fsprogs fdisk parted \
 	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux dosfstools mtools \
-	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils debootstrap
+	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils debootstrap chromium
 
 .PHONY: setup run test test-fast bench bench-clone bench-migrate bench-ha
 
 setup:
 	apt-get update -q
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES)
+	# npm for the web console's packages: Debian's, unless a Node.js bringing its own npm is installed.
+	command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	npm ci --prefix api/ui --no-audit --no-fund
 
 run:
 	$(VENV)/bin/laxcluster run

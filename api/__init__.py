@@ -1,7 +1,8 @@
 """The LaxCluster HTTP API: a thin Flask layer over the inventory DB and the job queue.
 
 `create_app()` builds the app; gunicorn's threaded worker (see `laxcluster run`) serves it. Every route needs a
-bearer token except `GET /health`; errors are problem+json; `GET /openapi.json` describes it all.
+bearer token except `GET /health`; errors are problem+json; `GET /openapi.json` describes it all. The web
+console under `/ui/` (api.ui) is served by the same app, signed in with a session cookie instead.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 from flask import Flask
 
 from api import (audit, auth, backups, check, console, disks, health, ipam, jobs, metrics, openapi, problems, servers,
-                 storage, streams, tokens, topology, vms)
+                 storage, streams, tokens, topology, ui, vms)
 from api.context import EXTENSION
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask
                                  "streams": streams.StreamSlots(int(settings.get("max_streams", 4)))}
     for blueprint in BLUEPRINTS:
         app.register_blueprint(blueprint)
+    ui.register(app, rt.config.var_dir, settings.get("secret_key"))
     problems.register(app)
     metrics.record_latency(app)
     auth.register(app)

@@ -77,14 +77,19 @@ POLICY_SCHEMA = {"type": "object", "properties": {
            "changed since the last backup in the store), as a snapshot-backup job on its SAN's queue",
            status=202, response=ref("Job"), body=request_schema(SnapshotBackup, exclude=frozenset({"vm", "policy"})))
 def create(name: str):
-    body = validation.json_body()
+    with context.session() as db:
+        params = backup_params(db, name, validation.json_body())
+    return submit_job("snapshot-backup", params)
+
+
+def backup_params(db: Session, name: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot-backup job's parameters for VM `name` from a request body (mode, store), every field checked."""
     validation.reject_unknown(body, {"mode", "store"})
     mode = validation.choice(body.get("mode", "full"), "mode", backup_jobs.MODES)
     params: dict[str, Any] = {"vm": validation.name(name, "name"), "mode": mode}
-    with context.session() as db:
-        _check_has_disks(db, name)
-        params["store"] = _store_name(db, body.get("store"))
-    return submit_job("snapshot-backup", params)
+    _check_has_disks(db, name)
+    params["store"] = _store_name(db, body.get("store"))
+    return params
 
 
 @backups.get("/backups")

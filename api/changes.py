@@ -50,6 +50,18 @@ def submit_job(kind: str, params: dict[str, Any] | None = None, *, target: str |
     return job_response(job, 202)
 
 
+def start_job(kind: str, params: dict[str, Any], *, prepare: Callable[[Session], None] | None = None) -> Job:
+    """Record and dispatch a job for the current caller, with no idempotency key (the web console's forms);
+    `prepare(db)` as for submit_job."""
+    requester = submission.Requester(current_caller().name, request.remote_addr)
+    with context.session() as db:
+        if prepare is not None:
+            prepare(db)
+        job, _ = submission.submit(db, kind, params, requester)
+    submission.launch(context.runtime(), context.celery(), job)
+    return job
+
+
 def audit(db: Session, action: str, target: str, **details: Any) -> None:
     """Record who did `action` to `target`, from where, in the caller's transaction."""
     db.add(AuditEvent(actor=current_caller().name, action=action, target=target,

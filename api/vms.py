@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from flask import Blueprint, jsonify, request
-from sqlalchemy import Select, func, select
+from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
 from api import context, sizes, validation
@@ -87,16 +87,14 @@ INSTALL_SCHEMA = {"type": "object", "required": ["name", "template", "memory", "
     "state": {"type": "string", "description": "only VMs in this state (running, shut off, installing ...)"}})
 def index():
     limit = validation.integer(request.args.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
-    query = _overview().order_by(VirtualMachine.name).limit(limit + 1)
+    query = overview_query().order_by(VirtualMachine.name).limit(limit + 1)
     if "after" in request.args:
         query = query.where(VirtualMachine.name > validation.name(request.args["after"], "after"))
     if "state" in request.args:
         query = query.where(VirtualMachine.state == _state(request.args["state"]))
     with context.session() as db:
         rows = db.execute(query).all()
-        by_id = {row[0].id: vm_json(*row) for row in rows[:limit]}
-        _add_addresses(db, by_id)
-    page = list(by_id.values())
+        page = overview_lines(db, rows[:limit])
     return jsonify(active=[vm for vm in page if vm["state"] in RUNNING_SOMEWHERE],
                    inactive=[vm for vm in page if vm["state"] not in RUNNING_SOMEWHERE],
                    next=page[-1]["name"] if len(rows) > limit else None)
@@ -107,18 +105,22 @@ def index():
 def show(name: str):
     validation.name(name, "name")
     with context.session() as db:
-        row = db.execute(_overview().where(VirtualMachine.name == name)).first()
-        if row is None:
-            raise VmNotFound(f"no VM {name}", vm=name)
-        vm = row[0]
-        shown = vm_json(*row)
-        _add_addresses(db, {vm.id: shown})
-        disks = db.execute(volumes_query().where(Volume.vm_id == vm.id).order_by(Volume.role, Volume.name))
-        shown.update(uuid=vm.uuid, desired_state=vm.desired_state, hypervisor=vm.hypervisor, ssh_keys=vm.ssh_keys,
-                     ha=vm.ha, ha_priority=vm.ha_priority,
-                     state_updated_at=iso(vm.state_updated_at), created_at=iso(vm.created_at),
-                     volumes=[volume_json(*disk) for disk in disks], error=_error_of(db, vm))
-    return jsonify(shown)
+        return jsonify(vm_detail(db, name))
+
+
+def vm_detail(db: Session, name: str) -> dict[str, Any]:
+    """VM `name` as `GET /vms/<name>` shows it: its overview line, identity, wishes, volumes and last error."""
+    row = db.execute(overview_query().where(VirtualMachine.name == name)).first()
+    if row is None:
+        raise VmNotFound(f"no VM {name}", vm=name)
+    vm = row[0]
+    shown = overview_lines(db, [row])[0]
+    disks = db.execute(volumes_query().where(Volume.vm_id == vm.id).order_by(Volume.role, Volume.name))
+    shown.update(uuid=vm.uuid, desired_state=vm.desired_state, hypervisor=vm.hypervisor, ssh_keys=vm.ssh_keys,
+                 ha=vm.ha, ha_priority=vm.ha_priority,
+                 state_updated_at=iso(vm.state_updated_at), created_at=iso(vm.created_at),
+                 volumes=[volume_json(*disk) for disk in disks], error=_error_of(db, vm))
+    return shown
 
 
 def _error_of(db: Session, vm: VirtualMachine) -> str | None:
@@ -139,7 +141,14 @@ def vm_json(vm: VirtualMachine, server: str | None, template: str | None, disk_b
             "template": template, "description": vm.description, "subnet": None, "hostname": None}
 
 
-def _overview() -> Select:
+def overview_lines(db: Session, rows: list[Row]) -> list[dict[str, Any]]:
+    """The overview lines of rows of `overview_query()`, addresses filled in."""
+    by_id = {row[0].id: vm_json(*row) for row in rows}
+    _add_addresses(db, by_id)
+    return list(by_id.values())
+
+
+def overview_query() -> Select:
     """VMs with their server's, template's and SAN's names and their disk size: one statement for any number of rows."""
     disks = (select(Volume.vm_id, func.sum(Volume.size_bytes).label("disk_bytes"))
              .where(Volume.role == "disk").group_by(Volume.vm_id).subquery())
@@ -189,9 +198,14 @@ def install():
            "system (rescue; end: true puts its own domain back), as a job",
            status=202, response=ref("Job"), body=request_schema(Power, Migrate, Rescue, exclude=frozenset({"vm"})))
 def act(name: str, action: str):
+    return submit_job(action, action_params(name, action, validation.json_body()))
+
+
+def action_params(name: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The job parameters of `action` on VM `name` from a request body, every field checked; VmNotFound, or a
+    409 when the VM's state does not allow the action."""
     if action not in ACTIONS:
         raise UnknownAction(f"no action {action!r} for a VM (one of {', '.join(ACTIONS)})", action=action)
-    body = validation.json_body()
     validation.reject_unknown(body, ACTION_FIELDS.get(action, set()))
     flag = _flag(body, ACTION_FLAGS[action], False) if action in ACTION_FLAGS else False
     _refuse_if_state_forbids(name, action, flag)
@@ -202,7 +216,7 @@ def act(name: str, action: str):
         params["timeout_s"] = validation.integer(body["timeout_s"], "timeout_s", 1, MAX_SHUTDOWN_TIMEOUT_S)
     if action == "migrate":
         params.update(migrate_params(body))
-    return submit_job(action, params)
+    return params
 
 
 def _refuse_if_state_forbids(name: str, action: str, flag: bool) -> None:
