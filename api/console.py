@@ -67,6 +67,12 @@ class SocketTakenOver(Response):
 def console(name: str) -> Response:
     if not request.url_rule.websocket:
         raise UpgradeRequired("the console is a websocket: connect with `Upgrade: websocket` (laxcluster vm console)")
+    return relay_console(name)
+
+
+def relay_console(name: str) -> Response:
+    """Attach to VM `name`'s console (every refusal comes before the upgrade) and relay it over this request's
+    websocket until either side closes; the web console's page uses it too."""
     with streams.claim():
         attached = attach(name)
         try:

@@ -16,14 +16,17 @@ from errors import LaxError, TokenExpired, TokenRevoked, Unauthorized
 
 HERE = Path(__file__).parent
 # The vendored files the pages load, by the name they are served under.
-VENDOR = {"htmx.min.js": HERE / "node_modules" / "htmx.org" / "dist" / "htmx.min.js"}
+MODULES = HERE / "node_modules"
+VENDOR = {"htmx.min.js": MODULES / "htmx.org" / "dist" / "htmx.min.js",
+          "xterm.js": MODULES / "@xterm" / "xterm" / "lib" / "xterm.js",
+          "xterm.css": MODULES / "@xterm" / "xterm" / "css" / "xterm.css"}
 OPEN_ENDPOINTS = frozenset({"ui.sign_in", "ui.sign_in_form", "ui.vendor", "ui.static"})
 
 blueprint = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 
 
 def register(app: Flask, var_dir: Path, secret: str | None) -> None:
-    from api.ui import actions, pages  # noqa: F401  (their routes join the blueprint)
+    from api.ui import actions, console, pages  # noqa: F401  (their routes join the blueprint)
 
     signin.configure(app, var_dir, secret)
     app.register_blueprint(blueprint)
@@ -75,4 +78,5 @@ def vendor(name: str) -> Response:
     path = VENDOR.get(name)
     if path is None or not path.exists():
         abort(404)
-    return send_from_directory(path.parent, path.name, mimetype="text/javascript", max_age=3600)
+    mimetype = "text/css" if path.suffix == ".css" else "text/javascript"
+    return send_from_directory(path.parent, path.name, mimetype=mimetype, max_age=3600)

@@ -6,10 +6,12 @@ refused. Each page's screenshot is kept under tests/ui/screenshots/."""
 
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import websocket
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from models.db import transaction
@@ -60,6 +62,21 @@ def job_succeeds(page: Page) -> None:
     expect(page.locator("#job-progress")).to_have_attribute("value", "100.0")
 
 
+def assert_console_shows_boot_line(page: Page, name: str) -> None:
+    """Ask the guest's shell for its boot line through the page's terminal until it shows (within a deadline)."""
+    expect(page.locator("#console-status")).to_have_text("connected")
+    page.locator("#terminal").click()
+    deadline = time.monotonic() + 120
+    while True:
+        page.keyboard.type("cat /etc/laxcluster-boot\n")
+        try:
+            expect(page.locator(".xterm-rows")).to_contain_text(f"LAXCLUSTER-BOOT hostname={name}", timeout=3000)
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+
+
 def test_an_operator_installs_backs_up_migrates_and_deletes_a_vm_in_the_browser(cluster, served_api, tokens, browser,
                                                                                   tmp_path):
     with transaction(cluster.sessions) as session:
@@ -80,6 +97,10 @@ def test_an_operator_installs_backs_up_migrates_and_deletes_a_vm_in_the_browser(
     page.get_by_role("link", name=f"Machine {name}").click()
     expect(page.get_by_role("heading", name=name)).to_contain_text("running")
     shot(page, "vm")
+    page.get_by_role("link", name="Console").click()
+    assert_console_shows_boot_line(page, name)
+    shot(page, "console")
+    page.go_back()
     page.get_by_role("button", name="Back up now").click()
     job_succeeds(page)
 
@@ -127,6 +148,14 @@ def test_a_viewer_sees_no_buttons_and_a_forged_post_is_refused(cluster, served_a
     forged = operator.request.post(f"{served_api.url}/ui/vms/{name}/actions/destroy", form={"action": "destroy"},
                                    max_redirects=0)
     assert forged.status == 403 and "CSRF" in forged.text()
+    # The console's websocket with the operator's cookie, opened from another site: refused before the upgrade.
+    cookie = "; ".join(f"{c['name']}={c['value']}" for c in operator.context.cookies())
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(f"{served_api.url.replace('http', 'ws', 1)}/ui/vms/{name}/console/socket",
+                                    header=[f"Cookie: {cookie}"], origin="http://evil.example", timeout=10)
+    assert refused.value.status_code == 403
+    viewer.goto(f"{served_api.url}/ui/vms/{name}/console")
+    expect(viewer.locator(".problem")).to_contain_text("Forbidden")
     operator.goto(f"{served_api.url}/ui/vms/{name}")
     expect(operator.get_by_role("heading", name=name)).to_contain_text("running")
     operator.get_by_label("to delete it").fill(name)
