@@ -55,6 +55,23 @@ def install() -> Response:
     return _to_job(job)
 
 
+@blueprint.post("/install/check")
+def install_check() -> str:
+    """The install form's live validation: everything the install would check now (the fields, a free name, the
+    template, an address), reserved in a transaction that is rolled back; the answer is the fragment to show."""
+    signin.require("operator")
+    try:
+        wanted = install_request(_install_body(request.form))
+        with context.runtime().sessions() as db:
+            try:
+                vms.reserve_vm(db, context.runtime().config, wanted)
+            finally:
+                db.rollback()
+    except LaxError as error:
+        return render_template("_problem.html", error=error)
+    return render_template("_install_ready.html", wanted=wanted)
+
+
 def _install_body(form: Any) -> dict[str, Any]:
     """The install form as the API's JSON body: numbers as numbers, keys one per line, empty fields left out."""
     body: dict[str, Any] = {key: form[key] for key in ("name", "template", "memory", "disk", "subnet", "server",

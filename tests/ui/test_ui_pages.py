@@ -129,3 +129,33 @@ def test_the_live_fragments_and_the_api_document(client, tokens, web1):
     assert client.get("/ui/vendor/htmx.min.js").status_code == 200
     assert not [path for path in client.get("/openapi.json", headers={"Authorization": f"Bearer {tokens['viewer']}"})
                 .get_json()["paths"] if path.startswith("/ui")]
+
+
+@pytest.mark.parametrize("problems", [[], [{"code": "NoCapacity", "message": "cs2 has 100 MB free"}]])
+def test_a_migration_check_offers_the_move_only_when_nothing_stands_in_the_way(rt, client, tokens, web1, problems):
+    csrf = signed_in(client, tokens["operator"])
+    checked = client.post("/ui/vms/web1/actions/migrate", data={"csrf": csrf, "to": "cs2", "check": "1"})
+    with transaction(rt.sessions) as session:
+        job = session.get(Job, checked.headers["Location"].rsplit("/", 1)[1])
+        job.state, job.progress = "succeeded", 100.0
+        job.result = {"vm": "web1", "source": "cs1", "destination": "cs2", "problems": problems,
+                      "can_migrate": not problems}
+    page = client.get(checked.headers["Location"]).get_data(as_text=True)
+    assert ("Migrate web1 to cs2 now" in page) == (not problems)
+    assert ("<li><strong>NoCapacity</strong>: cs2 has 100 MB free</li>" in page) == bool(problems)
+
+
+def test_the_install_form_is_checked_live_and_nothing_is_kept(rt, client, tokens, web1):
+    csrf = signed_in(client, tokens["operator"])
+    form = {"name": "db1", "template": "tiny", "memory": "256M", "vcpus": "1", "disk": "1G"}
+    headers = {"HX-Request": "true", "X-CSRF-Token": csrf}
+    ready = client.post("/ui/install/check", data=form, headers=headers)
+    assert ready.status_code == 200 and "Ready: db1 from tiny" in ready.get_data(as_text=True)
+    taken = client.post("/ui/install/check", data={**form, "name": "web1"}, headers=headers).get_data(as_text=True)
+    assert "VmExists" in taken and "<html" not in taken
+    assert "InvalidInput" in client.post("/ui/install/check", data={**form, "vcpus": "x"}, headers=headers).get_data(as_text=True)
+    assert "TemplateNotFound" in client.post("/ui/install/check", data={**form, "template": "nope"},
+                                             headers=headers).get_data(as_text=True)
+    with rt.sessions() as session:
+        assert session.scalars(select(VirtualMachine.name)).all() == ["web1"]
+    assert jobs(rt) == []
