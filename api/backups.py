@@ -98,7 +98,7 @@ def backup_params(db: Session, name: str, body: dict[str, Any]) -> dict[str, Any
                   "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}})
 def index():
     limit = validation.integer(request.args.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
-    query = _backups_query().order_by(Backup.created_at.desc(), Backup.id).limit(limit)
+    query = backups_query().order_by(Backup.created_at.desc(), Backup.id).limit(limit)
     if "vm" in request.args:
         query = query.where(Backup.vm_name == validation.name(request.args["vm"], "vm"))
     if "store" in request.args:
@@ -111,7 +111,7 @@ def index():
 @operation("Show one backup", response=BACKUP_SCHEMA)
 def show(backup_id: str):
     with context.session() as db:
-        return jsonify(backup_json(*_backup(db, backup_id)))
+        return jsonify(backup_json(*backup_named(db, backup_id)))
 
 
 @backups.post("/backups/<backup_id>/actions/verify")
@@ -128,7 +128,7 @@ def verify(backup_id: str):
         scratch = f"verify-{backup_id.replace('-', '')[:12]}"
         return _restore_as_vm(backup_id, scratch, kind="verify-boot")
     with context.session() as db:
-        _backup(db, backup_id)
+        backup_named(db, backup_id)
     return submit_job("verify-backup", {"backup": backup_id})
 
 
@@ -152,7 +152,7 @@ def restore(backup_id: str):
         return _restore_as_vm(backup_id, body["as_vm"])
     params: dict[str, Any] = {"backup": backup_id, "in_place": in_place}
     with context.session() as db:
-        backup, _ = _backup(db, backup_id)
+        backup, _ = backup_named(db, backup_id)
         _check_san_exists(db, backup.san_name)
         if body.get("as") is not None:
             params["as"] = _new_volume_name(db, body["as"], backup.san_name)
@@ -163,7 +163,7 @@ def _restore_as_vm(backup_id: str, name: Any, *, kind: str = "restore-vm"):
     """A new VM like the backed-up one (template, memory, vCPUs), its lease reserved now, its disk the backup's."""
     new_name = vm_name(name, "as_vm")
     with context.session() as db:
-        backup, _ = _backup(db, backup_id)
+        backup, _ = backup_named(db, backup_id)
         original = db.scalar(select(VirtualMachine).where(VirtualMachine.name == backup.vm_name))
         if original is None or original.template_id is None:
             raise VmNotFound(f"VM {backup.vm_name} is gone or was not made from a template: nothing to model "
@@ -185,14 +185,15 @@ def backup_json(backup: Backup, store: str) -> dict[str, Any]:
             "created_at": iso(backup.created_at), "verified_at": iso(backup.verified_at)}
 
 
-def _backups_query():
+def backups_query():
     return select(Backup, BackupStore.name).join(BackupStore, Backup.store_id == BackupStore.id)
 
 
-def _backup(db: Session, backup_id: str) -> tuple[Backup, str]:
+def backup_named(db: Session, backup_id: str) -> tuple[Backup, str]:
+    """The backup a URL names and its store's name; BackupNotFound if there is none."""
     if not isinstance(backup_id, str) or len(backup_id) > 36:
         raise BackupNotFound(f"no backup {backup_id}", backup=backup_id)
-    row = db.execute(_backups_query().where(Backup.id == backup_id)).first()
+    row = db.execute(backups_query().where(Backup.id == backup_id)).first()
     if row is None:
         raise BackupNotFound(f"no backup {backup_id}", backup=backup_id)
     return row[0], row[1]

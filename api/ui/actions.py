@@ -10,7 +10,7 @@ from typing import Any
 from flask import Response, redirect, render_template, request, url_for
 
 from api import context
-from api.backups import backup_params
+from api.backups import backup_named, backup_params
 from api.changes import start_job
 from api.ui import blueprint, signin
 from api.vms import action_params, install_request, vm_named
@@ -107,6 +107,14 @@ def delete(name: str) -> Response:
     with context.session() as db:
         vm_named(db, name)
     return _to_job(start_job("delete-vm", {"vm": name}))
+
+
+@blueprint.post("/backups/<backup_id>/verify")
+def verify_backup(backup_id: str) -> Response:
+    signin.require("operator")
+    with context.session() as db:
+        backup_named(db, backup_id)
+    return _to_job(start_job("verify-backup", {"backup": backup_id}))
 
 
 @blueprint.post("/jobs/<job_id>/cancel")

@@ -8,15 +8,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
 from api import context, validation
+from api.backups import backup_json, backups_query, policy_json, store_json
 from api.representations import job_json, server_json
 from api.storage import san_facts_json
 from api.vms import RUNNING_SOMEWHERE, overview_lines, overview_query, vm_detail
 from api.ui import blueprint
 from errors import NotFound
 from models import FINAL_STATES, Cluster, ClusterServer, Job, San, Site, Subnet, Template, VirtualMachine
-from models.protection import Backup
+from models.protection import Backup, BackupPolicy, BackupStore
 
 JOBS_SHOWN = 50
+BACKUPS_SHOWN = 200
 VMS_SHOWN = 1000
 
 
@@ -63,6 +65,18 @@ def vm_page(name: str) -> str:
         servers = db.scalars(select(ClusterServer.name).order_by(ClusterServer.name))
         return render_template("vm.html", vm=vm, jobs=[job_json(job) for job in jobs], backups=list(backups),
                                servers=[server for server in servers if server != vm["server"]])
+
+
+@blueprint.get("/backups")
+def backups_page() -> str:
+    """Backups (newest first), the stores they go to and the policies that take them."""
+    with context.session() as db:
+        backups = db.execute(backups_query().order_by(Backup.created_at.desc(), Backup.id).limit(BACKUPS_SHOWN))
+        stores = db.scalars(select(BackupStore).order_by(BackupStore.name))
+        policies = db.execute(select(BackupPolicy, BackupStore.name).join(BackupStore).order_by(BackupPolicy.name))
+        return render_template("backups.html", backups=[backup_json(*row) for row in backups],
+                               stores=[store_json(store) for store in stores],
+                               policies=[policy_json(*row) for row in policies])
 
 
 @blueprint.get("/install")

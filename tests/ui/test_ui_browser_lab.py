@@ -1,7 +1,7 @@
 """The web console in a real headless Chromium (Debian's `chromium`, driven by Playwright for Python with its
 executable path; no browser download) against the API under gunicorn as `laxcluster run` serves it, with the
-lab's workers: sign in, install a VM from the form and watch its job reach 100 %, back it up, check and run a
-migration with the picker, delete it with its name typed; a viewer sees no buttons and a forged post is
+lab's workers: sign in, install a VM from the form (checked live) and watch its job reach 100 %, read its boot
+line on the page's console, back it up and verify the backup, check and run a migration with the picker, delete it with its name typed; a viewer sees no buttons and a forged post is
 refused. Each page's screenshot is kept under tests/ui/screenshots/."""
 
 import re
@@ -107,6 +107,12 @@ def test_an_operator_installs_backs_up_migrates_and_deletes_a_vm_in_the_browser(
     shot(page, "console")
     page.go_back()
     page.get_by_role("button", name="Back up now").click()
+    job_succeeds(page)
+    page.get_by_role("link", name="Backups").click()
+    backup = page.locator("tr[data-backup]").filter(has_text=name).filter(has_text="vm-")
+    expect(backup.first).to_contain_text("full")
+    shot(page, "backups")
+    backup.first.get_by_role("button", name="Verify").click()
     job_succeeds(page)
 
     page.goto(f"{served_api.url}/ui/vms/{name}")
