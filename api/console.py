@@ -101,6 +101,20 @@ def close_websocket(ws: Server) -> None:
 def attach(name: str) -> Attached:
     """The console of running VM `name` on its server (or its SAN host, in maintenance); VmNotFound, VmNotRunning
     or ServerUnreachable if there is none."""
+    uuid, server, uri = where_it_runs(name)
+    # Stream data only flows on connections opened after libvirt's event loop runs.
+    start_event_loop()
+    conn = connect(uri)
+    try:
+        return Attached(conn, SerialConsole(running_domain(conn, uuid, name, server)))
+    except BaseException:
+        conn.close()
+        raise
+
+
+def where_it_runs(name: str) -> tuple[str, str, str]:
+    """VM `name`'s UUID, and the name and libvirt URI of its server (or its SAN host, in maintenance);
+    VmNotFound, or VmNotRunning if it is on no server."""
     validation.name(name, "name")
     with context.session() as db:
         row = db.execute(select(VirtualMachine.uuid, VirtualMachine.state, ClusterServer.name, ClusterServer.libvirt_uri,
@@ -117,14 +131,7 @@ def attach(name: str) -> Attached:
         server, uri = san, context.runtime().config.san(san)[1].uri
     if uri is None:
         raise VmNotRunning(f"VM {name} is on no server, so it is not running", vm=name)
-    # Stream data only flows on connections opened after libvirt's event loop runs.
-    start_event_loop()
-    conn = connect(uri)
-    try:
-        return Attached(conn, SerialConsole(running_domain(conn, uuid, name, server)))
-    except BaseException:
-        conn.close()
-        raise
+    return uuid, server, uri
 
 
 def running_domain(conn: libvirt.virConnect, uuid: str, name: str, server: str) -> libvirt.virDomain:

@@ -1,5 +1,6 @@
 """What the cluster runs: templates, virtual machines and their volumes."""
 
+import secrets
 from datetime import datetime
 
 from sqlalchemy import BigInteger, ForeignKey, String, Text, UniqueConstraint
@@ -29,6 +30,10 @@ class Template(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+def new_vnc_password() -> str:
+    return secrets.token_urlsafe(6)[:8]
+
+
 class VirtualMachine(Base):
     __tablename__ = "virtual_machines"
 
@@ -50,6 +55,8 @@ class VirtualMachine(Base):
     # Restarted on another server of its cluster when its server fails (higher priority first).
     ha: Mapped[bool] = mapped_column(default=True)
     ha_priority: Mapped[int] = mapped_column(default=0)
+    # The graphical console's password (VNC takes at most 8 characters); None until the VM's next start.
+    vnc_password: Mapped[str | None] = mapped_column(String(8), default=new_vnc_password)
     ssh_keys: Mapped[list] = mapped_column(default=list)
     tags: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

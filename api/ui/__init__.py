@@ -20,13 +20,14 @@ MODULES = HERE / "node_modules"
 VENDOR = {"htmx.min.js": MODULES / "htmx.org" / "dist" / "htmx.min.js",
           "xterm.js": MODULES / "@xterm" / "xterm" / "lib" / "xterm.js",
           "xterm.css": MODULES / "@xterm" / "xterm" / "css" / "xterm.css"}
-OPEN_ENDPOINTS = frozenset({"ui.sign_in", "ui.sign_in_form", "ui.vendor", "ui.static"})
+NOVNC = MODULES / "@novnc" / "novnc"
+OPEN_ENDPOINTS = frozenset({"ui.sign_in", "ui.sign_in_form", "ui.vendor", "ui.novnc", "ui.static"})
 
 blueprint = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 
 
 def register(app: Flask, var_dir: Path, secret: str | None) -> None:
-    from api.ui import actions, console, pages  # noqa: F401  (their routes join the blueprint)
+    from api.ui import actions, console, pages, screen  # noqa: F401  (their routes join the blueprint)
 
     signin.configure(app, var_dir, secret)
     app.register_blueprint(blueprint)
@@ -80,3 +81,11 @@ def vendor(name: str) -> Response:
         abort(404)
     mimetype = "text/css" if path.suffix == ".css" else "text/javascript"
     return send_from_directory(path.parent, path.name, mimetype=mimetype, max_age=3600)
+
+
+@blueprint.get("/vendor/novnc/<path:path>")
+def novnc(path: str) -> Response:
+    """noVNC's ES modules (its core and the vendored inflate it imports), as the package ships them."""
+    if not path.endswith(".js"):
+        abort(404)
+    return send_from_directory(NOVNC, path, mimetype="text/javascript", max_age=3600)

@@ -5,14 +5,11 @@ header, which a browser cannot send on a websocket: an operator's session, and a
 host, so no other site can open it with the visitor's cookie.
 """
 
-from urllib.parse import urlsplit
-
-from flask import Response, render_template, request
+from flask import Response, render_template
 
 from api import validation
 from api.console import relay_console
 from api.ui import blueprint, signin
-from errors import Forbidden, UpgradeRequired
 
 
 @blueprint.get("/vms/<name>/console")
@@ -24,10 +21,5 @@ def console_page(name: str) -> str:
 @blueprint.get("/vms/<name>/console/socket", websocket=True)
 @blueprint.get("/vms/<name>/console/socket")
 def console_socket(name: str) -> Response:
-    signin.require("operator")
-    if not request.url_rule.websocket:
-        raise UpgradeRequired("the console is a websocket")
-    origin = request.headers.get("Origin", "")
-    if urlsplit(origin).netloc != request.host:
-        raise Forbidden(f"the console opens only from this site's own pages, not from {origin or 'no origin'}")
+    signin.check_socket("the console")
     return relay_console(validation.name(name, "name"))

@@ -6,11 +6,12 @@ ends the session at once), and a CSRF token per session that every form post and
 import hmac
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from flask import Flask, g, request, session
 
 from api.auth import Caller, authenticate
-from errors import Forbidden, Unauthorized
+from errors import Forbidden, Unauthorized, UpgradeRequired
 from models import ROLES
 
 CSRF_FIELD, CSRF_HEADER = "csrf", "X-CSRF-Token"
@@ -67,6 +68,22 @@ def check_csrf() -> None:
     sent = request.form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER) or ""
     if not hmac.compare_digest(sent.encode(), session.get("csrf", "").encode()) or not sent:
         raise Forbidden("the form is stale or forged (no valid CSRF token): reload the page and try again")
+
+
+def check_socket(what: str) -> None:
+    """What a console's websocket needs: an operator's session, an upgrade, and this site's own page asking."""
+    require("operator")
+    if not request.url_rule.websocket:
+        raise UpgradeRequired(f"{what} is a websocket")
+    check_same_origin()
+
+
+def check_same_origin() -> None:
+    """Forbidden unless the request comes from this site's own pages (a websocket carries no CSRF token, and a
+    browser sends the cookie with it)."""
+    origin = request.headers.get("Origin", "")
+    if urlsplit(origin).netloc != request.host:
+        raise Forbidden(f"this opens only from this site's own pages, not from {origin or 'no origin'}")
 
 
 def may(caller: Caller, role: str) -> bool:

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from celery.signals import worker_ready
 from sqlalchemy import select
@@ -10,6 +11,7 @@ from sqlalchemy.orm import Session
 from config import Config
 from errors import DiskNotFound, HypervisorUnknown, RescueUnavailable
 from models import ClusterServer, Lease, San, Subnet, Template, VirtualMachine, Volume, utcnow
+from models.compute import new_vnc_password
 from models.db import transaction
 from tasks import runtime
 from tasks.app import app
@@ -21,7 +23,8 @@ from tasks.queues import node_queue
 from tasks.runtime import Runtime
 from tasks.workflow import workflow
 from workers.node import domains
-from workers.node.domain_xml import DirectBoot, DomainSpec, Hypervisor, IscsiDisk, Nic, data_dev, data_disk_xml, domain_xml
+from workers.node.domain_xml import (DirectBoot, DomainSpec, Hypervisor, IscsiDisk, Nic, Vnc, data_dev, data_disk_xml,
+                                     domain_xml)
 from workers.node.events import LifecycleWatcher
 
 ISCSI_PORT = 3260
@@ -42,7 +45,16 @@ def domain_spec(session: Session, vm: VirtualMachine, server: ClusterServer, con
     for the lease's VM network) and boot; the domain type is the server's hypervisor kind."""
     lease = session.scalar(select(Lease).where(Lease.vm_id == vm.id))
     nics = (nic(session, config, lease, server),) if lease else ()
-    return vm_spec(session, vm, server_kind(server), lambda volume: iscsi_disk(session, volume, server), nics)
+    spec = vm_spec(session, vm, server_kind(server), lambda volume: iscsi_disk(session, volume, server), nics)
+    return spec if spec.hypervisor == "xen" else replace(spec, vnc=vnc_display(vm, server))
+
+
+def vnc_display(vm: VirtualMachine, server: ClusterServer) -> Vnc:
+    """The VM's graphical console: a VNC display on the server's management address (its libvirt URI's host),
+    behind the VM's password (made now for a VM from before there were any)."""
+    if vm.vnc_password is None:
+        vm.vnc_password = new_vnc_password()
+    return Vnc(urlsplit(server.libvirt_uri).hostname or "127.0.0.1", vm.vnc_password)
 
 
 def iscsi_disk(session: Session, volume: Volume, server: ClusterServer) -> IscsiDisk:

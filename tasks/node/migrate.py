@@ -1,6 +1,7 @@
 """The node side of a migration, on the SOURCE server's queue: the libvirt pre-flight checks, the libvirt
 migration job and the settle that makes the VM run on exactly one server, whatever happened."""
 
+from dataclasses import replace
 from typing import Any
 
 from errors import MigrationAborted, MigrationFailed
@@ -47,8 +48,12 @@ def migrate_domain(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm, source = vm_and_server(session, name, ctx.params.source)
         _, dest = vm_and_server(session, name, ctx.params.destination)
-        xml = domain_xml(domain_spec(session, vm, dest, ctx.rt.config))
+        spec = domain_spec(session, vm, dest, ctx.rt.config)
         source_uri, dest_uri, uuid = source.libvirt_uri, dest.libvirt_uri, vm.uuid
+    if domains.vnc_display(source_uri, uuid) is None:
+        # Started before VMs had a display: adding one on the way would change the guest's hardware.
+        spec = replace(spec, vnc=None)
+    xml = domain_xml(spec)
     ctx.phase("transfer memory", progress=5)
 
     def progress(sample: driver.MigrationProgress) -> None:

@@ -20,6 +20,7 @@ from workers.node.domain_xml import (
     IscsiDisk,
     LocalDisk,
     Nic,
+    Vnc,
     data_disk_xml,
     domain_xml,
     target_dev,
@@ -60,7 +61,8 @@ VARIANTS = [
     for s in (None, IscsiDisk(TARGET, 9, "10.1.0.10", 3261, INITIATOR, readonly=True))
 ] + [pytest.param(replace(make_spec(h), disks=make_spec(h).disks[:1], data=DATA), id=f"{h}-data-disks")
       for h in ("qemu", "xen")] + [pytest.param(replace(make_spec("qemu"), disks=LOCAL[:1], seed=LOCAL[1], data=LOCAL[2:]),
-                                                id="qemu-on-the-san-host")]
+                                                id="qemu-on-the-san-host")] + [
+    pytest.param(replace(make_spec(h), vnc=Vnc("10.1.0.11", "s3cr3t!x")), id=f"{h}-vnc") for h in ("qemu", "kvm")]
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +191,13 @@ def test_on_the_san_host_volumes_are_opened_by_path_named_by_their_lun() -> None
     assert disks == [("file", {"file": "/srv/pool/vm-1-disk"}, "vda"), ("file", {"file": "/srv/pool/vm-1-seed"}, "vdb"),
                      ("block", {"dev": "/dev/vg0/vm-1-data"}, "vdd")]
     assert not root.findall("devices/disk/source/host")
+
+
+def test_a_vnc_display_listens_on_the_given_address_behind_its_password() -> None:
+    root = ET.fromstring(domain_xml(replace(make_spec("qemu"), vnc=Vnc("10.1.0.11", "s3cr3t!x"))))
+    graphics = root.find("devices/graphics")
+    assert (graphics.get("type"), graphics.get("autoport"), graphics.get("passwd")) == ("vnc", "yes", "s3cr3t!x")
+    assert graphics.find("listen").attrib == {"type": "address", "address": "10.1.0.11"}
+    assert root.find("devices/video/model").get("type") == "vga"
+    with pytest.raises(InvalidInput):
+        domain_xml(replace(make_spec("qemu"), vnc=Vnc("10.1.0.11", "longer-than-8")))

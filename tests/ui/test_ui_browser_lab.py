@@ -1,7 +1,7 @@
 """The web console in a real headless Chromium (Debian's `chromium`, driven by Playwright for Python with its
 executable path; no browser download) against the API under gunicorn as `laxcluster run` serves it, with the
 lab's workers: sign in, install a VM from the form (checked live) and watch its job reach 100 %, read its boot
-line on the page's console, back it up and verify the backup, check and run a migration with the picker, delete it with its name typed; a viewer sees no buttons and a forged post is
+line on the page's console, see its screen through noVNC, back it up and verify the backup, check and run a migration with the picker, delete it with its name typed; a viewer sees no buttons and a forged post is
 refused. Each page's screenshot is kept under tests/ui/screenshots/."""
 
 import re
@@ -57,7 +57,8 @@ def sign_in(browser: Browser, url: str, token: str) -> Page:
 
 def job_succeeds(page: Page) -> None:
     """On a job's page: wait until it is final; it must have succeeded at 100 %."""
-    expect(page.locator("#job-state")).to_have_text("succeeded", timeout=JOB_DEADLINE_MS)
+    expect(page.locator("#job-state")).to_have_text(re.compile("succeeded|failed|cancelled"), timeout=JOB_DEADLINE_MS)
+    assert page.locator("#job-state").inner_text() == "succeeded", page.locator("#job").inner_text()
     expect(page.locator("#job-percent")).to_have_text("100 %")
     expect(page.locator("#job-progress")).to_have_attribute("value", "100.0")
 
@@ -106,6 +107,11 @@ def test_an_operator_installs_backs_up_migrates_and_deletes_a_vm_in_the_browser(
     assert_console_shows_boot_line(page, name)
     shot(page, "console")
     page.go_back()
+    page.get_by_role("link", name="Screen").click()
+    expect(page.locator("#screen-status")).to_have_text("connected", timeout=30_000)
+    assert page.locator("#screen canvas").evaluate("canvas => canvas.width * canvas.height") > 0
+    shot(page, "screen")
+    page.go_back()
     page.get_by_role("button", name="Back up now").click()
     job_succeeds(page)
     page.get_by_role("link", name="Backups").click()
@@ -126,6 +132,10 @@ def test_an_operator_installs_backs_up_migrates_and_deletes_a_vm_in_the_browser(
     page.goto(f"{served_api.url}/ui/")
     row = page.locator(f"tr[data-vm='{name}']")
     expect(row).to_contain_text("cs2")
+    # Its display moved with it: on cs2's address, behind the same password.
+    page.goto(f"{served_api.url}/ui/vms/{name}/screen")
+    expect(page.locator("#screen-status")).to_have_text("connected", timeout=30_000)
+    page.goto(f"{served_api.url}/ui/")
     shot(page, "overview")
     page.get_by_placeholder("Filter machines").fill(name)
     expect(page.locator("table.vm-table tr[data-vm]:visible")).to_have_count(1)
@@ -160,10 +170,11 @@ def test_a_viewer_sees_no_buttons_and_a_forged_post_is_refused(cluster, served_a
     assert forged.status == 403 and "CSRF" in forged.text()
     # The console's websocket with the operator's cookie, opened from another site: refused before the upgrade.
     cookie = "; ".join(f"{c['name']}={c['value']}" for c in operator.context.cookies())
-    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
-        websocket.create_connection(f"{served_api.url.replace('http', 'ws', 1)}/ui/vms/{name}/console/socket",
-                                    header=[f"Cookie: {cookie}"], origin="http://evil.example", timeout=10)
-    assert refused.value.status_code == 403
+    for console in ("console", "screen"):
+        with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+            websocket.create_connection(f"{served_api.url.replace('http', 'ws', 1)}/ui/vms/{name}/{console}/socket",
+                                        header=[f"Cookie: {cookie}"], origin="http://evil.example", timeout=10)
+        assert refused.value.status_code == 403
     viewer.goto(f"{served_api.url}/ui/vms/{name}/console")
     expect(viewer.locator(".problem")).to_contain_text("Forbidden")
     operator.goto(f"{served_api.url}/ui/vms/{name}")

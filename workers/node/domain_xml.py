@@ -67,6 +67,14 @@ class Nic:
 
 
 @dataclass(frozen=True)
+class Vnc:
+    """A VNC display on `listen` (the server's management address), its port chosen by libvirt, behind `password`."""
+
+    listen: str
+    password: str
+
+
+@dataclass(frozen=True)
 class DirectBoot:
     """Boot a kernel (and initrd) found on the cluster server instead of the disk's boot loader."""
 
@@ -90,6 +98,7 @@ class DomainSpec:
     nics: tuple[Nic, ...] = field(default_factory=tuple)
     boot: DirectBoot | None = None
     description: str | None = None
+    vnc: Vnc | None = None
 
 
 def domain_xml(spec: DomainSpec) -> str:
@@ -130,6 +139,8 @@ def validate(spec: DomainSpec) -> None:
         raise InvalidInput(f"memory {spec.memory_bytes} bytes is below 1 MiB", field="memory_bytes")
     if spec.vcpus < 1:
         raise InvalidInput(f"vcpus must be at least 1, not {spec.vcpus}", field="vcpus")
+    if spec.vnc is not None and not 1 <= len(spec.vnc.password) <= 8:
+        raise InvalidInput("a VNC password has 1 to 8 characters", field="vnc_password")
     for nic in spec.nics:
         if not MAC.fullmatch(nic.mac.lower()):
             raise InvalidInput(f"MAC address {nic.mac!r} is not of the form 52:54:00:12:34:56", field="mac")
@@ -167,6 +178,8 @@ def add_devices(domain: ET.Element, spec: DomainSpec) -> None:
         add_disk(devices, disk, data_dev(spec.hypervisor, disk), spec.hypervisor)
     for nic in spec.nics:
         add_nic(devices, nic, spec.hypervisor)
+    if spec.vnc is not None:
+        add_vnc(devices, spec.vnc)
     if spec.hypervisor == "xen":
         console = ET.SubElement(devices, "console", type="pty")
         ET.SubElement(console, "target", type="xen", port="0")
@@ -175,6 +188,13 @@ def add_devices(domain: ET.Element, spec: DomainSpec) -> None:
         ET.SubElement(serial, "target", port="0")
         console = ET.SubElement(devices, "console", type="pty")
         ET.SubElement(console, "target", type="serial", port="0")
+
+
+def add_vnc(devices: ET.Element, vnc: Vnc) -> None:
+    graphics = ET.SubElement(devices, "graphics", type="vnc", port="-1", autoport="yes", passwd=vnc.password)
+    ET.SubElement(graphics, "listen", type="address", address=vnc.listen)
+    video = ET.SubElement(devices, "video")
+    ET.SubElement(video, "model", type="vga")
 
 
 def target_dev(hypervisor: Hypervisor, index: int) -> str:

@@ -5,6 +5,7 @@ stopped one, defining the same XML again), so a job re-run after a crash converg
 """
 
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -143,6 +144,18 @@ def undefine(uri: str, uuid: str) -> None:
         if domain.isActive():
             _call(domain.destroy)
         _call(domain.undefine)
+
+
+def vnc_display(uri: str, uuid: str) -> tuple[str, int, str] | None:
+    """(address, port, password) of the running domain's VNC display as libvirt set it up, or None without one."""
+    with session(uri) as conn:
+        domain = require(conn, uuid)
+        graphics = ET.fromstring(_call(domain.XMLDesc, libvirt.VIR_DOMAIN_XML_SECURE)).find("devices/graphics[@type='vnc']")
+    if graphics is None or int(graphics.get("port", "-1")) <= 0:
+        return None
+    listen = graphics.find("listen")
+    address = listen.get("address") if listen is not None else graphics.get("listen")
+    return address or "127.0.0.1", int(graphics.get("port")), graphics.get("passwd", "")
 
 
 def states(uri: str) -> list[DomainState]:

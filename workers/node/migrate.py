@@ -192,8 +192,9 @@ def _params(domain: libvirt.virDomain, dest_uri: str, dest_xml: str, bandwidth_m
 
 
 def running_xml_for_destination(domain: libvirt.virDomain, dest_xml: str) -> str:
-    """The running domain's migratable XML with each iSCSI disk logging in as the destination's initiator
-    and each bridged NIC on the destination's bridge.
+    """The running domain's migratable XML (with its VNC password) with each iSCSI disk logging in as the
+    destination's initiator, each bridged NIC on the destination's bridge and its VNC display on the
+    destination's address.
 
     The running XML (not `dest_xml`) keeps the device addresses libvirt assigned at start, which
     the destination must reproduce exactly; only initiator and bridge names change with the server.
@@ -201,8 +202,9 @@ def running_xml_for_destination(domain: libvirt.virDomain, dest_xml: str) -> str
     wanted_xml = ET.fromstring(dest_xml)
     wanted = {disk.find("./target").get("dev"): disk.find("./source/initiator")
               for disk in wanted_xml.findall("./devices/disk")}
-    live = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+    live = ET.fromstring(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE))
     _use_destination_bridges(live, wanted_xml)
+    _use_destination_display(live, wanted_xml)
     for disk in live.findall("./devices/disk"):
         source, initiator = disk.find("./source"), wanted.get(disk.find("./target").get("dev"))
         if source is None or initiator is None:
@@ -220,6 +222,17 @@ def _use_destination_bridges(live: ET.Element, wanted: ET.Element) -> None:
         bridge = bridges.get(nic.find("./mac").get("address"))
         if bridge is not None:
             nic.find("./source").set("bridge", bridge)
+
+
+def _use_destination_display(live: ET.Element, wanted: ET.Element) -> None:
+    listen = wanted.find("./devices/graphics[@type='vnc']/listen")
+    if listen is None:
+        return
+    for graphics in live.findall("./devices/graphics[@type='vnc']"):
+        if graphics.get("listen") is not None:
+            graphics.set("listen", listen.get("address"))
+        for address in graphics.findall("./listen[@type='address']"):
+            address.set("address", listen.get("address"))
 
 
 def _run_in_thread(call: Callable[[], object]) -> "Outcome":
