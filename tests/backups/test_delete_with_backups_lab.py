@@ -4,6 +4,7 @@ not race a backup of the VM, and a backup refuses a VM being deleted."""
 import pytest
 from sqlalchemy import select, update
 
+from lab.processes import wait_until
 from models import FAILED, SUCCEEDED, Job, VirtualMachine
 from models.db import transaction
 from models.protection import Backup, BackupStore
@@ -13,6 +14,12 @@ from tests.fixtures.vms import install, run_job, san_objects, unique, wait_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 TESTER = submission.Requester("test")
+SNAPSHOT_PROGRESS = 2  # the backup's progress at its phase "snapshot"
+
+
+def progress_of(rt, job_id: str) -> float:
+    with rt.sessions() as session:
+        return session.get(Job, job_id).progress
 
 
 @pytest.fixture
@@ -35,6 +42,8 @@ def test_deleting_a_vm_drops_its_anchors_after_its_running_backup(cluster, celer
     assert backend.exists(anchor)
 
     diff = submission.start(rt, celery_app, "snapshot-backup", {"vm": name, "mode": "diff"}, TESTER)
+    # Running past its check of the VM: a delete marked before that would (rightly) make the backup refuse.
+    wait_until(lambda: progress_of(rt, diff.id) >= SNAPSHOT_PROGRESS, 120, "the differential backup to snapshot")
     deleted = wait_job(rt, submission.start(rt, celery_app, "delete-vm", {"vm": name}, TESTER).id)
     diff = wait_job(rt, diff.id)
     assert (diff.state, deleted.state) == (SUCCEEDED, SUCCEEDED), (diff.error_message, deleted.error_message)

@@ -90,7 +90,10 @@ def test_a_vms_domain_takes_its_servers_kind_when_it_starts(cluster, celery_app)
 
 def test_a_refresh_probes_a_server_whose_kind_the_config_leaves_out(rt, celery_app, celery_worker, lax_env, tmp_path):
     unset = tmp_path / "laxcluster.toml"
-    unset.write_text(rt.config.path.read_text().replace('hypervisor = "qemu"\n', "", 1))  # cs1's line
+    cs1 = 'initiator = "iqn.2026-11.org.laxcluster:cs1"\n'
+    text = rt.config.path.read_text()
+    assert f'{cs1}hypervisor = "qemu"\n' in text
+    unset.write_text(text.replace(f'{cs1}hypervisor = "qemu"\n', cs1))
     lax_env["LAXCLUSTER_CONFIG"] = str(unset)  # the worker reads this config
     with transaction(rt.sessions) as session:
         sync_from_config(session, rt.config)
