@@ -79,6 +79,12 @@ def force_cancel(job_id: str):
            "503 TooManyStreams (with Retry-After) while every stream slot is taken",
            media_type="text/event-stream", response={"type": "string"})
 def events(job_id: str):
+    return event_stream(job_id)
+
+
+def event_stream(job_id: str) -> Response:
+    """Job `job_id`'s events as a Server-Sent Events response from the client's Last-Event-ID on (JobNotFound
+    first); the web console's job page follows the same stream."""
     rt = context.runtime()
     with context.session() as db:
         jobs.get(db, job_id)

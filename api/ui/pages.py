@@ -3,11 +3,12 @@ the install form, the jobs list and one job. Everything shown is read as the JSO
 
 from typing import Any
 
-from flask import render_template, request
+from flask import Response, render_template, request
 from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
 from api import context, validation
+from api.jobs import event_stream
 from api.backups import backup_json, backups_query, policy_json, store_json
 from api.representations import job_json, server_json
 from api.storage import san_facts_json
@@ -109,6 +110,12 @@ def _recent_jobs() -> list[dict[str, Any]]:
 @blueprint.get("/jobs/<job_id>")
 def job_page(job_id: str) -> str:
     return render_template("job.html", job=_job(job_id), final=FINAL_STATES)
+
+
+@blueprint.get("/jobs/<job_id>/events")
+def job_events(job_id: str) -> Response:
+    """The job's progress as the API's Server-Sent Events, for its page."""
+    return event_stream(job_id)
 
 
 @blueprint.get("/fragments/jobs/<job_id>")

@@ -91,6 +91,9 @@ def test_actions_start_the_apis_jobs_and_show_them(rt, client, tokens, web1):
     [job] = jobs(rt)
     assert (job.id, job.kind, job.params, job.requested_by) == (job_id, "start", {"vm": "web1"}, "test-operator")
     assert client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf}).status_code == 303
+    # The page follows the job by the API's event stream, here to its end.
+    events = client.get(f"/ui/jobs/{job_id}/events")
+    assert events.mimetype == "text/event-stream" and '"state": "cancelled"' in events.get_data(as_text=True)
     checked = client.post("/ui/vms/web1/actions/migrate", data={"csrf": csrf, "to": "cs2", "check": "1"})
     assert checked.status_code == 303
     assert [(j.kind, j.params) for j in jobs(rt) if j.kind == "migrate"] == [
