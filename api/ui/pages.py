@@ -29,6 +29,12 @@ def overview() -> str:
         return render_template("overview.html", tree=_tree(db), **_vm_tables(db))
 
 
+@blueprint.get("/fragments/tree")
+def tree() -> str:
+    with context.session() as db:
+        return render_template("_tree.html", tree=_tree(db))
+
+
 @blueprint.get("/fragments/vms")
 def vm_tables() -> str:
     with context.session() as db:
@@ -83,8 +89,13 @@ def backups_page() -> str:
 @blueprint.get("/install")
 def install_form() -> str:
     with context.session() as db:
-        templates = db.execute(select(Template.name, San.name).join(San, Template.san_id == San.id)
-                               .order_by(Template.name, San.name)).all()
+        rows = db.execute(select(Template.name, Site.name).join(San, Template.san_id == San.id)
+                          .join(Site, San.site_id == Site.id).order_by(Template.name, Site.name)).all()
+    # A template is asked for by name: the chosen server's site (or the first site that has it) gives it.
+    templates: dict[str, list[str]] = {}
+    for template, site in rows:
+        templates.setdefault(template, []).append(site)
+    with context.session() as db:
         subnets = db.scalars(select(Subnet.name).order_by(Subnet.name)).all()
         servers = db.scalars(select(ClusterServer.name).order_by(ClusterServer.name)).all()
     return render_template("install.html", templates=templates, subnets=subnets, servers=servers,

@@ -88,6 +88,7 @@ def test_actions_start_the_apis_jobs_and_show_them(rt, client, tokens, web1):
     job_id = started.headers["Location"].rsplit("/", 1)[1]
     page = client.get(started.headers["Location"]).get_data(as_text=True)
     assert "start" in page and 'id="job-progress"' in page and "Cancel" in page
+    assert f'action="/ui/jobs/{job_id}/cancel"' in client.get("/ui/jobs").get_data(as_text=True)
     [job] = jobs(rt)
     assert (job.id, job.kind, job.params, job.requested_by) == (job_id, "start", {"vm": "web1"}, "test-operator")
     assert client.post(f"/ui/jobs/{job_id}/cancel", data={"csrf": csrf}).status_code == 303
@@ -129,6 +130,8 @@ def test_the_live_fragments_and_the_api_document(client, tokens, web1):
     signed_in(client, tokens["viewer"])
     fragment = client.get("/ui/fragments/vms", headers={"HX-Request": "true"}).get_data(as_text=True)
     assert "<table" in fragment and "web1" in fragment and "<html" not in fragment
+    tree = client.get("/ui/fragments/tree", headers={"HX-Request": "true"}).get_data(as_text=True)
+    assert "cs1" in tree and "san-a" in tree and "free memory" in tree and "<html" not in tree
     assert client.get("/ui/vendor/htmx.min.js").status_code == 200
     assert not [path for path in client.get("/openapi.json", headers={"Authorization": f"Bearer {tokens['viewer']}"})
                 .get_json()["paths"] if path.startswith("/ui")]
