@@ -13,12 +13,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from api import context
-from api.openapi import ANYONE, described, required_role
+from api.openapi import ANYONE, CONSOLE, described, required_role
 from errors import Forbidden, TokenExpired, TokenRevoked, Unauthorized
 from models import ROLES, ApiToken, utcnow
 
 TOUCH_INTERVAL = timedelta(minutes=1)
-UI = "ui"  # the web console's blueprint
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ def authorize() -> None:
     """Stop the request with 401/403 unless its token carries the role the route needs."""
     if request.endpoint is None:
         return  # no such route: routing answers 404/405 itself
-    if request.blueprint == UI:
+    if request.blueprint == CONSOLE:
         return  # the web console authenticates its session itself (api.ui.signin)
     needed = required_role(described(context.routed_view()), request.method)
     if needed == ANYONE:

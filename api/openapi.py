@@ -16,6 +16,7 @@ from werkzeug.routing import Rule
 ANYONE = "anyone"
 SKIPPED_METHODS = frozenset({"HEAD", "OPTIONS"})
 ATTRIBUTE = "lax_operation"
+CONSOLE = "ui"  # the web console's blueprint: pages, not part of the API (api.ui)
 
 blueprint = Blueprint("openapi", __name__)
 
@@ -68,8 +69,8 @@ def document(app: Flask) -> dict[str, Any]:
     """The OpenAPI 3.1 description of every url rule of `app`."""
     paths: dict[str, dict[str, Any]] = {}
     for rule in sorted(app.url_map.iter_rules(), key=lambda r: r.rule):
-        if rule.endpoint.startswith("ui."):
-            continue  # the web console's pages are not part of the API
+        if rule.endpoint.startswith(f"{CONSOLE}."):
+            continue
         view = app.view_functions[rule.endpoint]
         for method in sorted((rule.methods or set()) - SKIPPED_METHODS):
             paths.setdefault(openapi_path(rule), {})[method.lower()] = _operation(rule, method, described(view))

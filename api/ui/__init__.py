@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, Response, abort, g, redirect, render_template, request, send_from_directory, url_for
 
+from api.openapi import CONSOLE
 from api.ui import signin
 from errors import LaxError, TokenExpired, TokenRevoked, Unauthorized
 
@@ -21,9 +22,10 @@ VENDOR = {"htmx.min.js": MODULES / "htmx.org" / "dist" / "htmx.min.js",
           "xterm.js": MODULES / "@xterm" / "xterm" / "lib" / "xterm.js",
           "xterm.css": MODULES / "@xterm" / "xterm" / "css" / "xterm.css"}
 NOVNC = MODULES / "@novnc" / "novnc"
+VIEWER_POSTS = frozenset({"ui.sign_out"})  # every other post changes something: the operator role
 OPEN_ENDPOINTS = frozenset({"ui.sign_in", "ui.sign_in_form", "ui.vendor", "ui.novnc", "ui.static"})
 
-blueprint = Blueprint("ui", __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
+blueprint = Blueprint(CONSOLE, __name__, url_prefix="/ui", template_folder="templates", static_folder="static")
 
 
 def register(app: Flask, var_dir: Path, secret: str | None) -> None:
@@ -35,7 +37,7 @@ def register(app: Flask, var_dir: Path, secret: str | None) -> None:
 
 @blueprint.before_request
 def authenticate_session() -> Response | None:
-    """Pages need a session (else the sign-in page); posts need its CSRF token too."""
+    """Pages need a session (else the sign-in page); posts need its CSRF token and, but sign-out, an operator."""
     if request.endpoint in OPEN_ENDPOINTS:
         return None
     try:
@@ -47,6 +49,8 @@ def authenticate_session() -> Response | None:
         raise
     if request.method == "POST":
         signin.check_csrf()
+        if request.endpoint not in VIEWER_POSTS:
+            signin.require("operator")
     return None
 
 

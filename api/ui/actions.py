@@ -1,7 +1,7 @@
 """What the console's forms do: sign in and out, install, power actions, migrate, back up, delete, cancel.
 
-Each one checks the caller's role on the server (a viewer's page shows no buttons, and a viewer's post is
-refused anyway), validates like the JSON API (the same functions build the job parameters), starts the job
+Each post but sign-out needs the operator role, checked on the server by the blueprint's hook (a viewer's page
+shows no buttons, and a viewer's post is refused anyway); each one validates like the JSON API (the same functions build the job parameters), starts the job
 and shows its page, where its progress follows live.
 """
 
@@ -47,7 +47,6 @@ def sign_out() -> Response:
 
 @blueprint.post("/install")
 def install() -> Response:
-    signin.require("operator")
     wanted = install_request(_install_body(request.form))
     config = context.runtime().config
     job = start_job("install-vm", {"vm": wanted.name, "disk_bytes": wanted.disk_bytes, "server": wanted.server},
@@ -59,7 +58,6 @@ def install() -> Response:
 def install_check() -> str:
     """The install form's live validation: everything the install would check now (the fields, a free name, the
     template, an address), reserved in a transaction that is rolled back; the answer is the fragment to show."""
-    signin.require("operator")
     try:
         wanted = install_request(_install_body(request.form))
         with context.runtime().sessions() as db:
@@ -87,7 +85,6 @@ def _install_body(form: Any) -> dict[str, Any]:
 
 @blueprint.post("/vms/<name>/actions/<action>")
 def act(name: str, action: str) -> Response:
-    signin.require("operator")
     if action == "backup":
         with context.session() as db:
             return _to_job(start_job("snapshot-backup", backup_params(db, name, {"mode": request.form.get("mode", "full")})))
@@ -101,7 +98,6 @@ def act(name: str, action: str) -> Response:
 
 @blueprint.post("/vms/<name>/delete")
 def delete(name: str) -> Response:
-    signin.require("operator")
     if request.form.get("confirm") != name:
         raise InvalidInput(f"type the VM's name ({name}) to confirm its deletion", field="confirm")
     with context.session() as db:
@@ -111,7 +107,6 @@ def delete(name: str) -> Response:
 
 @blueprint.post("/backups/<backup_id>/verify")
 def verify_backup(backup_id: str) -> Response:
-    signin.require("operator")
     with context.session() as db:
         backup_named(db, backup_id)
     return _to_job(start_job("verify-backup", {"backup": backup_id}))
@@ -119,7 +114,6 @@ def verify_backup(backup_id: str) -> Response:
 
 @blueprint.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
-    signin.require("operator")
     job = submission.cancel(context.runtime(), context.celery(), job_id)
     return _to_job(job)
 

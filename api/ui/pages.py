@@ -91,13 +91,12 @@ def install_form() -> str:
     with context.session() as db:
         rows = db.execute(select(Template.name, Site.name).join(San, Template.san_id == San.id)
                           .join(Site, San.site_id == Site.id).order_by(Template.name, Site.name)).all()
+        subnets = db.scalars(select(Subnet.name).order_by(Subnet.name)).all()
+        servers = db.scalars(select(ClusterServer.name).order_by(ClusterServer.name)).all()
     # A template is asked for by name: the chosen server's site (or the first site that has it) gives it.
     templates: dict[str, list[str]] = {}
     for template, site in rows:
         templates.setdefault(template, []).append(site)
-    with context.session() as db:
-        subnets = db.scalars(select(Subnet.name).order_by(Subnet.name)).all()
-        servers = db.scalars(select(ClusterServer.name).order_by(ClusterServer.name)).all()
     return render_template("install.html", templates=templates, subnets=subnets, servers=servers,
                            default_subnet=context.runtime().config.raw.get("default_subnet"))
 

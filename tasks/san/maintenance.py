@@ -3,15 +3,14 @@ NAME --on-san`), on the `san.<site>` queue.
 
 The SAN host's own libvirt (`uri` in the SAN's config entry) opens the VM's volumes by path instead of over
 iSCSI. The VM is marked `maintenance` (wanted stopped: HA leaves it alone) before anything else, and every
-export of the SAN leaves a VM in maintenance out of its ACLs; then its targets are locked (no initiator in
+export of the SAN leaves a VM in maintenance out of its ACLs; then its target is locked (no initiator in
 their ACL, no session left), so no cluster server can open its disks while it runs on the SAN. Stopped there
-(`vm shutdown` or `vm destroy`), its domain on the SAN host goes and its targets let the site's servers in again.
+(`vm shutdown` or `vm destroy`), its domain on the SAN host goes and its target lets the site's servers in again.
 """
 
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from config import Config, SanConfig
@@ -22,7 +21,7 @@ from tasks.inventory.specs import vm_spec
 from tasks.inventory.vms import MAINTENANCE, check_on_san, find_vm
 from tasks.kinds import OfVm, san_of_vm
 from tasks.san.storage import site_initiators, target_for
-from tasks.san.volumes import SanPlace, san_place
+from tasks.san.volumes import SanPlace, san_place, vm_target_iqn
 from tasks.workflow import workflow
 from workers.node import domains
 from workers.node.domain_xml import LocalDisk, domain_xml
@@ -58,7 +57,7 @@ def undo_start_on_san(ctx: JobContext) -> None:
 
 @workflow("start-on-san", cleanup=undo_start_on_san)
 def start_on_san(ctx: JobContext) -> dict[str, Any]:
-    """Mark the VM in maintenance, lock its targets, define its domain on the SAN host from local paths, start it."""
+    """Mark the VM in maintenance, lock its target, define its domain on the SAN host from local paths, start it."""
     place = san_place(ctx.rt.config, ctx.params.san)
     uri = host_uri(place.san)
     # Asked first, so a host that does not answer fails the job before anything changed.
@@ -66,10 +65,10 @@ def start_on_san(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         vm.state, vm.desired_state = MAINTENANCE, "stopped"
-        uuid, targets = vm.uuid, vm_targets(session, vm)
+        uuid, target = vm.uuid, vm_target_iqn(ctx.rt.config, place.site.name, vm)
         xml = domain_xml(vm_spec(session, vm, place.san.hypervisor, lambda volume: local_disk(place, volume), ()))
     ctx.phase("lock the exports", progress=20)
-    dropped = sum(target_for(place.san).lock_out(iqn) for iqn in targets)
+    dropped = target_for(place.san).lock_out(target)
     ctx.phase("define", progress=50)
     ctx.once(DEFINED, lambda: place.san.name)
     domains.define(uri, xml)
@@ -78,7 +77,7 @@ def start_on_san(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         vm.domain_id, vm.state_updated_at = state.domain_id, utcnow()
-    return {"host": place.san.name, "state": MAINTENANCE, "targets": targets, "sessions_dropped": dropped}
+    return {"host": place.san.name, "state": MAINTENANCE, "target": target, "sessions_dropped": dropped}
 
 
 @workflow("power-on-san")
@@ -100,16 +99,16 @@ def power_on_san(ctx: JobContext) -> dict[str, Any]:
 
 def end_maintenance(ctx: JobContext, place: SanPlace, *, defined: bool) -> None:
     """Remove the VM's domain from the SAN host (when one may be `defined`), let the site's servers reach its
-    targets again, and record it shut off. Only a VM in maintenance: anything else is not this job's."""
+    target again, and record it shut off. Only a VM in maintenance: anything else is not this job's."""
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         if vm.state != MAINTENANCE:
             return
-        uuid, targets, initiators = vm.uuid, vm_targets(session, vm), site_initiators(session, place.site)
+        uuid, initiators = vm.uuid, site_initiators(session, place.site)
+        target = vm_target_iqn(ctx.rt.config, place.site.name, vm)
     if defined:
         domains.undefine(host_uri(place.san), uuid)
-    for iqn in targets:
-        target_for(place.san).bind_initiators(iqn, initiators)
+    target_for(place.san).bind_initiators(target, initiators)
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         vm.state, vm.domain_id, vm.state_updated_at = "shut off", None, utcnow()
@@ -118,8 +117,3 @@ def end_maintenance(ctx: JobContext, place: SanPlace, *, defined: bool) -> None:
 def local_disk(place: SanPlace, volume: Volume) -> LocalDisk:
     return LocalDisk(Path(place.backend.path_for_export(volume.backend_handle)), volume.iscsi_lun)
 
-
-def vm_targets(session: Session, vm: VirtualMachine) -> list[str]:
-    """The iSCSI targets exporting the VM's volumes."""
-    return sorted(set(session.scalars(select(Volume.iscsi_target).where(Volume.vm_id == vm.id,
-                                                                        Volume.iscsi_target.is_not(None)))))
