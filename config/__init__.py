@@ -9,6 +9,7 @@ overridden by `LAXCLUSTER_<SECTION>_<KEY>` (`LAXCLUSTER_API_PORT=8081`), a top-l
 from __future__ import annotations
 
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,22 @@ class SanConfig:
 
 
 @dataclass(frozen=True)
+class ReplicationConfig:
+    """SSH from a SAN's worker to its peer SAN host, where `remote_python -m workers.san.receive` applies the stream."""
+
+    user: str
+    port: int
+    key_file: Path
+    known_hosts_file: Path
+    remote_python: str
+
+
+def replication_address(san: SanConfig) -> str:
+    """The address a peer SAN reaches `san` on for replication: its `replication` address, else its storage one."""
+    return san.addresses.get("replication") or san.addresses.get("storage") or san.portal.rpartition(":")[0]
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     sans: list[SanConfig]
@@ -117,6 +134,16 @@ class Config:
             if san.name == name:
                 return site, san
         raise KeyError(f"no SAN named {name} in {self.path}")
+
+    @property
+    def replication(self) -> "ReplicationConfig":
+        """How a SAN reaches its DR peer (the `[replication]` section, key paths defaulting under var_dir)."""
+        raw = self.section("replication")
+        folder = self.var_dir / "replication"
+        return ReplicationConfig(user=raw.get("user", "root"), port=int(raw.get("port", 22)),
+                                 key_file=Path(raw.get("key_file") or folder / "id_ed25519"),
+                                 known_hosts_file=Path(raw.get("known_hosts_file") or folder / "known_hosts"),
+                                 remote_python=raw.get("remote_python") or sys.executable)
 
     def vm_network_of(self, subnet: str) -> VmNetworkConfig | None:
         """The VM network carrying `subnet`'s leases; None for a subnet on none (its VMs get user-mode NICs)."""
