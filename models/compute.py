@@ -57,6 +57,8 @@ class VirtualMachine(Base):
     ha_priority: Mapped[int] = mapped_column(default=0)
     # The graphical console's password (VNC takes at most 8 characters); None until the VM's next start.
     vnc_password: Mapped[str | None] = mapped_column(String(8), default=new_vnc_password)
+    # Raised by every failover: a job started for an older generation (on the old primary site) is refused.
+    generation: Mapped[int] = mapped_column(default=1)
     ssh_keys: Mapped[list] = mapped_column(default=list)
     tags: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

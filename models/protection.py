@@ -2,7 +2,7 @@
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, ForeignKey, String
+from sqlalchemy import BigInteger, Float, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from models.base import Base, new_id, utcnow
@@ -59,14 +59,59 @@ class Backup(Base):
     verified_at: Mapped[datetime | None]
 
 
-class ReplicationPair(Base):
-    __tablename__ = "replication_pairs"
+class Replication(Base):
+    """A VM replicated to the other site's SAN: all its disks shipped together to `peer_san`, as replica points.
+
+    `peer_san` is the side holding the replicas: the DR site's SAN, and after a failover the old primary's
+    (failback ships back to it). `base_point` is the newest point both sides hold, the base of the next ship.
+    """
+
+    __tablename__ = "replications"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    volume_id: Mapped[int] = mapped_column(ForeignKey("volumes.id"))
-    dr_san_id: Mapped[int] = mapped_column(ForeignKey("sans.id"))
-    replica_handle: Mapped[str | None] = mapped_column(String(1023))
-    last_snapshot: Mapped[str | None] = mapped_column(String(1023))
-    last_synced_at: Mapped[datetime | None]
+    vm_id: Mapped[int] = mapped_column(ForeignKey("virtual_machines.id", ondelete="CASCADE"), unique=True)
+    peer_san_id: Mapped[int] = mapped_column(ForeignKey("sans.id"))
+    # "continuous" (ship every few seconds) or "scheduled" (when `schedule`, a cron line, is due).
+    mode: Mapped[str] = mapped_column(String(15))
     schedule: Mapped[str | None] = mapped_column(String(127))
-    rpo_seconds: Mapped[int | None]
+    rpo_target_s: Mapped[int]
+    bandwidth_limit_bytes_s: Mapped[int | None] = mapped_column(BigInteger)
+    keep: Mapped[int] = mapped_column(default=3)
+    # False while a failover or failback owns the VM's disks (no ship is dispatched).
+    enabled: Mapped[bool] = mapped_column(default=True)
+    base_point: Mapped[str | None] = mapped_column(String(63))
+    next_seq: Mapped[int] = mapped_column(default=1)
+    last_error: Mapped[str | None] = mapped_column(String(2047))
+    last_attempt_at: Mapped[datetime | None]
+    bytes_behind: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_bytes_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReplicaDisk(Base):
+    """One replicated volume: its copy on the peer SAN is `replica` (the same name), up to date as of `base_point`."""
+
+    __tablename__ = "replica_disks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    replication_id: Mapped[int] = mapped_column(ForeignKey("replications.id", ondelete="CASCADE"), index=True)
+    volume_id: Mapped[int] = mapped_column(ForeignKey("volumes.id", ondelete="CASCADE"), unique=True)
+    replica: Mapped[str] = mapped_column(String(127))
+    base_point: Mapped[str | None] = mapped_column(String(63))
+
+
+class ReplicaPoint(Base):
+    """A consistent moment of a VM's disks held on `san`: every replicated disk has snapshot `<replica>@<name>`."""
+
+    __tablename__ = "replica_points"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    replication_id: Mapped[int] = mapped_column(ForeignKey("replications.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    san_id: Mapped[int] = mapped_column(ForeignKey("sans.id"))
+    # When the source snapshots were taken: the moment the replica holds (its age is the RPO).
+    taken_at: Mapped[datetime]
+    shipped_at: Mapped[datetime] = mapped_column(default=utcnow)
+    bytes_changed: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
