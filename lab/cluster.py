@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from config import Config
+from config import Config, replication_address
 from lab import dhcp, libvirtd, netns, pool, processes, sshd, tgtd
 from lab.topology import Host, Topology, VmNetwork, build, host_uuid, server_uri, tgt_control_port
 from workers.command import output
@@ -39,12 +39,15 @@ def up(cfg: Config) -> dict[str, Any]:
     for host in topo.servers():
         state["servers"][host.name] = libvirtd.start(_server_daemons(topo, host))
         _save_state(topo, state)
+    # Each SAN's sshd lets in the replication key alone, so that key must exist before the first starts.
+    sshd.ensure_key(cfg.replication.key_file.resolve(), "laxcluster-lab-replication")
     for host in topo.sans():
         _bring_up_san(cfg, topo, host, state)
+    _write_known_hosts(cfg, topo)
     for host in topo.backup_hosts():
         daemon = backup_host(topo, host)
-        recorded = state["backup_hosts"].get(host.name)
-        state["backup_hosts"][host.name] = sshd.running_pid(daemon, recorded) or sshd.start(daemon)
+        daemon.prepare()
+        state["backup_hosts"][host.name] = sshd.ensure(daemon, state["backup_hosts"].get(host.name))
         _save_state(topo, state)
     for host, uri in _libvirt_hosts(cfg, topo):
         libvirtd.wait_answering(uri, host.name)
@@ -76,9 +79,11 @@ def _stop_processes(cfg: Config, topo: Topology, state: dict[str, Any], stray: l
         control_port = tgt_control_port(cfg, host.name)
         recorded = state["sans"].get(host.name, {}).get("tgtd")
         tgtd.stop(control_port, tgtd.running_pid(_portal(cfg, host.name), control_port, recorded))
-        processes.stop(netns.netns_pids(host.netns))  # its libvirtd and the guests it runs
+        sshd.stop(replication_host(cfg, topo, host), state["sans"].get(host.name, {}).get("sshd"))
+        processes.stop(netns.netns_pids(host.netns))  # its libvirtd, the guests it runs, open SSH sessions
         libvirtd.stop(_server_daemons(topo, host))
     for host in topo.backup_hosts():
+        sshd.stop(backup_host(topo, host), state["backup_hosts"].get(host.name))
         processes.stop(netns.netns_pids(host.netns))
     for name in stray:
         processes.stop(netns.netns_pids(name))
@@ -180,21 +185,44 @@ def _san_status(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) 
     uri = cfg.san(host.name)[1].uri
     return {
         "daemons": [{"name": "tgtd", "pid": pid, "answers": pid is not None and tgtd.answers(control_port), "portal": portal, "control_port": control_port},
-                    *(_libvirt_status(topo, host, uri) if uri else [])],
+                    *(_libvirt_status(topo, host, uri) if uri else []),
+                    _sshd_status(replication_host(cfg, topo, host), state["sans"].get(host.name, {}).get("sshd"))],
         "pool": {"image": str(image), "mountpoint": str(mountpoint), "mounted": bool(loops) and pool.is_mounted(mountpoint, source=loops[0]), "loop": loops[0] if loops else None},
     }
 
 
 def _backup_status(_cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> dict[str, Any]:
     daemon = backup_host(topo, host)
-    pid = sshd.running_pid(daemon, state["backup_hosts"].get(host.name))
-    return {"daemons": [{"name": "sshd", "pid": pid, "answers": pid is not None and sshd.answers(daemon)}],
+    return {"daemons": [_sshd_status(daemon, state["backup_hosts"].get(host.name))],
             "store": str(daemon.store), "client_key": str(daemon.client_key)}
+
+
+def _sshd_status(daemon: sshd.SshHost, recorded: int | None) -> dict[str, Any]:
+    pid = sshd.running_pid(daemon, recorded)
+    return {"name": "sshd", "pid": pid, "answers": pid is not None and sshd.answers(daemon),
+            "address": daemon.address, "port": daemon.port}
 
 
 def backup_host(topo: Topology, host: Host) -> sshd.BackupHost:
     """The sshd side of lab backup host `host`: its address on the backup network and its key directory."""
-    return sshd.BackupHost(host.name, host.netns, host.address("backup"), topo.lab_dir / host.name)
+    return sshd.BackupHost.at(host.name, host.netns, host.address("backup"), topo.lab_dir / host.name)
+
+
+def replication_host(cfg: Config, topo: Topology, host: Host) -> sshd.SshHost:
+    """The sshd side of lab SAN `host` for DR replication: on the SAN's replication address and the configured
+    port, letting in the replication key alone; host key and config beside the SAN's other files."""
+    _site, san = cfg.san(host.name)
+    return sshd.SshHost(host.name, host.netns, replication_address(san), cfg.replication.port, topo.lab_dir / host.name,
+                        sshd.public_half(cfg.replication.key_file.resolve()))
+
+
+def _write_known_hosts(cfg: Config, topo: Topology) -> None:
+    """(Re)write the replication known_hosts file: one line per SAN, its lab host key, and no other host."""
+    path = cfg.replication.known_hosts_file.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(replication_host(cfg, topo, host).known_hosts_line() + "\n" for host in topo.sans()))
+    partial.replace(path)
 
 
 def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]) -> None:
@@ -210,6 +238,9 @@ def _bring_up_san(cfg: Config, topo: Topology, host: Host, state: dict[str, Any]
     )
     if san.uri:
         record["libvirtd"] = libvirtd.start(_server_daemons(topo, host))
+    _save_state(topo, state)
+    # After the pool is mounted: a peer's login (in the root mount namespace) finds the replica volumes there.
+    record["sshd"] = sshd.ensure(replication_host(cfg, topo, host), record.get("sshd"))
     _save_state(topo, state)
 
 

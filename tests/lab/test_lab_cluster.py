@@ -44,6 +44,7 @@ def test_status_shows_every_host_with_its_addresses_and_answering_daemons(lab: c
     for _site, san in lab.sans():
         assert hosts[san.name]["addresses"] == san.addresses
         assert hosts[san.name]["pool"]["mounted"] and hosts[san.name]["pool"]["loop"].startswith("/dev/loop")
+        assert [d["name"] for d in hosts[san.name]["daemons"]] == ["tgtd", "virtlogd", "virtlockd", "libvirtd", "sshd"]
     for _site, _cluster, server in lab.servers():
         assert hosts[server.name]["addresses"] == server.addresses
         assert [d["name"] for d in hosts[server.name]["daemons"]] == ["virtlogd", "virtlockd", "libvirtd"]
@@ -158,6 +159,7 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
     bystander = None
     try:
         report = cluster.up(cfg)
+        assert {host for (host, daemon), pid in _pids(report).items() if daemon == "sshd" and pid} == {"san-a", "san-b", "bk1"}
         pids = [pid for pid in _pids(report).values() if pid] + [_start_guest(cfg, "cs2", kernel)]
         pids += [net["dhcp"]["pid"] for net in report["vm_networks"]]
         # Any libvirtd on the machine gives each QEMU a mount namespace like this one, copying the pools' mounts.
@@ -179,6 +181,7 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
         cluster.down(cfg)
 
         assert leftovers(cfg, pids) == []
+        assert _sshds_of(topo) == []
         cluster.down(cfg)  # again: harmless
         assert CliRunner().invoke(cli, ["lab", "status"], env={"LAXCLUSTER_CONFIG": str(cfg.path)}).exit_code == 1
     finally:
@@ -186,6 +189,12 @@ def test_down_after_a_crash_leaves_nothing_behind(tmp_path: Path) -> None:
         if bystander:
             bystander.kill()
             bystander.wait(10)
+
+
+def _sshds_of(topo: topology.Topology) -> list[int]:
+    """Live sshds started with a config under the lab's directory (the SANs' and backup hosts')."""
+    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    return [pid for pid in pids if "sshd" in (title := " ".join(processes.cmdline(pid))) and str(topo.lab_dir) in title]
 
 
 def _mount_namespace(pid: int) -> str:
