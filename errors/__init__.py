@@ -678,3 +678,31 @@ class LauncherRunning(Conflict):
     """Another `laxcluster run` holds this var_dir's launcher lock; `extra['pid']` is its pid."""
 
     code = "LauncherRunning"
+
+
+# -- DR replication (the bulk data between SANs) -------------------------------------------------
+
+class PeerUnreachable(LaxError):
+    """The peer SAN host's sshd cannot be reached or logged in to (or its host key is not the known one)."""
+
+    code = "PeerUnreachable"
+    http_status = 502
+
+
+class ReplicationBroken(LaxError):
+    """A ship broke off (stream cut, checksum mismatch, receiver failed): the peer made no new point."""
+
+    code = "ReplicationBroken"
+    http_status = 502
+
+
+class ReplicaBaseMissing(Conflict):
+    """The peer no longer has the base point a delta was made against: ship everything again."""
+
+    code = "ReplicaBaseMissing"
+
+
+class ReplicationCancelled(Conflict):
+    """A ship stopped at a cancel check before its commit: the peer made no new point."""
+
+    code = "ReplicationCancelled"
