@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from flask import Flask
 
-from api import (audit, auth, backups, check, console, disks, health, ipam, jobs, metrics, openapi, problems, servers,
+from api import (audit, auth, backups, check, console, disks, dr, health, ipam, jobs, metrics, openapi, problems, servers,
                  storage, streams, tokens, topology, ui, vms)
 from api.context import EXTENSION
 
@@ -24,7 +24,7 @@ BLUEPRINTS = (health.blueprint, openapi.blueprint, jobs.blueprint, servers.bluep
               topology.sites, topology.clusters, storage.sans, storage.volumes, storage.templates,
               ipam.subnets, ipam.leases, vms.blueprint, disks.blueprint, console.blueprint,
               backups.backups, backups.stores, backups.policies, tokens.blueprint,
-              audit.blueprint, check.blueprint, metrics.blueprint)
+              audit.blueprint, check.blueprint, metrics.blueprint, dr.blueprint)
 
 
 def create_app(rt: Runtime | None = None, celery: Celery | None = None) -> Flask:

@@ -21,7 +21,8 @@ from api import context
 from api.openapi import operation
 from config import Config
 from models import FINAL_STATES, QUEUED, RUNNING, ClusterServer, Job, JobLock, San, VirtualMachine, utcnow
-from models.protection import Backup
+from models.protection import Backup, Replication
+from tasks.inventory import dr
 from tasks.inventory.placement import capacity
 from tasks.runtime import Runtime
 from tasks.san.backups import USABLE
@@ -74,6 +75,7 @@ class InventoryCollector:
             yield from server_metrics(session, self.rt.config)
             yield san_free(session)
             yield from backup_metrics(session)
+            yield from replication_metrics(session)
         yield api_latency(self.rt.redis)
 
 
@@ -179,6 +181,24 @@ def backup_metrics(session: Session) -> Iterator[Metric]:
     for vm, created in sorted(newest_usable.items()):
         age.add_metric([vm], (now - created).total_seconds())
     yield from (age, last)
+
+
+def replication_metrics(session: Session) -> Iterator[Metric]:
+    """Per replicated VM: the age of its newest consistent replica (RPO), its target, alert, bytes behind."""
+    rpo = GaugeMetricFamily("laxcluster_replication_rpo_seconds", "Age of the VM's newest replica at the DR site",
+                            labels=["vm"])
+    target = GaugeMetricFamily("laxcluster_replication_rpo_target_seconds", "The VM's RPO target", labels=["vm"])
+    alert = GaugeMetricFamily("laxcluster_replication_alert", "1 while the VM's RPO is above its target", labels=["vm"])
+    behind = GaugeMetricFamily("laxcluster_replication_bytes_behind", "Bytes the ship under way has to send",
+                               labels=["vm"])
+    for rep, vm in session.execute(select(Replication, VirtualMachine).join(VirtualMachine).order_by(VirtualMachine.name)):
+        state = dr.status(session, vm, rep)
+        if state["rpo_s"] is not None:
+            rpo.add_metric([vm.name], state["rpo_s"])
+        target.add_metric([vm.name], rep.rpo_target_s)
+        alert.add_metric([vm.name], int(state["state"] == "alert"))
+        behind.add_metric([vm.name], rep.bytes_behind)
+    yield from (rpo, target, alert, behind)
 
 
 def api_latency(client: redis.Redis) -> Metric:

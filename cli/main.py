@@ -7,6 +7,7 @@ from cli.backups import backup, policy, store
 from cli.check import check
 from cli.client import Settings
 from cli.db import db
+from cli.dr import dr
 from cli.jobs import jobs
 from cli.lab import lab
 from cli.servers import servers
@@ -46,3 +47,4 @@ cli.add_command(policy)
 cli.add_command(check)
 cli.add_command(audit)
 cli.add_command(db)
+cli.add_command(dr)

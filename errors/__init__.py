@@ -680,6 +680,43 @@ class LauncherRunning(Conflict):
     code = "LauncherRunning"
 
 
+# -- DR replication (control side) ---------------------------------------------------------------
+
+class ReplicationNotEnabled(NotFound):
+    """The VM has no replication to another site (`laxcluster dr enable`)."""
+
+    code = "ReplicationNotEnabled"
+
+
+class ReplicationExists(Conflict):
+    code = "ReplicationExists"
+
+
+class NoDrSite(Conflict):
+    """The asked DR site is the VM's own, unknown, or has no SAN or servers to take the VM."""
+
+    code = "NoDrSite"
+
+
+class NoReplicaPoint(Conflict):
+    """No consistent replica of the VM is on the peer SAN yet (or not the one asked for)."""
+
+    code = "NoReplicaPoint"
+
+
+class NotPrimary(Conflict):
+    """The VM's primary copy is at another site (after a failover): this site must not start or export it."""
+
+    code = "NotPrimary"
+
+
+class DrillFailed(LaxError):
+    """A DR drill's replica did not come up at the DR site (its detail says what the console showed)."""
+
+    code = "DrillFailed"
+    http_status = 502
+
+
 # -- DR replication (the bulk data between SANs) -------------------------------------------------
 
 class PeerUnreachable(LaxError):

@@ -15,7 +15,8 @@ from tasks.queues import CONTROL
 
 WORKFLOW_MODULES = ["tasks.runner", "tasks.reconcile",
                     "tasks.control.diagnostics", "tasks.control.servers", "tasks.control.vms", "tasks.control.migrate",
-                    "tasks.control.evacuate", "tasks.control.rescue", "tasks.control.schedules", "tasks.control.check", "tasks.control.ha",
+                    "tasks.control.evacuate", "tasks.control.rescue", "tasks.control.schedules",
+                    "tasks.control.replication_schedule", "tasks.control.check", "tasks.control.ha",
                     "tasks.san.volumes", "tasks.san.backups", "tasks.san.prune", "tasks.san.inspect", "tasks.san.fencing",
                     "tasks.node.domains", "tasks.node.migrate", "tasks.node.servers", "tasks.node.inspect",
                     "tasks.node.heartbeat"]
@@ -25,6 +26,7 @@ def make_celery(config: Config) -> Celery:
     jobs = config.section("jobs")
     backup_tick = float(config.section("backups").get("dispatch_every_s", 20.0))
     ha_tick = float(config.section("ha").get("check_every_s", 5.0))
+    replication_tick = float(config.section("replication").get("dispatch_every_s", 2.0))
     app = Celery("laxcluster", broker=config.redis_url, backend=config.redis_url, include=WORKFLOW_MODULES)
     app.conf.update(
         task_serializer="json",
@@ -59,6 +61,12 @@ def make_celery(config: Config) -> Celery:
                 "task": "laxcluster.dispatch_backups",
                 "schedule": backup_tick,
                 "options": {"queue": CONTROL, "expires": backup_tick},
+            },
+            # Likewise for DR replication: Replication rows say what ships when.
+            "dispatch-replication": {
+                "task": "laxcluster.dispatch_replication",
+                "schedule": replication_tick,
+                "options": {"queue": CONTROL, "expires": replication_tick},
             },
         },
     )

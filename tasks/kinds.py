@@ -157,6 +157,10 @@ class VmOnServer(OfVm):
     server: str
 
 
+class StartDomain(VmOnServer):
+    generation: int | None = Field(None, description="refused unless the VM is still of this generation (no failover since)")
+
+
 class RescueDomain(VmOnServer):
     end: bool = False
 
@@ -211,6 +215,37 @@ class RepairNode(OfServer):
     actions: list[RepairAction]
 
 
+class PromoteReplica(VmOnSan):
+    point: str | None = None
+
+
+class RetireCopy(VmOnSan):
+    drop: bool = Field(False, description="also delete the stale volumes (their point snapshots stay)")
+
+
+class Failover(OfVm):
+    planned: bool = Field(True, description="stop the VM, ship the last changes, then switch (no data lost); "
+                                            "false: the primary site is gone, start from a replica point")
+    point: str | None = Field(None, description="unplanned: the replica point to start from (default: the newest)")
+    server: str | None = Field(None, description="the server at the DR site to start on (default: placement)")
+
+
+class Drill(OfVm):
+    point: str | None = Field(None, description="the replica point to boot (default: the newest)")
+    server: str | None = Field(None, description="the server at the DR site to boot it on (default: the first)")
+
+
+class DrillOnSan(VmOnSan):
+    point: str | None = None
+    end: bool = False
+
+
+class DrillDomain(VmOnServer):
+    target: str | None = None
+    san: str | None = None
+    end: bool = False
+
+
 Queue = Callable[[Session, Any], str]
 Target = Callable[[Session, Any], str]
 
@@ -247,10 +282,7 @@ def site_of_san(session: Session, san: str) -> str:
 
 def san_of_vm(session: Session, params: OfVm) -> str:
     """The SAN holding the VM's disk, or, before it has one, the SAN of its template."""
-    vm = find_vm(session, params.vm)
-    on_disk = session.scalar(select(San.name).join(Volume, Volume.san_id == San.id)
-                             .where(Volume.vm_id == vm.id, Volume.role == "disk").limit(1))
-    return on_disk or site_and_san(session, vm)[1]
+    return site_and_san(session, find_vm(session, params.vm))[1]
 
 
 def san_of_server(session: Session, params: OfServer) -> str:
@@ -342,7 +374,7 @@ def server_target(_: Session, params: OfServer) -> str:
 
 
 CONTROL_VMS, CONTROL_MIGRATE, CONTROL_DISKS = "tasks.control.vms", "tasks.control.migrate", "tasks.control.disks"
-SAN_DISKS = "tasks.san.disks"
+SAN_DISKS, SAN_REPLICATION, CONTROL_DR = "tasks.san.disks", "tasks.san.replication", "tasks.control.dr"
 SAN_VOLUMES, SAN_BACKUPS, NODE_DOMAINS = "tasks.san.volumes", "tasks.san.backups", "tasks.node.domains"
 
 KINDS: dict[str, Kind] = {kind.name: kind for kind in [
@@ -385,7 +417,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("prune-backups", OfPolicy, on_san_of(san_of_policy), prune_target, "tasks.san.prune", "backup.prune"),
     Kind("start-on-san", VmOnSan, on_san_of(lambda _, p: p.san), domain_target, "tasks.san.maintenance"),
     Kind("power-on-san", PowerOnSan, on_san_of(lambda _, p: p.san), domain_target, "tasks.san.maintenance"),
-    Kind("start-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
+    Kind("start-domain", StartDomain, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("power-domain", PowerDomain, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("probe-boot", ProbeBoot, on_server("server"), domain_target, NODE_DOMAINS),
     Kind("remove-domain", VmOnServer, on_server("server"), domain_target, NODE_DOMAINS),
@@ -393,6 +425,19 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("migrate-domain", MigrateDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("preflight-migration", PreflightMigration, on_server("source"), lambda _, p: f"preflight/{p.vm}",
          "tasks.node.migrate"),
+    Kind("replicate-to-dr", OfVm, on_san_of(san_of_vm), lambda _, p: f"replicate/{p.vm}", SAN_REPLICATION,
+         "dr.replicate"),
+    Kind("promote-replica", PromoteReplica, on_san_of(lambda _, p: p.san), lambda _, p: f"replica/{p.vm}",
+         SAN_REPLICATION),
+    Kind("retire-copy", RetireCopy, on_san_of(lambda _, p: p.san), lambda _, p: f"retire/{p.vm}", SAN_REPLICATION),
+    Kind("drill-volumes", DrillOnSan, on_san_of(lambda _, p: p.san), lambda _, p: f"drill-volumes/{p.vm}", SAN_REPLICATION),
+    Kind("drill-domain", DrillDomain, on_server("server"), lambda _, p: f"drill-domain/{p.vm}", "tasks.node.drill"),
+    Kind("failover", Failover, on_control, vm_target, CONTROL_DR, "dr.failover"),
+    Kind("failback", Failover, on_control, vm_target, CONTROL_DR, "dr.failback"),
+    Kind("disable-replication", OfVm, on_control, vm_target, CONTROL_DR, "dr.disable"),
+    Kind("drop-replica-points", VmOnSan, on_san_of(lambda _, p: p.san), lambda _, p: f"replica/{p.vm}",
+         SAN_REPLICATION),
+    Kind("drill", Drill, on_control, lambda _, p: f"drill/{p.vm}", CONTROL_DR, "dr.drill"),
     Kind("settle-domain", SettleDomain, on_server("source"), domain_target, "tasks.node.migrate"),
     Kind("refresh-server", OfServer, on_server("server"), server_target, "tasks.node.servers"),
     Kind("remove-stale-domains", OfServer, on_server("server"), lambda _, p: f"stale/{p.server}", "tasks.node.servers"),

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from config import Config
 from errors import ChildrenTimedOut
 from models import FINAL_STATES, SUCCEEDED, ClusterServer, Job, Lease, San, Template, VirtualMachine, Volume
-from models.protection import Backup
+from models.protection import Backup, ReplicaDisk, ReplicaPoint, Replication
 from tasks.context import JobContext
 from tasks.inventory import drift
 from tasks.san.backups import USABLE
@@ -25,7 +25,8 @@ from tasks.san.storage import site_initiators
 from tasks.workflow import workflow
 
 # Lock targets (`<prefix>/<vm>`) of the jobs that change a VM's volumes, exports or domain.
-VM_JOB_PREFIXES = ("vm/", "disks/", "domain/", "backup/")
+VM_JOB_PREFIXES = ("vm/", "disks/", "domain/", "backup/", "replicate/", "replica/", "retire/", "drill/",
+                   "drill-volumes/", "drill-domain/")
 SNAPSHOT_KINDS = ("snapshot-backup", "prune-backups", "restore", "verify-backup", "restore-vm", "verify-boot")
 REPAIR_TIMEOUT_S = 300
 
@@ -104,6 +105,28 @@ def _san_facts(result: dict[str, Any]) -> drift.SanFacts:
 
 # -- the inventory -------------------------------------------------------------------------------------
 
+def replica_points(session: Session) -> frozenset[tuple[str, str]]:
+    """(san, handle) of every replication snapshot: the points on the peer, and each disk's base (on both sides)."""
+    san_names = dict(session.execute(select(San.id, San.name)).tuples().all())
+    found = {(san_names[point.san_id], f"{disk.replica}@{point.name}")
+             for disk, point in session.execute(select(ReplicaDisk, ReplicaPoint).join(
+                 ReplicaPoint, ReplicaPoint.replication_id == ReplicaDisk.replication_id)).tuples()}
+    found |= {(san_names[volume.san_id], f"{volume.backend_handle}@{disk.base_point}")
+              for disk, volume in session.execute(select(ReplicaDisk, Volume).join(Volume, Volume.id == ReplicaDisk.volume_id)
+                                                  .where(ReplicaDisk.base_point.is_not(None))).tuples()}
+    found |= {(san_names[peer], f"{disk.replica}@{disk.base_point}")
+              for disk, peer in session.execute(select(ReplicaDisk, Replication.peer_san_id).join(Replication)
+                                                .where(ReplicaDisk.base_point.is_not(None))).tuples()}
+    return frozenset(found)
+
+
+def replica_copies(session: Session) -> frozenset[tuple[str, str]]:
+    """(peer san, replica) of every replicated disk: a copy that SAN may hold as a volume (a stale primary)."""
+    rows = session.execute(select(San.name, ReplicaDisk.replica).join(Replication, Replication.peer_san_id == San.id)
+                           .join(ReplicaDisk, ReplicaDisk.replication_id == Replication.id)).tuples().all()
+    return frozenset(rows)
+
+
 def read_inventory(session: Session, config: Config, since: datetime) -> drift.Inventory:
     """The rows the comparison needs, and what jobs work on since `since` (the check's start)."""
     san_names = dict(session.execute(select(San.id, San.name)).tuples().all())
@@ -123,7 +146,8 @@ def read_inventory(session: Session, config: Config, since: datetime) -> drift.I
         vms=tuple(drift.VmRow(vm.id, vm.uuid, vm.name, servers.get(vm.server_id), vm.state) for vm in vms),
         leases=tuple(drift.LeaseRow(lease.id, lease.vm_id, lease.ip, lease.mac) for lease in session.scalars(select(Lease))),
         snapshots=frozenset(session.execute(select(Backup.san_name, Backup.snapshot)
-                                            .where(Backup.snapshot.is_not(None))).tuples().all()),
+                                            .where(Backup.snapshot.is_not(None))).tuples().all()) | replica_points(session),
+        replicas=replica_copies(session),
         anchors=_anchors(session),
         initiators={san.name: site_initiators(session, site) for site, san in config.sans()},
         iqn_prefix=config.raw.get("iqn_prefix", ""),

@@ -14,6 +14,7 @@ from errors import TargetBusy
 from models import ClusterServer, Lease, Template, VirtualMachine, Volume
 from tasks import jobs
 from tasks.context import JobContext
+from tasks.control.replicas import drop_replicas
 from tasks.kinds import backup_lock
 from tasks.inventory import ipam
 from tasks.inventory.placement import lock_placement, place_vm
@@ -163,11 +164,12 @@ def start_vm(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm = find_vm(session, name)
         refuse_while_away(vm)
-        server = placed_on(session, vm)
+        server, generation = placed_on(session, vm), vm.generation
     ctx.phase("refresh LUNs", progress=10)
     ctx.run_child("refresh-luns", {"vm": name}, timeout=SAN_TIMEOUT_S, start=10, end=30)
     ctx.phase("start", progress=30)
-    return ctx.run_child("start-domain", {"vm": name, "server": server}, timeout=NODE_TIMEOUT_S, start=30, end=98)
+    return ctx.run_child("start-domain", {"vm": name, "server": server, "generation": generation},
+                         timeout=NODE_TIMEOUT_S, start=30, end=98)
 
 
 def _checked_for_san(ctx: JobContext, name: str) -> str:
@@ -221,6 +223,8 @@ def delete_vm(ctx: JobContext) -> dict[str, Any]:
         ctx.report.update(phase=f"wait for backup job {backup}")
         if not ctx.wait_for_other_job(backup, BACKUP_WAIT_S):
             raise TargetBusy(f"backup job {backup} of {ctx.params.vm} did not end", job_id=backup)
+    ctx.report.update(phase="drop replicas", progress=5)
+    drop_replicas(ctx, 5, 10)
     undo_install(ctx)
     return {"deleted": ctx.params.vm}
 

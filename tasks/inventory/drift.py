@@ -102,7 +102,10 @@ class Inventory:
     templates: tuple[TemplateRow, ...] = ()
     vms: tuple[VmRow, ...] = ()
     leases: tuple[LeaseRow, ...] = ()
-    snapshots: frozenset[tuple[str, str]] = frozenset()  # (san, handle) of every snapshot a backup row names
+    snapshots: frozenset[tuple[str, str]] = frozenset()  # (san, handle) of every snapshot a backup or replication names
+    # (san, volume) of each replica copy a SAN may hold besides its rows: a failed-over VM's stale copy at the old
+    # primary, until failback ships over it
+    replicas: frozenset[tuple[str, str]] = frozenset()
     anchors: tuple[AnchorRow, ...] = ()
     initiators: dict[str, tuple[str, ...]] = field(default_factory=dict)  # SAN -> who may log in to its targets
     iqn_prefix: str = ""
@@ -211,7 +214,8 @@ class _SanCheck:
                             f"laxcluster template import {template.name} (from its image) again")
 
     def _orphan_volumes(self, deletable_targets: set[str]) -> Iterator[Drift]:
-        owned = {row.handle for row in self.rows} | {t.handle for t in self.inv.templates if t.san == self.san}
+        owned = ({row.handle for row in self.rows} | {t.handle for t in self.inv.templates if t.san == self.san}
+                 | {handle for san, handle in self.inv.replicas if san == self.san})
         for handle, path in sorted(self.facts.volumes.items()):
             if "@" in handle or handle in owned:
                 continue

@@ -8,7 +8,7 @@ from sqlalchemy.orm import Session
 from config import Config
 from errors import (InvalidInput, TemplateNotFound, UnknownServer, VmExists, VmInMaintenance, VmInRescue, VmIsRunning,
                     VmNotFound, VmNotInRescue, VmNotPlaced)
-from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine
+from models import Cluster, ClusterServer, San, Site, Subnet, Template, VirtualMachine, Volume
 from tasks.inventory import ipam
 from workers.san.backend import validate_name
 
@@ -111,7 +111,10 @@ def find_vm(session: Session, name: str) -> VirtualMachine:
 
 
 def site_and_san(session: Session, vm: VirtualMachine) -> tuple[str, str]:
-    san = session.get(San, session.get(Template, vm.template_id).san_id)
+    """The site and SAN of the VM's disk (after a failover, the DR site's), or, before it has one, of its template."""
+    on_disk = session.scalar(select(San).join(Volume, Volume.san_id == San.id)
+                             .where(Volume.vm_id == vm.id, Volume.role == "disk").limit(1))
+    san = on_disk or session.get(San, session.get(Template, vm.template_id).san_id)
     return session.get(Site, san.site_id).name, san.name
 
 

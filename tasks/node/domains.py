@@ -16,6 +16,7 @@ from models.db import transaction
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.inventory.dr import refuse_if_not_primary
 from tasks.inventory.vmnet import bridge_for
 from tasks.inventory.specs import direct_boot, vm_spec
 from tasks.inventory.vms import BUSY_STATES, DATA_ROLE, RESCUE
@@ -83,9 +84,11 @@ def record_state(session: Session, vm: VirtualMachine, state: domains.DomainStat
 
 @workflow("start-domain")
 def start_domain(ctx: JobContext) -> dict[str, Any]:
-    """Define the VM's domain on this server from the inventory and start it."""
+    """Define the VM's domain on this server from the inventory and start it; NotPrimary if the VM's disks are at
+    another site (it failed over) or it failed over since the job was planned."""
     with ctx.session() as session:
         vm, server = vm_and_server(session, ctx.params.vm, ctx.params.server)
+        refuse_if_not_primary(session, vm, server.cluster.site_id, ctx.params.generation)
         spec = domain_spec(session, vm, server, ctx.rt.config)
         xml = domain_xml(spec)
     ctx.phase("define", progress=20)

@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, SiteConfig
 from errors import NotFound, TargetNotFound, TemplateExists, VmNotStopped, VolumeExists
-from models import Lease, San, Subnet, Template, VirtualMachine, Volume
+from models import Lease, San, Site, Subnet, Template, VirtualMachine, Volume
 from models.protection import Backup
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
+from tasks.inventory.dr import refuse_if_not_primary
 from tasks.inventory.vms import MAINTENANCE, find_vm, vm_volume
 from tasks.queues import san_queue
 from tasks.san.storage import backend_for, handle_in_use, site_initiators, target_for
@@ -318,7 +319,9 @@ def export_vm_disks(ctx: JobContext) -> dict[str, Any]:
     """Add an initiator to the ACL of the VM's target (its LUNs are already exported at install)."""
     san = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
-        iqn = vm_target_iqn(ctx.rt.config, san.site.name, find_vm(session, ctx.params.vm))
+        vm = find_vm(session, ctx.params.vm)
+        refuse_if_not_primary(session, vm, session.scalar(select(Site.id).where(Site.name == san.site.name)))
+        iqn = vm_target_iqn(ctx.rt.config, san.site.name, vm)
     tgt = target_for(san.san)
     target = tgt.find(iqn)
     if target is None:

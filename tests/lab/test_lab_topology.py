@@ -88,24 +88,17 @@ def test_each_vm_network_is_a_root_bridge_on_its_gateway_joined_by_each_bridging
         ("vm-a", "lx-vm-a", "10.254.0.1/24", "lab", True), ("vm-b", "lx-vm-b", "10.254.1.1/24", "lab-b", True)]
     assert [(l.network, l.veth, l.inner, l.server_bridge) for l in topo.host("cs2").vm_links] == [
         ("vm-a", "lxcs2v0", "vm-a", "vmbr0")]
-    assert [l.veth for l in topo.host("cs3").vm_links] == ["lxcs3v1"]
+    assert [(l.network, l.veth) for l in topo.host("cs3").vm_links] == [("vm-a", "lxcs3v0"), ("vm-b", "lxcs3v1")]
     assert topo.host("san-a").vm_links == ()
 
 
-def _stretched_config(tmp_path: Path, stretched: bool) -> config.Config:
-    """The default config with site-b's servers on site-a's VM network vm-a (a DR stretch)."""
-    mark = "stretched = true\n" if stretched else ""
-    text = config.DEFAULTS.read_text().replace('name = "vm-a"\n', f'name = "vm-a"\n{mark}')
-    text = text.replace('name = "vm-b"\nsubnet = "lab-b"\n', f'name = "vm-a"\nsubnet = "lab"\n{mark}')
-    text = text.replace('vm-b = "vmbr0"', 'vm-a = "vmbr0"')
-    path = tmp_path / "stretched.toml"
-    path.write_text(text)
-    return config.load(path, environ={})
-
-
 def test_a_vm_network_spans_two_sites_only_when_both_say_it_is_stretched(tmp_path: Path) -> None:
+    path = tmp_path / "unstretched.toml"
+    path.write_text(config.DEFAULTS.read_text().replace("stretched = true\n", "", 1))
     with pytest.raises(InvalidInput, match="stretched = true"):
-        build(_stretched_config(tmp_path, stretched=False))
-    topo = build(_stretched_config(tmp_path, stretched=True))
-    assert [n.name for n in topo.vm_networks] == ["vm-a"]
-    assert {h.name: [l.network for l in h.vm_links] for h in topo.servers()} == {"cs1": ["vm-a"], "cs2": ["vm-a"], "cs3": ["vm-a"]}
+        build(config.load(path, environ={}))
+    # The lab stretches vm-a to site-b (for DR): one segment, joined by cs3 as well.
+    topo = build(config.load(config.DEFAULTS, environ={}))
+    assert [n.name for n in topo.vm_networks] == ["vm-a", "vm-b"]
+    assert {h.name: [l.network for l in h.vm_links] for h in topo.servers()} == {
+        "cs1": ["vm-a"], "cs2": ["vm-a"], "cs3": ["vm-a", "vm-b"]}
