@@ -435,7 +435,7 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in [
     Kind("failover", Failover, on_control, vm_target, CONTROL_DR, "dr.failover"),
     Kind("failback", Failover, on_control, vm_target, CONTROL_DR, "dr.failback"),
     Kind("disable-replication", OfVm, on_control, vm_target, CONTROL_DR, "dr.disable"),
-    Kind("drop-replica-points", VmOnSan, on_san_of(lambda _, p: p.san), lambda _, p: f"replica/{p.vm}",
+    Kind("drop-replica-points", VmOnSan, on_san_of(lambda _, p: p.san), lambda _, p: f"drop-replicas/{p.san}/{p.vm}",
          SAN_REPLICATION),
     Kind("drill", Drill, on_control, lambda _, p: f"drill/{p.vm}", CONTROL_DR, "dr.drill"),
     Kind("settle-domain", SettleDomain, on_server("source"), domain_target, "tasks.node.migrate"),
