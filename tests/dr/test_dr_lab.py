@@ -19,7 +19,7 @@ from lab.processes import wait_until
 from lab.topology import build
 from models import FAILED, SUCCEEDED, ClusterServer, VirtualMachine, Volume
 from tasks.san.storage import target_for
-from tests.fixtures.check import assert_clean
+from tests.fixtures.check import assert_clean, run_check
 from tests.fixtures.guest import read_probe, write_and_sync
 from tests.fixtures.http import bearer
 from tests.fixtures.vms import boot_line, console_answer, domain_named, install, run_job, server_uri, unique, wait_job
@@ -142,6 +142,10 @@ def test_a_vm_fails_over_when_its_site_dies_and_fails_back_with_only_the_deltas(
         refused = run_job(rt, celery_app, kind, params)
         assert (refused.state, refused.error_code) == (FAILED, "NotPrimary"), refused.error_message
     assert target_for(rt.config.san("san-a")[1]).find(old_target) is None
+    # cs1 kept the stale definition (its libvirtd was gone when the failover ran): stopped, and `check --repair` removes it.
+    assert domain_named(cs1, name).state == "shut off"
+    repaired = run_check(rt, celery_app, repair=True)
+    assert any(d["resource"] == "domain" and d["where"] == "cs1" for d in repaired["drifts"]), repaired["drifts"]
     assert domain_named(cs1, name) is None
 
     changed = f"after-{secrets.token_hex(6)}"
@@ -152,6 +156,7 @@ def test_a_vm_fails_over_when_its_site_dies_and_fails_back_with_only_the_deltas(
     disk_bytes = 1 << 30
     assert 0 < failback.result["bytes_changed"] < disk_bytes // 10, failback.result
     assert failback.result["bytes_sent"] <= 1.1 * failback.result["bytes_changed"] + (1 << 20)
+    assert boot_line(server_uri(rt, home), name)[0] == name
     assert read_probe(server_uri(rt, home), name) == changed
     assert domain_named(cs3, name) is None
     status = api.get(f"/vms/{name}/replication")
