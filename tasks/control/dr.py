@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from errors import ChildrenTimedOut, Conflict, DrillFailed, NoReplicaPoint
 from models import ClusterServer, San, Site
-from tasks.context import JobContext
+from tasks.context import JobContext, raise_unless_succeeded
 from tasks.control.replicas import drop_replicas, wait_for_ship
 from tasks.control.vms import choose_server
 from tasks.inventory.dr import chosen_point, primary_san, replication_of
@@ -64,19 +64,13 @@ def switch_site(ctx: JobContext, planned: bool, point: str | None, start: float,
         ctx.phase("final sync", progress=at(0.2))
         shipped = ctx.run_child("replicate-to-dr", {"vm": name}, timeout=SAN_TIMEOUT_S, start=at(0.2), end=at(0.5))
         point = shipped["point"]
-        ctx.phase("retire the old copy", progress=at(0.5))
-        ctx.run_child("retire-copy", {"vm": name, "san": plan["old_san"], "drop": True}, timeout=SAN_TIMEOUT_S,
-                      start=at(0.5), end=at(0.55))
-        if plan["server"]:
-            ctx.run_child("remove-domain", {"vm": name, "server": plan["server"]}, timeout=NODE_TIMEOUT_S,
-                          start=at(0.55), end=at(0.6))
-        retired = True
-    else:
-        ctx.phase("retire the old copy", progress=at(0.05))
-        retired = try_retire(ctx, plan)
-    ctx.phase("promote the replica", progress=at(0.6))
+    # Promoted first: from then on the inventory has the VM at the DR site, so nothing (a SAN worker restoring its
+    # exports after a restart, a start) serves the old copy again, whatever happens to the retiring below.
+    ctx.phase("promote the replica", progress=at(0.5))
     promoted = ctx.run_child("promote-replica", {"vm": name, "san": plan["dr_san"], "point": point},
-                             timeout=SAN_TIMEOUT_S, start=at(0.6), end=at(0.75))
+                             timeout=SAN_TIMEOUT_S, start=at(0.5), end=at(0.65))
+    ctx.phase("retire the old copy", progress=at(0.65))
+    retired = retire_old_copy(ctx, plan, planned, at(0.65), at(0.75))
     ctx.phase("start at the DR site", progress=at(0.75))
     server = choose_server(ctx, name, ctx.params.server)
     with ctx.session() as session:
@@ -88,15 +82,25 @@ def switch_site(ctx: JobContext, planned: bool, point: str | None, start: float,
             "old_copy_retired": retired, "final_sync": shipped}
 
 
-def try_retire(ctx: JobContext, plan: dict[str, Any]) -> bool:
-    """Unplanned: ask the old site to drop its target and domain, going on without it if it does not answer soon."""
-    children = [ctx.spawn("retire-copy", {"vm": ctx.params.vm, "san": plan["old_san"], "drop": False})]
-    if plan["server"] and plan["server_reachable"]:
-        children.append(ctx.spawn("remove-domain", {"vm": ctx.params.vm, "server": plan["server"]}))
+def retire_old_copy(ctx: JobContext, plan: dict[str, Any], planned: bool, start: float, end: float) -> bool:
+    """The old site's target for the VM goes, and its domain on the old server. Planned: both must succeed, and
+    the old volumes go too (the final sync shipped everything; the base snapshot stays for failback). Unplanned:
+    tried, going on without the old site if it does not answer soon (a SAN worker coming back revokes the
+    target of a VM primary elsewhere, `check --repair` removes the stopped domain)."""
+    name = ctx.params.vm
+    children = [ctx.spawn("retire-copy", {"vm": name, "san": plan["old_san"], "drop": planned})]
+    if plan["server"] and (planned or plan["server_reachable"]):
+        children.append(ctx.spawn("remove-domain", {"vm": name, "server": plan["server"]}))
+    timeout = SAN_TIMEOUT_S if planned else UNREACHABLE_AFTER_S
     try:
-        ended = ctx.wait_for_children(children, UNREACHABLE_AFTER_S, at_least(ctx), at_least(ctx))
+        ended = ctx.wait_for_children(children, timeout, start, end)
     except ChildrenTimedOut:
+        if planned:
+            raise
         return False
+    if planned:
+        for child in ended:
+            raise_unless_succeeded(child)
     return all(child.state == "succeeded" for child in ended)
 
 

@@ -13,6 +13,7 @@ point, exported to that site's servers, and the VM's volume rows move there (its
 """
 
 import time
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -24,7 +25,8 @@ from models import Cluster, San, Site, VirtualMachine, Volume, utcnow
 from models.protection import ReplicaDisk, ReplicaPoint, Replication
 from tasks import jobs
 from tasks.context import JobContext
-from tasks.inventory.dr import (REPLICATED_ROLES, chosen_point, point_name, points, refuse_if_not_primary,
+from tasks.inventory.dr import (REPLICATED_ROLES, chosen_point, point_name, points, primary_san,
+                                refuse_if_not_primary,
                                 replica_disks, replication_of)
 from tasks.inventory.vms import find_vm
 from tasks.san.storage import site_initiators, target_for
@@ -160,7 +162,7 @@ def record_point(ctx: JobContext, plan: dict[str, Any], result: ShipResult, seco
         rep = replication_of(session, vm)
         peer = session.scalar(select(San).where(San.name == plan["peer"]))
         session.add(ReplicaPoint(replication_id=rep.id, name=plan["point"], san_id=peer.id,
-                                 taken_at=_naive(plan["taken_at"]), bytes_changed=result.bytes_changed,
+                                 taken_at=datetime.fromisoformat(plan["taken_at"]), bytes_changed=result.bytes_changed,
                                  bytes_sent=result.bytes_sent, seconds=seconds))
         for row in session.scalars(select(ReplicaPoint).where(ReplicaPoint.replication_id == rep.id,
                                                                ReplicaPoint.san_id == peer.id)):
@@ -179,11 +181,6 @@ def drop_older_points(backend: VolumeBackend, plan: dict[str, Any]) -> None:
         for handle in backend.listing():
             if handle.startswith(prefix) and handle != snapshot_handle(disk["handle"], plan["point"]):
                 backend.delete_snapshot(handle)
-
-
-def _naive(iso: str):
-    from datetime import datetime
-    return datetime.fromisoformat(iso)
 
 
 # -- promote-replica, retire-copy -----------------------------------------------------------------------
@@ -235,12 +232,22 @@ def move_vm_here(session: Session, place: SanPlace, vm: VirtualMachine, iqn: str
 
 @workflow("retire-copy")
 def retire_copy(ctx: JobContext) -> dict[str, Any]:
-    """This SAN's target for the VM goes (sessions dropped), so no server of this site reaches its stale copy."""
+    """This SAN's target for the VM goes (sessions dropped), so no server of this site reaches its stale copy; with
+    `drop`, the stale volumes too (their point snapshots stay). Nothing is done while the VM is primary here (a
+    late run after a failback)."""
     place = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
-        iqn = vm_target_iqn(ctx.rt.config, place.site.name, find_vm(session, ctx.params.vm))
+        vm = find_vm(session, ctx.params.vm)
+        site = site_of_san(session, place.san.name)
+        if primary_san(session, vm).site_id == site.id:
+            return {"retired": None, "san": place.san.name, "why": "the VM is primary at this site"}
+        iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
+        stale = [d.replica for d in replica_disks(session, replication_of(session, vm))]
     target_for(place.san).unexport(iqn, force=True)
-    return {"retired": iqn, "san": place.san.name}
+    if ctx.params.drop:
+        for replica in stale:
+            place.backend.delete(replica)
+    return {"retired": iqn, "san": place.san.name, "dropped": stale if ctx.params.drop else []}
 
 
 def site_of_san(session: Session, san_name: str) -> Site:

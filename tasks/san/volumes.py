@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session
 from config import Config, SanConfig, SiteConfig
 from errors import NotFound, TargetNotFound, TemplateExists, VmNotStopped, VolumeExists
 from models import Lease, San, Site, Subnet, Template, VirtualMachine, Volume
-from models.protection import Backup
+from models.protection import Backup, Replication
 from tasks import runtime
 from tasks.app import app
 from tasks.context import JobContext
-from tasks.inventory.dr import refuse_if_not_primary
+from tasks.inventory.dr import primary_san, refuse_if_not_primary
 from tasks.inventory.vms import MAINTENANCE, find_vm, vm_volume
 from tasks.queues import san_queue
 from tasks.san.storage import backend_for, handle_in_use, site_initiators, target_for
@@ -291,10 +291,29 @@ def restore_exports(san_name: str) -> list[str]:
     luns: dict[str, dict[int, str]] = {}
     for volume, _ in volumes:
         luns.setdefault(volume.iscsi_target, {})[volume.iscsi_lun] = place.backend.path_for_export(volume.backend_handle)
+        stale = stale_targets(session, rt.config, place)
     # A VM running on the SAN host keeps its targets locked.
     locked = {volume.iscsi_target for volume, state in volumes if state == MAINTENANCE}
     exports = [Export(iqn, by_lun, () if iqn in locked else initiators) for iqn, by_lun in luns.items()]
-    return target_for(place.san).reconcile(exports)
+    tgt = target_for(place.san)
+    changes = tgt.reconcile(exports)
+    for iqn in stale:
+        if tgt.find(iqn) is not None:
+            tgt.unexport(iqn, force=True)
+            changes.append(f"{iqn}: revoked (the VM is primary at another site)")
+    return changes
+
+
+def stale_targets(session: Session, config: Config, place: SanPlace) -> list[str]:
+    """This site's target names of replicated VMs that are primary at another site (failed over while this SAN was
+    away): a SAN coming back revokes them rather than serve a stale copy."""
+    site_id = session.scalar(select(Site.id).where(Site.name == place.site.name))
+    stale = []
+    for vm in session.scalars(select(VirtualMachine).join(Replication, Replication.vm_id == VirtualMachine.id)):
+        primary = primary_san(session, vm)
+        if primary is not None and primary.site_id != site_id:
+            stale.append(vm_target_iqn(config, place.site.name, vm))
+    return stale
 
 
 @worker_ready.connect
