@@ -115,18 +115,25 @@ def failover(ctx: JobContext) -> dict[str, Any]:
     return {**result, "planned": ctx.params.planned}
 
 
+def check_failed_over(ctx: JobContext) -> bool:
+    """Conflict unless the VM runs at its DR site with a point both sites hold."""
+    name = ctx.params.vm
+    with ctx.session() as session:
+        rep = replication_of(session, find_vm(session, name))
+        if rep.enabled:
+            raise Conflict(f"{name} has not failed over: its replication runs (`dr failover` first)", vm=name)
+        if rep.base_point is None:
+            raise NoReplicaPoint(f"{name} has no point both sites hold to fail back from", vm=name)
+    return True
+
+
 @workflow("failback")
 def failback(ctx: JobContext) -> dict[str, Any]:
     """Ship what changed at the DR site since the failover to the old primary, then fail over home (planned),
     and let replication run towards the DR site again."""
     name = ctx.params.vm
-    with ctx.session() as session:
-        vm = find_vm(session, name)
-        rep = replication_of(session, vm)
-        if rep.enabled:
-            raise Conflict(f"{name} has not failed over: its replication runs (`dr failover` first)", vm=name)
-        if rep.base_point is None:
-            raise NoReplicaPoint(f"{name} has no point both sites hold to fail back from", vm=name)
+    # Checked once: a run after a crash finds the replication as this job left it.
+    ctx.once("failed over", lambda: check_failed_over(ctx))
     ctx.phase("ship the changes home", progress=2)
     reverse = ctx.run_child("replicate-to-dr", {"vm": name}, timeout=SAN_TIMEOUT_S, start=2, end=40)
     result = switch_site(ctx, True, None, 40, 97)
@@ -145,6 +152,7 @@ def disable_replication(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         session.delete(replication_of(session, find_vm(session, ctx.params.vm)))
     return {"vm": ctx.params.vm, "dropped": sans}
+
 
 def dr_servers(ctx: JobContext, site: str) -> list[str]:
     with ctx.session() as session:

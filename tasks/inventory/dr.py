@@ -15,19 +15,15 @@ from sqlalchemy.orm import Session
 from errors import InvalidInput, NoDrSite, NoReplicaPoint, NotPrimary, ReplicationNotEnabled
 from models import Job, San, Site, VirtualMachine, Volume, utcnow
 from models.protection import ReplicaDisk, ReplicaPoint, Replication
+from workers.san.replication import point_order, validate_point
 
 MODES = ("continuous", "scheduled")
 # The volumes of a VM that replicate: boot disk, NoCloud seed (the DR copy boots with it) and data disks.
 REPLICATED_ROLES = ("disk", "seed", "data")
-POINT_PREFIX = "rep-"
 
 
 def point_name(seq: int) -> str:
-    return f"{POINT_PREFIX}{seq}"
-
-
-def point_seq(name: str) -> int:
-    return int(name.removeprefix(POINT_PREFIX))
+    return validate_point(f"rep-{seq}")
 
 
 def replication_of(session: Session, vm: VirtualMachine) -> Replication:
@@ -84,7 +80,7 @@ def points(session: Session, rep: Replication) -> list[ReplicaPoint]:
     """The consistent points on the peer SAN, newest first."""
     rows = session.scalars(select(ReplicaPoint).where(ReplicaPoint.replication_id == rep.id,
                                                       ReplicaPoint.san_id == rep.peer_san_id)).all()
-    return sorted(rows, key=lambda p: point_seq(p.name), reverse=True)
+    return sorted(rows, key=lambda p: point_order(p.name), reverse=True)
 
 
 def chosen_point(session: Session, rep: Replication, name: str | None) -> ReplicaPoint:
