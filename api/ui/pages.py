@@ -16,7 +16,8 @@ from api.vms import RUNNING_SOMEWHERE, overview_lines, overview_query, vm_detail
 from api.ui import blueprint
 from errors import NotFound
 from models import FINAL_STATES, Cluster, ClusterServer, Job, San, Site, Subnet, Template, VirtualMachine
-from models.protection import Backup, BackupPolicy, BackupStore
+from models.protection import Backup, BackupPolicy, BackupStore, Replication
+from tasks.inventory import dr
 
 JOBS_SHOWN = 50
 BACKUPS_SHOWN = 200
@@ -71,7 +72,15 @@ def vm_page(name: str) -> str:
         backups = db.scalars(select(Backup).where(Backup.vm_name == name).order_by(Backup.created_at.desc()))
         servers = db.scalars(select(ClusterServer.name).order_by(ClusterServer.name))
         return render_template("vm.html", vm=vm, jobs=[job_json(job) for job in jobs], backups=list(backups),
-                               servers=[server for server in servers if server != vm["server"]])
+                               servers=[server for server in servers if server != vm["server"]],
+                               replication=replication_status(db, name))
+
+
+def replication_status(db, name: str) -> dict[str, Any] | None:
+    """The VM's DR replication as `GET /vms/<name>/replication` shows it; None when it is not replicated."""
+    vm = db.scalar(select(VirtualMachine).where(VirtualMachine.name == name))
+    rep = db.scalar(select(Replication).where(Replication.vm_id == vm.id))
+    return dr.status(db, vm, rep) if rep is not None else None
 
 
 @blueprint.get("/backups")

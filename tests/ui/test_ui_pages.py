@@ -4,12 +4,14 @@ session cookie; every page needs a session; every post needs the session's CSRF 
 after the same validation, and a refusal is shown as the problem's message."""
 
 import re
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
 
-from models import ApiToken, Job, VirtualMachine
+from models import ApiToken, Job, San, VirtualMachine, utcnow
 from models.db import transaction
+from models.protection import ReplicaPoint, Replication
 from tasks.inventory.tokens import revoke
 from tests.fixtures import factories
 
@@ -165,3 +167,17 @@ def test_the_install_form_is_checked_live_and_nothing_is_kept(rt, client, tokens
     with rt.sessions() as session:
         assert session.scalars(select(VirtualMachine.name)).all() == ["web1"]
     assert jobs(rt) == []
+
+
+def test_the_vm_page_shows_its_replication_and_the_age_of_its_newest_replica(rt, client, tokens, web1):
+    signed_in(client, tokens["viewer"])
+    assert "not replicated" in client.get("/ui/vms/web1").get_data(as_text=True)
+    with transaction(rt.sessions) as session:
+        vm = session.scalar(select(VirtualMachine).where(VirtualMachine.name == "web1"))
+        peer = session.scalar(select(San.id).where(San.name == "san-b"))
+        rep = Replication(vm_id=vm.id, peer_san_id=peer, mode="continuous", rpo_target_s=30)
+        session.add(rep)
+        session.flush()
+        session.add(ReplicaPoint(replication_id=rep.id, name="rep-7", san_id=peer, taken_at=utcnow() - timedelta(seconds=100)))
+    page = client.get("/ui/vms/web1").get_data(as_text=True)
+    assert "state-alert" in page and "rep-7" in page and "san-b" in page and "target 30 s" in page
