@@ -288,10 +288,10 @@ def restore_exports(san_name: str) -> list[str]:
         volumes = session.execute(select(Volume, VirtualMachine.state).join(San).outerjoin(VirtualMachine)
                                   .where(San.name == san_name, Volume.iscsi_target.is_not(None))).all()
         initiators = site_initiators(session, place.site)
+        stale = stale_targets(session, rt.config, place)
     luns: dict[str, dict[int, str]] = {}
     for volume, _ in volumes:
         luns.setdefault(volume.iscsi_target, {})[volume.iscsi_lun] = place.backend.path_for_export(volume.backend_handle)
-        stale = stale_targets(session, rt.config, place)
     # A VM running on the SAN host keeps its targets locked.
     locked = {volume.iscsi_target for volume, state in volumes if state == MAINTENANCE}
     exports = [Export(iqn, by_lun, () if iqn in locked else initiators) for iqn, by_lun in luns.items()]

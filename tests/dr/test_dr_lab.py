@@ -18,6 +18,7 @@ from lab import netns, processes
 from lab.processes import wait_until
 from lab.topology import build
 from models import FAILED, SUCCEEDED, ClusterServer, VirtualMachine, Volume
+from tasks.queues import san_queue
 from tasks.san.storage import target_for
 from tests.fixtures.check import assert_clean, run_check
 from tests.fixtures.guest import read_probe, write_and_sync
@@ -141,7 +142,12 @@ def test_a_vm_fails_over_when_its_site_dies_and_fails_back_with_only_the_deltas(
                          ("export-vm-disks", {"vm": name, "san": "san-a", "initiator": "iqn.2026-11.org.laxcluster:cs1"})]:
         refused = run_job(rt, celery_app, kind, params)
         assert (refused.state, refused.error_code) == (FAILED, "NotPrimary"), refused.error_message
-    assert target_for(rt.config.san("san-a")[1]).find(old_target) is None
+    tgt = target_for(rt.config.san("san-a")[1])
+    assert tgt.find(old_target) is None
+    # A tgtd that kept the old target (only the SAN's worker was away) loses it when the worker restores exports.
+    tgt.ensure_target(old_target)
+    celery_app.send_task("laxcluster.restore_exports", args=["san-a"], queue=san_queue("site-a")).get(timeout=60)
+    assert tgt.find(old_target) is None
     # cs1 kept the stale definition (its libvirtd was gone when the failover ran): stopped, and `check --repair` removes it.
     assert domain_named(cs1, name).state == "shut off"
     repaired = run_check(rt, celery_app, repair=True)
