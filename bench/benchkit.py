@@ -1,4 +1,5 @@
-"""What every benchmark script needs: prerequisites, a clean exit on SIGTERM, a scratch directory, the results file."""
+"""What every benchmark script needs: prerequisites, a clean exit on SIGTERM, a scratch directory, the results file;
+and what the lab benchmarks share: `laxcluster run`'s services, the guest's console shell, job timestamps."""
 
 import json
 import os
@@ -7,13 +8,23 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from errors import LabError
+import libvirt
+
+import config
+from cli.services import Service, celery_services
+from errors import ConsoleTimeout, LabError
+from lab.processes import wait_until
+from workers.node.console import SerialConsole, start_event_loop
 
 RESULTS_DIR = Path(__file__).with_name("results")
+# What the lab's tiny guest prints (and keeps in /etc/laxcluster-boot) once it has booted.
+BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+)"
 
 
 class BenchError(Exception):
@@ -71,3 +82,42 @@ def run_to_end(argv: list[str]) -> None:
         raise
     if returncode:
         raise subprocess.CalledProcessError(returncode, argv)
+
+
+def run_services(cfg: config.Config) -> list[Service]:
+    """`laxcluster run`'s Celery services without Flower: a worker per queue, and beat (HA watcher, DR dispatcher)."""
+    return [service for service in celery_services(cfg) if service.name != "flower"]
+
+
+def moment(stamp: str) -> float:
+    """A job's or point's ISO timestamp (the API's, with its Z) as seconds since the epoch."""
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+def console_of(conn: libvirt.virConnect, vm: str) -> SerialConsole | None:
+    """The domain's serial console; None until libvirt has its PTY (just after the domain started)."""
+    try:
+        return SerialConsole(conn.lookupByName(vm))
+    except libvirt.libvirtError:
+        return None
+
+
+@contextmanager
+def booted_console(uri: str, vm: str, timeout: float) -> Iterator[SerialConsole]:
+    """The guest's serial console once its shell answers with the boot line (asked every 0.5 s, so a boot is seen
+    within half a second), open until the block ends."""
+    start_event_loop()
+    conn = libvirt.open(uri)
+    try:
+        with wait_until(lambda: console_of(conn, vm), 30, f"{vm}'s console on {uri}") as console:
+            def booted() -> bool:
+                console.write(b"cat /etc/laxcluster-boot\n")
+                try:
+                    return bool(console.read_until(BOOT_LINE, timeout=0.5))
+                except ConsoleTimeout:
+                    return False
+
+            wait_until(booted, timeout, f"{vm}'s console shell on {uri}", interval=0)
+            yield console
+    finally:
+        conn.close()

@@ -49,9 +49,8 @@ from typing import Any
 
 import libvirt
 import redis
-from benchkit import BenchError, measure_and_report, require_root_and
+from benchkit import BenchError, booted_console, measure_and_report, moment, require_root_and, run_services
 from migrate import (
-    BOOT_LINE,
     READY_TIMEOUT_S,
     Api,
     server_uri,
@@ -61,8 +60,7 @@ from migrate import (
 )
 
 import config
-from cli.services import Service, Supervisor, celery_services
-from errors import ConsoleTimeout
+from cli.services import Service, Supervisor
 from lab import cluster as lab_cluster
 from lab.echo import ECHO_PORT, ECHO_STARTED, START_ECHO, echo
 from lab.processes import qemu_of, read_pidfile, stop, wait_until
@@ -70,7 +68,6 @@ from lab.testing import make_test_config, running_lab
 from lab.topology import lab_dir
 from tasks.node.heartbeat import silence_key, worker_key
 from tasks.queues import node_queue
-from workers.node.console import SerialConsole, start_event_loop
 
 FAILED, SPARE = "cs1", "cs2"
 RECOVERY_TIMEOUT_S = 300
@@ -109,11 +106,6 @@ def ha_environment(args: argparse.Namespace, lab_cfg_path: Path, workdir: Path) 
     return env
 
 
-def run_services(cfg: config.Config) -> list[Service]:
-    """`laxcluster run`'s Celery services without Flower: a worker per queue, and beat (the HA watcher)."""
-    return [service for service in celery_services(cfg) if service.name != "flower"]
-
-
 def fail_cs1(bench: HaBench) -> float:
     """Kill -9 cs1's libvirtd and node worker (its whole process group); return when (wall clock)."""
     bench.orphans.extend(qemu_of(bench.vm))
@@ -139,33 +131,12 @@ def echoed(ip: str, port: int) -> bool:
         return False
 
 
-def console_of(conn: libvirt.virConnect, vm: str) -> SerialConsole | None:
-    """The domain's serial console; None until libvirt has its PTY (just after the domain started)."""
-    try:
-        return SerialConsole(conn.lookupByName(vm))
-    except libvirt.libvirtError:
-        return None
-
-
 def answering(uri: str, vm: str, ip: str, port: int) -> float:
     """When (wall clock) a client first gets a line back from the guest: its console shell asked for the boot
     line until it answers (every 0.5 s), an echo service started on `port`, a line sent over the VM network."""
-    start_event_loop()
-    conn = libvirt.open(uri)
-    try:
-        with wait_until(lambda: console_of(conn, vm), 30, f"{vm}'s console on {uri}") as console:
-            def booted() -> bool:
-                console.write(b"cat /etc/laxcluster-boot\n")
-                try:
-                    return bool(console.read_until(BOOT_LINE, timeout=0.5))
-                except ConsoleTimeout:
-                    return False
-
-            wait_until(booted, ANSWER_TIMEOUT_S, f"{vm}'s console shell on {uri}", interval=0)
-            console.write(START_ECHO.replace(f"-p {ECHO_PORT} ", f"-p {port} ").encode() + b"\n")
-            console.read_until(ECHO_STARTED, timeout=30)
-    finally:
-        conn.close()
+    with booted_console(uri, vm, ANSWER_TIMEOUT_S) as console:
+        console.write(START_ECHO.replace(f"-p {ECHO_PORT} ", f"-p {port} ").encode() + b"\n")
+        console.read_until(ECHO_STARTED, timeout=30)
     wait_until(lambda: echoed(ip, port), 60, f"{vm}'s echo service at {ip}:{port}", interval=0.1)
     return time.time()
 
@@ -180,20 +151,11 @@ def running_on(uri: str, vm: str) -> bool:
         conn.close()
 
 
-def moment(stamp: str) -> float:
-    return datetime.fromisoformat(stamp).timestamp()
-
-
-def jobs(api: Api, kind: str, target: str) -> list[dict[str, Any]]:
-    response = api.http.get(f"{api.url}/jobs", params={"kind": kind, "target": target, "limit": 20}, timeout=30)
-    return response.json()["items"]
-
-
 def recovery_since(api: Api, failed_at: float) -> dict[str, Any]:
     """The recover-server job of cs1 the watcher started after `failed_at`, once it succeeded."""
     def started() -> dict[str, Any] | None:
         # created_at has millisecond precision; a job of an earlier round is long before.
-        return next((job for job in jobs(api, "recover-server", f"recover/{FAILED}")
+        return next((job for job in api.jobs("recover-server", f"recover/{FAILED}")
                      if moment(job["created_at"]) >= failed_at - 0.001), None)
 
     job = wait_until(started, RECOVERY_TIMEOUT_S, f"the watcher to start recovering {FAILED}", interval=0.2)
@@ -201,7 +163,7 @@ def recovery_since(api: Api, failed_at: float) -> dict[str, Any]:
 
 
 def child(api: Api, parent: dict[str, Any], kind: str, target: str) -> dict[str, Any]:
-    found = [job for job in jobs(api, kind, target) if job["parent_id"] == parent["id"]]
+    found = [job for job in api.jobs(kind, target) if job["parent_id"] == parent["id"]]
     if len(found) != 1 or found[0]["state"] != "succeeded":
         raise BenchError(f"recover-server {parent['id']}: {kind} children {found}")
     return found[0]

@@ -45,22 +45,19 @@ import redis
 import requests
 
 import config
-from benchkit import BenchError, measure_and_report, require_root_and
+from benchkit import BenchError, booted_console, measure_and_report, require_root_and
 from cli.bootstrap import first_jobs
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
-from errors import ConsoleTimeout
 from lab.processes import free_port, wait_until
 from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import all_queues
 from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to
-from workers.node.console import SerialConsole, start_event_loop
 
 READY_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600
-BOOT_LINE = r"LAXCLUSTER-BOOT hostname=(\S+)"
 FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
          | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 
@@ -94,6 +91,11 @@ class Api:
                 return job
             time.sleep(0.05)
         raise BenchError(f"job {job_id} did not end within {JOB_TIMEOUT_S}s")
+
+    def jobs(self, kind: str, target: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The newest `limit` jobs of `kind` on `target` (GET /jobs), newest first."""
+        response = self.http.get(f"{self.url}/jobs", params={"kind": kind, "target": target, "limit": limit}, timeout=30)
+        return response.json()["items"]
 
 
 def stack_environment(lab_cfg_path: Path, workdir: Path) -> dict[str, str]:
@@ -152,22 +154,9 @@ def initiator(cfg: config.Config, name: str) -> str:
 
 def wait_booted(uri: str, vm: str) -> None:
     """Until the guest's console shell answers with its boot line; then start its echo service."""
-    start_event_loop()
-    conn = libvirt.open(uri)
-    try:
-        with SerialConsole(conn.lookupByName(vm)) as console:
-            def asked() -> bool:
-                console.write(b"cat /etc/laxcluster-boot\n")
-                try:
-                    return bool(console.read_until(BOOT_LINE, timeout=3))
-                except ConsoleTimeout:
-                    return False
-
-            wait_until(asked, 300, f"{vm} to boot", interval=0.2)
-            console.write(START_ECHO.encode() + b"\n")
-            console.read_until(ECHO_STARTED, timeout=30)
-    finally:
-        conn.close()
+    with booted_console(uri, vm, 300) as console:
+        console.write(START_ECHO.encode() + b"\n")
+        console.read_until(ECHO_STARTED, timeout=30)
 
 
 def longest_gap_ms(stream: EchoStream, move: Callable[[], dict[str, float]]) -> dict[str, float]:
