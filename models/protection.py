@@ -84,7 +84,6 @@ class Replication(Base):
     last_error: Mapped[str | None] = mapped_column(String(2047))
     last_attempt_at: Mapped[datetime | None]
     bytes_behind: Mapped[int] = mapped_column(BigInteger, default=0)
-    rate_bytes_s: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

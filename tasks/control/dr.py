@@ -104,10 +104,6 @@ def retire_old_copy(ctx: JobContext, plan: dict[str, Any], planned: bool, start:
     return all(child.state == "succeeded" for child in ended)
 
 
-def at_least(ctx: JobContext) -> float:
-    return ctx.report.progress or 0.0
-
-
 @workflow("failover")
 def failover(ctx: JobContext) -> dict[str, Any]:
     """Run the VM at its peer site: planned (no data lost) or from a replica point (the primary site is gone)."""

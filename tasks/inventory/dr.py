@@ -119,7 +119,7 @@ def status(session: Session, vm: VirtualMachine, rep: Replication, now: datetime
         "state": replication_state(rep, rpo), "newest_point": newest.name if newest else None,
         "newest_point_at": newest.taken_at.isoformat() + "Z" if newest else None,
         "rpo_s": round(rpo, 1) if rpo is not None else None, "bytes_behind": rep.bytes_behind,
-        "rate_bytes_s": rep.rate_bytes_s,
+        "rate_bytes_s": int(newest.bytes_sent / newest.seconds) if newest and newest.seconds > 0 else 0,
         "points": [{"name": p.name, "taken_at": p.taken_at.isoformat() + "Z", "bytes_changed": p.bytes_changed,
                     "bytes_sent": p.bytes_sent, "seconds": round(p.seconds, 3)} for p in held],
         "last_job": {"id": job.id, "state": job.state, "error": job.error_message} if job else None,

@@ -176,7 +176,7 @@ def snapshot_backup(ctx: JobContext) -> dict[str, Any]:
         raise NoDisks(f"VM {ctx.params.vm} has no disk volumes", vm=ctx.params.vm)
     wait_while_pruned(ctx, store)
     ctx.phase("snapshot", progress=2)
-    snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk, anchor_name(ctx.job_id))
+    snaps = {disk.name: take_snapshot(san_place(ctx.rt.config, disk.san).backend, disk.handle, anchor_name(ctx.job_id))
              for disk in disks}
     manifests = back_up_disks(ctx, disks, snaps, store, mode)
     ctx.phase("record", progress=96)
@@ -217,13 +217,13 @@ def wait_while_pruned(ctx: JobContext, store: StoreRef) -> None:
         raise StoreBusy(f"store {store.name} is being pruned by job {holder}", job_id=holder, store=store.name)
 
 
-def take_snapshot(backend: VolumeBackend, disk: Disk, name: str) -> str:
-    """Snapshot the disk now; a snapshot of the same name from an earlier, crashed attempt is replaced."""
+def take_snapshot(backend: VolumeBackend, handle: str, name: str) -> str:
+    """Snapshot volume `handle` now; a snapshot of the same name from an earlier, crashed attempt is replaced."""
     try:
-        return backend.snapshot(disk.handle, name)
+        return backend.snapshot(handle, name)
     except VolumeExists:
-        backend.delete_snapshot(snapshot_handle(disk.handle, name))
-        return backend.snapshot(disk.handle, name)
+        backend.delete_snapshot(snapshot_handle(handle, name))
+        return backend.snapshot(handle, name)
 
 
 def usable_anchor(session: Session, disk: Disk, store: StoreRef, backend: VolumeBackend) -> Backup | None:

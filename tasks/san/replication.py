@@ -26,9 +26,9 @@ from models.protection import ReplicaDisk, ReplicaPoint, Replication
 from tasks import jobs
 from tasks.context import JobContext
 from tasks.inventory.dr import (REPLICATED_ROLES, chosen_point, point_name, points, primary_san,
-                                refuse_if_not_primary,
                                 replica_disks, replication_of)
 from tasks.inventory.vms import find_vm
+from tasks.san.backups import take_snapshot
 from tasks.san.storage import site_initiators, target_for
 from tasks.san.volumes import SanPlace, export_luns, san_place, vm_target_iqn
 from tasks.workflow import workflow
@@ -44,8 +44,7 @@ def ship_plan(ctx: JobContext) -> dict[str, Any]:
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
         rep = replication_of(session, vm)
-        source = session.scalar(select(San).join(Volume).where(Volume.vm_id == vm.id, Volume.role == "disk"))
-        refuse_if_not_primary(session, vm, source.site_id)
+        source = primary_san(session, vm)
         disks = sync_replica_disks(session, rep, vm)
         seq = rep.next_seq
         rep.next_seq, rep.last_attempt_at = seq + 1, utcnow()
@@ -90,7 +89,7 @@ def replicate_to_dr(ctx: JobContext) -> dict[str, Any]:
     place = san_place(ctx.rt.config, plan["san"])
     ctx.phase("snapshot", progress=5)
     for disk in plan["disks"]:
-        take_point(place.backend, disk["handle"], plan["point"])
+        take_snapshot(place.backend, disk["handle"], plan["point"])
     ctx.phase("compare", progress=10)
     deltas = [delta(place.backend, disk, plan["point"]) for disk in plan["disks"]]
     ctx.phase("ship", progress=15)
@@ -107,12 +106,6 @@ def replicate_to_dr(ctx: JobContext) -> dict[str, Any]:
     return {"point": plan["point"], "peer": plan["peer"], "bytes_changed": result.bytes_changed,
             "bytes_sent": result.bytes_sent, "seconds": round(seconds, 3), "points": result.points,
             "full": [d.replica for d in deltas if d.base is None]}
-
-
-def take_point(backend: VolumeBackend, handle: str, point: str) -> None:
-    """Snapshot `handle` as `point`, replacing one a crashed run of this job left."""
-    backend.delete_snapshot(snapshot_handle(handle, point))
-    backend.snapshot(handle, point)
 
 
 def delta(backend: VolumeBackend, disk: dict[str, Any], point: str) -> DiskDelta:
@@ -169,7 +162,6 @@ def record_point(ctx: JobContext, plan: dict[str, Any], result: ShipResult, seco
             if row.name not in result.points and row.name != plan["point"]:
                 session.delete(row)
         rep.base_point, rep.bytes_behind = plan["point"], 0
-        rep.rate_bytes_s = int(result.bytes_sent / seconds) if seconds > 0 else 0
         for disk in replica_disks(session, rep):
             disk.base_point = plan["point"]
 
@@ -238,8 +230,7 @@ def retire_copy(ctx: JobContext) -> dict[str, Any]:
     place = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
-        site = site_of_san(session, place.san.name)
-        if primary_san(session, vm).site_id == site.id:
+        if session.get(Site, primary_san(session, vm).site_id).name == place.site.name:
             return {"retired": None, "san": place.san.name, "why": "the VM is primary at this site"}
         iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
         stale = [d.replica for d in replica_disks(session, replication_of(session, vm))]
@@ -248,10 +239,6 @@ def retire_copy(ctx: JobContext) -> dict[str, Any]:
         for replica in stale:
             place.backend.delete(replica)
     return {"retired": iqn, "san": place.san.name, "dropped": stale if ctx.params.drop else []}
-
-
-def site_of_san(session: Session, san_name: str) -> Site:
-    return session.scalar(select(Site).join(San).where(San.name == san_name))
 
 
 # -- drop-replica-points ----------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ def upgrade() -> None:
         sa.Column('last_error', sa.String(length=2047), nullable=True),
         sa.Column('last_attempt_at', sa.DateTime(), nullable=True),
         sa.Column('bytes_behind', sa.BigInteger(), nullable=False),
-        sa.Column('rate_bytes_s', sa.BigInteger(), nullable=False),
         sa.Column('created_at', sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(['vm_id'], ['virtual_machines.id'], name=op.f('fk_replications_vm_id_virtual_machines'),
                                 ondelete='CASCADE'),
