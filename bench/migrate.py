@@ -12,7 +12,7 @@ interleaved so both see the same machine load:
    result, our overhead = the moment the node worker called `migrateToURI3` minus the moment the
    POST was sent, and POST -> succeeded;
 2. the baseline: the same two moves made directly with libvirt-python (`migrateToURI3`, same
-   flags, same migration URI, the migratable XML with the destination's initiator), downtime
+   flags, same migration URI, the migratable XML with the destination's initiator and VNC address), downtime
    from the destination's completed job stats.
 
 Throughout, a stream of small packets goes from the root namespace to an echo service in the guest over
@@ -34,6 +34,7 @@ import secrets
 import statistics
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -178,12 +179,27 @@ def ours(api: Api, vm: str, to: str) -> dict[str, float]:
             "overhead_ms": (result["started_at"] - posted) * 1000, "post_to_done_ms": (ended - posted) * 1000}
 
 
+def destination_xml(xml: str, dest_initiator: str, dest_address: str) -> str:
+    """The source's migratable XML as the destination must run it: its disks log in with the destination's
+    initiator and its VNC display listens on the destination's address (the source's cannot be bound there)."""
+    domain = ET.fromstring(xml)
+    for iqn in domain.findall("./devices/disk/source/initiator/iqn"):
+        iqn.set("name", dest_initiator)
+    for graphics in domain.findall("./devices/graphics[@type='vnc']"):
+        if graphics.get("listen") is not None:
+            graphics.set("listen", dest_address)
+        for listen in graphics.findall("./listen[@type='address']"):
+            listen.set("address", dest_address)
+    return ET.tostring(domain, encoding="unicode")
+
+
 def direct(cfg: config.Config, vm: str, source: str, dest: str) -> dict[str, float]:
     """The same move made with libvirt-python alone."""
     source_conn, dest_uri = libvirt.open(server_uri(cfg, source)), server_uri(cfg, dest)
     try:
         domain = source_conn.lookupByName(vm)
-        xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE).replace(initiator(cfg, source), initiator(cfg, dest))
+        xml = destination_xml(domain.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE | libvirt.VIR_DOMAIN_XML_SECURE),
+                              initiator(cfg, dest), urlparse(dest_uri).hostname)
         params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{urlparse(dest_uri).hostname}",
                   libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml}
         started = time.monotonic()
