@@ -16,10 +16,13 @@ from urllib.parse import urlparse
 import libvirt
 
 from errors import DomainFailed, DomainNotFound, MigrationAborted, MigrationFailed, ServerUnreachable, SplitBrain
+from workers.node.console import start_event_loop
 from workers.node.domains import lookup, session
 from workers.node.host import connect
 
-POLL_S = 0.5
+# Between libvirt's iteration events, how often the job's stats are sampled while memory moves: an idle
+# guest's whole transfer takes 0.1-0.3 s on TCG, which a coarser tick would miss entirely.
+POLL_S = 0.1
 # After abortJob, how long QEMU gets to stop the transfer and give the source back.
 ABORT_GRACE_S = 60.0
 MIGRATE_FLAGS = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
@@ -147,24 +150,42 @@ def migrate(source_uri: str, dest_uri: str, uuid: str, dest_xml: str, *, live: b
     """Move domain `uuid` from source to destination, defined there from `dest_xml` and undefined at the source.
 
     A running domain moves peer-to-peer (live unless `live` is false); `on_progress` gets the job
-    stats at least every second; when `should_abort()` turns true the libvirt job is aborted, the
-    domain keeps running on the source and MigrationAborted is raised. A stopped domain moves
-    offline: defined on the destination, undefined on the source.
+    stats at each of libvirt's iteration events and every POLL_S while memory moves, and the
+    destination's figures once it has ended; when `should_abort()` turns true the libvirt job is
+    aborted, the domain keeps running on the source and MigrationAborted is raised. A stopped domain
+    moves offline: defined on the destination, undefined on the source.
+
+    `migration_ms` is how long the `migrateToURI3` call took, as a caller of libvirt alone would time
+    it; opening the connection and building the XML before, asking the destination for the downtime after, count as
+    our overhead, not as migration time.
     """
-    started, started_at = time.monotonic(), time.time()
+    # Before the connection opens: only connections opened afterwards deliver the iteration events.
+    start_event_loop()
     with session(source_uri) as source:
         domain = lookup(source, uuid)
         if domain is None:
             raise DomainNotFound(f"no domain with UUID {uuid} on {source.getHostname()}", domain=uuid)
         if not domain.isActive():
+            started, started_at = time.monotonic(), time.time()
             move_definition(source, dest_uri, uuid, dest_xml)
             return MigrationResult(False, started_at, _ms_since(started), None, None, None)
         params = _params(domain, dest_uri, dest_xml, bandwidth_mib_s)
         flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if live else 0)
-        outcome = _run_in_thread(lambda: domain.migrateToURI3(dest_uri, params, flags))
-        last = _watch(domain, outcome, on_progress, should_abort)
-    return MigrationResult(live, started_at, _ms_since(started), completed_downtime_ms(dest_uri, uuid),
-                           last.memory_total if last else None, last.iteration if last else None)
+        wake = threading.Event()
+        callback = source.domainEventRegisterAny(domain, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION,
+                                                 lambda *_: wake.set(), None)
+        try:
+            outcome = _run_in_thread(lambda: domain.migrateToURI3(dest_uri, params, flags), wake)
+            _watch(domain, outcome, wake, on_progress, should_abort)
+        finally:
+            source.domainEventDeregisterAny(callback)
+    with session(dest_uri) as dest:
+        final = completed_stats(dest, uuid)
+    if final.progress is not None:
+        on_progress(final.progress)
+    return MigrationResult(live, outcome.started_at, outcome.call_ms, final.downtime_ms,
+                           final.progress.memory_total if final.progress else None,
+                           final.progress.iteration if final.progress else None)
 
 
 def move_definition(source: libvirt.virConnect, dest_uri: str, uuid: str, dest_xml: str) -> None:
@@ -235,16 +256,21 @@ def _use_destination_display(live: ET.Element, wanted: ET.Element) -> None:
             address.set("address", listen.get("address"))
 
 
-def _run_in_thread(call: Callable[[], object]) -> "Outcome":
+def _run_in_thread(call: Callable[[], object], wake: threading.Event) -> "Outcome":
+    """Run the blocking migration call in a thread, timed around the call alone; `wake` is set when it ends."""
     outcome = Outcome()
 
     def run() -> None:
+        outcome.started_at = time.time()
+        started = time.monotonic()
         try:
             call()
         except libvirt.libvirtError as error:
             outcome.error = error.get_error_message()
         finally:
+            outcome.call_ms = _ms_since(started)
             outcome.done.set()
+            wake.set()
 
     threading.Thread(target=run, name="migrate", daemon=True).start()
     return outcome
@@ -254,17 +280,29 @@ class Outcome:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: str | None = None
+        self.started_at = 0.0
+        self.call_ms = 0
 
 
-def _watch(domain: libvirt.virDomain, outcome: Outcome, on_progress: Callable[[MigrationProgress], None],
-           should_abort: Callable[[], bool]) -> MigrationProgress | None:
-    """Sample the job until the migration thread ends; abort it when asked. Returns the last sample."""
-    last, aborted = None, False
-    while not outcome.done.wait(POLL_S):
-        sample = job_progress(domain)
-        if sample is not None:
-            last = sample
-            on_progress(sample)
+def _watch(domain: libvirt.virDomain, outcome: Outcome, wake: threading.Event,
+           on_progress: Callable[[MigrationProgress], None], should_abort: Callable[[], bool]) -> None:
+    """Sample the job on each iteration event and every POLL_S until the migration thread ends (which
+    wakes this at once); abort it when asked."""
+    aborted, seen, moving = False, False, True
+    while not outcome.done.is_set():
+        wake.wait(POLL_S)
+        wake.clear()
+        if outcome.done.is_set():
+            break
+        if moving:
+            sample = job_progress(domain)
+            if sample is not None:
+                seen = True
+                on_progress(sample)
+            # Once the source is paused for the switch-over it has no job stats (libvirt answers with an
+            # error each time): what remains is the guest resuming on the destination and libvirt stopping
+            # the source, with no bytes to report, so stop asking.
+            moving = sample is not None or not seen
         if not aborted and should_abort():
             aborted = True
             _abort(domain)
@@ -274,7 +312,6 @@ def _watch(domain: libvirt.virDomain, outcome: Outcome, on_progress: Callable[[M
         raise MigrationAborted(f"migration of {domain.name()} cancelled; it keeps running on its server")
     if outcome.error is not None:
         raise MigrationFailed(f"migration of {domain.name()} failed: {outcome.error}")
-    return last
 
 
 def _abort(domain: libvirt.virDomain) -> None:
@@ -293,6 +330,10 @@ def job_progress(domain: libvirt.virDomain) -> MigrationProgress | None:
         return None
     if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
         return None
+    return _progress(stats)
+
+
+def _progress(stats: dict[str, Any]) -> MigrationProgress:
     return MigrationProgress(
         elapsed_ms=stats.get(libvirt.VIR_DOMAIN_JOB_TIME_ELAPSED, 0),
         memory_total=stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL, 0),
@@ -303,17 +344,26 @@ def job_progress(domain: libvirt.virDomain) -> MigrationProgress | None:
     )
 
 
-def completed_downtime_ms(dest_uri: str, uuid: str) -> int | None:
-    """The downtime libvirt measured for the migration that just brought domain `uuid` to this server."""
-    with session(dest_uri) as dest:
-        domain = lookup(dest, uuid)
-        if domain is None:
-            return None
-        try:
-            stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        except libvirt.libvirtError:
-            return None
-    return stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME)
+@dataclass(frozen=True)
+class Completed:
+    """What the destination's libvirt recorded of the migration that brought a domain there."""
+
+    downtime_ms: int | None
+    progress: MigrationProgress | None
+
+
+def completed_stats(dest: libvirt.virConnect, uuid: str) -> Completed:
+    """The downtime libvirt measured and the memory moved, for the migration that just brought domain
+    `uuid` to `dest` (the final figures even when the transfer ended before the first sample)."""
+    domain = lookup(dest, uuid)
+    if domain is None:
+        return Completed(None, None)
+    try:
+        stats = domain.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    except libvirt.libvirtError:
+        return Completed(None, None)
+    moved = _progress(stats) if stats.get(libvirt.VIR_DOMAIN_JOB_MEMORY_TOTAL) else None
+    return Completed(stats.get(libvirt.VIR_DOMAIN_JOB_DOWNTIME), moved)
 
 
 # -- after a failure: where does it run? --------------------------------------------------------------
