@@ -23,6 +23,8 @@ from tasks.queues import all_queues
 # SIGTERM's grace, shared by all services: with SIGKILL's wait after it, a stop ends well within 15 s.
 STOP_GRACE_S = 10
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A config file written before `[api] workers` existed gets what the packaged defaults say.
+DEFAULT_API_WORKERS = 2
 
 
 @dataclass
@@ -103,15 +105,17 @@ def celery_services(config: Config) -> list[Service]:
 
 def api_service(config: Config) -> Service:
     api = config.section("api")
-    return Service("api", api_argv(api["host"], api["port"]), config.var_dir.resolve() / "log" / "api.log")
+    return Service("api", api_argv(api["host"], api["port"], workers=int(api.get("workers", DEFAULT_API_WORKERS))),
+                   config.var_dir.resolve() / "log" / "api.log")
 
 
-def api_argv(host: str, port: int, threads: int = 16) -> list[str]:
-    """The command serving the API: gunicorn's threaded worker, which hands websocket routes (the console) their socket.
+def api_argv(host: str, port: int, *, workers: int, threads: int = 16) -> list[str]:
+    """The command serving the API: `workers` processes of gunicorn's threaded worker, which hands websocket
+    routes (the console) their socket.
 
     Console sessions are long-lived, so a stop waits only a few seconds for them.
     """
-    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--threads", str(threads),
+    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
             "--bind", f"{host}:{port}", "--graceful-timeout", "5", "--no-control-socket",
             "--config", "python:config.gunicorn_settings", "api:create_app()"]
 

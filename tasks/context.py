@@ -52,7 +52,7 @@ class JobContext:
         self._seen: dict[str, int] = {}
         # A job that already has children runs again after a wait: its phases up to the first new
         # child were reported before, so they are held back instead of replayed to watchers.
-        self._replaying = self._has_children()
+        self._replaying = self._may_have_children(job) and self._has_children()
         self._held_phase: tuple[str, float | None] | None = None
 
     @contextmanager
@@ -67,12 +67,13 @@ class JobContext:
         self.check_cancel()
         with self.session() as session:
             jobs.owned(session, self.job_id, self.attempt)
+            if self._replaying:
+                self._held_phase = (name, progress)
+            else:
+                self.report.update(phase=name, progress=progress, session=session)
         kill_here_if_asked(self.kind, name)
-        if self._replaying:
-            self._held_phase = (name, progress)
-            return
-        self.report.update(phase=name, progress=progress)
-        log.info("phase %s", name)
+        if not self._replaying:
+            log.info("phase %s", name)
 
     def check_cancel(self) -> None:
         """Raise JobCancelled if someone asked to cancel this job."""
@@ -220,6 +221,11 @@ class JobContext:
             self._replaying = False
             if self._held_phase is not None:
                 self.report.update(phase=self._held_phase[0], progress=self._held_phase[1])
+
+    @staticmethod
+    def _may_have_children(job: Job) -> bool:
+        # A first attempt that never waited has made no children yet: spare it the query.
+        return job.attempt > 1 or bool(job.continuation)
 
     def _has_children(self) -> bool:
         with self.session() as session:

@@ -63,12 +63,20 @@ def ready(session: Session, wait: Wait) -> bool:
     return any(ended) if wait.any else all(ended)
 
 
-def wake_waiters(session: Session, app: Celery, ended: Job) -> None:
-    """Wake the jobs waiting for `ended`: its parent, and any other job that waits for it by id."""
-    for job in session.scalars(select(Job).where(Job.waiting.is_(True), Job.state == RUNNING)).all():
-        wait = Wait.of(job)
-        if job.id == ended.parent_id or (wait is not None and ended.id in wait.ids):
-            wake(session, app, job.id)
+def waiters_of(session: Session, ended: Job) -> list[str]:
+    """The jobs waiting for `ended`: its parent, and any other job that waits for it by id."""
+    waiting = session.scalars(select(Job).where(Job.waiting.is_(True), Job.state == RUNNING))
+    return [job.id for job in waiting if job.id == ended.parent_id or _waits_for(job, ended.id)]
+
+
+def _waits_for(job: Job, job_id: str) -> bool:
+    wait = Wait.of(job)
+    return wait is not None and job_id in wait.ids
+
+
+def wake_all(session: Session, app: Celery, job_ids: list[str]) -> None:
+    for job_id in job_ids:
+        wake(session, app, job_id)
 
 
 def wake(session: Session, app: Celery, job_id: str) -> bool:

@@ -17,12 +17,13 @@ def dispatch(app: Celery, job: Job, *, rollback: bool = False, resume: bool = Fa
 
     `resume` takes up a parent that waits for its children; `rollback` only undoes a dead worker's job.
     The message goes to the kind's own task name, so Flower and the worker's log say what it is, and
-    lists the job's target and parent; its task id is `celery_task_id(job)`.
+    lists the job's target and parent; its task id is `celery_task_id(job)`. Its Celery result is not kept:
+    the job's row is its result, and subscribing to a result nobody reads costs a Redis round trip.
     """
     app.send_task(task_name(job.kind), args=[job.id, job.attempt],
                   kwargs={"rollback": rollback, "resume": resume, "kind": job.kind, "target": job.target,
                           "parent": job.parent_id},
-                  queue=job.queue, task_id=celery_task_id(job))
+                  queue=job.queue, task_id=celery_task_id(job), ignore_result=True)
     with about_job(job.id, job.kind, job.target, job.attempt):
         log.info("sent to %s%s", job.queue, " to roll back" if rollback else " to resume" if resume else "")
 

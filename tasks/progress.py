@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,20 +62,28 @@ def publish_if_possible(client: redis.Redis, job_id: str, fields: dict[str, Any]
         return None
 
 
+# One round trip per event: number it, keep it in the hash and the history, publish it. The event's JSON
+# comes without its closing brace (ARGV[1]) so the script can add the seq it drew; ARGV[4..] are the
+# hash's field/value pairs.
+PUBLISH = Script(None, b"""
+local seq = redis.call('INCR', KEYS[1])
+local payload = ARGV[1] .. ', "seq": ' .. seq .. '}'
+redis.call('HSET', KEYS[2], 'seq', seq, unpack(ARGV, 4))
+redis.call('RPUSH', KEYS[3], payload)
+redis.call('LTRIM', KEYS[3], -tonumber(ARGV[2]), -1)
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+redis.call('PUBLISH', KEYS[4], payload)
+return seq
+""")
+
+
 def publish(client: redis.Redis, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Record one event for a job in Redis (hash, history, channel) and return it with its seq."""
-    event = {**fields, "seq": client.incr(f"job:{job_id}:seq"), "at": time.time()}
-    payload = json.dumps(event, default=str)
-    flat = {k: json.dumps(v, default=str) for k, v in event.items()}
-    with client.pipeline() as pipe:
-        pipe.hset(hash_key(job_id), mapping=flat)
-        pipe.rpush(log_key(job_id), payload)
-        pipe.ltrim(log_key(job_id), -HISTORY_LIMIT, -1)
-        for key in (hash_key(job_id), log_key(job_id), f"job:{job_id}:seq"):
-            pipe.expire(key, KEY_TTL_S)
-        pipe.publish(channel(job_id), payload)
-        pipe.execute()
-    return event
+    event = {**fields, "at": time.time()}
+    flat = [part for key, value in event.items() for part in (key, json.dumps(value, default=str))]
+    keys = [f"job:{job_id}:seq", hash_key(job_id), log_key(job_id), channel(job_id)]
+    seq = PUBLISH(keys=keys, args=[json.dumps(event, default=str)[:-1], HISTORY_LIMIT, KEY_TTL_S, *flat], client=client)
+    return {**event, "seq": int(seq)}
 
 
 class Reporter:
@@ -94,8 +103,10 @@ class Reporter:
         self._attempt = attempt
 
     def update(self, *, phase: str | None = None, progress: float | None = None,
-               bytes_done: int | None = None, bytes_total: int | None = None, message: str | None = None) -> None:
-        """Report the job's phase, percent (0-100) and, where data moves, bytes and rate."""
+               bytes_done: int | None = None, bytes_total: int | None = None, message: str | None = None,
+               session: Session | None = None) -> None:
+        """Report the job's phase, percent (0-100) and, where data moves, bytes and rate; a DB write due goes
+        into `session` when given (the caller's transaction), else into one of its own."""
         if phase is not None:
             self._state["phase"] = phase
         if progress is not None:
@@ -110,7 +121,10 @@ class Reporter:
             event["message"] = message
         publish_if_possible(self._redis, self.job_id, event)
         if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
-            self.flush()
+            if session is None:
+                self.flush()
+            else:
+                self.record(session)
 
     @property
     def progress(self) -> float:
@@ -118,16 +132,20 @@ class Reporter:
 
     def flush(self) -> None:
         """Write the latest progress to the DB now."""
-        self._last_db_write = time.monotonic()
         with self._sessions() as session, session.begin():
-            job = session.get(Job, self.job_id)
-            if job is None or job.state in FINAL_STATES or self._attempt not in (None, job.attempt):
-                return
-            for name, value in self._state.items():
-                setattr(job, name, value)
-            job.updated_at = utcnow()
-            if job.parent_id is not None:
-                roll_up(session, self._redis, job.parent_id)
+            self.record(session)
+
+    def record(self, session: Session) -> None:
+        """Write the latest progress to the job's row in `session` (unless the job ended or another attempt has it)."""
+        self._last_db_write = time.monotonic()
+        job = session.get(Job, self.job_id)
+        if job is None or job.state in FINAL_STATES or self._attempt not in (None, job.attempt):
+            return
+        for name, value in self._state.items():
+            setattr(job, name, value)
+        job.updated_at = utcnow()
+        if job.parent_id is not None:
+            roll_up(session, self._redis, job.parent_id)
 
     def _rate(self, bytes_done: int) -> float | None:
         now = time.monotonic()

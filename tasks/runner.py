@@ -19,7 +19,7 @@ from models.db import transaction
 from tasks import jobs, runtime
 from tasks.app import app
 from tasks.context import JobContext
-from tasks.continuations import Suspended, wake, wake_waiters
+from tasks.continuations import Suspended, waiters_of, wake, wake_all
 from tasks.dispatch import RUN_JOB, alive_key, task_name
 from tasks.kinds import KINDS
 from tasks.progress import Reporter, announce_if_possible
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 WAITING = "waiting"
 
 
-@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = False, kind: str = "",
             target: str = "", parent: str | None = None) -> str:
     """Run (or, with `rollback`, only undo; with `resume`, take up again after its children) attempt
@@ -45,7 +45,7 @@ def run_job(job_id: str, attempt: int, rollback: bool = False, resume: bool = Fa
 
 
 for _kind in KINDS:
-    app.task(name=task_name(_kind), acks_late=True, reject_on_worker_lost=True)(run_job.run)
+    app.task(name=task_name(_kind), acks_late=True, reject_on_worker_lost=True, ignore_result=True)(run_job.run)
 
 
 def _run_attempt(job_id: str, attempt: int, *, rollback: bool, resume: bool) -> str:
@@ -142,10 +142,17 @@ def _finish(rt: Runtime, ctx: JobContext, state: str, *, result: dict[str, Any] 
         orphans = [] if state == SUCCEEDED else jobs.unfinished_children(session, ctx.job_id)
         for child in orphans:
             jobs.request_cancel(session, rt.redis, child.id)
+        waiters = waiters_of(session, job)
     announce_if_possible(rt.redis, job)
-    with transaction(rt.sessions) as session:
-        wake_waiters(session, app, job)
+    _wake_after_commit(rt, waiters)
     return state
+
+
+def _wake_after_commit(rt: Runtime, waiters: list[str]) -> None:
+    # Only once the end is committed: a waiter woken earlier would still see this job unfinished.
+    if waiters:
+        with transaction(rt.sessions) as session:
+            wake_all(session, app, waiters)
 
 
 def force_end(rt: Runtime, job_id: str, actor: str) -> Job:
@@ -163,7 +170,7 @@ def force_end(rt: Runtime, job_id: str, actor: str) -> Job:
                 log.exception("recording what job %s left behind failed", job.id)
         announce_if_possible(rt.redis, job)
         with transaction(rt.sessions) as session:
-            wake_waiters(session, app, job)
+            wake_all(session, app, waiters_of(session, job))
     return ended[-1]
 
 

@@ -4,7 +4,9 @@ ends the session at once), and a CSRF token per session that every form post and
 """
 
 import hmac
+import os
 import secrets
+from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,7 +34,10 @@ def _machine_secret(var_dir: Path) -> str:
         partial = path.with_suffix(f".{secrets.token_hex(4)}")
         partial.write_text(secrets.token_hex(32))
         partial.chmod(0o600)
-        partial.replace(path)
+        # A link, not a rename: when API processes start together, the first key stays and all read it.
+        with suppress(FileExistsError):
+            os.link(partial, path)
+        partial.unlink()
     return path.read_text().strip()
 
 
