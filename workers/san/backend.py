@@ -80,7 +80,8 @@ class VolumeBackend(ABC):
 
     Sizes are exact byte counts. Every operation is idempotent where the brief of a job
     needs it to be: `delete` and `delete_snapshot` of something missing succeed.
-    `change_block_size` is the granularity of `changed_ranges`.
+    `change_block_size` is the granularity of `changed_ranges`: the finest the backend knows (the
+    pool filesystem's block for reflink, the thin pool's chunk for LVM), or coarser if configured so.
     """
 
     name: str
