@@ -1,6 +1,7 @@
 """Backups into a chunk store, with real files and the real reflink backend on a loop-mounted XFS."""
 
 import os
+import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from workers.san.backup import (
     backup_volume,
     check_chunks_stored,
     collect_garbage,
+    intersect,
     restore_volume,
     retention_keep,
     verify_backup,
@@ -73,6 +75,34 @@ def test_full_and_differential_chain_restore_bit_exact(backend: ReflinkBackend, 
         restored = tmp_path / f"restored-{manifest['id']}.img"
         restore_volume(store, store.get_manifest(manifest["id"]), str(restored))
         assert sha256_of(restored) == sha256_of(backend.path_for_export(handle)), manifest["id"]
+
+
+def test_a_differential_after_scattered_4k_writes_reads_what_they_wrote(backend: ReflinkBackend, store: LocalStore,
+                                                                        tmp_path: Path) -> None:
+    backend.create("vol", VOLUME)
+    volume = backend.path_for_export("vol")
+    fill_realistic(volume)
+    s1, full = snapshot_and_backup(backend, store, "s1")
+    # 200 distinct 4 KiB blocks anywhere: in data, in written zeros, in holes.
+    offsets = [4096 * block for block in random.Random(3).sample(range(VOLUME // 4096), 200)]
+    for offset in offsets:
+        write_at(volume, offset, os.urandom(4096))
+    s2, diff = snapshot_and_backup(backend, store, "s2", full, s1)
+
+    assert diff["bytes_read"] == len(offsets) * 4096
+    restored = tmp_path / "restored.img"
+    restore_volume(store, diff, str(restored))
+    assert sha256_of(restored) == sha256_of(backend.path_for_export(s2))
+
+
+def test_intersect_cuts_sorted_spans_at_both_ends() -> None:
+    spans = [(0, 10), (20, 10), (40, 10), (60, 10)]
+    assert intersect(spans, 25, 45) == [(25, 5), (40, 5)]
+    assert intersect(spans, 10, 20) == []
+    assert intersect(spans, 30, 40) == []
+    assert intersect(spans, 0, 70) == spans
+    assert intersect(spans, 65, 100) == [(65, 5)]
+    assert intersect([], 0, 10) == []
 
 
 def test_zero_chunks_are_not_stored_and_holes_not_read(backend: ReflinkBackend, store: LocalStore,

@@ -14,6 +14,7 @@ A manifest is the backup: it is published last, atomically. A cancelled or faile
 leaves no manifest, only chunks nobody references, which `collect_garbage` removes.
 """
 
+import bisect
 import errno
 import functools
 import hashlib
@@ -31,7 +32,7 @@ from typing import Any
 import zstandard
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing, InvalidRetention, LaxError
-from workers.san.backend import Range
+from workers.san.backend import Range, align_and_merge
 from workers.san.chunks import ChunkStore
 from workers.san.sparse import data_segments
 
@@ -80,8 +81,18 @@ def utc_now() -> str:
 
 
 def intersect(spans: list[Range], start: int, end: int) -> list[Range]:
-    """The parts of sorted `spans` inside [start, end)."""
-    return [(max(o, start), min(o + n, end) - max(o, start)) for o, n in spans if o < end and o + n > start]
+    """The parts of sorted, non-overlapping `spans` inside [start, end).
+
+    Found by bisection: called once per chunk (or per changed range) over a volume's many spans,
+    a scan of all spans each time would cost ranges x chunks."""
+    parts = []
+    for index in range(bisect.bisect_right(spans, start, key=lambda span: span[0] + span[1]), len(spans)):
+        offset, length = spans[index]
+        if offset >= end:
+            break
+        lo, hi = max(offset, start), min(offset + length, end)
+        parts.append((lo, hi - lo))
+    return parts
 
 
 def chunks_touched(ranges: Iterable[Range], chunk_size: int, size: int) -> set[int]:
@@ -126,7 +137,7 @@ def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any
     Bytes past the parent's end count as changed; when the size changed, the new last chunk is
     remade too (its length differs)."""
     old_size = parent["volume_size"]
-    changed = sorted([*ranges, *([(old_size, size - old_size)] if size > old_size else [])])
+    changed = align_and_merge([*ranges, *([(old_size, size - old_size)] if size > old_size else [])], 1, size)
     dirty = chunks_touched(changed, chunk_size, size)
     if old_size != size:
         dirty.add((size - 1) // chunk_size)
