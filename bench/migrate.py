@@ -254,6 +254,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def report(args: argparse.Namespace, mine: list[dict[str, float]], baseline: list[dict[str, float]]) -> dict[str, Any]:
     ours_time, direct_time = summary(mine, "migration_ms"), summary(baseline, "migration_ms")
+    ours_down, direct_down = summary(mine, "downtime_ms"), summary(baseline, "downtime_ms")
     return {
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0]},
@@ -264,6 +265,7 @@ def report(args: argparse.Namespace, mine: list[dict[str, float]], baseline: lis
                                                      "post_to_done_ms")},
         "direct_libvirt": {key: summary(baseline, key) for key in ("downtime_ms", "longest_gap_ms", "migration_ms")},
         "ratio_migration_time_p50": round(ours_time["p50"] / direct_time["p50"], 3) if direct_time else None,
+        "ratio_downtime_p50": round(ours_down["p50"] / direct_down["p50"], 3) if ours_down and direct_down else None,
         "samples": {"ours": mine, "direct_libvirt": baseline},
     }
 
@@ -278,6 +280,7 @@ def print_report(results: dict[str, Any]) -> None:
     for key in ("overhead_ms", "post_to_done_ms"):
         print(f"{key:24}{ours[key].get('p50', '-'):>12}{ours[key].get('max', '-'):>12}")
     print(f"migration time ours/direct (p50): {results['ratio_migration_time_p50']}")
+    print(f"downtime ours/direct (p50): {results['ratio_downtime_p50']}")
 
 
 def main(argv: list[str] | None = None) -> int:
