@@ -1,7 +1,7 @@
 """Latency and throughput of the job spine beside a raw Celery round trip (issue 2, "Benchmark").
 
 Starts a stack of its own in a new temporary directory, the way `laxcluster run` starts it
-(`cli.services`): a redis-server on a free port, a migrated SQLite DB, one Celery worker on
+(`cli.services`): a redis-server on a free port, a migrated SQLite DB (or, with `--db postgresql`, a throwaway PostgreSQL database), one Celery worker on
 the `control` queue (`-c 2`) and the API served for real by `cli.services.api_service`, plus an
 admin token. Then it measures, in one run:
 
@@ -16,7 +16,7 @@ admin token. Then it measures, in one run:
 Prints our figures beside the baseline, writes `bench/results/jobs.json`, and stops every process
 it started (by process group) and deletes its directory, also on failure, Ctrl-C or SIGTERM.
 
-Run: `.venv/bin/python bench/jobs.py [--n 200] [--concurrent 1000] [--threads 50]`.
+Run: `.venv/bin/python bench/jobs.py [--n 200] [--concurrent 1000] [--threads 50] [--db sqlite|postgresql]`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import config
 from benchkit import BenchError, measure_and_report
 from cli.services import Service, Supervisor, api_service, redis_service
 from cli.tokens import create_token
+from lab.postgres import PostgresMissing, throwaway_database
 from lab.processes import free_port, wait_until
 from models import FINAL_STATES, Job
 from models.db import make_engine, make_session_factory, migrate, transaction
@@ -58,6 +59,7 @@ WARMUP = 5  # round trips of each kind before timing: connections, imports, firs
 ROUND_TRIP_TIMEOUT_S = 60
 POST_TIMEOUT_S = 120
 POLL_S = 0.5
+GOAL_RATIO, GOAL_ACCEPTED_PER_S = 2.0, 300
 LOG_TAIL_LINES = 25
 PROBLEM_MARKS = ("ERROR", "Traceback", "database is locked", "CRITICAL")
 
@@ -75,13 +77,13 @@ class Stack:
     services: list[Service]
 
 
-def stack_environment(workdir: Path) -> dict[str, str]:
+def stack_environment(workdir: Path, db_url: str) -> dict[str, str]:
     """LAXCLUSTER_* overrides that point every process at this run's Redis, DB, ports and var dir."""
     return dict(
         os.environ,
         LAXCLUSTER_CONFIG=str(config.DEFAULTS),
         LAXCLUSTER_VAR_DIR=str(workdir / "var"),
-        LAXCLUSTER_DB_URL=f"sqlite:///{workdir / 'inventory.db'}",
+        LAXCLUSTER_DB_URL=db_url,
         LAXCLUSTER_REDIS_HOST="127.0.0.1",
         LAXCLUSTER_REDIS_PORT=str(free_port()),
         LAXCLUSTER_REDIS_DB="0",
@@ -128,9 +130,22 @@ def new_admin_token(engine: Engine) -> str:
 
 
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
+def inventory_url(db: str, workdir: Path) -> Iterator[str]:
+    """The DB to run on: a SQLite file in `workdir`, or a throwaway PostgreSQL database (dropped after)."""
+    if db == "sqlite":
+        yield f"sqlite:///{workdir / 'inventory.db'}"
+        return
+    try:
+        with throwaway_database() as database:
+            yield database.url
+    except PostgresMissing as missing:
+        raise BenchError(str(missing)) from None
+
+
+@contextmanager
+def running_stack(workdir: Path, db_url: str) -> Iterator[Stack]:
     """Redis, DB, control worker and API in `workdir`; all stopped (process groups) when the block ends."""
-    env = stack_environment(workdir)
+    env = stack_environment(workdir, db_url)
     cfg = config.load(environ=env)
     supervisor = Supervisor(env)
     client = redis.Redis.from_url(cfg.redis_url, decode_responses=True)
@@ -411,9 +426,10 @@ def latency_figures(trips: list[JobTrip], pings_ms: list[float]) -> dict[str, An
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    with running_stack(workdir) as stack, JobEvents(stack.redis) as events:
-        print(f"stack up: API {stack.api_url} ({Path(stack.api_command[0]).name} {' '.join(stack.api_command[1:3])}), "
-              f"control worker -c 2, SQLite, Redis on port {stack.redis.connection_pool.connection_kwargs['port']}")
+    with inventory_url(args.db, workdir) as db_url, running_stack(workdir, db_url) as stack, \
+            JobEvents(stack.redis) as events:
+        print(f"stack up: API {stack.api_url} ({Path(stack.api_command[0]).name} {' '.join(stack.api_command[1:7])}), "
+              f"control worker -c 2, {args.db}, Redis on port {stack.redis.connection_pool.connection_kwargs['port']}")
         load_before = os.getloadavg()
         print(f"latency: {args.n} noop jobs and {args.n} raw pings, interleaved ...")
         latency = latency_figures(*measure_latency(stack, events, args.n))
@@ -423,8 +439,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             **latency,
             **throughput,
             "log_problems": log_problems(stack.services),
-            "goals": {"not_final == 0": throughput["not_final"] == 0, "failed_posts == 0": throughput["failed_posts"] == 0},
-            "db": "sqlite",
+            "goals": goals(latency, throughput),
+            "db": args.db,
             "api_command": [Path(stack.api_command[0]).name, *stack.api_command[1:]],
             "worker": f"celery worker -Q {CONTROL} -c 2",
             "cpus": os.cpu_count(),
@@ -432,6 +448,18 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def goals(latency: dict[str, Any], throughput: dict[str, Any]) -> dict[str, Any]:
+    """Issue 17's goals (job p50 at most twice a raw Celery round trip, 300 jobs accepted a second) and the
+    spine's own (every accepted job final, no POST refused), each with its value and whether it was met."""
+    return {
+        f"ratio_p50 <= {GOAL_RATIO}": {"value": latency["ratio_p50"], "met": latency["ratio_p50"] <= GOAL_RATIO},
+        f"accepted_per_s >= {GOAL_ACCEPTED_PER_S}": {"value": throughput["accepted_per_s"],
+                                                      "met": throughput["accepted_per_s"] >= GOAL_ACCEPTED_PER_S},
+        "not_final == 0": {"value": throughput["not_final"], "met": throughput["not_final"] == 0},
+        "failed_posts == 0": {"value": throughput["failed_posts"], "met": throughput["failed_posts"] == 0},
+    }
 
 
 def log_problems(services: list[Service]) -> dict[str, Any]:
@@ -465,6 +493,8 @@ def print_report(results: dict[str, Any]) -> None:
         print(f"  first {status}: {sample}")
     for name, problem in results["log_problems"].items():
         print(f"log of {name}: {problem['lines']} problem lines, first: {problem['first']}")
+    for name, goal in results["goals"].items():
+        print(f"goal {name}: {goal['value']}, {'met' if goal['met'] else 'not met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrent", type=int, default=1000, help="concurrent submissions (default 1000)")
     parser.add_argument("--threads", type=int, default=50, help="client threads submitting them (default 50)")
     parser.add_argument("--deadline", type=float, default=300, help="seconds to wait for every accepted job to be final")
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the inventory: a SQLite file (default) or a throwaway database on the local PostgreSQL 15 "
+                             "(needs root)")
     args = parser.parse_args(argv)
     if args.n < 2 or args.concurrent < 1 or args.threads < 1:
         parser.error("--n must be at least 2, --concurrent and --threads at least 1")

@@ -3,7 +3,6 @@ tests/fixtures, the API (app, client, tokens), the API served for real, and VMs 
 
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 import config
+from lab.postgres import Postgres, throwaway_database
+from lab.postgres import installed as postgres_installed
 from lab.processes import free_port, wait_until
 from models.db import migrate
 from tasks.runtime import Runtime, make_runtime
@@ -73,45 +74,13 @@ def tgtd(tmp_path: Path):
         daemon.stop()
 
 
-@dataclass
-class Postgres:
-    url: str
-    database: str
-    role: str
-    started_by_us: bool
-
-
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[Postgres]:
     """PostgreSQL 15 (started with pg_ctlcluster if it is down) and a throwaway database and role."""
-    if shutil.which("pg_ctlcluster") is None or not Path("/etc/postgresql/15/main").exists():
+    if not postgres_installed():
         missing("PostgreSQL 15 is not installed (apt package postgresql; make setup installs it)")
-    status = subprocess.run(["pg_ctlcluster", "15", "main", "status"], capture_output=True)
-    started = status.returncode != 0
-    if started:
-        subprocess.run(["pg_ctlcluster", "15", "main", "start"], check=True)
-    suffix = secrets.token_hex(4)
-    role, database, password = f"lxtest_{suffix}", f"lxtest_{suffix}", secrets.token_hex(12)
-    _psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
-    _psql(f"CREATE DATABASE {database} OWNER {role}")
-    try:
-        yield Postgres(f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/{database}", database, role, started)
-    finally:
-        _psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        _psql(f"DROP ROLE IF EXISTS {role}")
-        if started and not _other_test_databases():
-            subprocess.run(["pg_ctlcluster", "15", "main", "stop"], check=False)
-
-
-def _psql(statement: str) -> str:
-    # Names and password are generated above from hex digits only, never from outside input.
-    return subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
-                           "-c", statement], check=True, capture_output=True, text=True).stdout
-
-
-def _other_test_databases() -> bool:
-    """Whether another test session still has its database here (then PostgreSQL stays up for it)."""
-    return bool(_psql("SELECT datname FROM pg_database WHERE datname LIKE 'lxtest_%'").strip())
+    with throwaway_database() as database:
+        yield database
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
