@@ -54,13 +54,19 @@ def _count_request(response: Response) -> Response:
         seconds = time.perf_counter() - started
         bucket = next(le for le in LATENCY_BUCKETS if seconds <= le)
         series = f"{request.url_rule.rule if request.url_rule else 'unmatched'}|{request.method}|{response.status_code}"
-        try:
-            pipe = context.runtime().redis.pipeline(transaction=False)
-            pipe.hincrby(LATENCY_KEY, f"{series}|{bucket}", 1).hincrbyfloat(LATENCY_KEY, f"{series}|sum", seconds)
-            pipe.execute()
-        except redis.RedisError:
-            pass
+        client = context.runtime().redis
+        # Written once the answer is sent, so the client does not wait for the round trip.
+        response.call_on_close(lambda: _add_timing(client, series, bucket, seconds))
     return response
+
+
+def _add_timing(client: redis.Redis, series: str, bucket: float, seconds: float) -> None:
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby(LATENCY_KEY, f"{series}|{bucket}", 1).hincrbyfloat(LATENCY_KEY, f"{series}|sum", seconds)
+        pipe.execute()
+    except redis.RedisError:
+        pass
 
 
 class InventoryCollector:
