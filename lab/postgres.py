@@ -20,12 +20,9 @@ class PostgresMissing(RuntimeError):
     """PostgreSQL 15 is not installed here."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Postgres:
     url: str
-    database: str
-    role: str
-    started_by_us: bool
 
 
 def installed() -> bool:
@@ -47,7 +44,7 @@ def throwaway_database() -> Iterator[Postgres]:
     psql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     psql(f"CREATE DATABASE {database} OWNER {role}")
     try:
-        yield Postgres(f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/{database}", database, role, started)
+        yield Postgres(f"postgresql+psycopg://{role}:{password}@127.0.0.1:5432/{database}")
     finally:
         psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         psql(f"DROP ROLE IF EXISTS {role}")

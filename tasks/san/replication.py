@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from config import Config, SanConfig, replication_address
 from errors import ReplicaBaseMissing
-from models import Cluster, San, Site, VirtualMachine, Volume, utcnow
+from models import Cluster, San, VirtualMachine, Volume, utcnow
 from models.protection import ReplicaDisk, ReplicaPoint, Replication
 from tasks import jobs
 from tasks.context import JobContext
@@ -230,7 +230,8 @@ def retire_copy(ctx: JobContext) -> dict[str, Any]:
     place = san_place(ctx.rt.config, ctx.params.san)
     with ctx.session() as session:
         vm = find_vm(session, ctx.params.vm)
-        if session.get(Site, primary_san(session, vm).site_id).name == place.site.name:
+        here = session.scalar(select(San).where(San.name == place.san.name))
+        if primary_san(session, vm).site_id == here.site_id:
             return {"retired": None, "san": place.san.name, "why": "the VM is primary at this site"}
         iqn = vm_target_iqn(ctx.rt.config, place.site.name, vm)
         stale = [d.replica for d in replica_disks(session, replication_of(session, vm))]

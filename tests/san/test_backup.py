@@ -53,12 +53,17 @@ def snapshot_and_backup(backend: ReflinkBackend, store: LocalStore, snap: str, p
     return handle, manifest
 
 
-def test_full_and_differential_chain_restore_bit_exact(backend: ReflinkBackend, store: LocalStore,
-                                                       tmp_path: Path) -> None:
+def volume_with_full_backup(backend: ReflinkBackend, store: LocalStore) -> tuple[str, str, dict]:
+    """A filled volume `vol` and its full backup `s1`: (volume path, snapshot handle, manifest)."""
     backend.create("vol", VOLUME)
     volume = backend.path_for_export("vol")
     fill_realistic(volume)
-    s1, full = snapshot_and_backup(backend, store, "s1")
+    return (volume, *snapshot_and_backup(backend, store, "s1"))
+
+
+def test_full_and_differential_chain_restore_bit_exact(backend: ReflinkBackend, store: LocalStore,
+                                                       tmp_path: Path) -> None:
+    volume, s1, full = volume_with_full_backup(backend, store)
 
     changes = [(5 * MiB, os.urandom(MiB)), (20 * MiB, os.urandom(256 * 1024)), (40 * MiB + 8192, os.urandom(4096))]
     for offset, data in changes:
@@ -79,10 +84,7 @@ def test_full_and_differential_chain_restore_bit_exact(backend: ReflinkBackend, 
 
 def test_a_differential_after_scattered_4k_writes_reads_what_they_wrote(backend: ReflinkBackend, store: LocalStore,
                                                                         tmp_path: Path) -> None:
-    backend.create("vol", VOLUME)
-    volume = backend.path_for_export("vol")
-    fill_realistic(volume)
-    s1, full = snapshot_and_backup(backend, store, "s1")
+    volume, s1, full = volume_with_full_backup(backend, store)
     # 200 distinct 4 KiB blocks anywhere: in data, in written zeros, in holes.
     offsets = [4096 * block for block in random.Random(3).sample(range(VOLUME // 4096), 200)]
     for offset in offsets:
