@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,13 @@ def write_at(path: str | Path, offset: int, data: bytes) -> None:
         target.seek(offset)
         target.write(data)
         os.fsync(target.fileno())
+
+
+def damage_chunk(root: str | Path, store: Any, digest: str, at: int, data: bytes) -> None:
+    """Overwrite `data` at byte `at` of a chunk's stored bytes where the store keeps them (in its pack,
+    or its own file in a store written before packs); `root` is the store's directory on this host."""
+    relpath, offset, _ = store.locate(digest)
+    write_at(Path(root) / relpath, offset + at, data)
 
 
 # libvirt's test:///default driver has one running domain, "test", always with this UUID.

@@ -26,8 +26,8 @@ from tasks.workflow import lookup
 from tests.fixtures import factories
 from tests.fixtures.sshd import run_sshd
 from tests.fixtures.san import mounted_filesystem
-from tests.support import sha256_of, write_at
-from workers.san.chunks import LocalStore, chunk_relpath
+from tests.support import damage_chunk, sha256_of, write_at
+from workers.san.chunks import LocalStore
 from workers.san.reflink import ReflinkBackend
 
 MiB = 1024 * 1024
@@ -125,7 +125,7 @@ def test_full_then_differential_then_restore_and_verify(brt: Runtime, pool: Path
 
     store = LocalStore(str(tmp_path / "store"))
     digest = next(c["digest"] for c in store.get_manifest(second.id)["chunks"] if "digest" in c)
-    write_at(Path(store.path) / chunk_relpath(digest), 10, b"bitrot")
+    damage_chunk(store.path, store, digest, 10, b"bitrot")
     broken = run(brt, "verify-backup", f"backup-verify/{second.id}", {"backup": second.id})
     assert (broken.state, broken.error_code) == (FAILED, "BackupCorrupt")
     assert digest in broken.error_message

@@ -13,9 +13,9 @@ from sqlalchemy import select
 from lab.topology import lab_dir
 from models import SUCCEEDED, ClusterServer, Job, VirtualMachine
 from tasks.san.volumes import san_place
-from tests.support import sha256_of
+from tests.support import damage_chunk, sha256_of
 from tests.fixtures.vms import boot_line, disk_handle, domain_named, install, run_job, server_uri, unique, wait_job
-from workers.san.chunks import LocalStore, chunk_relpath
+from workers.san.chunks import LocalStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab]
 MiB = 1 << 20
@@ -81,9 +81,7 @@ def test_full_then_differential_across_a_restart_restores_bit_exact(cluster, cel
 
         store = LocalStore(str(tmp_path / "store"))
         digest = next(c["digest"] for c in store.get_manifest(newest["id"])["chunks"] if "digest" in c)
-        with open(Path(store.path) / chunk_relpath(digest), "r+b") as chunk:
-            chunk.seek(8)
-            chunk.write(b"corrupted")
+        damage_chunk(store.path, store, digest, 8, b"corrupted")
         verify = finished(rt, api.post(f"/backups/{newest['id']}/actions/verify"))
         assert (verify.state, verify.error_code) == ("failed", "BackupCorrupt")
         shown = api.get(f"/backups/{newest['id']}").get_json()

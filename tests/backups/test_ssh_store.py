@@ -10,8 +10,8 @@ import pytest
 
 from errors import ChunkMissing, StoreUnreachable
 from tests.fixtures.sshd import SshServer, run_sshd
+from tests.support import damage_chunk
 from workers.san.backup import backup_volume, collect_garbage, restore_volume, verify_backup
-from workers.san.chunks import chunk_relpath
 from workers.san.ssh_store import SshStore
 
 CHUNK = 256 * 1024
@@ -47,7 +47,7 @@ def test_a_backup_chain_over_ssh_restores_bit_exact(sshd: SshServer, tmp_path: P
         assert sorted(p.name for p in (remote / "manifests").iterdir()) == ["diff.json", "full.json"]
 
         bad = diff["chunks"][0]["digest"]
-        (remote / chunk_relpath(bad)).write_bytes(b"not zstd")
+        damage_chunk(remote, store, bad, 0, b"not zstd")
         assert [p for p in verify_backup(store, diff) if bad in p and "ChunkCorrupt" in p]
 
         store.delete_manifest("full")
@@ -55,6 +55,8 @@ def test_a_backup_chain_over_ssh_restores_bit_exact(sshd: SshServer, tmp_path: P
         with pytest.raises(ChunkMissing):
             store.get_chunk(full["chunks"][2]["digest"])
         assert not list(remote.rglob("*.tmp"))
+        problems = verify_backup(store, diff)  # the chunks garbage collection moved are found, the bad one still bad
+        assert len(problems) == 1 and bad in problems[0]
 
 
 def test_a_host_with_another_host_key_is_refused(sshd: SshServer, tmp_path: Path) -> None:
@@ -73,7 +75,7 @@ def test_every_file_is_synced_on_the_server_before_its_rename_and_its_directory_
         served = server.sftp_log.read_text().splitlines()  # sftp-server logs a request before it answers it
 
     written = sorted(path for path in remote.rglob("*") if path.is_file())
-    assert len(written) == 4  # three chunks and the manifest
+    assert [path.parent.name for path in written] == ["index", "manifests", "packs"]  # three chunks in one pack
     for final in written:
         rename = next(number for number, line in enumerate(served)
                       if line.startswith("posix-rename old ") and line.endswith(f' new "{final}"'))

@@ -1,5 +1,6 @@
 """Backups into a chunk store, with real files and the real reflink backend on a loop-mounted XFS."""
 
+import hashlib
 import os
 import random
 from datetime import datetime, timedelta, timezone
@@ -8,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from errors import BackupCancelled, ChunkCorrupt, ChunkMissing
-from tests.support import sha256_of, write_at
+from tests.support import damage_chunk, sha256_of, write_at
 from workers.san.backup import (
+    ChunkWriter,
+    Tally,
     backup_volume,
     check_chunks_stored,
     collect_garbage,
@@ -173,9 +176,9 @@ def test_verify_names_a_corrupted_and_a_missing_chunk(store: LocalStore, tmp_pat
     assert verify_backup(store, manifest) == []
 
     corrupt, missing = manifest["chunks"][2]["digest"], manifest["chunks"][4]["digest"]
-    write_at(Path(store.path) / chunk_relpath(corrupt), 20, b"garbage")
+    damage_chunk(store.path, store, corrupt, 20, b"garbage")
     store.delete_chunk(missing)
-    problems = verify_backup(store, manifest)
+    problems = verify_backup(LocalStore(store.path), manifest)
 
     assert len(problems) == 2
     assert any(corrupt in p and f"offset {2 * CHUNK}" in p and "ChunkCorrupt" in p for p in problems)
@@ -184,19 +187,54 @@ def test_verify_names_a_corrupted_and_a_missing_chunk(store: LocalStore, tmp_pat
         restore_volume(store, {**manifest, "chunks": manifest["chunks"][:4]}, str(tmp_path / "out.img"))
 
 
-def test_a_restore_can_look_for_missing_and_torn_chunks_before_it_writes(store: LocalStore, tmp_path: Path) -> None:
+def test_a_full_backup_writes_one_pack_and_one_index_beside_its_manifest(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 16))
+    manifest = backup_volume(str(source), CHUNK * 16, store, backup_id="f", chunk_size=CHUNK)
+
+    files = sorted(str(p.relative_to(store.path)).split("/")[0] for p in Path(store.path).rglob("*") if p.is_file())
+    assert files == ["index", "manifests", "packs"]
+    assert len({store.locate(e["digest"])[0] for e in manifest["chunks"]}) == 1
+    assert manifest["chunks_written"] == 16
+
+
+def cut_pack_inside(store: LocalStore, digest: str) -> set[str]:
+    """Truncate the pack holding `digest` in the middle of it, as a crash of a store that did not sync
+    can leave it; return the digests the cut loses (that one and all after it in the pack)."""
+    relpath, offset, length = store.locate(digest)
+    pack = Path(store.path) / relpath
+    os.truncate(pack, offset + length // 2)
+    return {d for d, where in store.index().locations.items() if where.relpath == relpath
+            and where.offset + where.length > offset + length // 2}
+
+
+def test_a_restore_can_look_for_missing_chunks_before_it_writes(store: LocalStore, tmp_path: Path) -> None:
     source = tmp_path / "volume.img"
     source.write_bytes(os.urandom(CHUNK * 3))
     manifest = backup_volume(str(source), CHUNK * 3, store, backup_id="f", chunk_size=CHUNK)
     check_chunks_stored(store, manifest)
 
-    torn = Path(store.path) / chunk_relpath(manifest["chunks"][1]["digest"])
-    torn.write_bytes(torn.read_bytes()[:100])
-    with pytest.raises(ChunkCorrupt, match=f"offset {CHUNK}"):
-        check_chunks_stored(store, manifest)
-    torn.unlink()
-    with pytest.raises(ChunkMissing, match=manifest["chunks"][1]["digest"]):
-        check_chunks_stored(store, manifest)
+    lost = cut_pack_inside(store, manifest["chunks"][1]["digest"])
+    first_lost = next(e for e in manifest["chunks"] if e["digest"] in lost)
+    with pytest.raises(ChunkMissing, match=first_lost["digest"]):
+        check_chunks_stored(LocalStore(store.path), manifest)
+
+
+def test_chunks_a_cut_pack_lost_are_written_again_by_the_next_backup(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 4))
+    first = backup_volume(str(source), CHUNK * 4, store, backup_id="first", chunk_size=CHUNK)
+    lost = cut_pack_inside(store, first["chunks"][1]["digest"])
+
+    reopened = LocalStore(store.path)  # as the next job opens it
+    second = backup_volume(str(source), CHUNK * 4, reopened, backup_id="second", chunk_size=CHUNK)
+
+    assert second["chunks_written"] == len(lost) >= 1
+    assert [e["digest"] for e in second["chunks"]] == [e["digest"] for e in first["chunks"]]
+    assert verify_backup(reopened, second) == [] and verify_backup(reopened, first) == []
+    restored = tmp_path / "restored.img"
+    restore_volume(LocalStore(store.path), first, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
 
 
 def test_verify_finds_an_incomplete_manifest(store: LocalStore, tmp_path: Path) -> None:
@@ -224,21 +262,81 @@ def test_cancel_leaves_no_manifest(store: LocalStore, tmp_path: Path) -> None:
     assert not [p for p in Path(store.path).rglob("*.tmp")]
 
 
-def test_a_torn_chunk_is_written_again_by_the_next_backup(store: LocalStore, tmp_path: Path) -> None:
+LEGACY_CHUNK = 4 * MiB
+
+
+def write_legacy_full(store: LocalStore, source: Path, backup_id: str) -> dict:
+    """A full backup of `source` as stores held them before packs: one zstd file per 4 MiB chunk at
+    chunks/<first 2 hex digits>/<sha256>.zst beside the same format-1 manifest, laid out here as
+    that version of LocalStore wrote them."""
+    data, entries = source.read_bytes(), []
+    for offset in range(0, len(data), LEGACY_CHUNK):
+        piece = data[offset:offset + LEGACY_CHUNK]
+        entry = {"offset": offset, "length": len(piece)}
+        if piece == bytes(len(piece)):
+            entries.append({**entry, "zero": True})
+            continue
+        digest, blob = hashlib.sha256(piece).hexdigest(), ChunkWriter(store, Tally()).compress(bytearray(piece))
+        path = Path(store.path) / chunk_relpath(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        entries.append({**entry, "digest": digest, "stored": len(blob)})
+    manifest = {"format": 1, "id": backup_id, "digest": "sha256", "compression": "zstd", "volume_size": len(data),
+                "chunk_size": LEGACY_CHUNK, "chunks": entries, "parent": None, "mode": "full", "snapshot": None}
+    store.put_manifest(backup_id, manifest)
+    return manifest
+
+
+def legacy_volume(tmp_path: Path) -> Path:
     source = tmp_path / "volume.img"
-    source.write_bytes(os.urandom(CHUNK * 4))
-    first = backup_volume(str(source), CHUNK * 4, store, backup_id="first", chunk_size=CHUNK)
-    torn = Path(store.path) / chunk_relpath(first["chunks"][1]["digest"])
-    whole = torn.read_bytes()
-    torn.write_bytes(whole[: len(whole) // 2])  # what a store that did not sync can leave after a crash
+    source.write_bytes(os.urandom(LEGACY_CHUNK) + bytes(LEGACY_CHUNK) + b"an old line\n" * (LEGACY_CHUNK // 12)
+                       + b"\n" * (LEGACY_CHUNK % 12))
+    return source
 
-    second = backup_volume(str(source), CHUNK * 4, store, backup_id="second", chunk_size=CHUNK)
 
-    assert torn.read_bytes() == whole
-    assert (second["chunks_written"], second["chunks"][1]["stored"]) == (1, len(whole))
-    assert verify_backup(store, second) == [] and verify_backup(store, first) == []
+def test_a_backup_made_before_packs_restores_verifies_and_parents_a_differential(store: LocalStore,
+                                                                                tmp_path: Path) -> None:
+    source = legacy_volume(tmp_path)
+    old = write_legacy_full(store, source, "old")
+    store = LocalStore(store.path)
+    assert verify_backup(store, old) == []
     restored = tmp_path / "restored.img"
-    restore_volume(store, second, str(restored))
+    restore_volume(store, old, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+    write_at(source, 2 * LEGACY_CHUNK + 4096, os.urandom(64 * 1024))
+    diff = backup_volume(str(source), source.stat().st_size, store, backup_id="diff", parent_manifest=old,
+                         ranges=[(2 * LEGACY_CHUNK + 4096, 64 * 1024)])
+
+    assert (diff["chunk_size"], diff["bytes_read"], diff["chunks_written"]) == (LEGACY_CHUNK, 64 * 1024, 1)
+    assert store.locate(diff["chunks"][2]["digest"])[0].startswith("packs/")
+    assert store.locate(diff["chunks"][0]["digest"])[0] == chunk_relpath(old["chunks"][0]["digest"])
+    restore_volume(LocalStore(store.path), diff, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+
+    damage_chunk(store.path, store, old["chunks"][0]["digest"], 10, b"bitrot")
+    assert [p for p in verify_backup(store, diff) if "ChunkCorrupt" in p and "offset 0" in p]
+    store.delete_manifest("old")
+    result = collect_garbage(store, [diff])
+    assert (result["chunks_deleted"], result["chunks_kept"]) == (1, 2)
+    assert not (Path(store.path) / chunk_relpath(old["chunks"][2]["digest"])).exists()
+
+
+def test_a_torn_chunk_from_before_packs_is_found_and_written_again(store: LocalStore, tmp_path: Path) -> None:
+    source = legacy_volume(tmp_path)
+    old = write_legacy_full(store, source, "old")
+    torn = Path(store.path) / chunk_relpath(old["chunks"][2]["digest"])
+    torn.write_bytes(torn.read_bytes()[:100])  # what a store that did not sync could leave after a crash
+    with pytest.raises(ChunkCorrupt, match=f"offset {2 * LEGACY_CHUNK}"):
+        check_chunks_stored(LocalStore(store.path), old)
+
+    again = backup_volume(str(source), source.stat().st_size, LocalStore(store.path), backup_id="again",
+                          chunk_size=LEGACY_CHUNK)
+
+    assert again["chunks_written"] == 1
+    check_chunks_stored(LocalStore(store.path), old)
+    restored = tmp_path / "restored.img"
+    restore_volume(LocalStore(store.path), old, str(restored))
     assert sha256_of(restored) == sha256_of(source)
 
 
@@ -254,10 +352,65 @@ def test_gc_removes_exactly_the_unreferenced_chunks(store: LocalStore, tmp_path:
     store.delete_manifest("old")
     result = collect_garbage(store, [store.get_manifest(i) for i in store.list_manifests()])
 
-    assert result == {"chunks_deleted": 2, "chunks_kept": 2}
-    assert set(store.list_chunks()) == {e["digest"] for e in kept["chunks"]}
-    assert not any(store.has_chunk(d) for d in only_old)
-    assert verify_backup(store, kept) == []
+    # old's pack held the shared chunk and two dead ones: the shared one moved to a new pack.
+    assert result == {"chunks_deleted": 2, "chunks_kept": 2, "packs_deleted": 1, "packs_written": 1}
+    reopened = LocalStore(store.path)
+    assert set(reopened.list_chunks()) == {e["digest"] for e in kept["chunks"]}
+    assert not any(reopened.has_chunk(d) for d in only_old)
+    assert verify_backup(reopened, kept) == []
+    assert len(list((Path(store.path) / "packs").iterdir())) == 2
+    assert len(list((Path(store.path) / "index").iterdir())) == 1
+
+
+def test_gc_leaves_a_mostly_live_pack_as_it_is(store: LocalStore, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    first.write_bytes(os.urandom(CHUNK * 4))
+    second.write_bytes(first.read_bytes()[: CHUNK * 3])
+    old = backup_volume(str(first), CHUNK * 4, store, backup_id="old", chunk_size=CHUNK)
+    kept = backup_volume(str(second), CHUNK * 3, store, backup_id="kept", chunk_size=CHUNK)
+    pack = Path(store.path) / store.locate(old["chunks"][0]["digest"])[0]
+    before = pack.stat().st_size
+
+    store.delete_manifest("old")
+    result = collect_garbage(store, [kept])
+
+    assert result == {"chunks_deleted": 1, "chunks_kept": 3, "packs_deleted": 0, "packs_written": 0}
+    assert pack.stat().st_size == before  # three quarters live: not worth rewriting
+    reopened = LocalStore(store.path)
+    assert not reopened.has_chunk(old["chunks"][3]["digest"])
+    assert verify_backup(reopened, kept) == []
+
+
+def test_gc_removes_what_a_crashed_backup_left(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 32))
+    packs = Path(store.path) / "packs"
+    # 16 packs of 2 chunks, at most 2 queued: packs are on disk long before the last chunk is read.
+    with LocalStore(store.path, pack_target=2 * CHUNK) as small_packs, pytest.raises(BackupCancelled):
+        backup_volume(str(source), CHUNK * 32, small_packs, backup_id="f", chunk_size=CHUNK,
+                      should_stop=lambda: len(list(packs.glob("*.pack"))) >= 2)
+    (packs / "0123.pack.abcd.tmp").write_bytes(b"half a pack")
+    assert len(list(packs.iterdir())) >= 3 and not list((Path(store.path) / "index").iterdir())
+
+    result = collect_garbage(store, [])
+
+    assert result["packs_deleted"] >= 2 and result["chunks_deleted"] == 0  # no index named them
+    assert list(packs.iterdir()) == []
+
+
+def test_a_reader_finds_a_chunk_garbage_collection_moved(store: LocalStore, tmp_path: Path) -> None:
+    first, second = tmp_path / "a.img", tmp_path / "b.img"
+    first.write_bytes(os.urandom(CHUNK * 4))
+    second.write_bytes(first.read_bytes()[:CHUNK])
+    backup_volume(str(first), CHUNK * 4, store, backup_id="old", chunk_size=CHUNK)
+    kept = backup_volume(str(second), CHUNK, store, backup_id="kept", chunk_size=CHUNK)
+    reader = LocalStore(store.path)
+    old_place = reader.locate(kept["chunks"][0]["digest"])
+
+    assert collect_garbage(LocalStore(store.path), [kept])["packs_written"] == 1
+
+    assert verify_backup(reader, kept) == []  # its index still named the deleted pack
+    assert reader.locate(kept["chunks"][0]["digest"]) != old_place
 
 
 def day(n: int, hour: int = 1) -> datetime:

@@ -2,8 +2,8 @@
 
 Same layout and the same atomic, durable writes as `LocalStore`: a temporary name, synced on
 the server (OpenSSH's `fsync@openssh.com`), an OpenSSH posix-rename, then the directory synced,
-so a reader on either side never sees half a chunk or half a manifest and a crash of the store
-host never leaves a torn chunk under its final name. The server's host key must be given (a
+so a reader on either side never sees half a pack, index or manifest and a crash of the store
+host never leaves a torn file under its final name. The server's host key must be given (a
 known_hosts line): an unknown host is refused.
 
 Each thread gets its own SFTP channel over one SSH connection, so the backup pool's threads
@@ -21,7 +21,7 @@ import paramiko
 from paramiko.sftp import CMD_EXTENDED
 
 from errors import InvalidInput, InvalidStoreLocation, StoreUnreachable
-from workers.san.chunks import ChunkStore, temp_name
+from workers.san.chunks import STORE_DIRECTORIES, ChunkStore, temp_name
 
 CONNECT_TIMEOUT_S = 15
 KEY_CLASSES = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
@@ -59,6 +59,7 @@ class SshStore(ChunkStore):
     """
 
     def __init__(self, host: str, path: str, *, user: str, private_key: str, host_key: str, port: int = 22) -> None:
+        super().__init__()
         self.host, self.port, self.path = host, port, path
         self.location = f"{host}:{path}"
         self.client = paramiko.SSHClient()
@@ -71,7 +72,7 @@ class SshStore(ChunkStore):
             raise StoreUnreachable(f"cannot log in to {user}@{host}:{port}: {exc}", host=host) from None
         self.local = threading.local()
         self._makedirs(self.path)
-        for sub in ("chunks", "manifests"):
+        for sub in STORE_DIRECTORIES:
             self._makedirs(posixpath.join(self.path, sub))
 
     @classmethod
@@ -119,7 +120,7 @@ class SshStore(ChunkStore):
             if not stat.S_ISDIR(self.sftp.stat(path).st_mode):
                 raise
             return
-        self._sync_directory(parent)
+        self._sync_remote_directory(parent)
 
     def _sync(self, remote: paramiko.SFTPFile) -> None:
         """Wait for the status of every pipelined write (paramiko would drop them at close, errors too),
@@ -130,11 +131,14 @@ class SshStore(ChunkStore):
             self.sftp._read_response(remote._reqs.popleft())
         self.sftp._request(CMD_EXTENDED, "fsync@openssh.com", remote.handle)
 
-    def _sync_directory(self, path: str) -> None:
+    def _sync_remote_directory(self, path: str) -> None:
         """Make a rename or a new entry in directory `path` durable on the server (the server opens
         the directory read-only, which Linux allows, and fsyncs that handle)."""
         with self.sftp.open(path, "r") as directory:
             self._sync(directory)
+
+    def _sync_directory(self, relpath: str) -> None:
+        self._sync_remote_directory(self._abs(relpath))
 
     def _size(self, relpath: str) -> int | None:
         try:
@@ -154,7 +158,26 @@ class SshStore(ChunkStore):
                 return None
             raise
 
-    def _write_atomically(self, relpath: str, data: bytes) -> None:
+    def _sizes(self, relpath: str) -> dict[str, int]:
+        try:
+            entries = self.sftp.listdir_attr(self._abs(relpath))
+        except OSError as exc:
+            if is_missing(exc):
+                return {}
+            raise
+        return {entry.filename: entry.st_size for entry in entries if stat.S_ISREG(entry.st_mode or 0)}
+
+    def _read_range(self, relpath: str, offset: int, length: int) -> bytes | None:
+        try:
+            with self.sftp.open(self._abs(relpath), "rb") as source:
+                source.seek(offset)
+                return source.read(length)
+        except OSError as exc:
+            if is_missing(exc):
+                return None
+            raise
+
+    def _write_atomically(self, relpath: str, data: bytes | bytearray, *, sync_directory: bool = True) -> None:
         final = self._abs(relpath)
         directory = posixpath.dirname(final)
         self._makedirs(directory)
@@ -165,7 +188,8 @@ class SshStore(ChunkStore):
                 out.write(data)
                 self._sync(out)
             self.sftp.posix_rename(temp, final)
-            self._sync_directory(directory)
+            if sync_directory:
+                self._sync_remote_directory(directory)
         except BaseException:
             self._remove_path(temp)
             raise
@@ -181,7 +205,13 @@ class SshStore(ChunkStore):
                 raise
 
     def _listdir(self, relpath: str) -> list[str]:
-        return self.sftp.listdir(self._abs(relpath))
+        try:
+            return self.sftp.listdir(self._abs(relpath))
+        except OSError as exc:
+            if is_missing(exc):
+                return []
+            raise
 
     def close(self) -> None:
+        super().close()
         self.client.close()
