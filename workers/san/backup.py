@@ -202,9 +202,10 @@ class Tally:
 class ChunkWriter:
     """Assembles, hashes, compresses and stores chunks on pool threads; zstd compressors per thread."""
 
-    def __init__(self, store: ChunkStore, tally: Tally) -> None:
+    def __init__(self, store: ChunkStore, tally: Tally, level: int = ZSTD_LEVEL) -> None:
         self.store = store
         self.tally = tally
+        self.level = level
         self.reader = ChunkReader(store)
         self.local = threading.local()
 
@@ -216,10 +217,10 @@ class ChunkWriter:
         return self.local.compressors[level]
 
     def compress(self, data: bytes | bytearray) -> bytes:
-        """`data` as one zstd frame: level 3, or the fast level when a sample shows it does not compress."""
+        """`data` as one zstd frame: at the writer's level, or the fast level when a sample shows it does not compress."""
         sample = memoryview(data)[:SAMPLE]
         incompressible = len(self._compressor(1).compress(sample)) > INCOMPRESSIBLE * len(sample)
-        return self._compressor(FAST_LEVEL if incompressible else ZSTD_LEVEL).compress(data)
+        return self._compressor(FAST_LEVEL if incompressible else self.level).compress(data)
 
     def assemble(self, plan: ChunkPlan, fresh: bytes | bytearray) -> bytes | bytearray:
         """The chunk's bytes: `fresh` (the read bytes at their places, zeros elsewhere) alone, or laid
@@ -314,14 +315,14 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
                   parent_manifest: dict[str, Any] | None = None, ranges: list[Range] | None = None,
                   chunk_size: int | None = None, snapshot: str | None = None,
                   on_progress: Progress = ignore_progress, should_stop: StopCheck = never_stop,
-                  threads: int = POOL_THREADS) -> dict[str, Any]:
+                  threads: int = POOL_THREADS, level: int = ZSTD_LEVEL) -> dict[str, Any]:
     """Back up the first `size` bytes of `source_path` (a snapshot nobody writes) into `store`
     and publish its manifest under `backup_id`; return the manifest.
 
     With `parent_manifest` and `ranges` (the changed ranges since the parent's snapshot) this
     is a differential that reads only those ranges and takes the rest of each chunk they touch
     from the parent's chunk in the store. `chunk_size` is the parent's (a differential must cut
-    where its parent did) or else CHUNK_SIZE. Raises BackupCancelled
+    where its parent did) or else CHUNK_SIZE; `level` is zstd's for chunks that compress. Raises BackupCancelled
     when `should_stop()` turns true (no manifest is published then).
     """
     if ranges is not None and parent_manifest is None:
@@ -341,7 +342,7 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
         plans = (plan_differential(fd, size, chunk_size, parent_manifest, ranges) if differential
                  else plan_full(fd, size, chunk_size))
-        fresh = run_pipeline(fd, plans, ChunkWriter(store, tally), on_progress, should_stop, threads)
+        fresh = run_pipeline(fd, plans, ChunkWriter(store, tally, level), on_progress, should_stop, threads)
     chunks = merge_entries(parent_manifest if differential else None, fresh, chunk_size, size)
     if should_stop():
         raise BackupCancelled("backup cancelled")
