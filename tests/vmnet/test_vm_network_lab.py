@@ -3,6 +3,7 @@ joined to one in the root namespace that carries the subnet's gateway) get their
 lab's dnsmasq, answer TCP from the root namespace, and keep a connection across a live migration."""
 
 import re
+import subprocess
 
 import libvirt
 import pytest
@@ -94,10 +95,21 @@ def test_a_mac_without_a_lease_gets_no_address(cluster, celery_app):
         run_job(rt, celery_app, "delete-vm", {"vm": name})
 
 
+def way_to(rt, mac: str, ip: str) -> str:
+    """What the root namespace knows of the way to a guest: the root bridge's entry for its MAC, the
+    neighbour entry of its address, and the TCP connections to it (retransmits, backoff)."""
+    net = next(n for n in build(rt.config).vm_networks if n.subnet == SUBNET)
+    fdb, neigh, tcp = (subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+                       for argv in (["bridge", "fdb", "show", "br", net.bridge], ["ip", "neigh", "show", ip],
+                                    ["ss", "-tni", "dst", ip]))
+    return (f"fdb: {[line for line in fdb.splitlines() if mac in line]}; neigh: {neigh.strip()!r}; "
+            f"tcp: {' '.join(tcp.split())!r}")
+
+
 def test_a_tcp_connection_to_the_guest_survives_its_live_migration(cluster, celery_app):
     rt, name = cluster, unique("nmg")
     try:
-        _mac, ip = install_on_vm_network(rt, celery_app, name, "cs1")
+        mac, ip = install_on_vm_network(rt, celery_app, name, "cs1")
         boot_line(server_uri(rt, "cs1"), name)
         start_echo_service(rt, "cs1", name)
         with connect_to(ip) as sock:
@@ -108,7 +120,10 @@ def test_a_tcp_connection_to_the_guest_survives_its_live_migration(cluster, cele
                 before = stream.replies
                 moved = run_job(rt, celery_app, "migrate", {"vm": name, "to": "cs2"}, timeout=MIGRATE_TIMEOUT)
                 during = stream.replies - before
-                stream.more_replies(20, "echoes after the migration")
+                try:
+                    stream.more_replies(20, "echoes after the migration")
+                except Exception as stalled:  # noqa: BLE001 - said again with what the network knew then
+                    raise AssertionError(f"{stalled!r} after the migration; {way_to(rt, mac, ip)}") from stalled
             finally:
                 stream.stop()
         assert moved.state == SUCCEEDED, moved.error_message
