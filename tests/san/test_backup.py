@@ -198,6 +198,19 @@ def test_a_full_backup_writes_one_pack_and_one_index_beside_its_manifest(store: 
     assert manifest["chunks_written"] == 16
 
 
+def test_a_second_full_of_the_same_bytes_compresses_and_writes_nothing(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 4) + b"text that compresses\n" * (CHUNK * 4 // 21))
+    first = backup_volume(str(source), source.stat().st_size, store, backup_id="first", chunk_size=CHUNK)
+    second = backup_volume(str(source), source.stat().st_size, LocalStore(store.path), backup_id="second",
+                           chunk_size=CHUNK)
+
+    assert first["chunks_compressed"] == first["chunks_written"] == len({e["digest"] for e in first["chunks"]}) > 4
+    assert (second["chunks_compressed"], second["chunks_written"]) == (0, 0)
+    assert second["chunks"] == first["chunks"]
+    check_chunks_stored(LocalStore(store.path), second)
+
+
 def cut_pack_inside(store: LocalStore, digest: str) -> set[str]:
     """Truncate the pack holding `digest` in the middle of it, as a crash of a store that did not sync
     can leave it; return the digests the cut loses (that one and all after it in the pack)."""

@@ -198,6 +198,7 @@ class Tally:
     bytes_read: int = 0
     bytes_written: int = 0
     chunks_written: int = 0
+    chunks_compressed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -244,8 +245,14 @@ class ChunkWriter:
         if data == zeros(len(data)):
             return {**entry, "zero": True}
         digest = chunk_digest(data)
-        # Compressed even when the store has the chunk: its size is what tells a whole chunk from a torn one.
+        packed = self.store.packed_size(digest)
+        if packed is not None:
+            return {**entry, "digest": digest, "stored": packed}
+        # A chunk the store has only in a file of its own (from before packs) is compressed anyway: its
+        # size is what tells a whole chunk from a torn one.
         blob = self.compress(data)
+        with self.tally.lock:
+            self.tally.chunks_compressed += 1
         if self.store.put_chunk(digest, blob):
             with self.tally.lock:
                 self.tally.bytes_written += len(blob)
@@ -355,7 +362,7 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
         "mode": "diff" if parent_manifest else "full", "snapshot": snapshot,
         "started_at": started, "finished_at": utc_now(), "seconds": round(time.monotonic() - clock, 3),
         "chunks_read": len(plans), "bytes_read": tally.bytes_read, "bytes_written": tally.bytes_written,
-        "chunks_written": tally.chunks_written, "bytes_stored": stored_bytes(chunks),
+        "chunks_written": tally.chunks_written, "chunks_compressed": tally.chunks_compressed, "bytes_stored": stored_bytes(chunks),
         "data_bytes": sum(entry["length"] for entry in chunks if "digest" in entry),
     }
     store.put_manifest(backup_id, manifest)

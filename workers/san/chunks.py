@@ -179,6 +179,15 @@ class ChunkStore(ABC):
         where = self.locate(digest)
         return None if where is None else where[2]
 
+    def packed_size(self, digest: str) -> int | None:
+        """The size of the chunk's copy in a pack (the one being filled, or one indexed whose pack is long
+        enough), or None. Such a copy is whole, so a backup that finds one need not even compress the chunk."""
+        pending = self._buffer.pending(digest)
+        if pending is not None:
+            return len(pending)
+        where = self.index().get(check_digest(digest))
+        return None if where is None else where.length
+
     def has_chunk(self, digest: str) -> bool:
         return self.stored_size(digest) is not None
 
