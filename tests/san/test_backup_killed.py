@@ -47,14 +47,14 @@ def test_a_backup_killed_while_writing_packs_leaves_a_store_the_next_backup_and_
     source, root, marker = tmp_path / "volume.img", tmp_path / "store", tmp_path / "stopped"
     source.write_bytes(os.urandom(CHUNK * CHUNKS))
     with child(f"""
-        import pathlib, time
+        import pathlib, signal
         from workers.san.backup import backup_volume
         from workers.san.chunks import LocalStore
         packs, marker = pathlib.Path("{root}/packs"), pathlib.Path("{marker}")
         def stop_here() -> bool:
             if len(list(packs.glob("*.pack"))) >= 4:
                 marker.touch()
-                time.sleep(3600)
+                signal.pause()  # blocked here until the test kills it
             return False
         backup_volume("{source}", {CHUNK * CHUNKS}, LocalStore("{root}", pack_target={4 * CHUNK}),
                       backup_id="killed", chunk_size={CHUNK}, should_stop=stop_here)
@@ -87,14 +87,14 @@ def test_a_gc_killed_between_writing_new_packs_and_removing_old_ones_loses_nothi
     kept = backup_volume(str(kept_source), CHUNK * 2, store, backup_id="kept", chunk_size=CHUNK)
     store.delete_manifest("old")
     with child(f"""
-        import pathlib, time
+        import pathlib, signal
         from workers.san.backup import collect_garbage
         from workers.san.chunks import LocalStore
         marker = pathlib.Path("{marker}")
         class StopsBeforeRemoving(LocalStore):
             def _remove(self, relpath: str) -> None:
                 marker.touch()
-                time.sleep(3600)
+                signal.pause()  # blocked here until the test kills it
         store = StopsBeforeRemoving("{root}")
         collect_garbage(store, [store.get_manifest("kept")])
         """) as proc:

@@ -173,11 +173,10 @@ class ChunkStore(ABC):
 
     def stored_size(self, digest: str) -> int | None:
         """The chunk's size in the store (compressed), or None if the store does not have it."""
-        pending = self._buffer.pending(digest)
-        if pending is not None:
-            return len(pending)
-        where = self.locate(digest)
-        return None if where is None else where[2]
+        packed = self.packed_size(digest)
+        if packed is not None or not self._has_loose_chunks():
+            return packed
+        return self._size(chunk_relpath(digest))
 
     def packed_size(self, digest: str) -> int | None:
         """The size of the chunk's copy in a pack (the one being filled, or one indexed whose pack is long
