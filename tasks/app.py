@@ -44,7 +44,10 @@ def make_celery(config: Config) -> Celery:
         broker_transport_options={"visibility_timeout": jobs["visibility_timeout_s"]},
         result_backend_transport_options={"visibility_timeout": jobs["visibility_timeout_s"]},
         worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Flower lists a job's message from the moment a worker receives it. A "task-sent" event per send
+        # would show it while queued, at a Redis publish on every submission (a third of send_task's time);
+        # a queued job shows in the job list anyway.
+        task_send_sent_event=False,
         beat_schedule={
             "reconcile-jobs": {
                 "task": "laxcluster.reconcile",

@@ -66,11 +66,11 @@ class JobContext:
         the job to a newer attempt (StaleRun)."""
         self.check_cancel()
         with self.session() as session:
-            jobs.owned(session, self.job_id, self.attempt)
             if self._replaying:
+                jobs.owned(session, self.job_id, self.attempt)
                 self._held_phase = (name, progress)
-            else:
-                self.report.update(phase=name, progress=progress, session=session)
+            elif not self.report.update(phase=name, progress=progress, session=session):
+                raise jobs.StaleRun(self.job_id)
         kill_here_if_asked(self.kind, name)
         if not self._replaying:
             log.info("phase %s", name)

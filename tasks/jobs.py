@@ -8,7 +8,7 @@ A job holds a lock on its target from submission to its final state.
 from typing import Any
 
 import redis
-from sqlalchemy import delete, select, update
+from sqlalchemy import Update, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -79,13 +79,10 @@ def get(session: Session, job_id: str) -> Job:
 
 def claim(session: Session, job_id: str, attempt: int, worker: str) -> Job | None:
     """Start (or, after a crash, restart) a job if `attempt` is still current; None if the message is stale."""
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state.in_((QUEUED, RUNNING)))
-        .values(state=RUNNING, attempt=Job.attempt + 1, waiting=False, worker=worker, started_at=utcnow(),
-                updated_at=utcnow())
-    ).rowcount
-    return session.get(Job, job_id, populate_existing=True) if claimed else None
+    return _claimed(session, update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.state.in_((QUEUED, RUNNING)))
+                    .values(state=RUNNING, attempt=Job.attempt + 1, waiting=False, worker=worker, started_at=utcnow(),
+                            updated_at=utcnow()))
 
 
 def claim_resume(session: Session, job_id: str, attempt: int, worker: str) -> Job | None:
@@ -93,12 +90,14 @@ def claim_resume(session: Session, job_id: str, attempt: int, worker: str) -> Jo
 
     A resume is not a new attempt: only a crash counts toward `max_attempts`.
     """
-    claimed = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.attempt == attempt, Job.state == RUNNING, Job.waiting.is_(True))
-        .values(waiting=False, worker=worker, updated_at=utcnow())
-    ).rowcount
-    return session.get(Job, job_id, populate_existing=True) if claimed else None
+    return _claimed(session, update(Job)
+                    .where(Job.id == job_id, Job.attempt == attempt, Job.state == RUNNING, Job.waiting.is_(True))
+                    .values(waiting=False, worker=worker, updated_at=utcnow()))
+
+
+def _claimed(session: Session, claim: Update) -> Job | None:
+    # RETURNING hands back the claimed row with the update: one statement, not an update and a select.
+    return session.scalars(claim.returning(Job), execution_options={"populate_existing": True}).one_or_none()
 
 
 def owned(session: Session, job_id: str, attempt: int) -> Job:

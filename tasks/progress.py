@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 from redis.commands.core import Script
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from models import FINAL_STATES, Job, utcnow
@@ -104,9 +104,10 @@ class Reporter:
 
     def update(self, *, phase: str | None = None, progress: float | None = None,
                bytes_done: int | None = None, bytes_total: int | None = None, message: str | None = None,
-               session: Session | None = None) -> None:
+               session: Session | None = None) -> bool:
         """Report the job's phase, percent (0-100) and, where data moves, bytes and rate; a DB write due goes
-        into `session` when given (the caller's transaction), else into one of its own."""
+        into `session` when given (the caller's transaction), else into one of its own. False, with nothing
+        published, if that write found the job ended or run by another attempt."""
         if phase is not None:
             self._state["phase"] = phase
         if progress is not None:
@@ -116,36 +117,38 @@ class Reporter:
         if bytes_done is not None:
             self._state["rate_bps"] = self._rate(bytes_done)
             self._state["bytes_done"] = bytes_done
+        if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
+            if not (self.flush() if session is None else self.record(session)):
+                return False
         event = {"job_id": self.job_id, "state": "running", **self._state}
         if message:
             event["message"] = message
         publish_if_possible(self._redis, self.job_id, event)
-        if phase is not None or time.monotonic() - self._last_db_write >= self._db_interval:
-            if session is None:
-                self.flush()
-            else:
-                self.record(session)
+        return True
 
     @property
     def progress(self) -> float:
         return self._state["progress"]
 
-    def flush(self) -> None:
-        """Write the latest progress to the DB now."""
+    def flush(self) -> bool:
+        """Write the latest progress to the DB now; see record."""
         with self._sessions() as session, session.begin():
-            self.record(session)
+            return self.record(session)
 
-    def record(self, session: Session) -> None:
-        """Write the latest progress to the job's row in `session` (unless the job ended or another attempt has it)."""
+    def record(self, session: Session) -> bool:
+        """Write the latest progress to the job's row in `session`; False, writing nothing, if the job ended or
+        another attempt has it. One UPDATE both checks and writes (a select first would be a second statement)."""
         self._last_db_write = time.monotonic()
-        job = session.get(Job, self.job_id)
-        if job is None or job.state in FINAL_STATES or self._attempt not in (None, job.attempt):
-            return
-        for name, value in self._state.items():
-            setattr(job, name, value)
-        job.updated_at = utcnow()
-        if job.parent_id is not None:
-            roll_up(session, self._redis, job.parent_id)
+        ours = [Job.id == self.job_id, Job.state.not_in(FINAL_STATES)]
+        if self._attempt is not None:
+            ours.append(Job.attempt == self._attempt)
+        written = session.execute(update(Job).where(*ours).values(**self._state, updated_at=utcnow())
+                                  .returning(Job.parent_id)).first()
+        if written is None:
+            return False
+        if written.parent_id is not None:
+            roll_up(session, self._redis, written.parent_id)
+        return True
 
     def _rate(self, bytes_done: int) -> float | None:
         now = time.monotonic()
