@@ -8,10 +8,13 @@ admin token. Then it measures, in one run:
 1. job latency: `--n` sequential `POST /jobs/noop {"seconds": 0}`, each timed from sending the
    POST to receiving that job's `succeeded` event on Redis pub/sub (`job:<id>:events`);
 2. the baseline, interleaved with 1 so both see the same machine load: `--n` raw Celery round
-   trips `send_task("laxcluster.ping").get()` through the same broker and worker;
+   trips `send_task("laxcluster.ping").get()` through the same broker and worker; and, interleaved too,
+   `GET /jobs/<id>` of each job (an authenticated request with one select): a job costs at least
+   such a request plus a Celery round trip, so (read + raw) / raw is the floor of the ratio;
 3. throughput: `--concurrent` submissions from a pool of `--threads` clients, jobs accepted per
    second over the submission phase, then how many accepted jobs did not reach a final state
-   (in the DB, the jobs' source of truth) within `--deadline` seconds, and which POSTs failed.
+   (in the DB, the jobs' source of truth) within `--deadline` seconds, and which POSTs failed; and the
+   CPU each part (API, worker, Redis, the clients) spent per accepted job while the POSTs ran.
 
 Prints our figures beside the baseline, writes `bench/results/jobs.json`, and stops every process
 it started (by process group) and deletes its directory, also on failure, Ctrl-C or SIGTERM.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import statistics
 import sys
@@ -240,6 +244,7 @@ class JobEvents:
 class JobTrip:
     """One noop job's round trip in milliseconds: in total, until the POST's answer, and by segment."""
 
+    job_id: str
     total_ms: float
     post_ms: float
     segments_ms: dict[str, float]
@@ -270,7 +275,7 @@ def time_job(stack: Stack, session: requests.Session, events: JobEvents) -> JobT
     marks = events.published(job_id)
     points = [start_wall, marks["queued"], marks["running"], marks["succeeded"], arrived_wall]
     segments = {name: (end - begin) * 1000 for name, begin, end in zip(SEGMENTS, points, points[1:])}
-    return JobTrip((arrived - start) * 1000, (answered - start) * 1000, segments)
+    return JobTrip(job_id, (arrived - start) * 1000, (answered - start) * 1000, segments)
 
 
 def time_ping(stack: Stack, value: int) -> float:
@@ -285,18 +290,33 @@ def time_ping(stack: Stack, value: int) -> float:
     return elapsed
 
 
-def measure_latency(stack: Stack, events: JobEvents, n: int) -> tuple[list[JobTrip], list[float]]:
-    """`n` job and `n` raw round trips, interleaved (job, ping, job, ...) after a warm-up of each."""
+def time_read(stack: Stack, session: requests.Session, job_id: str) -> float:
+    """Milliseconds of `GET /jobs/<id>`: an authenticated HTTP round trip with one primary-key select, the
+    least any job submission costs before it writes anything."""
+    start = time.perf_counter()
+    response = session.get(f"{stack.api_url}/jobs/{job_id}", timeout=POST_TIMEOUT_S)
+    elapsed = (time.perf_counter() - start) * 1000
+    if response.status_code != 200:
+        raise BenchError(f"GET /jobs/{job_id} answered {response.status_code}: {response.text[:500]}")
+    return elapsed
+
+
+def measure_latency(stack: Stack, events: JobEvents, n: int) -> tuple[list[JobTrip], list[float], list[float]]:
+    """`n` jobs, `n` raw round trips and `n` reads of each job, interleaved (job, ping, read, job, ...) after a
+    warm-up of each."""
     trips: list[JobTrip] = []
     pings_ms: list[float] = []
+    reads_ms: list[float] = []
     with api_session(stack) as session:
-        for i in range(WARMUP):
-            time_job(stack, session, events)
-            time_ping(stack, -1 - i)
-        for i in range(n):
-            trips.append(time_job(stack, session, events))
-            pings_ms.append(time_ping(stack, i))
-    return trips, pings_ms
+        for i in range(WARMUP + n):
+            trip = time_job(stack, session, events)
+            ping_ms = time_ping(stack, i)
+            read_ms = time_read(stack, session, trip.job_id)
+            if i >= WARMUP:
+                trips.append(trip)
+                reads_ms.append(read_ms)
+                pings_ms.append(ping_ms)
+    return trips, pings_ms, reads_ms
 
 
 @dataclass
@@ -376,8 +396,42 @@ def wait_all_final(engine: Engine, job_ids: list[str], deadline_s: float) -> tup
         time.sleep(POLL_S)
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) spent by the live processes of process group `pgid` and their reaped children."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the command name in parentheses: state, ppid, pgrp, ... utime, stime, cutime, cstime (11-14).
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        if int(fields[2]) == pgid:
+            ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_part(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each service of the stack and of this process (the clients)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {**{service.name: group_cpu_s(service.proc.pid) for service in stack.services},
+            "clients (this process)": usage.ru_utime + usage.ru_stime}
+
+
+def submission_cpu(before: dict[str, float], after: dict[str, float], accepted: int) -> dict[str, Any]:
+    """Core-milliseconds per accepted job of each part during the submissions, and the acceptance rate the
+    API's own share would allow if it had every core of the machine to itself."""
+    per_job = {part: round((after[part] - before[part]) * 1000 / max(accepted, 1), 2) for part in before}
+    api_ms = per_job.get("api", 0.0)
+    return {"submission_core_ms_per_job": per_job,
+            "api_alone_bound_per_s": round((os.cpu_count() or 1) * 1000 / api_ms, 1) if api_ms else None}
+
+
 def measure_throughput(stack: Stack, events: JobEvents, count: int, threads: int, deadline_s: float) -> dict[str, Any]:
+    cpu_before = cpu_by_part(stack)
     submissions = submit_concurrently(stack, count, threads)
+    cpu_after = cpu_by_part(stack)
     states, drained_s = wait_all_final(stack.engine, submissions.accepted, deadline_s)
     accepted = len(submissions.accepted)
     total_s = submissions.wall_s + drained_s
@@ -387,6 +441,7 @@ def measure_throughput(stack: Stack, events: JobEvents, count: int, threads: int
         "accepted": accepted,
         "submission_wall_s": round(submissions.wall_s, 3),
         "accepted_per_s": round(accepted / submissions.wall_s, 1),
+        **submission_cpu(cpu_before, cpu_after, accepted),
         **({"post_p50_ms_under_load": round(statistics.median(submissions.accepted_ms), 1),
             "post_p99_ms_under_load": round(percentile(submissions.accepted_ms, 99), 1),
             "post_max_ms_under_load": round(max(submissions.accepted_ms), 1)} if accepted > 1 else {}),
@@ -406,9 +461,9 @@ def percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
-def latency_figures(trips: list[JobTrip], pings_ms: list[float]) -> dict[str, Any]:
+def latency_figures(trips: list[JobTrip], pings_ms: list[float], reads_ms: list[float]) -> dict[str, Any]:
     jobs_ms, posts_ms = [trip.total_ms for trip in trips], [trip.post_ms for trip in trips]
-    job_p50, raw_p50 = statistics.median(jobs_ms), statistics.median(pings_ms)
+    job_p50, raw_p50, read_p50 = statistics.median(jobs_ms), statistics.median(pings_ms), statistics.median(reads_ms)
     return {
         "n": len(jobs_ms),
         "job_post_p50_ms": round(statistics.median(posts_ms), 2),
@@ -422,6 +477,9 @@ def latency_figures(trips: list[JobTrip], pings_ms: list[float]) -> dict[str, An
         "raw_p99_ms": round(percentile(pings_ms, 99), 2),
         "raw_max_ms": round(max(pings_ms), 2),
         "ratio_p50": round(job_p50 / raw_p50, 2),
+        "read_p50_ms": round(read_p50, 2),
+        # A job is at least an authenticated request and a Celery round trip, with no DB write and no event.
+        "floor_ratio_p50": round((read_p50 + raw_p50) / raw_p50, 2),
     }
 
 
@@ -431,7 +489,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"stack up: API {stack.api_url} ({Path(stack.api_command[0]).name} {' '.join(stack.api_command[1:7])}), "
               f"control worker -c 2, {args.db}, Redis on port {stack.redis.connection_pool.connection_kwargs['port']}")
         load_before = os.getloadavg()
-        print(f"latency: {args.n} noop jobs and {args.n} raw pings, interleaved ...")
+        print(f"latency: {args.n} noop jobs, reads of them and raw pings, interleaved ...")
         latency = latency_figures(*measure_latency(stack, events, args.n))
         print(f"throughput: {args.concurrent} concurrent submissions from {args.threads} threads ...")
         throughput = measure_throughput(stack, events, args.concurrent, args.threads, args.deadline)
@@ -480,9 +538,14 @@ def print_report(results: dict[str, Any]) -> None:
     for name, p50 in results["job_segments_p50_ms"].items():
         print(f"{'    ' + name.split(':')[0]:32}{p50:>10.2f}   ({name.split(': ')[1]})")
     print(f"{'baseline: raw Celery ping':32}{results['raw_p50_ms']:>10.2f}{results['raw_p99_ms']:>10.2f}{results['raw_max_ms']:>10.2f}")
-    print(f"ratio job p50 / raw p50: {results['ratio_p50']:.2f}  (n = {results['n']} each)")
+    print(f"{'read: GET /jobs/<id>':32}{results['read_p50_ms']:>10.2f}")
+    print(f"ratio job p50 / raw p50: {results['ratio_p50']:.2f}  (n = {results['n']} each); "
+          f"floor (read + raw) / raw: {results['floor_ratio_p50']:.2f}")
     print(f"\nsubmissions: {results['accepted']} of {results['submitted']} accepted in {results['submission_wall_s']:.2f} s "
           f"from {results['threads']} threads = {results['accepted_per_s']:.1f} jobs/s")
+    print("CPU per accepted job meanwhile (core-ms): " + ", ".join(
+        f"{part} {ms:.2f}" for part, ms in results["submission_core_ms_per_job"].items())
+          + f"; the API alone on all {results['cpus']} cores: at most {results['api_alone_bound_per_s']} jobs/s")
     if "post_p50_ms_under_load" in results:
         print(f"POST -> 202 under load: p50 {results['post_p50_ms_under_load']:.1f} ms, "
               f"p99 {results['post_p99_ms_under_load']:.1f} ms, max {results['post_max_ms_under_load']:.1f} ms")
