@@ -211,6 +211,30 @@ def test_a_second_full_of_the_same_bytes_compresses_and_writes_nothing(store: Lo
     check_chunks_stored(LocalStore(store.path), second)
 
 
+def store_whose_pack_writes_fail(path: Path) -> LocalStore:
+    """A store whose packs/ is a plain file: every pack write fails with the filesystem's own error."""
+    store = LocalStore(str(path), pack_target=CHUNK)
+    store.index()  # read while packs/ is a directory
+    (path / "packs").rmdir()
+    (path / "packs").write_bytes(b"")
+    return store
+
+
+def test_a_failed_pack_write_fails_the_store_s_block(tmp_path: Path) -> None:
+    blob = os.urandom(CHUNK)
+    with pytest.raises(OSError):
+        with store_whose_pack_writes_fail(tmp_path / "store") as store:
+            store.put_chunk(hashlib.sha256(blob).hexdigest(), blob)
+
+
+def test_a_pack_write_failing_meanwhile_does_not_replace_the_block_s_own_error(tmp_path: Path) -> None:
+    blob = os.urandom(CHUNK)
+    with pytest.raises(BackupCancelled, match="cancelled by the test"):
+        with store_whose_pack_writes_fail(tmp_path / "store") as store:
+            store.put_chunk(hashlib.sha256(blob).hexdigest(), blob)
+            raise BackupCancelled("cancelled by the test")
+
+
 def cut_pack_inside(store: LocalStore, digest: str) -> set[str]:
     """Truncate the pack holding `digest` in the middle of it, as a crash of a store that did not sync
     can leave it; return the digests the cut loses (that one and all after it in the pack)."""

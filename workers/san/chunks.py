@@ -19,6 +19,7 @@ Layout of a `LocalStore(path)`:
 """
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,6 +42,8 @@ TEMP_SUFFIX = ".tmp"
 REPACK_DEAD_SHARE = 0.25
 STORE_DIRECTORIES = ("packs", "index", "manifests")
 QUEUED_PACKS = 2
+
+log = logging.getLogger(__name__)
 
 
 def check_digest(digest: str) -> str:
@@ -370,8 +373,16 @@ class ChunkStore(ABC):
     def __enter__(self) -> "ChunkStore":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object) -> None:
+        try:
+            self.close()
+        except Exception:
+            if exc is None:
+                raise
+            # The block's own error (a cancel, a read error, a pack write raised there) says why it stopped;
+            # a pack write that also failed meanwhile must not take its place.
+            log.warning("store at %s closed after %s; a pack write failed too", self.location, exc_type.__name__,
+                        exc_info=True)
 
 
 def fsync_directory(path: str) -> None:

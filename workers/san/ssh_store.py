@@ -213,5 +213,7 @@ class SshStore(ChunkStore):
             raise
 
     def close(self) -> None:
-        super().close()
-        self.client.close()
+        try:
+            super().close()
+        finally:
+            self.client.close()
