@@ -36,6 +36,7 @@ def prune_backups(ctx: JobContext) -> dict[str, Any]:
         collected = None
         if not busy:
             kept = [chunk_store.get_manifest(i) for i in chunk_store.list_manifests()]
-            collected = collect_garbage(chunk_store, kept)
+            collected = collect_garbage(chunk_store, kept, on_progress=lambda done, total: ctx.report.update(
+                progress=50 + 45 * done / total, bytes_done=done, bytes_total=total))
     return {"policy": ctx.params.policy, "deleted": [b.id for b in doomed], "garbage": collected,
             "garbage_skipped": "a backup is writing to the store" if busy else None}

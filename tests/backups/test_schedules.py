@@ -1,5 +1,6 @@
 """The backup scheduler's ticks and pruning, run in-process on a real DB and Redis (no Celery worker)."""
 
+import json
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from models.db import transaction
 from models.protection import Backup, BackupPolicy, BackupStore
 from tasks import jobs
 from tasks.inventory.config_sync import sync_from_config
+from tasks.progress import log_key
 from tasks.runner import execute
 from tasks.control.schedules import dispatch_due
 from tasks.san import prune  # noqa: F401 (registers prune-backups)
@@ -135,4 +137,9 @@ def test_pruning_keeps_retention_and_needed_parents_then_collects_garbage(invent
     referenced = {c["digest"] for i in left for c in store.get_manifest(i)["chunks"] if "digest" in c}
     assert set(store.list_chunks()) == referenced
     assert job.result["garbage"]["chunks_deleted"] == 3
+    # full_1's pack was mostly dead: the shared chunk moved out of it, and the job said how far that got.
+    events = [json.loads(event) for event in rt.redis.lrange(log_key(prune.id), 0, -1)]
+    moving = [event for event in events if event["phase"] == "collect garbage" and event["bytes_total"]]
+    assert job.result["garbage"]["packs_written"] == 1
+    assert moving and moving[-1]["bytes_done"] == moving[-1]["bytes_total"] > 0
     assert dispatch_due(rt, celery_app, day + timedelta(days=5, minutes=2))["prunes"] == []

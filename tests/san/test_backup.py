@@ -387,10 +387,14 @@ def test_gc_removes_exactly_the_unreferenced_chunks(store: LocalStore, tmp_path:
     only_old = {e["digest"] for e in old["chunks"]} - {e["digest"] for e in kept["chunks"]}
 
     store.delete_manifest("old")
-    result = collect_garbage(store, [store.get_manifest(i) for i in store.list_manifests()])
+    progress: list[tuple[int, int]] = []
+    result = collect_garbage(store, [store.get_manifest(i) for i in store.list_manifests()],
+                             on_progress=lambda done, total: progress.append((done, total)))
 
     # old's pack held the shared chunk and two dead ones: the shared one moved to a new pack.
     assert result == {"chunks_deleted": 2, "chunks_kept": 2, "packs_deleted": 1, "packs_written": 1}
+    moved = LocalStore(store.path).stored_size(kept["chunks"][0]["digest"])
+    assert progress == [(moved, moved)]
     reopened = LocalStore(store.path)
     assert set(reopened.list_chunks()) == {e["digest"] for e in kept["chunks"]}
     assert not any(reopened.has_chunk(d) for d in only_old)

@@ -38,6 +38,7 @@ import zstandard
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing, InvalidRetention, LaxError
 from workers.san.backend import Range, align_and_merge
+from workers.progress import Progress, ignore_progress
 from workers.san.chunks import ChunkStore
 from workers.san.sparse import data_segments
 
@@ -58,7 +59,6 @@ POOL_THREADS = 4
 # Reads run at most this many chunks ahead of the pool, bounding memory to a few chunks.
 IN_FLIGHT_PER_THREAD = 2
 
-Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 
 
@@ -74,10 +74,6 @@ def zeros(length: int) -> bytes:
 
 def never_stop() -> bool:
     return False
-
-
-def ignore_progress(done: int, total: int) -> None:
-    return None
 
 
 def utc_now() -> str:
@@ -566,10 +562,12 @@ def retention_keep(backups: Iterable[dict[str, Any]], keep_last: int = 0, daily:
     return with_ancestors(keep, {b["id"]: b.get("parent") for b in ordered})
 
 
-def collect_garbage(store: ChunkStore, kept_manifests: Iterable[dict[str, Any]]) -> dict[str, int]:
+def collect_garbage(store: ChunkStore, kept_manifests: Iterable[dict[str, Any]], *,
+                    on_progress: Progress = ignore_progress) -> dict[str, int]:
     """Delete every chunk of `store` that none of `kept_manifests` references; return counts.
+    `on_progress(done, total)` follows the bytes of live chunks moved out of mostly dead packs.
 
     The caller makes sure no backup is writing to the store meanwhile: its new chunks are
     referenced by no manifest until it publishes one."""
     return store.collect({entry["digest"] for manifest in kept_manifests for entry in manifest["chunks"]
-                          if "digest" in entry})
+                          if "digest" in entry}, on_progress)

@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from errors import ChunkMissing, InvalidStoreName, ManifestNotFound
+from workers.progress import Progress, ignore_progress
 from workers.san.packs import (PACK_TARGET, Blob, Pack, PackBuffer, PackIndex, decode_index, encode_index,
                                index_relpath, new_id, pack_relpath)
 
@@ -295,8 +296,9 @@ class ChunkStore(ABC):
                 self._write_atomically(index_relpath(index_id), encode_index(kept))
         self._index = None
 
-    def collect(self, referenced: set[str]) -> dict[str, int]:
-        """Delete every chunk not in `referenced`; return counts.
+    def collect(self, referenced: set[str], on_progress: Progress = ignore_progress) -> dict[str, int]:
+        """Delete every chunk not in `referenced`; return counts. `on_progress(done, total)` follows the
+        bytes of live chunks rewritten into new packs.
 
         A pack whose chunks are all unreferenced is deleted; one with more than REPACK_DEAD_SHARE of
         its bytes unreferenced has its referenced chunks written into new packs and is deleted then.
@@ -311,15 +313,20 @@ class ChunkStore(ABC):
             self._remove(chunk_relpath(digest))
         pack_sizes = self._pack_sizes()
         keep: dict[str, list[Blob]] = {}
+        moving = []
         for pack, blobs in index.by_pack(referenced).items():
             live = sum(where.length for _, where in blobs)
             if live >= (1 - REPACK_DEAD_SHARE) * pack_sizes[pack]:
                 keep[pack] = [(digest, where.offset, where.length) for digest, where in blobs]
-                continue
-            for digest, where in blobs:
-                blob = self._read_range(where.relpath, where.offset, where.length)
-                if blob is not None:
-                    self._pack(digest, blob)
+            else:
+                moving += blobs
+        total, done = sum(where.length for _, where in moving), 0
+        for digest, where in moving:
+            blob = self._read_range(where.relpath, where.offset, where.length)
+            if blob is not None:
+                self._pack(digest, blob)
+            done += where.length
+            on_progress(done, total)
         written = self._finish_packs()
         old_indexes = self._index_ids()
         if keep or written:

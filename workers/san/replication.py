@@ -42,6 +42,7 @@ from errors import (
     ReplicationBroken,
     ReplicationCancelled,
 )
+from workers.progress import Progress, ignore_progress
 from workers.san.backend import Range, VolumeBackend, parse_snapshot, snapshot_handle, validate_name, validate_size
 from workers.san.sparse import data_segments
 
@@ -62,7 +63,6 @@ LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_
 # Errors of the receiver the sender raises as they are; any other code arrives as ReplicationBroken.
 PEER_ERRORS = {cls.code: cls for cls in (ReplicaBaseMissing, ReplicationBroken, NoSpace, InvalidName)}
 
-Progress = Callable[[int, int], None]
 CancelCheck = Callable[[], bool]
 
 
@@ -104,10 +104,6 @@ class ShipResult:
 
 def never_cancelled() -> bool:
     return False
-
-
-def ignore_progress(done: int, total: int) -> None:
-    return None
 
 
 def validate_point(name: str) -> str:
