@@ -359,6 +359,21 @@ def test_a_backup_made_before_packs_restores_verifies_and_parents_a_differential
     assert not (Path(store.path) / chunk_relpath(old["chunks"][2]["digest"])).exists()
 
 
+def test_gc_of_the_last_chunks_from_before_packs_removes_their_directories(store: LocalStore, tmp_path: Path) -> None:
+    source = legacy_volume(tmp_path)
+    write_legacy_full(store, source, "old")
+    kept = backup_volume(str(source), source.stat().st_size, LocalStore(store.path), backup_id="new",
+                         chunk_size=CHUNK)
+    store.delete_manifest("old")
+
+    result = collect_garbage(LocalStore(store.path), [kept])
+
+    assert result["chunks_deleted"] == 2
+    assert not (Path(store.path) / "chunks").exists()
+    assert not LocalStore(store.path)._has_loose_chunks()  # new chunks no longer look for a loose copy
+    assert verify_backup(LocalStore(store.path), kept) == []
+
+
 def test_a_torn_chunk_from_before_packs_is_found_and_written_again(store: LocalStore, tmp_path: Path) -> None:
     source = legacy_volume(tmp_path)
     old = write_legacy_full(store, source, "old")

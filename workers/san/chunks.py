@@ -132,6 +132,10 @@ class ChunkStore(ABC):
         """Delete the file; a missing one is no error."""
 
     @abstractmethod
+    def _remove_directory(self, relpath: str) -> None:
+        """Remove an empty directory (nothing if it is gone)."""
+
+    @abstractmethod
     def _listdir(self, relpath: str) -> list[str]:
         """Names in the directory (none if it does not exist)."""
 
@@ -311,6 +315,7 @@ class ChunkStore(ABC):
         present = set(index.locations) | loose
         for digest in loose - referenced:
             self._remove(chunk_relpath(digest))
+        self._remove_empty_loose_directories()
         pack_sizes = self._pack_sizes()
         keep: dict[str, list[Blob]] = {}
         moving = []
@@ -339,6 +344,16 @@ class ChunkStore(ABC):
         self._index = None
         return {"chunks_deleted": len(present - referenced), "chunks_kept": len(present & referenced),
                 "packs_deleted": len(pack_sizes.keys() - keep.keys()), "packs_written": len(written)}
+
+    def _remove_empty_loose_directories(self) -> None:
+        """Once the last chunks from before packs are gone, so are their directories: a store without
+        them is not searched for loose copies any more."""
+        for prefix in self._listdir("chunks"):
+            if not self._listdir(f"chunks/{prefix}"):
+                self._remove_directory(f"chunks/{prefix}")
+        if not self._listdir("chunks"):
+            self._remove_directory("chunks")
+        self._loose = None
 
     def _remove_temporaries(self) -> None:
         """Remove what writes cut short by a crash left behind in packs/ and index/."""
@@ -479,6 +494,12 @@ class LocalStore(ChunkStore):
     def _remove(self, relpath: str) -> None:
         try:
             os.unlink(self._abs(relpath))
+        except FileNotFoundError:
+            pass
+
+    def _remove_directory(self, relpath: str) -> None:
+        try:
+            os.rmdir(self._abs(relpath))
         except FileNotFoundError:
             pass
 

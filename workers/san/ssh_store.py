@@ -204,6 +204,13 @@ class SshStore(ChunkStore):
             if not is_missing(exc):
                 raise
 
+    def _remove_directory(self, relpath: str) -> None:
+        try:
+            self.sftp.rmdir(self._abs(relpath))
+        except OSError as exc:
+            if not is_missing(exc):
+                raise
+
     def _listdir(self, relpath: str) -> list[str]:
         try:
             return self.sftp.listdir(self._abs(relpath))
