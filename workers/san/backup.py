@@ -37,8 +37,8 @@ from typing import Any
 import zstandard
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing, InvalidRetention, LaxError
-from workers.san.backend import Range, align_and_merge
 from workers.progress import Progress, ignore_progress
+from workers.san.backend import Range, align_and_merge
 from workers.san.chunks import ChunkStore
 from workers.san.sparse import data_segments
 
