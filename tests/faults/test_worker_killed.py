@@ -7,7 +7,7 @@ from sqlalchemy import select
 
 from models import SUCCEEDED, ClusterServer, VirtualMachine
 from models.db import transaction
-from models.protection import BackupStore
+from models.protection import Backup, BackupPolicy, BackupStore
 from tasks import submission
 from tests.fixtures.faults import FaultLab
 from tests.fixtures.vms import boot_line, console_answer, install, run_job, server_uri, start_install, unique
@@ -118,6 +118,30 @@ def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, kind: st
     assert verified.state == SUCCEEDED, verified.error_message
     lab.assert_clean()
     lab.record(f"worker killed -9 at {kind} / {phase} (backup)", job, seconds, "re-run; backup verifies; check clean")
+
+
+@pytest.mark.parametrize("phase", ["delete backups", "collect garbage"])
+def test_prune_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: str):
+    lab, name, policy = fault_lab, unique("pr"), unique("keep-one")
+    assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
+    older, newer = (run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"}) for _ in range(2))
+    assert (older.state, newer.state) == (SUCCEEDED, SUCCEEDED), (older.error_message, newer.error_message)
+    with transaction(lab.rt.sessions) as session:
+        store_id = session.scalar(select(BackupStore.id).where(BackupStore.name == local_store))
+        session.add(BackupPolicy(name=policy, selector={"vms": [name]}, schedule="0 3 * * *", store_id=store_id,
+                                 retention={"keep_last": 1}, enabled=False))
+    lab.crash_worker_at("prune-backups", phase)
+    job_id = start(lab, "prune-backups", {"policy": policy})
+    lab.wait_for_the_crash(job_id, f"prune-backups/{phase}")
+    job, seconds = lab.final(job_id, lab.restart_worker())
+    assert job.state == SUCCEEDED, job.error_message
+    kept = newer.result["backups"][0]["id"]
+    with lab.rt.sessions() as session:
+        assert set(session.scalars(select(Backup.id).where(Backup.vm_name == name))) == {kept}
+    verified = run_job(lab.rt, lab.celery_app, "verify-backup", {"backup": kept})
+    assert verified.state == SUCCEEDED, verified.error_message
+    lab.assert_clean()
+    lab.record(f"worker killed -9 at prune-backups / {phase}", job, seconds, "re-run; kept backup verifies; check clean")
 
 
 @pytest.mark.parametrize("phase", ["read manifest", "write"])
