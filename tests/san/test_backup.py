@@ -11,6 +11,7 @@ import pytest
 from errors import BackupCancelled, ChunkCorrupt, ChunkMissing
 from tests.support import damage_chunk, sha256_of, write_at
 from workers.san.backup import (
+    MAX_PIECES,
     ChunkWriter,
     Tally,
     backup_volume,
@@ -163,9 +164,86 @@ def test_a_differential_reads_only_the_changed_ranges_of_a_chunk(store: LocalSto
                          chunk_size=CHUNK)
 
     assert diff["bytes_read"] == 4096 + 8192
-    assert [e["digest"] == f["digest"] for e, f in zip(diff["chunks"], full["chunks"])] == [True, False, True, False]
+    assert diff["chunks_written"] == 1 and diff["bytes_written"] < 4096 + 100  # the 4 KiB alone; zeros are not stored
+    second, fourth = full["chunks"][1], full["chunks"][3]
+    assert diff["chunks"] == [
+        full["chunks"][0],
+        {**second, "length": 4096, "at": 0, "size": CHUNK},
+        {"offset": CHUNK + 4096, "length": 4096, "digest": hashlib.sha256(source.read_bytes()[CHUNK + 4096:CHUNK + 8192])
+         .hexdigest(), "stored": diff["bytes_written"]},
+        {**second, "offset": CHUNK + 8192, "length": CHUNK - 8192, "at": 8192, "size": CHUNK},
+        full["chunks"][2],
+        {"offset": CHUNK * 3, "length": 8192, "zero": True},
+        {**fourth, "offset": CHUNK * 3 + 8192, "length": CHUNK - 8192, "at": 8192, "size": CHUNK},
+    ]
+    fetched = []
+
+    class CountingStore(LocalStore):
+        def get_chunk(self, digest: str) -> bytes:
+            fetched.append(digest)
+            return super().get_chunk(digest)
+
     restored = tmp_path / "restored.img"
-    restore_volume(store, diff, str(restored))
+    restore_volume(CountingStore(store.path), diff, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+    assert sorted(fetched) == sorted({e["digest"] for e in diff["chunks"] if "digest" in e})  # each chunk once
+
+
+def test_a_chain_of_differentials_over_one_another_restores_each_bit_exact(store: LocalStore,
+                                                                         tmp_path: Path) -> None:
+    """Changes of any size and alignment land on slices of slices, on zeros and across the grid; the
+    volume grows and shrinks on the way. Every backup of the chain restores and verifies."""
+    rng = random.Random(5)
+    source = tmp_path / "volume.img"
+    source.write_bytes(rng.randbytes(CHUNK * 5 + 1000))
+    parent = backup_volume(str(source), source.stat().st_size, store, backup_id="b0", chunk_size=CHUNK)
+    chain = [(parent, source.read_bytes())]
+    for number in range(1, 9):
+        size = source.stat().st_size
+        if number == 4:
+            os.truncate(source, size - CHUNK - 777)
+        elif number == 6:
+            os.truncate(source, size + CHUNK + 333)
+        size = source.stat().st_size
+        starts = [rng.randrange(size - 20) for _ in range(12)]
+        ranges = [(start, min(rng.choice((1, 512, 4096, 70_000, CHUNK + 3)), size - start)) for start in starts]
+        for offset, length in ranges:
+            write_at(source, offset, bytes(length) if rng.random() < 0.2 else rng.randbytes(length))
+        parent = backup_volume(str(source), size, store, backup_id=f"b{number}", parent_manifest=parent,
+                               ranges=ranges, chunk_size=CHUNK)
+        chain.append((parent, source.read_bytes()))
+
+    reopened = LocalStore(store.path)
+    for manifest, content in chain:
+        restored = tmp_path / f"restored-{manifest['id']}.img"
+        restore_volume(reopened, reopened.get_manifest(manifest["id"]), str(restored))
+        assert restored.read_bytes() == content, manifest["id"]
+        assert verify_backup(reopened, manifest) == []
+    assert any("at" in entry for manifest, _ in chain for entry in manifest["chunks"])
+
+
+def test_a_cell_changed_in_too_many_places_is_read_whole_into_one_chunk(store: LocalStore, tmp_path: Path) -> None:
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(CHUNK * 2))
+    full = backup_volume(str(source), CHUNK * 2, store, backup_id="f", chunk_size=CHUNK)
+    few = [(CHUNK + 16384 * n + 8192, 4096) for n in range(MAX_PIECES // 2 - 1)]  # 2 * writes + 1 entries in the cell
+    for offset, length in few:
+        write_at(source, offset, os.urandom(length))
+    diff = backup_volume(str(source), CHUNK * 2, store, backup_id="d", parent_manifest=full, ranges=few,
+                         chunk_size=CHUNK)
+    assert diff["bytes_read"] == 4096 * len(few) and len(diff["chunks"]) == 1 + 2 * len(few) + 1
+
+    many = [(CHUNK + 16384 * n, 4096) for n in range(2)]
+    for offset, length in many:
+        write_at(source, offset, os.urandom(length))
+    again = backup_volume(str(source), CHUNK * 2, store, backup_id="a", parent_manifest=diff, ranges=many,
+                          chunk_size=CHUNK)
+
+    assert again["bytes_read"] == CHUNK  # the crowded cell, read whole
+    assert again["chunks"][0] == full["chunks"][0] and len(again["chunks"]) == 2
+    assert "at" not in again["chunks"][1] and again["chunks"][1]["length"] == CHUNK
+    restored = tmp_path / "restored.img"
+    restore_volume(store, again, str(restored))
     assert sha256_of(restored) == sha256_of(source)
 
 
@@ -346,16 +424,24 @@ def test_a_backup_made_before_packs_restores_verifies_and_parents_a_differential
                          ranges=[(2 * LEGACY_CHUNK + 4096, 64 * 1024)])
 
     assert (diff["chunk_size"], diff["bytes_read"], diff["chunks_written"]) == (LEGACY_CHUNK, 64 * 1024, 1)
-    assert store.locate(diff["chunks"][2]["digest"])[0].startswith("packs/")
+    fresh = next(e for e in diff["chunks"] if e["offset"] == 2 * LEGACY_CHUNK + 4096)
+    assert store.locate(fresh["digest"])[0].startswith("packs/")
     assert store.locate(diff["chunks"][0]["digest"])[0] == chunk_relpath(old["chunks"][0]["digest"])
+    around = [e.get("at") for e in diff["chunks"] if e.get("digest") == old["chunks"][2]["digest"]]
+    assert around == [0, 4096 + 64 * 1024]  # the old chunk is referenced on both sides of the change
     restore_volume(LocalStore(store.path), diff, str(restored))
     assert sha256_of(restored) == sha256_of(source)
 
     damage_chunk(store.path, store, old["chunks"][0]["digest"], 10, b"bitrot")
     assert [p for p in verify_backup(store, diff) if "ChunkCorrupt" in p and "offset 0" in p]
     store.delete_manifest("old")
-    result = collect_garbage(store, [diff])
-    assert (result["chunks_deleted"], result["chunks_kept"]) == (1, 2)
+    write_at(source, 2 * LEGACY_CHUNK, os.urandom(LEGACY_CHUNK))
+    newer = backup_volume(str(source), source.stat().st_size, store, backup_id="newer", parent_manifest=diff,
+                          ranges=[(2 * LEGACY_CHUNK, LEGACY_CHUNK)])
+    assert collect_garbage(store, [diff, newer])["chunks_deleted"] == 0  # slices keep their chunk
+    store.delete_manifest("diff")
+    result = collect_garbage(store, [newer])
+    assert (result["chunks_deleted"], result["chunks_kept"]) == (2, 2)
     assert not (Path(store.path) / chunk_relpath(old["chunks"][2]["digest"])).exists()
 
 

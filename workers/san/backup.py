@@ -1,15 +1,15 @@
 """Backups of a volume (or snapshot) into a chunk store: full and differential, restore, verify, retention.
 
-The volume is cut into fixed-size chunks, 256 KiB by default: small enough that a differential
-after scattered writes rebuilds little more than what changed, while the store packs them into
-large files (workers.san.packs) so a full does not pay a file and an fsync per chunk. A chunk of
+A full cuts the volume into fixed-size chunks (256 KiB by default) that the store packs into
+large files (workers.san.packs), so it does not pay a file and an fsync per chunk. A chunk of
 zeros is not stored (the manifest marks it `zero`); any other chunk is stored once, named by the
 SHA-256 digest of its bytes (hardware-accelerated on current CPUs, twice BLAKE2b's speed here) and
 compressed with zstd: level 1, or a faster level for a chunk whose sample does not compress (random
-data), which costs no ratio and most of the time. A differential keeps its parent's chunk size,
-reads only the chunks that the backend's changed ranges touch and takes every other chunk entry
-from its parent's manifest, so restoring any backup needs its own manifest only. Holes
-(SEEK_DATA/SEEK_HOLE) are never read.
+data), which costs no ratio and most of the time. A differential reads only the backend's changed
+ranges and makes chunks of just those bytes (cut at its parent's chunk grid); its manifest takes
+everything else from the parent's, as whole chunks or slices of them (`at`, `size`) where a change
+overwrote part of one, so it hashes, compresses and stores what changed and restoring any backup
+needs its own manifest only. Holes (SEEK_DATA/SEEK_HOLE) are never read.
 
 Reading stays on the calling thread while a small pool hashes, compresses and stores
 (hashlib and zstandard release the GIL), so reads overlap the CPU work.
@@ -27,12 +27,12 @@ import os
 import stat
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import zstandard
 
@@ -42,7 +42,8 @@ from workers.san.backend import Range, align_and_merge
 from workers.san.chunks import ChunkStore
 from workers.san.sparse import data_segments
 
-FORMAT = 1
+# 2: entries may be slices of a chunk (`at`, `size`), as differentials since issue 17 write them.
+FORMAT = 2
 CHUNK_SIZE = 256 * 1024
 DIGEST = "sha256"
 COMPRESSION = "zstd"
@@ -58,8 +59,11 @@ INCOMPRESSIBLE = 0.9
 POOL_THREADS = 4
 # Reads run at most this many chunks ahead of the pool, bounding memory to a few chunks.
 IN_FLIGHT_PER_THREAD = 2
+# A differential reads a grid cell whole rather than leave more entries than this in it.
+MAX_PIECES = 16
 
 StopCheck = Callable[[], bool]
+Item = TypeVar("Item")
 
 
 def chunk_digest(data: bytes | memoryview) -> str:
@@ -98,65 +102,91 @@ def intersect(spans: list[Range], start: int, end: int) -> list[Range]:
     return parts
 
 
-def chunks_touched(ranges: Iterable[Range], chunk_size: int, size: int) -> set[int]:
-    """Indexes of the chunks any of `ranges` overlaps."""
-    touched: set[int] = set()
+def chunk_length(entry: dict[str, Any]) -> int:
+    """The uncompressed length of the chunk an entry names: the entry's own, unless it is a slice of a longer chunk."""
+    return entry.get("size", entry["length"])
+
+
+def piece_of(entry: dict[str, Any], start: int, end: int) -> dict[str, Any] | None:
+    """The part of `entry` inside [start, end) as an entry of its own (a slice of the same chunk), or None."""
+    lo, hi = max(entry["offset"], start), min(entry["offset"] + entry["length"], end)
+    if lo >= hi:
+        return None
+    if (lo, hi) == (entry["offset"], entry["offset"] + entry["length"]):
+        return entry
+    piece: dict[str, Any] = {"offset": lo, "length": hi - lo}
+    if "digest" not in entry:
+        return {**piece, "zero": True}
+    at = entry.get("at", 0) + lo - entry["offset"]
+    whole = at == 0 and hi - lo == chunk_length(entry)
+    return {**piece, "digest": entry["digest"], "stored": entry["stored"],
+            **({} if whole else {"at": at, "size": chunk_length(entry)})}
+
+
+def untouched(entry: dict[str, Any], changed: list[Range]) -> list[dict[str, Any]]:
+    """The pieces of `entry` that none of the sorted `changed` ranges covers."""
+    start, end = entry["offset"], entry["offset"] + entry["length"]
+    pieces, cursor = [], start
+    for offset, length in [*intersect(changed, start, end), (end, 0)]:
+        if offset > cursor:
+            pieces.append(piece_of(entry, cursor, offset))
+        cursor = offset + length
+    return pieces
+
+
+def split_at_cells(ranges: list[Range], chunk_size: int) -> list[Range]:
+    """`ranges` cut where the chunk grid cuts, so each part lies in one cell (and makes one chunk)."""
+    parts = []
     for offset, length in ranges:
-        if length > 0 and offset < size:
-            last = min(offset + length, size) - 1
-            touched.update(range(offset // chunk_size, last // chunk_size + 1))
-    return touched
+        end = offset + length
+        while offset < end:
+            cut = min(end, (offset // chunk_size + 1) * chunk_size)
+            parts.append((offset, cut - offset))
+            offset = cut
+    return parts
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """One chunk to (re)make: its bytes are `base` (the parent's chunk entry, None: zeros) with the
-    `fresh` spans replaced by what the volume holds there; `spans` are the data (non-hole) parts of
-    `fresh`, the only bytes read."""
+    """One chunk to make from the volume's bytes in [offset, offset + length); `spans` are its data
+    (non-hole) parts, the only bytes read."""
 
-    index: int
     offset: int
     length: int
-    fresh: list[Range]
     spans: list[Range]
-    base: dict[str, Any] | None = None
+
+
+def plans_for(fd: int, size: int, pieces: list[Range]) -> list[ChunkPlan]:
+    segments = list(data_segments(fd, size))
+    return [ChunkPlan(offset, length, intersect(segments, offset, offset + length)) for offset, length in pieces]
 
 
 def plan_full(fd: int, size: int, chunk_size: int) -> list[ChunkPlan]:
     """Every chunk of the volume, each read whole (its holes skipped)."""
-    segments = list(data_segments(fd, size))
-    plans = []
-    for offset in range(0, size, chunk_size):
-        length = min(chunk_size, size - offset)
-        plans.append(ChunkPlan(offset // chunk_size, offset, length, [(offset, length)],
-                               intersect(segments, offset, offset + length)))
-    return plans
+    return plans_for(fd, size, split_at_cells([(0, size)], chunk_size))
 
 
 def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any],
-                      ranges: list[Range]) -> list[ChunkPlan]:
-    """The chunks that changed since `parent`: each its parent chunk with the changed ranges read over it.
+                      ranges: list[Range]) -> tuple[list[ChunkPlan], list[dict[str, Any]]]:
+    """What changed since `parent`, as (chunks to make of the changed ranges, the parent's entries cut
+    around them). A changed range makes chunks of just its bytes (cut at the grid); the parent's chunks
+    it overwrites part of stay referenced as slices, so a differential reads, hashes and stores what
+    changed, nothing more. A grid cell that would hold more than MAX_PIECES entries is read whole
+    into one chunk instead, which bounds a manifest at MAX_PIECES times a full's entries.
 
-    Bytes past the parent's end count as changed; when the size changed, the new last chunk is
-    remade too (its length differs)."""
+    Bytes past the parent's end count as changed; a shrunk volume cuts the parent's entries at its end."""
     old_size = parent["volume_size"]
     changed = align_and_merge([*ranges, *([(old_size, size - old_size)] if size > old_size else [])], 1, size)
-    dirty = chunks_touched(changed, chunk_size, size)
-    if old_size != size:
-        dirty.add((size - 1) // chunk_size)
-    inherited = {entry["offset"]: entry for entry in parent["chunks"]}
-    segments = list(data_segments(fd, size))
-    plans = []
-    for index in sorted(dirty):
-        offset = index * chunk_size
-        length = min(chunk_size, size - offset)
-        fresh = intersect(changed, offset, offset + length)
-        spans = [span for start, n in fresh for span in intersect(segments, start, start + n)]
-        whole = sum(n for _, n in fresh) == length
-        base = inherited.get(offset)
-        plans.append(ChunkPlan(index, offset, length, fresh, spans,
-                               None if whole or base is None or "digest" not in base else base))
-    return plans
+    kept = [piece for entry in parent["chunks"] if entry["offset"] < size
+            for piece in untouched(piece_of(entry, 0, size), changed)]
+    fresh = split_at_cells(changed, chunk_size)
+    per_cell = Counter(offset // chunk_size for offset in [*(e["offset"] for e in kept), *(o for o, _ in fresh)])
+    crowded = {cell for cell, count in per_cell.items() if count > MAX_PIECES}
+    if crowded:
+        kept = [entry for entry in kept if entry["offset"] // chunk_size not in crowded]
+        fresh = sorted([*(piece for piece in fresh if piece[0] // chunk_size not in crowded),
+                        *((cell * chunk_size, min(chunk_size, size - cell * chunk_size)) for cell in crowded)])
+    return plans_for(fd, size, fresh), kept
 
 
 # -- backup -----------------------------------------------------------------------
@@ -175,85 +205,16 @@ class ChunkReader:
         return self.local.decompressor
 
     def bytes_of(self, entry: dict[str, Any]) -> bytes:
-        """The chunk's uncompressed bytes; ChunkMissing if absent, ChunkCorrupt if they do not hash to its name."""
+        """The whole chunk's uncompressed bytes (also of a slice); ChunkMissing if absent, ChunkCorrupt if they do not hash to its name."""
         digest = entry["digest"]
         blob = self.store.get_chunk(digest)
         try:
-            data = self._decompressor().decompress(blob, max_output_size=entry["length"])
+            data = self._decompressor().decompress(blob, max_output_size=chunk_length(entry))
         except zstandard.ZstdError as exc:
             raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}", digest=digest) from None
-        if len(data) != entry["length"] or chunk_digest(data) != digest:
+        if len(data) != chunk_length(entry) or chunk_digest(data) != digest:
             raise ChunkCorrupt(f"chunk {digest} does not match its digest", digest=digest)
         return data
-
-
-@dataclass
-class Tally:
-    """Counters shared by the reader and the pool (the lock guards the pool's updates)."""
-
-    bytes_read: int = 0
-    bytes_written: int = 0
-    chunks_written: int = 0
-    chunks_compressed: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class ChunkWriter:
-    """Assembles, hashes, compresses and stores chunks on pool threads; zstd compressors per thread."""
-
-    def __init__(self, store: ChunkStore, tally: Tally, level: int = ZSTD_LEVEL) -> None:
-        self.store = store
-        self.tally = tally
-        self.level = level
-        self.reader = ChunkReader(store)
-        self.local = threading.local()
-
-    def _compressor(self, level: int) -> zstandard.ZstdCompressor:
-        if not hasattr(self.local, "compressors"):
-            self.local.compressors = {}
-        if level not in self.local.compressors:
-            self.local.compressors[level] = zstandard.ZstdCompressor(level=level)
-        return self.local.compressors[level]
-
-    def compress(self, data: bytes | bytearray) -> bytes:
-        """`data` as one zstd frame: at the writer's level, or the fast level when a sample shows it does not compress."""
-        sample = memoryview(data)[:SAMPLE]
-        incompressible = len(self._compressor(1).compress(sample)) > INCOMPRESSIBLE * len(sample)
-        return self._compressor(FAST_LEVEL if incompressible else self.level).compress(data)
-
-    def assemble(self, plan: ChunkPlan, fresh: bytes | bytearray) -> bytes | bytearray:
-        """The chunk's bytes: `fresh` (the read bytes at their places, zeros elsewhere) alone, or laid
-        over the parent's chunk (cut or zero-padded to length) in the fresh spans."""
-        if plan.base is None:
-            return fresh
-        data = bytearray(self.reader.bytes_of(plan.base)[: plan.length].ljust(plan.length, b"\0"))
-        for offset, length in plan.fresh:
-            start = offset - plan.offset
-            data[start:start + length] = fresh[start:start + length]
-        return data
-
-    def entry_for(self, plan: ChunkPlan, fresh: bytes | bytearray) -> dict[str, Any]:
-        """The manifest entry of one chunk, storing its bytes if the store lacks them."""
-        entry: dict[str, Any] = {"offset": plan.offset, "length": plan.length}
-        if not plan.spans and plan.base is None:
-            return {**entry, "zero": True}
-        data = self.assemble(plan, fresh)
-        if data == zeros(len(data)):
-            return {**entry, "zero": True}
-        digest = chunk_digest(data)
-        packed = self.store.packed_size(digest)
-        if packed is not None:
-            return {**entry, "digest": digest, "stored": packed}
-        # A chunk the store has only in a file of its own (from before packs) is compressed anyway: its
-        # size is what tells a whole chunk from a torn one.
-        blob = self.compress(data)
-        with self.tally.lock:
-            self.tally.chunks_compressed += 1
-        if self.store.put_chunk(digest, blob):
-            with self.tally.lock:
-                self.tally.bytes_written += len(blob)
-                self.tally.chunks_written += 1
-        return {**entry, "digest": digest, "stored": len(blob)}
 
 
 def read_spans(fd: int, plan: ChunkPlan) -> bytes | bytearray:
@@ -273,9 +234,69 @@ def read_spans(fd: int, plan: ChunkPlan) -> bytes | bytearray:
     return data
 
 
+@dataclass
+class Tally:
+    """Counters shared by the reader and the pool (the lock guards the pool's updates)."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    chunks_written: int = 0
+    chunks_compressed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ChunkWriter:
+    """Hashes, compresses and stores chunks on pool threads; zstd compressors per thread."""
+
+    def __init__(self, store: ChunkStore, tally: Tally, level: int = ZSTD_LEVEL) -> None:
+        self.store = store
+        self.tally = tally
+        self.level = level
+        self.local = threading.local()
+
+    def _compressor(self, level: int) -> zstandard.ZstdCompressor:
+        if not hasattr(self.local, "compressors"):
+            self.local.compressors = {}
+        if level not in self.local.compressors:
+            self.local.compressors[level] = zstandard.ZstdCompressor(level=level)
+        return self.local.compressors[level]
+
+    def compress(self, data: bytes | bytearray) -> bytes:
+        """`data` as one zstd frame: at the writer's level, or the fast level when a sample shows it does not compress."""
+        sample = memoryview(data)[:SAMPLE]
+        incompressible = len(self._compressor(1).compress(sample)) > INCOMPRESSIBLE * len(sample)
+        return self._compressor(FAST_LEVEL if incompressible else self.level).compress(data)
+
+    def entry_for(self, plan: ChunkPlan, data: bytes | bytearray) -> dict[str, Any]:
+        """The manifest entry of one chunk, storing its bytes if the store lacks them."""
+        entry: dict[str, Any] = {"offset": plan.offset, "length": plan.length}
+        if not plan.spans or data == zeros(len(data)):
+            return {**entry, "zero": True}
+        digest = chunk_digest(data)
+        packed = self.store.packed_size(digest)
+        if packed is not None:
+            return {**entry, "digest": digest, "stored": packed}
+        # A chunk the store has only in a file of its own (from before packs) is compressed anyway: its
+        # size is what tells a whole chunk from a torn one.
+        blob = self.compress(data)
+        with self.tally.lock:
+            self.tally.chunks_compressed += 1
+        if self.store.put_chunk(digest, blob):
+            with self.tally.lock:
+                self.tally.bytes_written += len(blob)
+                self.tally.chunks_written += 1
+        return {**entry, "digest": digest, "stored": len(blob)}
+
+    def entry_of_volume(self, fd: int, plan: ChunkPlan) -> dict[str, Any]:
+        """entry_for the chunk's bytes, read here from the volume."""
+        return self.entry_for(plan, read_spans(fd, plan))
+
+
 def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progress: Progress,
-                 should_stop: StopCheck, threads: int) -> list[dict[str, Any]]:
-    """Read every planned chunk here, hand it to the pool, return the entries in plan order."""
+                 should_stop: StopCheck, threads: int, *, sequential: bool) -> list[dict[str, Any]]:
+    """Hand every planned chunk to the pool, return the entries in plan order. A `sequential` read (a
+    full's, in volume order) stays on this thread for the kernel's read-ahead; the scattered reads of a
+    differential run on the pool, several at once, as a disk serves them best."""
     total = sum(n for plan in plans for _, n in plan.spans)
     pending: deque[Future] = deque()
     entries: list[dict[str, Any]] = []
@@ -284,9 +305,11 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
             for plan in plans:
                 if should_stop():
                     raise BackupCancelled("backup cancelled")
-                fresh = read_spans(fd, plan)
+                if sequential:
+                    pending.append(pool.submit(writer.entry_for, plan, read_spans(fd, plan)))
+                else:
+                    pending.append(pool.submit(writer.entry_of_volume, fd, plan))
                 writer.tally.bytes_read += sum(n for _, n in plan.spans)
-                pending.append(pool.submit(writer.entry_for, plan, fresh))
                 while len(pending) > threads * IN_FLIGHT_PER_THREAD:
                     entries.append(pending.popleft().result())
                 on_progress(writer.tally.bytes_read, total)
@@ -297,18 +320,13 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
     return entries
 
 
-def merge_entries(parent: dict[str, Any] | None, fresh: list[dict[str, Any]], chunk_size: int,
-                  size: int) -> list[dict[str, Any]]:
-    """The full chunk list: `fresh` entries where read, the parent's entries everywhere else."""
-    by_offset = {entry["offset"]: entry for entry in fresh}
-    inherited = {entry["offset"]: entry for entry in (parent or {}).get("chunks", [])}
-    merged = []
-    for offset in range(0, size, chunk_size):
-        entry = by_offset.get(offset) or inherited.get(offset)
-        if entry is None:
-            raise BackupMismatch(f"no chunk for offset {offset}: neither read nor in the parent", offset=offset)
-        merged.append(entry)
-    return merged
+def tiled(entries: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
+    """`entries` in volume order; BackupMismatch unless they cover the volume exactly once."""
+    ordered = sorted(entries, key=lambda entry: entry["offset"])
+    problems = layout_problems({"chunks": ordered, "volume_size": size})
+    if problems:
+        raise BackupMismatch(f"the backup's chunks do not tile the volume: {problems[0]}")
+    return ordered
 
 
 def stored_bytes(chunks: list[dict[str, Any]]) -> int:
@@ -325,8 +343,8 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
     and publish its manifest under `backup_id`; return the manifest.
 
     With `parent_manifest` and `ranges` (the changed ranges since the parent's snapshot) this
-    is a differential that reads only those ranges and takes the rest of each chunk they touch
-    from the parent's chunk in the store. `chunk_size` is the parent's (a differential must cut
+    is a differential that reads and stores only those ranges and references the rest of the
+    volume as (slices of) the parent's chunks. `chunk_size` is the parent's (a differential cuts
     where its parent did) or else CHUNK_SIZE; `level` is zstd's for chunks that compress. Raises BackupCancelled
     when `should_stop()` turns true (no manifest is published then).
     """
@@ -345,10 +363,11 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
         if not differential:
             # Doubles the kernel's read-ahead: a cold full read 4x faster on our loop-mounted XFS (bench/README).
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_SEQUENTIAL)
-        plans = (plan_differential(fd, size, chunk_size, parent_manifest, ranges) if differential
-                 else plan_full(fd, size, chunk_size))
-        fresh = run_pipeline(fd, plans, ChunkWriter(store, tally, level), on_progress, should_stop, threads)
-    chunks = merge_entries(parent_manifest if differential else None, fresh, chunk_size, size)
+        plans, kept = (plan_differential(fd, size, chunk_size, parent_manifest, ranges) if differential
+                       else (plan_full(fd, size, chunk_size), []))
+        fresh = run_pipeline(fd, plans, ChunkWriter(store, tally, level), on_progress, should_stop, threads,
+                             sequential=not differential)
+    chunks = tiled([*kept, *fresh], size)
     if should_stop():
         raise BackupCancelled("backup cancelled")
     manifest = {
@@ -368,17 +387,17 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
 # -- restore and verify -------------------------------------------------------------
 
 
-def bounded_map(work: Callable[[dict[str, Any]], Any], entries: list[dict[str, Any]], threads: int,
-                should_stop: StopCheck, after_each: Callable[[dict[str, Any], Any], None]) -> None:
-    """Run `work` on every entry in a pool with a few in flight, calling `after_each(entry, result)`
-    here in entry order; stop with BackupCancelled when `should_stop()` turns true."""
-    pending: deque[tuple[dict[str, Any], Future]] = deque()
+def bounded_map(work: Callable[[Item], Any], items: list[Item], threads: int, should_stop: StopCheck,
+                after_each: Callable[[Item, Any], None]) -> None:
+    """Run `work` on every item in a pool with a few in flight, calling `after_each(item, result)`
+    here in item order; stop with BackupCancelled when `should_stop()` turns true."""
+    pending: deque[tuple[Item, Future]] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
         try:
-            for entry in entries:
+            for item in items:
                 if should_stop():
                     raise BackupCancelled("cancelled")
-                pending.append((entry, pool.submit(work, entry)))
+                pending.append((item, pool.submit(work, item)))
                 while len(pending) > threads * IN_FLIGHT_PER_THREAD:
                     done, future = pending.popleft()
                     after_each(done, future.result())
@@ -403,13 +422,18 @@ def prepare_destination(fd: int, size: int) -> bool:
     return True
 
 
+def chunk_uses(entries: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Digest -> the entries that name that chunk (whole or a slice of it), both in volume order of first use."""
+    uses: dict[str, list[dict[str, Any]]] = {}
+    for entry in entries:
+        if "digest" in entry:
+            uses.setdefault(entry["digest"], []).append(entry)
+    return uses
+
+
 def distinct_chunks(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The first entry of each distinct stored chunk the manifest references, in volume order."""
-    first_use: dict[str, dict[str, Any]] = {}
-    for entry in manifest.get("chunks", []):
-        if "digest" in entry:
-            first_use.setdefault(entry["digest"], entry)
-    return list(first_use.values())
+    return [entries[0] for entries in chunk_uses(manifest.get("chunks", [])).values()]
 
 
 def check_chunks_stored(store: ChunkStore, manifest: dict[str, Any], *,
@@ -435,8 +459,8 @@ def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, 
     """Write the backup's bytes to `dest_path` (a file, made if missing, or a block device) bit for bit,
     leaving zero chunks as holes in a file; return what was written and how long it took.
 
-    Every chunk is checked against its digest before it is written (ChunkCorrupt, ChunkMissing).
-    Raises BackupCancelled when `should_stop()` turns true; `dest_path` is then half restored."""
+    Every chunk is fetched once, however many places it fills, and checked against its digest before
+    it is written (ChunkCorrupt, ChunkMissing). Raises BackupCancelled when `should_stop()` turns true; `dest_path` is then half restored."""
     clock = time.monotonic()
     size = manifest["volume_size"]
     reader = ChunkReader(store)
@@ -444,19 +468,22 @@ def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, 
     fd = os.open(dest_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         write_zeros = prepare_destination(fd, size)
-        entries = [e for e in manifest["chunks"] if "digest" in e or write_zeros]
+        places = [*chunk_uses(manifest["chunks"]).values(),
+                  *([entry] for entry in manifest["chunks"] if write_zeros and "digest" not in entry)]
 
-        def write(entry: dict[str, Any]) -> int:
-            data = reader.bytes_of(entry) if "digest" in entry else bytes(entry["length"])
-            os.pwrite(fd, data, entry["offset"])
-            return len(data)
+        def write(entries: list[dict[str, Any]]) -> int:
+            data = memoryview(reader.bytes_of(entries[0]) if "digest" in entries[0] else zeros(chunk_length(entries[0])))
+            for entry in entries:
+                at = entry.get("at", 0)
+                os.pwrite(fd, data[at:at + entry["length"]], entry["offset"])
+            return sum(entry["length"] for entry in entries)
 
-        def advance(entry: dict[str, Any], written: int) -> None:
+        def advance(_: list[dict[str, Any]], written: int) -> None:
             nonlocal done
             done += written
             on_progress(done, size)
 
-        bounded_map(write, entries, threads, should_stop, advance)
+        bounded_map(write, places, threads, should_stop, advance)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -465,7 +492,8 @@ def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, 
 
 
 def layout_problems(manifest: dict[str, Any]) -> list[str]:
-    """What makes a manifest incomplete: chunks that do not tile the volume, entries with neither digest nor zero."""
+    """What makes a manifest incomplete: chunks that do not tile the volume, entries with neither digest nor
+    zero, slices that run past their chunk."""
     problems = []
     cursor = 0
     for number, entry in enumerate(manifest.get("chunks", [])):
@@ -473,6 +501,8 @@ def layout_problems(manifest: dict[str, Any]) -> list[str]:
             problems.append(f"chunk {number}: starts at {entry.get('offset')}, expected {cursor}")
         if "digest" not in entry and not entry.get("zero"):
             problems.append(f"chunk {number} at offset {cursor}: neither a digest nor zero")
+        elif "digest" in entry and entry.get("at", 0) + entry.get("length", 0) > chunk_length(entry):
+            problems.append(f"chunk {number} at offset {cursor}: a slice past the end of its chunk")
         cursor = entry.get("offset", cursor) + entry.get("length", 0)
     if cursor != manifest.get("volume_size"):
         problems.append(f"chunks cover {cursor} bytes of a {manifest.get('volume_size')}-byte volume")
@@ -485,7 +515,7 @@ def verify_backup(store: ChunkStore, manifest: dict[str, Any], *, on_progress: P
     (empty: the backup is whole). Each problem names the chunk by digest and offset."""
     problems = layout_problems(manifest)
     unique = distinct_chunks(manifest)
-    total = sum(entry["length"] for entry in unique)
+    total = sum(chunk_length(entry) for entry in unique)
     reader = ChunkReader(store)
     checked = 0
 
@@ -498,7 +528,7 @@ def verify_backup(store: ChunkStore, manifest: dict[str, Any], *, on_progress: P
 
     def note(entry: dict[str, Any], problem: str | None) -> None:
         nonlocal checked
-        checked += entry["length"]
+        checked += chunk_length(entry)
         if problem:
             problems.append(problem)
         on_progress(checked, total)
