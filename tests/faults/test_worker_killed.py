@@ -105,19 +105,31 @@ def test_migrate_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
     lab.record(f"worker killed -9 at {kind} / {phase} (migrate)", job, seconds, f"rolled back; {works}; check clean")
 
 
-@pytest.mark.parametrize("kind, phase", [("snapshot-backup", "snapshot"), ("snapshot-backup", "record")])
-def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, kind: str, phase: str):
+def full_backup(lab: FaultLab, name: str) -> str:
+    """A full backup of the VM; its backup id."""
+    job = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"})
+    assert job.state == SUCCEEDED, job.error_message
+    return job.result["backups"][0]["id"]
+
+
+@pytest.mark.parametrize("mode, phase", [("full", "snapshot"), ("full", "record"), ("diff", "snapshot"),
+                                         ("diff", "record")])
+def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, mode: str, phase: str):
     lab, name = fault_lab, unique("bk")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
-    lab.crash_worker_at(kind, phase)
-    job_id = start(lab, "snapshot-backup", {"vm": name, "mode": "full"})
-    lab.wait_for_the_crash(job_id, f"{kind}/{phase}")
+    if mode == "diff":
+        full_backup(lab, name)
+    lab.crash_worker_at("snapshot-backup", phase)
+    job_id = start(lab, "snapshot-backup", {"vm": name, "mode": mode})
+    lab.wait_for_the_crash(job_id, f"snapshot-backup/{phase}")
     job, seconds = lab.final(job_id, lab.restart_worker())
     assert job.state == SUCCEEDED, job.error_message
+    assert job.result["backups"][0]["mode"] == mode
     verified = run_job(lab.rt, lab.celery_app, "verify-backup", {"backup": job.result["backups"][0]["id"]})
     assert verified.state == SUCCEEDED, verified.error_message
     lab.assert_clean()
-    lab.record(f"worker killed -9 at {kind} / {phase} (backup)", job, seconds, "re-run; backup verifies; check clean")
+    lab.record(f"worker killed -9 at snapshot-backup / {phase} ({mode} backup)", job, seconds,
+               "re-run; backup verifies; check clean")
 
 
 @pytest.mark.parametrize("phase", ["delete backups", "collect garbage"])
@@ -144,19 +156,23 @@ def test_prune_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: st
     lab.record(f"worker killed -9 at prune-backups / {phase}", job, seconds, "re-run; kept backup verifies; check clean")
 
 
-@pytest.mark.parametrize("phase", ["read manifest", "write"])
-def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: str):
+@pytest.mark.parametrize("mode, phase", [("full", "read manifest"), ("full", "write"), ("diff", "write")])
+def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str, mode: str, phase: str):
     lab, name = fault_lab, unique("rs")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
-    backup = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"})
-    assert backup.state == SUCCEEDED, backup.error_message
+    backup_id = full_backup(lab, name)
+    if mode == "diff":
+        backup = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "diff"})
+        assert backup.state == SUCCEEDED, backup.error_message
+        backup_id = backup.result["backups"][0]["id"]
     lab.crash_worker_at("restore", phase)
-    job_id = start(lab, "restore", {"backup": backup.result["backups"][0]["id"], "in_place": False})
+    job_id = start(lab, "restore", {"backup": backup_id, "in_place": False})
     lab.wait_for_the_crash(job_id, f"restore/{phase}")
     job, seconds = lab.final(job_id, lab.restart_worker())
     assert job.state == SUCCEEDED, job.error_message
     lab.assert_clean()
-    lab.record(f"worker killed -9 at restore / {phase} (to a new volume)", job, seconds, "re-run; check clean")
+    lab.record(f"worker killed -9 at restore / {phase} (a {mode} backup, to a new volume)", job, seconds,
+               "re-run; check clean")
 
 
 def fenced(lab: FaultLab, server: str) -> bool:
