@@ -251,13 +251,16 @@ def measure(size: int, chunk_size: int, level: int, mountpoint: Path, settle_byt
 
     settle_s: list[float] = []
 
-    def settled(work, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    def settle() -> None:
         settle_s.append(round(back_free_memory(settle_bytes), 1))
+
+    def settled(work, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+        settle()
         return timed(work, *args, **kwargs)
 
     def cold(work, *args: Any, **kwargs: Any) -> tuple[float, float, Any]:
         evict(source, image)
-        settle_s.append(round(back_free_memory(settle_bytes), 1))
+        settle()
         return timed_with_cpu(work, *args, **kwargs)
 
     def full_into(into: LocalStore) -> dict[str, Any]:
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--level", type=int, default=ZSTD_LEVEL,
                         help=f"our zstd level for chunks that compress (default {ZSTD_LEVEL}; the baseline stays at 3)")
     parser.add_argument("--settle", default="4x",
-                        help="memory to touch before each timed full and zstd run: a size, or Nx the volume "
+                        help="memory to touch before every timed step (fulls, zstd, differentials, restore): a size, or Nx the volume "
                              "(default 4x; 0 to measure with the host's paging left in)")
     parser.add_argument("--results", default="backup.json", help="file name under bench/results/")
     args = parser.parse_args(argv)

@@ -105,9 +105,9 @@ def test_migrate_survives_a_crash(fault_lab: FaultLab, kind: str, phase: str):
     lab.record(f"worker killed -9 at {kind} / {phase} (migrate)", job, seconds, f"rolled back; {works}; check clean")
 
 
-def full_backup(lab: FaultLab, name: str) -> str:
-    """A full backup of the VM; its backup id."""
-    job = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"})
+def backed_up(lab: FaultLab, name: str, mode: str = "full") -> str:
+    """A backup of the VM (`full` or `diff`); its backup id."""
+    job = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": mode})
     assert job.state == SUCCEEDED, job.error_message
     return job.result["backups"][0]["id"]
 
@@ -118,7 +118,7 @@ def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, mode: st
     lab, name = fault_lab, unique("bk")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
     if mode == "diff":
-        full_backup(lab, name)
+        backed_up(lab, name)
     lab.crash_worker_at("snapshot-backup", phase)
     job_id = start(lab, "snapshot-backup", {"vm": name, "mode": mode})
     lab.wait_for_the_crash(job_id, f"snapshot-backup/{phase}")
@@ -136,8 +136,8 @@ def test_backup_survives_a_crash(fault_lab: FaultLab, local_store: str, mode: st
 def test_prune_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: str):
     lab, name, policy = fault_lab, unique("pr"), unique("keep-one")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
-    older, newer = (run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "full"}) for _ in range(2))
-    assert (older.state, newer.state) == (SUCCEEDED, SUCCEEDED), (older.error_message, newer.error_message)
+    backed_up(lab, name)
+    kept = backed_up(lab, name)
     with transaction(lab.rt.sessions) as session:
         store_id = session.scalar(select(BackupStore.id).where(BackupStore.name == local_store))
         session.add(BackupPolicy(name=policy, selector={"vms": [name]}, schedule="0 3 * * *", store_id=store_id,
@@ -147,7 +147,6 @@ def test_prune_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: st
     lab.wait_for_the_crash(job_id, f"prune-backups/{phase}")
     job, seconds = lab.final(job_id, lab.restart_worker())
     assert job.state == SUCCEEDED, job.error_message
-    kept = newer.result["backups"][0]["id"]
     with lab.rt.sessions() as session:
         assert set(session.scalars(select(Backup.id).where(Backup.vm_name == name))) == {kept}
     verified = run_job(lab.rt, lab.celery_app, "verify-backup", {"backup": kept})
@@ -160,11 +159,9 @@ def test_prune_survives_a_crash(fault_lab: FaultLab, local_store: str, phase: st
 def test_restore_survives_a_crash(fault_lab: FaultLab, local_store: str, mode: str, phase: str):
     lab, name = fault_lab, unique("rs")
     assert install(lab.rt, lab.celery_app, name).state == SUCCEEDED
-    backup_id = full_backup(lab, name)
+    backup_id = backed_up(lab, name)
     if mode == "diff":
-        backup = run_job(lab.rt, lab.celery_app, "snapshot-backup", {"vm": name, "mode": "diff"})
-        assert backup.state == SUCCEEDED, backup.error_message
-        backup_id = backup.result["backups"][0]["id"]
+        backup_id = backed_up(lab, name, "diff")
     lab.crash_worker_at("restore", phase)
     job_id = start(lab, "restore", {"backup": backup_id, "in_place": False})
     lab.wait_for_the_crash(job_id, f"restore/{phase}")
