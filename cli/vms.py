@@ -177,6 +177,8 @@ def migrate(name: str, to: str | None, offline: bool, check: bool, bandwidth: in
         result = client.get(f"/jobs/{job['id']}")["result"]
         click.echo(f"{name} runs on {result['destination']}: downtime {result.get('downtime_ms')} ms, "
                    f"migration {result.get('migration_ms')} ms, job {result.get('total_ms')} ms")
+        if result.get("paused_because"):
+            click.echo(f"{name} was {result['paused_because']}")
 
 
 def show_problems(result: dict[str, Any]) -> None:
