@@ -16,8 +16,8 @@ interleaved so both see the same machine load:
    from the destination's completed job stats.
 
 Both move the guest paused where a live move would corrupt its memory (a TCG guest of QEMU before 9.0,
-as on our machines: `workers.node.migrate.FIRST_QEMU_LIVE_SAFE_UNDER_TCG`), so the figures compare the
-same move; the results say which (`live`).
+as on our machines: both take their flags from `workers.node.migrate.migration_flags`), so the figures
+compare the same move; the results say which (`live`).
 
 Throughout, a stream of small packets goes from the root namespace to an echo service in the guest over
 the VM network (one 9-byte line awaited before the next, lab/echo.py): each migration also
@@ -59,12 +59,11 @@ from lab.testing import make_test_config, running_lab
 from models.db import make_engine, make_session_factory, migrate, transaction
 from tasks.inventory.config_sync import sync_from_config
 from tasks.queues import all_queues
-from workers.node.migrate import safe_to_move_live
+from workers.node.migrate import migration_flags
 from lab.echo import ECHO_STARTED, START_ECHO, EchoStream, connect_to
 
 READY_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600
-FLAGS = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
 
 
 def answers(check: Callable[[], Any]) -> bool:
@@ -206,7 +205,7 @@ def direct(cfg: config.Config, vm: str, source: str, dest: str) -> dict[str, flo
                               initiator(cfg, dest), urlparse(dest_uri).hostname)
         params = {libvirt.VIR_MIGRATE_PARAM_URI: f"tcp://{urlparse(dest_uri).hostname}",
                   libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml}
-        flags = FLAGS | (libvirt.VIR_MIGRATE_LIVE if safe_to_move_live(source_conn, domain) else 0)
+        flags, _ = migration_flags(source_conn, domain, live=True)  # the node worker's flags, as ours gets them
         started = time.monotonic()
         domain.migrateToURI3(dest_uri, params, flags)
         migration_ms = (time.monotonic() - started) * 1000

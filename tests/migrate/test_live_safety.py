@@ -4,7 +4,7 @@ dirty-bitmap sync does not re-arm TCG's write tracking), so such a domain is mov
 import libvirt
 import pytest
 
-from workers.node.migrate import live_loses_memory, safe_to_move_live
+from workers.node.migrate import MIGRATE_FLAGS, live_loses_memory, migration_flags, safe_to_move_live
 
 
 @pytest.mark.parametrize(("domain_type", "version", "loses"), [
@@ -23,5 +23,15 @@ def test_the_test_drivers_domain_is_not_a_tcg_one():
     conn = libvirt.open("test:///default")
     try:
         assert safe_to_move_live(conn, conn.lookupByName("test")) is True
+    finally:
+        conn.close()
+
+
+def test_flags_ask_for_live_only_when_asked_and_safe():
+    conn = libvirt.open("test:///default")
+    try:
+        domain = conn.lookupByName("test")
+        assert migration_flags(conn, domain, live=True) == (MIGRATE_FLAGS | libvirt.VIR_MIGRATE_LIVE, None)
+        assert migration_flags(conn, domain, live=False) == (MIGRATE_FLAGS, None)
     finally:
         conn.close()

@@ -29,7 +29,7 @@ MIGRATE_FLAGS = libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
 # QEMU before 9.0 loses guest writes in a live migration under TCG (no KVM): its dirty-bitmap sync does not
 # re-arm TCG's write tracking, so a page the guest writes after it was sent is never sent again and the guest
 # resumes on the destination with stale memory (fixed by QEMU commit 03bfc2188f, "physmem: Fix migration
-# dirty bitmap coherency with TCG memory access"). In the lab one live migration in 20 to 50 ended in a
+# dirty bitmap coherency with TCG memory access"). In the lab one live migration in 12 to 50 ended in a
 # guest kernel panic (list corruption). Such a guest is moved paused, as `live=False` does.
 FIRST_QEMU_LIVE_SAFE_UNDER_TCG = 9_000_000  # QEMU 9.0.0 as libvirt numbers versions
 PAUSED_UNDER_OLD_TCG = ("moved paused: QEMU before 9.0 can lose guest memory in a live migration under TCG "
@@ -159,6 +159,14 @@ def safe_to_move_live(conn: libvirt.virConnect, domain: libvirt.virDomain) -> bo
     return not live_loses_memory(ET.fromstring(domain.XMLDesc()).get("type"), conn.getVersion())
 
 
+def migration_flags(conn: libvirt.virConnect, domain: libvirt.virDomain, live: bool) -> tuple[int, str | None]:
+    """libvirt's flags for moving running `domain` off `conn`'s server, live if asked and safe, and why a
+    move asked to be live is made paused (None when it is not)."""
+    paused_because = PAUSED_UNDER_OLD_TCG if live and not safe_to_move_live(conn, domain) else None
+    moves_live = live and paused_because is None
+    return MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if moves_live else 0), paused_because
+
+
 def migration_uri(dest_uri: str) -> str | None:
     """Where QEMU sends memory: the destination's management address (None for a local URI)."""
     host = urlparse(dest_uri).hostname
@@ -191,11 +199,9 @@ def migrate(source_uri: str, dest_uri: str, uuid: str, dest_xml: str, *, live: b
             started, started_at = time.monotonic(), time.time()
             move_definition(source, dest_uri, uuid, dest_xml)
             return MigrationResult(False, started_at, _ms_since(started), None, None, None)
-        paused_because = None
-        if live and not safe_to_move_live(source, domain):
-            live, paused_because = False, PAUSED_UNDER_OLD_TCG
+        flags, paused_because = migration_flags(source, domain, live)
+        live = bool(flags & libvirt.VIR_MIGRATE_LIVE)
         params = _params(domain, dest_uri, dest_xml, bandwidth_mib_s)
-        flags = MIGRATE_FLAGS | (libvirt.VIR_MIGRATE_LIVE if live else 0)
         wake = threading.Event()
         callback = source.domainEventRegisterAny(domain, libvirt.VIR_DOMAIN_EVENT_ID_MIGRATION_ITERATION,
                                                  lambda *_: wake.set(), None)
