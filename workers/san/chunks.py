@@ -26,7 +26,7 @@ import secrets
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -119,8 +119,9 @@ class ChunkStore(ABC):
         """Up to `length` bytes of the file from `offset` (fewer if it ends sooner), or None if it does not exist."""
 
     @abstractmethod
-    def _write_atomically(self, relpath: str, data: bytes | bytearray, *, sync_directory: bool = True) -> None:
-        """Make the file hold `data`, all at once: a reader sees the old file or the new, never part.
+    def _write_atomically(self, relpath: str, parts: Sequence[bytes], *, sync_directory: bool = True) -> None:
+        """Make the file hold `parts` back to back, all at once: a reader sees the old file or the new, never part.
+        The parts are written one after another, never joined (a pack's join cost more CPU than its writes).
         Without `sync_directory` the new name is durable only after `_sync_directory` of its directory."""
 
     @abstractmethod
@@ -230,7 +231,7 @@ class ChunkStore(ABC):
             oldest.result()
 
     def _write_pack(self, pack: Pack) -> None:
-        self._write_atomically(pack_relpath(pack.id), pack.data(), sync_directory=False)
+        self._write_atomically(pack_relpath(pack.id), pack.pieces(), sync_directory=False)
         with self._lock:
             self._written[pack.id] = [(digest, where.offset, where.length) for digest, where in pack.blobs.items()]
         self.index().add(pack.blobs)
@@ -264,7 +265,7 @@ class ChunkStore(ABC):
         """Make every chunk put so far durable and findable: its pack on disk, then an index naming it."""
         written = self._finish_packs()
         if written:
-            self._write_atomically(index_relpath(new_id()), encode_index(written))
+            self._write_atomically(index_relpath(new_id()), [encode_index(written)])
 
     def get_chunk(self, digest: str) -> bytes:
         blob = self._buffer.pending(digest)
@@ -297,7 +298,7 @@ class ChunkStore(ABC):
             packs = decode_index(data) if data is not None else {}
             kept = {pack: [blob for blob in blobs if blob[0] != digest] for pack, blobs in packs.items()}
             if kept != packs:
-                self._write_atomically(index_relpath(index_id), encode_index(kept))
+                self._write_atomically(index_relpath(index_id), [encode_index(kept)])
         self._index = None
 
     def collect(self, referenced: set[str], on_progress: Progress = ignore_progress) -> dict[str, int]:
@@ -335,7 +336,7 @@ class ChunkStore(ABC):
         written = self._finish_packs()
         old_indexes = self._index_ids()
         if keep or written:
-            self._write_atomically(index_relpath(new_id()), encode_index(keep | written))
+            self._write_atomically(index_relpath(new_id()), [encode_index(keep | written)])
         for index_id in old_indexes:
             self._remove(index_relpath(index_id))
         for pack in pack_sizes.keys() - keep.keys() - written.keys():
@@ -370,7 +371,7 @@ class ChunkStore(ABC):
     def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
         """Publish a manifest, after every chunk put so far is durable; from this moment the backup is visible."""
         self.flush()
-        self._write_atomically(manifest_relpath(backup_id), encode_manifest(manifest))
+        self._write_atomically(manifest_relpath(backup_id), [encode_manifest(manifest)])
 
     def get_manifest(self, backup_id: str) -> dict[str, Any]:
         data = self._read(manifest_relpath(backup_id))
@@ -471,14 +472,15 @@ class LocalStore(ChunkStore):
         finally:
             os.close(fd)
 
-    def _write_atomically(self, relpath: str, data: bytes | bytearray, *, sync_directory: bool = True) -> None:
+    def _write_atomically(self, relpath: str, parts: Sequence[bytes], *, sync_directory: bool = True) -> None:
         final = self._abs(relpath)
         directory = os.path.dirname(final)
         make_directories(directory)
         temp = temp_name(final)
         try:
             with open(temp, "xb") as out:
-                out.write(data)
+                for part in parts:
+                    out.write(part)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, final)

@@ -71,9 +71,9 @@ class Pack:
     parts: dict[str, bytes] = field(default_factory=dict)
     size: int = 0
 
-    def data(self) -> bytes:
-        """The pack's bytes: its chunks back to back in the order they were added."""
-        return b"".join(self.parts.values())
+    def pieces(self) -> list[bytes]:
+        """The pack's bytes: its chunks, to be written back to back in the order they were added."""
+        return list(self.parts.values())
 
 
 class PackBuffer:

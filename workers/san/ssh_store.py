@@ -15,6 +15,7 @@ import io
 import posixpath
 import stat
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import paramiko
@@ -177,7 +178,7 @@ class SshStore(ChunkStore):
                 return None
             raise
 
-    def _write_atomically(self, relpath: str, data: bytes | bytearray, *, sync_directory: bool = True) -> None:
+    def _write_atomically(self, relpath: str, parts: Sequence[bytes], *, sync_directory: bool = True) -> None:
         final = self._abs(relpath)
         directory = posixpath.dirname(final)
         self._makedirs(directory)
@@ -185,7 +186,8 @@ class SshStore(ChunkStore):
         try:
             with self.sftp.open(temp, "wb") as out:
                 out.set_pipelined(True)
-                out.write(data)
+                for part in parts:
+                    out.write(part)
                 self._sync(out)
             self.sftp.posix_rename(temp, final)
             if sync_directory:
