@@ -479,8 +479,7 @@ class LocalStore(ChunkStore):
         temp = temp_name(final)
         try:
             with open(temp, "xb") as out:
-                for part in parts:
-                    out.write(part)
+                out.writelines(parts)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(temp, final)

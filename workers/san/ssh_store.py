@@ -186,8 +186,7 @@ class SshStore(ChunkStore):
         try:
             with self.sftp.open(temp, "wb") as out:
                 out.set_pipelined(True)
-                for part in parts:
-                    out.write(part)
+                out.writelines(parts)
                 self._sync(out)
             self.sftp.posix_rename(temp, final)
             if sync_directory:
