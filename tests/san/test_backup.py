@@ -13,11 +13,13 @@ from tests.support import damage_chunk, sha256_of, write_at
 from workers.san.backup import (
     MAX_PIECES,
     ChunkWriter,
+    FullReader,
     Tally,
     backup_volume,
     check_chunks_stored,
     collect_garbage,
     intersect,
+    plan_full,
     restore_volume,
     retention_keep,
     verify_backup,
@@ -129,6 +131,42 @@ def test_zero_chunks_are_not_stored_and_holes_not_read(backend: ReflinkBackend, 
     restored = tmp_path / "restored.img"
     restore_volume(store, full, str(restored))
     assert os.stat(restored).st_blocks * 512 < VOLUME / 2  # zero chunks stayed holes
+
+
+def test_a_full_reads_whole_data_chunks_direct_and_the_rest_through_the_cache(xfs_dir: Path, store: LocalStore,
+                                                                            tmp_path: Path) -> None:
+    volume = xfs_dir / "odd.img"
+    size = 4 * CHUNK + 1000
+    with open(volume, "wb") as out:
+        out.truncate(size)
+    write_at(volume, 0, os.urandom(2 * CHUNK))  # two whole chunks: one direct read
+    write_at(volume, 2 * CHUNK + CHUNK // 2, os.urandom(CHUNK // 2))  # a chunk that starts with a hole
+    write_at(volume, 4 * CHUNK, os.urandom(1000))  # an unaligned end
+    content = volume.read_bytes()
+
+    with open(volume, "rb") as source:
+        plans = plan_full(source.fileno(), size, CHUNK)
+        reader = FullReader(str(volume), source.fileno(), plans, buffers=1)
+        try:
+            assert reader.direct is not None, "XFS takes O_DIRECT"
+            spare = reader.free.qsize()
+            reads = [(plans[0], *reader.read(plans[0]))]
+            assert list(reader.ahead) == [CHUNK], "the next whole chunk came in the same read"
+            reads += [(plan, *reader.read(plan)) for plan in plans[1:]]
+            assert not reader.ahead
+            assert [type(data) is memoryview for _, data, _ in reads] == [True, True, False, False, False]
+            assert reader.free.qsize() == spare - 2
+            for plan, data, release in reads:
+                assert bytes(data) == content[plan.offset:plan.offset + plan.length]
+                release()
+            assert reader.free.qsize() == spare
+        finally:
+            reader.close()
+
+    full = backup_volume(str(volume), size, store, backup_id="odd", chunk_size=CHUNK)
+    restored = tmp_path / "restored.img"
+    restore_volume(store, full, str(restored))
+    assert restored.read_bytes() == content
 
 
 def test_differential_follows_a_grown_volume(store: LocalStore, tmp_path: Path) -> None:
