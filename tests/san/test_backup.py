@@ -150,10 +150,11 @@ def test_a_full_reads_whole_data_chunks_direct_and_the_rest_through_the_cache(xf
         try:
             assert reader.direct is not None, "XFS takes O_DIRECT"
             spare = reader.free.qsize()
-            reads = [(plans[0], *reader.read(plans[0]))]
-            assert list(reader.ahead) == [CHUNK], "the next whole chunk came in the same read"
-            reads += [(plan, *reader.read(plan)) for plan in plans[1:]]
-            assert not reader.ahead
+            chunks = reader.chunks()
+            reads = [next(chunks)]
+            assert reader.free.qsize() == spare - 2, "the next whole chunk came in the same read"
+            reads += list(chunks)
+            assert [plan for plan, _, _ in reads] == plans
             assert [type(data) is memoryview for _, data, _ in reads] == [True, True, False, False, False]
             assert reader.free.qsize() == spare - 2
             for plan, data, release in reads:

@@ -13,8 +13,8 @@ needs its own manifest only. Holes (SEEK_DATA/SEEK_HOLE) are never read.
 
 A small pool hashes, compresses and stores (hashlib and zstandard release the GIL). A full's
 sequential reads stay on the calling thread, ahead of the pool, with O_DIRECT in batches of
-neighbouring chunks into a few reused buffers where the file allows it (FullReader); a differential's scattered reads run on the pool,
-several at once.
+neighbouring chunks into a few reused buffers where the file allows it (FullReader); a
+differential's scattered reads run on the pool, several at once.
 
 A manifest is the backup: it is published last, atomically, after the chunks it names are
 durable. A cancelled or failed backup leaves no manifest, only chunks nobody references, which
@@ -254,7 +254,7 @@ class FullReader:
     """A full's sequential reads. Chunks that are all data and block-aligned are read with O_DIRECT,
     up to READ_BATCH neighbours in one preadv, into page-aligned buffers reused once the pool is done
     with them; anything else (a chunk with holes, an unaligned end, a file system without O_DIRECT)
-    goes through the page cache. `read` must be called in the order of `plans`.
+    goes through the page cache.
 
     Why: through the page cache every 4 KiB read takes a fresh page, reclaimed later, and this VM's
     host faults fresh pages in one by one: 2 GiB fulls took 3.2-6.3 s and 5.1-9.0 machine core-s
@@ -264,8 +264,6 @@ class FullReader:
     def __init__(self, path: str, fd: int, plans: list[ChunkPlan], buffers: int) -> None:
         self.fd = fd
         self.plans = plans
-        self.position = {plan.offset: index for index, plan in enumerate(plans)}
-        self.ahead: dict[int, tuple[memoryview, Callable[[], None]]] = {}
         try:
             self.direct: int | None = os.open(path, os.O_RDONLY | os.O_DIRECT)
         except OSError as error:
@@ -273,9 +271,9 @@ class FullReader:
                 raise
             self.direct = None
         self.free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-        size = max((plan.length for plan in plans), default=0)
-        for _ in range(buffers + READ_BATCH if self.direct is not None and size else 0):
-            self.free.put(mmap.mmap(-1, size))
+        largest = max((plan.length for plan in plans), default=0)
+        for _ in range(buffers + READ_BATCH if self.direct is not None and largest else 0):
+            self.free.put(mmap.mmap(-1, largest))
 
     def close(self) -> None:
         if self.direct is not None:
@@ -285,35 +283,42 @@ class FullReader:
         return (self.direct is not None and plan.spans == [(plan.offset, plan.length)]
                 and plan.offset % ALIGNMENT == 0 and plan.length % ALIGNMENT == 0)
 
-    def _batch_from(self, plan: ChunkPlan) -> list[ChunkPlan]:
-        batch = [plan]
-        for following in self.plans[self.position[plan.offset] + 1:self.position[plan.offset] + READ_BATCH]:
+    def _batch_at(self, index: int) -> list[ChunkPlan]:
+        """The plans from `index` on that one direct read takes: neighbours, each all data."""
+        batch = [self.plans[index]]
+        for following in self.plans[index + 1:index + READ_BATCH]:
             if following.offset != batch[-1].offset + batch[-1].length or not self._direct_ok(following):
                 break
             batch.append(following)
         return batch
 
-    def read(self, plan: ChunkPlan) -> tuple[bytes | bytearray | memoryview, Callable[[], None]]:
-        """The chunk's bytes and what to call once they are no longer needed."""
-        if plan.offset in self.ahead:
-            return self.ahead.pop(plan.offset)
-        if not self._direct_ok(plan):
-            return read_spans(self.fd, plan), lambda: None
-        batch = self._batch_from(plan)
+    def _read_direct(self, batch: list[ChunkPlan]) -> list[tuple[memoryview, Callable[[], None]]]:
         buffers = [self.free.get() for _ in batch]
-        views = [memoryview(buffer)[:part.length] for buffer, part in zip(buffers, batch)]
-        wanted = sum(part.length for part in batch)
+        views = [memoryview(buffer)[:plan.length] for buffer, plan in zip(buffers, batch)]
+        wanted = sum(plan.length for plan in batch)
         try:
-            got = os.preadv(self.direct, views, plan.offset)
+            got = os.preadv(self.direct, views, batch[0].offset)
             if got != wanted:
-                raise OSError(errno.EIO, f"short read at {plan.offset}: {got} of {wanted} bytes")
+                raise OSError(errno.EIO, f"short read at {batch[0].offset}: {got} of {wanted} bytes")
         except OSError:
             for buffer in buffers:
                 self.free.put(buffer)
             raise
-        read = [(view, functools.partial(self.free.put, buffer)) for view, buffer in zip(views, buffers)]
-        self.ahead.update((part.offset, chunk) for part, chunk in zip(batch[1:], read[1:]))
-        return read[0]
+        return [(view, functools.partial(self.free.put, buffer)) for view, buffer in zip(views, buffers)]
+
+    def chunks(self) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview, Callable[[], None]]]:
+        """Every plan with its bytes and what to call once they are no longer needed, in plan order."""
+        index = 0
+        while index < len(self.plans):
+            plan = self.plans[index]
+            if not self._direct_ok(plan):
+                yield plan, read_spans(self.fd, plan), lambda: None
+                index += 1
+                continue
+            batch = self._batch_at(index)
+            for part, (data, release) in zip(batch, self._read_direct(batch)):
+                yield part, data, release
+            index += len(batch)
 
 
 @dataclass
@@ -391,17 +396,19 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
     full's, in volume order) stays on this thread; the scattered reads of a differential run on the
     pool, several at once, as a disk serves them best."""
     total = sum(n for plan in plans for _, n in plan.spans)
+    if sequential is not None:
+        jobs = ((plan, functools.partial(writer.entry_then_release, plan, data, release))
+                for plan, data, release in sequential.chunks())
+    else:
+        jobs = ((plan, functools.partial(writer.entry_of_volume, fd, plan)) for plan in plans)
     pending: deque[Future] = deque()
     entries: list[dict[str, Any]] = []
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
         try:
-            for plan in plans:
+            for plan, work in jobs:
                 if should_stop():
                     raise BackupCancelled("backup cancelled")
-                if sequential is not None:
-                    pending.append(pool.submit(writer.entry_then_release, plan, *sequential.read(plan)))
-                else:
-                    pending.append(pool.submit(writer.entry_of_volume, fd, plan))
+                pending.append(pool.submit(work))
                 writer.tally.bytes_read += sum(n for _, n in plan.spans)
                 while len(pending) > threads * IN_FLIGHT_PER_THREAD:
                     entries.append(pending.popleft().result())
