@@ -519,7 +519,8 @@ class BackupCorrupt(Conflict):
 
 
 class BackupMismatch(Conflict):
-    """A differential's parent does not fit (other chunk size), or ranges were given without a parent."""
+    """A differential's parent does not fit (other chunk size), ranges were given without a parent, or a
+    backup names its chunks by a digest this version does not know."""
 
     code = "BackupMismatch"
 

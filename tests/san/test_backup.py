@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from errors import BackupCancelled, ChunkCorrupt, ChunkMissing
+from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing
 from tests.support import damage_chunk, sha256_of, write_at
+from workers.san import backup
 from workers.san.backup import (
+    DIGEST,
     MAX_PIECES,
     ChunkWriter,
     FullReader,
     Tally,
     backup_volume,
     check_chunks_stored,
+    chunk_digest,
     collect_garbage,
     intersect,
     plan_full,
@@ -208,8 +211,8 @@ def test_a_differential_reads_only_the_changed_ranges_of_a_chunk(store: LocalSto
     assert diff["chunks"] == [
         full["chunks"][0],
         {**second, "length": 4096, "at": 0, "size": CHUNK},
-        {"offset": CHUNK + 4096, "length": 4096, "digest": hashlib.sha256(source.read_bytes()[CHUNK + 4096:CHUNK + 8192])
-         .hexdigest(), "stored": diff["bytes_written"]},
+        {"offset": CHUNK + 4096, "length": 4096, "digest": chunk_digest(source.read_bytes()[CHUNK + 4096:CHUNK + 8192], DIGEST),
+         "stored": diff["bytes_written"]},
         {**second, "offset": CHUNK + 8192, "length": CHUNK - 8192, "at": 8192, "size": CHUNK},
         full["chunks"][2],
         {"offset": CHUNK * 3, "length": 8192, "zero": True},
@@ -430,7 +433,7 @@ def write_legacy_full(store: LocalStore, source: Path, backup_id: str) -> dict:
         if piece == bytes(len(piece)):
             entries.append({**entry, "zero": True})
             continue
-        digest, blob = hashlib.sha256(piece).hexdigest(), ChunkWriter(store, Tally()).compress(bytearray(piece))
+        digest, blob = hashlib.sha256(piece).hexdigest(), ChunkWriter(store, Tally(), "sha256").compress(bytearray(piece))
         path = Path(store.path) / chunk_relpath(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
@@ -448,8 +451,11 @@ def legacy_volume(tmp_path: Path) -> Path:
     return source
 
 
-def test_a_backup_made_before_packs_restores_verifies_and_parents_a_differential(store: LocalStore,
-                                                                                tmp_path: Path) -> None:
+def test_a_backup_made_before_packs_restores_verifies_and_parents_a_differential(
+        store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The differential is made as the versions between packs and BLAKE3 made them (SHA-256 names): such
+    manifests mix chunk files and packs, and must restore and verify as they are."""
+    monkeypatch.setattr(backup, "DIGEST", "sha256")
     source = legacy_volume(tmp_path)
     old = write_legacy_full(store, source, "old")
     store = LocalStore(store.path)
@@ -499,7 +505,10 @@ def test_gc_of_the_last_chunks_from_before_packs_removes_their_directories(store
     assert verify_backup(LocalStore(store.path), kept) == []
 
 
-def test_a_torn_chunk_from_before_packs_is_found_and_written_again(store: LocalStore, tmp_path: Path) -> None:
+def test_a_torn_chunk_from_before_packs_is_found_and_written_again(store: LocalStore, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """By a full made as before BLAKE3: one made now names its chunks otherwise and leaves the old one torn."""
+    monkeypatch.setattr(backup, "DIGEST", "sha256")
     source = legacy_volume(tmp_path)
     old = write_legacy_full(store, source, "old")
     torn = Path(store.path) / chunk_relpath(old["chunks"][2]["digest"])
@@ -618,3 +627,39 @@ def test_retention_daily_keeps_the_newest_of_each_day() -> None:
     assert retention_keep(backups, daily=3) == {"b4-13", "b3-13", "b2-13"}
     assert retention_keep(backups, keep_last=1, monthly=1) == {"b4-13"}
     assert len(retention_keep(backups)) == len(backups)
+
+
+def test_a_differential_asked_of_a_sha256_parent_is_made_as_a_full_named_by_blake3(store: LocalStore,
+                                                                                   tmp_path: Path) -> None:
+    source = legacy_volume(tmp_path)
+    old = write_legacy_full(store, source, "old")
+    write_at(source, 2 * LEGACY_CHUNK + 4096, os.urandom(64 * 1024))
+
+    new = backup_volume(str(source), source.stat().st_size, store, backup_id="new", parent_manifest=old,
+                        ranges=[(2 * LEGACY_CHUNK + 4096, 64 * 1024)])
+
+    assert (new["mode"], new["parent"], new["digest"], new["chunk_size"]) == ("full", None, "blake3", backup.CHUNK_SIZE)
+    assert new["bytes_read"] == source.stat().st_size  # read whole: no range of the old backup is reused
+    named = {e["digest"] for e in new["chunks"] if "digest" in e}
+    assert named.isdisjoint(e["digest"] for e in old["chunks"] if "digest" in e)
+    data = source.read_bytes()
+    assert all(e["digest"] == chunk_digest(data[e["offset"]:e["offset"] + e["length"]], "blake3")
+               for e in new["chunks"] if "digest" in e)
+    restored = tmp_path / "restored.img"
+    restore_volume(LocalStore(store.path), new, str(restored))
+    assert sha256_of(restored) == sha256_of(source)
+    assert verify_backup(store, new) == [] and verify_backup(store, old) == []
+    damage_chunk(store.path, store, new["chunks"][0]["digest"], 10, b"bitrot")
+    assert [p for p in verify_backup(store, new) if "ChunkCorrupt" in p and "offset 0" in p]
+
+
+def test_a_backup_naming_an_unknown_digest_is_refused_before_anything_is_read(store: LocalStore,
+                                                                              tmp_path: Path) -> None:
+    source = legacy_volume(tmp_path)
+    manifest = {**write_legacy_full(store, source, "old"), "digest": "md5"}
+    restored = tmp_path / "restored.img"
+    with pytest.raises(BackupMismatch, match="unknown digest 'md5'"):
+        restore_volume(store, manifest, str(restored))
+    with pytest.raises(BackupMismatch, match="unknown digest 'md5'"):
+        verify_backup(store, manifest)
+    assert not restored.exists()

@@ -3,8 +3,8 @@
 A full cuts the volume into fixed-size chunks (1 MiB by default) that the store packs into large
 files (workers.san.packs), so it does not pay a file and an fsync per chunk. A chunk of
 zeros is not stored (the manifest marks it `zero`); any other chunk is stored once, named by the
-SHA-256 digest of its bytes (hardware-accelerated on current CPUs, twice BLAKE2b's speed here) and
-compressed with zstd: level 1, or a faster level for a chunk whose sample does not compress (random
+BLAKE3 digest of its bytes (four times SHA-256's speed with SHA-NI here; manifests before it used
+SHA-256 and name their digest, which restore and verify follow) and compressed with zstd: level 1, or a faster level for a chunk whose sample does not compress (random
 data), which costs no ratio and most of the time. A differential reads only the backend's changed
 ranges and makes chunks of just those bytes (cut at its parent's chunk grid); its manifest takes
 everything else from the parent's, as whole chunks or slices of them (`at`, `size`) where a change
@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
+import blake3
 import zstandard
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing, InvalidRetention, LaxError
@@ -51,7 +52,10 @@ FORMAT = 2
 # A full's chunks: 1 MiB took about 10 % less machine CPU than 256 KiB in bench/backup.py (5.2-5.6 against
 # 5.9-6.2 core-s: fewer chunks to sample, hash and hand over); a differential stores what changed whatever the size, as slices.
 CHUNK_SIZE = 1024 * 1024
-DIGEST = "sha256"
+# A full hashed 2 GiB in 1.4 core-s with SHA-256 (SHA-NI) and 0.3 with BLAKE3 (bench/README). Each manifest
+# names its digest; a differential extends only a parent of the same digest (else it is made as a full).
+DIGEST = "blake3"
+DIGESTS: dict[str, Callable[[bytes | memoryview], Any]] = {"sha256": hashlib.sha256, "blake3": blake3.blake3}
 COMPRESSION = "zstd"
 # Level 1, as Proxmox Backup Server stores its chunks: a full took about half the machine CPU of level 3 in
 # bench/backup.py for 1 % more bytes on its mix (text alone: 40 % of its size instead of 36 %); bench/README.
@@ -70,6 +74,9 @@ ALIGNMENT = 4096
 # A full's direct reads take this many neighbouring chunks at once: 4 x 1 MiB reads were 10-20 %
 # faster than one chunk a read in bench/backup.py's fulls (no read-ahead helps an O_DIRECT reader).
 READ_BATCH = 4
+# A full's reads run this many reads ahead of the pool on threads of their own, so the disk keeps reading
+# while the pool catches up: 2.4-2.8 s a 2 GiB full against 2.7-3.3 s reading one at a time (bench/README).
+READ_AHEAD = 2
 # A differential reads a grid cell whole rather than leave more entries than this in it.
 MAX_PIECES = 16
 
@@ -77,9 +84,18 @@ StopCheck = Callable[[], bool]
 Item = TypeVar("Item")
 
 
-def chunk_digest(data: bytes | memoryview) -> str:
-    """The name of a chunk: SHA-256 of its uncompressed bytes, in hex."""
-    return hashlib.sha256(data).hexdigest()
+def chunk_digest(data: bytes | memoryview, algorithm: str) -> str:
+    """The name of a chunk: the `algorithm` digest of its uncompressed bytes, in hex."""
+    return DIGESTS[algorithm](data).hexdigest()
+
+
+def digest_of(manifest: dict[str, Any]) -> str:
+    """The digest a manifest's chunks are named by; BackupMismatch for one this version does not know."""
+    algorithm = manifest.get("digest")
+    if algorithm not in DIGESTS:
+        raise BackupMismatch(f"backup {manifest.get('id')} names its chunks by an unknown digest {algorithm!r}",
+                             backup=manifest.get("id"), digest=algorithm)
+    return algorithm
 
 
 @functools.lru_cache(maxsize=8)
@@ -88,8 +104,8 @@ def zeros(length: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=8)
-def zeros_digest(length: int) -> str:
-    return chunk_digest(zeros(length))
+def zeros_digest(length: int, algorithm: str) -> str:
+    return chunk_digest(zeros(length), algorithm)
 
 
 def never_stop() -> bool:
@@ -211,8 +227,9 @@ def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any
 class ChunkReader:
     """Fetches, decompresses and checks chunks on pool threads; one zstd decompressor per thread."""
 
-    def __init__(self, store: ChunkStore) -> None:
+    def __init__(self, store: ChunkStore, algorithm: str) -> None:
         self.store = store
+        self.algorithm = algorithm
         self.local = threading.local()
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
@@ -228,13 +245,15 @@ class ChunkReader:
             data = self._decompressor().decompress(blob, max_output_size=chunk_length(entry))
         except zstandard.ZstdError as exc:
             raise ChunkCorrupt(f"chunk {digest} does not decompress: {exc}", digest=digest) from None
-        if len(data) != chunk_length(entry) or chunk_digest(data) != digest:
+        if len(data) != chunk_length(entry) or chunk_digest(data, self.algorithm) != digest:
             raise ChunkCorrupt(f"chunk {digest} does not match its digest", digest=digest)
         return data
 
 
 def read_spans(fd: int, plan: ChunkPlan) -> bytes | bytearray:
     """A chunk-sized buffer with the chunk's data spans read into their places (zeros elsewhere)."""
+    if not plan.spans:
+        return zeros(plan.length)
     if plan.spans == [(plan.offset, plan.length)]:
         data = os.pread(fd, plan.length, plan.offset)
         if len(data) != plan.length:
@@ -251,10 +270,10 @@ def read_spans(fd: int, plan: ChunkPlan) -> bytes | bytearray:
 
 
 class FullReader:
-    """A full's sequential reads. Chunks that are all data and block-aligned are read with O_DIRECT,
-    up to READ_BATCH neighbours in one preadv, into page-aligned buffers reused once the pool is done
-    with them; anything else (a chunk with holes, an unaligned end, a file system without O_DIRECT)
-    goes through the page cache.
+    """A full's sequential reads, READ_AHEAD of them at once on the reader's threads. Chunks that are all
+    data and block-aligned are read with O_DIRECT, up to READ_BATCH neighbours in one preadv, into
+    page-aligned buffers reused once the pool is done with them; anything else (a chunk with holes, an
+    unaligned end, a file system without O_DIRECT) goes through the page cache.
 
     Why: through the page cache every 4 KiB read takes a fresh page, reclaimed later, and this VM's
     host faults fresh pages in one by one: 2 GiB fulls took 3.2-6.3 s and 5.1-9.0 machine core-s
@@ -262,6 +281,8 @@ class FullReader:
     page cache to the guests' volumes."""
 
     def __init__(self, path: str, fd: int, plans: list[ChunkPlan], buffers: int) -> None:
+        """`buffers`: how many chunks the caller holds at most; the reader adds those its reads ahead take,
+        so a read never waits for a buffer that only a cancelled chunk would give back."""
         self.fd = fd
         self.plans = plans
         try:
@@ -272,10 +293,13 @@ class FullReader:
             self.direct = None
         self.free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         largest = max((plan.length for plan in plans), default=0)
-        for _ in range(buffers + READ_BATCH if self.direct is not None and largest else 0):
+        for _ in range(buffers + READ_BATCH * (READ_AHEAD + 1) if self.direct is not None and largest else 0):
             self.free.put(mmap.mmap(-1, largest))
+        self.ahead = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="backup-read")
 
     def close(self) -> None:
+        """Wait for the reads under way (the rest are dropped), then close the direct descriptor they use."""
+        self.ahead.shutdown(wait=True, cancel_futures=True)
         if self.direct is not None:
             os.close(self.direct)
 
@@ -306,19 +330,34 @@ class FullReader:
             raise
         return [(view, functools.partial(self.free.put, buffer)) for view, buffer in zip(views, buffers)]
 
-    def chunks(self) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview, Callable[[], None]]]:
-        """Every plan with its bytes and what to call once they are no longer needed, in plan order."""
+    def _reads(self) -> Iterator[list[ChunkPlan]]:
+        """The plans in the groups one read takes: a batch of direct chunks, or one chunk through the cache."""
         index = 0
         while index < len(self.plans):
-            plan = self.plans[index]
-            if not self._direct_ok(plan):
-                yield plan, read_spans(self.fd, plan), lambda: None
-                index += 1
-                continue
-            batch = self._batch_at(index)
-            for part, (data, release) in zip(batch, self._read_direct(batch)):
-                yield part, data, release
+            batch = self._batch_at(index) if self._direct_ok(self.plans[index]) else [self.plans[index]]
+            yield batch
             index += len(batch)
+
+    def _read(self, batch: list[ChunkPlan]) -> list[tuple[bytes | bytearray | memoryview, Callable[[], None]]]:
+        if self._direct_ok(batch[0]):
+            return self._read_direct(batch)
+        return [(read_spans(self.fd, batch[0]), lambda: None)]
+
+    def chunks(self) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview, Callable[[], None]]]:
+        """Every plan with its bytes and what to call once they are no longer needed, in plan order."""
+        pending: deque[tuple[list[ChunkPlan], Future]] = deque()
+        for batch in self._reads():
+            pending.append((batch, self.ahead.submit(self._read, batch)))
+            if len(pending) > READ_AHEAD:
+                yield from self._ready(*pending.popleft())
+        while pending:
+            yield from self._ready(*pending.popleft())
+
+    @staticmethod
+    def _ready(batch: list[ChunkPlan], read: Future) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview,
+                                                                      Callable[[], None]]]:
+        for plan, (data, release) in zip(batch, read.result()):
+            yield plan, data, release
 
 
 @dataclass
@@ -333,11 +372,12 @@ class Tally:
 
 
 class ChunkWriter:
-    """Hashes, compresses and stores chunks on pool threads; zstd compressors per thread."""
+    """Hashes (with `algorithm`, one of DIGESTS), compresses and stores chunks on pool threads; zstd compressors per thread."""
 
-    def __init__(self, store: ChunkStore, tally: Tally, level: int = ZSTD_LEVEL) -> None:
+    def __init__(self, store: ChunkStore, tally: Tally, algorithm: str, level: int = ZSTD_LEVEL) -> None:
         self.store = store
         self.tally = tally
+        self.algorithm = algorithm
         self.level = level
         self.local = threading.local()
 
@@ -360,8 +400,8 @@ class ChunkWriter:
         if not plan.spans:
             return {**entry, "zero": True}
         # Zeros are told by their digest: comparing a memoryview byte by byte costs more than hashing it.
-        digest = chunk_digest(data)
-        if digest == zeros_digest(len(data)):
+        digest = chunk_digest(data, self.algorithm)
+        if digest == zeros_digest(len(data), self.algorithm):
             return {**entry, "zero": True}
         packed = self.store.packed_size(digest)
         if packed is not None:
@@ -445,11 +485,15 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
     With `parent_manifest` and `ranges` (the changed ranges since the parent's snapshot) this
     is a differential that reads and stores only those ranges and references the rest of the
     volume as (slices of) the parent's chunks. `chunk_size` is the parent's (a differential cuts
-    where its parent did) or else CHUNK_SIZE; `level` is zstd's for chunks that compress. Raises BackupCancelled
+    where its parent did) or else CHUNK_SIZE; `level` is zstd's for chunks that compress. A parent whose chunks
+    are named by another digest (a backup made before BLAKE3) makes this a full. Raises BackupCancelled
     when `should_stop()` turns true (no manifest is published then).
     """
     if ranges is not None and parent_manifest is None:
         raise BackupMismatch("changed ranges need the parent backup they are relative to")
+    if parent_manifest is not None and parent_manifest.get("digest") != DIGEST:
+        # None of the parent's chunks can be reused under another digest's names: this backup is a full.
+        parent_manifest = ranges = None
     if chunk_size is None:
         chunk_size = parent_manifest["chunk_size"] if parent_manifest is not None else CHUNK_SIZE
     if parent_manifest is not None and parent_manifest["chunk_size"] != chunk_size:
@@ -467,7 +511,7 @@ def backup_volume(source_path: str, size: int, store: ChunkStore, *, backup_id: 
                        else (plan_full(fd, size, chunk_size), []))
         reader = None if differential else FullReader(source_path, fd, plans, threads * IN_FLIGHT_PER_THREAD + 1)
         try:
-            fresh = run_pipeline(fd, plans, ChunkWriter(store, tally, level), on_progress, should_stop, threads,
+            fresh = run_pipeline(fd, plans, ChunkWriter(store, tally, DIGEST, level), on_progress, should_stop, threads,
                                  sequential=reader)
         finally:
             if reader is not None:
@@ -568,7 +612,7 @@ def restore_volume(store: ChunkStore, manifest: dict[str, Any], dest_path: str, 
     it is written (ChunkCorrupt, ChunkMissing). Raises BackupCancelled when `should_stop()` turns true; `dest_path` is then half restored."""
     clock = time.monotonic()
     size = manifest["volume_size"]
-    reader = ChunkReader(store)
+    reader = ChunkReader(store, digest_of(manifest))
     done = 0
     fd = os.open(dest_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -621,7 +665,7 @@ def verify_backup(store: ChunkStore, manifest: dict[str, Any], *, on_progress: P
     problems = layout_problems(manifest)
     unique = distinct_chunks(manifest)
     total = sum(chunk_length(entry) for entry in unique)
-    reader = ChunkReader(store)
+    reader = ChunkReader(store, digest_of(manifest))
     checked = 0
 
     def check(entry: dict[str, Any]) -> str | None:
