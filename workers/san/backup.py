@@ -11,10 +11,10 @@ everything else from the parent's, as whole chunks or slices of them (`at`, `siz
 overwrote part of one, so it hashes, compresses and stores what changed and restoring any backup
 needs its own manifest only. Holes (SEEK_DATA/SEEK_HOLE) are never read.
 
-A small pool hashes, compresses and stores (hashlib and zstandard release the GIL). A full's
-sequential reads stay on the calling thread, ahead of the pool, with O_DIRECT in batches of
-neighbouring chunks into a few reused buffers where the file allows it (FullReader); a
-differential's scattered reads run on the pool, several at once.
+A small pool hashes, compresses and stores (blake3 and zstandard release the GIL). A full's
+sequential reads run in volume order on reader threads, a few reads ahead of the pool, with
+O_DIRECT in batches of neighbouring chunks into a few reused buffers where the file allows it
+(FullReader); a differential's scattered reads run on the pool, several at once.
 
 A manifest is the backup: it is published last, atomically, after the chunks it names are
 durable. A cancelled or failed backup leaves no manifest, only chunks nobody references, which
