@@ -4,8 +4,9 @@ A full cuts the volume into fixed-size chunks (1 MiB by default) that the store 
 files (workers.san.packs), so it does not pay a file and an fsync per chunk. A chunk of
 zeros is not stored (the manifest marks it `zero`); any other chunk is stored once, named by the
 BLAKE3 digest of its bytes (four times SHA-256's speed with SHA-NI here; manifests before it used
-SHA-256 and name their digest, which restore and verify follow) and compressed with zstd: level 1, or a faster level for a chunk whose sample does not compress (random
-data), which costs no ratio and most of the time. A differential reads only the backend's changed
+SHA-256 and name their digest, which restore and verify follow) and compressed with zstd: level 1,
+or a faster level for a chunk whose sample does not compress (random data), which costs no ratio
+and most of the time. A differential reads only the backend's changed
 ranges and makes chunks of just those bytes (cut at its parent's chunk grid); its manifest takes
 everything else from the parent's, as whole chunks or slices of them (`at`, `size`) where a change
 overwrote part of one, so it hashes, compresses and stores what changed and restoring any backup
