@@ -27,6 +27,7 @@ import errno
 import functools
 import hashlib
 import mmap
+import operator
 import os
 import queue
 import stat
@@ -34,7 +35,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -222,6 +223,33 @@ def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any
     return plans_for(fd, size, fresh), kept
 
 
+def in_order(pool: Executor, work: Callable[[Item], Any], items: Iterable[Item],
+             ahead: int) -> Iterator[tuple[Item, Any]]:
+    """`(item, work(item))` for every item in item order, with up to `ahead` more items already submitted
+    to `pool`; those not yet started are cancelled when the caller stops early (an error, a cancel)."""
+    pending: deque[tuple[Item, Future]] = deque()
+    try:
+        for item in items:
+            pending.append((item, pool.submit(work, item)))
+            if len(pending) > ahead:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    finally:
+        for _, future in pending:
+            future.cancel()
+
+
+def until_stopped(items: Iterable[Item], should_stop: StopCheck) -> Iterator[Item]:
+    """`items`, raising BackupCancelled instead of the next one once `should_stop()` turns true."""
+    for item in items:
+        if should_stop():
+            raise BackupCancelled("backup cancelled")
+        yield item
+
+
 # -- backup -----------------------------------------------------------------------
 
 
@@ -309,8 +337,11 @@ class FullReader:
                 and plan.offset % ALIGNMENT == 0 and plan.length % ALIGNMENT == 0)
 
     def _batch_at(self, index: int) -> list[ChunkPlan]:
-        """The plans from `index` on that one direct read takes: neighbours, each all data."""
+        """The plans from `index` on that one read takes: direct neighbours, each all data, or the one
+        plan that goes through the cache."""
         batch = [self.plans[index]]
+        if not self._direct_ok(batch[0]):
+            return batch
         for following in self.plans[index + 1:index + READ_BATCH]:
             if following.offset != batch[-1].offset + batch[-1].length or not self._direct_ok(following):
                 break
@@ -332,10 +363,9 @@ class FullReader:
         return [(view, functools.partial(self.free.put, buffer)) for view, buffer in zip(views, buffers)]
 
     def _reads(self) -> Iterator[list[ChunkPlan]]:
-        """The plans in the groups one read takes: a batch of direct chunks, or one chunk through the cache."""
         index = 0
         while index < len(self.plans):
-            batch = self._batch_at(index) if self._direct_ok(self.plans[index]) else [self.plans[index]]
+            batch = self._batch_at(index)
             yield batch
             index += len(batch)
 
@@ -346,19 +376,9 @@ class FullReader:
 
     def chunks(self) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview, Callable[[], None]]]:
         """Every plan with its bytes and what to call once they are no longer needed, in plan order."""
-        pending: deque[tuple[list[ChunkPlan], Future]] = deque()
-        for batch in self._reads():
-            pending.append((batch, self.ahead.submit(self._read, batch)))
-            if len(pending) > READ_AHEAD:
-                yield from self._ready(*pending.popleft())
-        while pending:
-            yield from self._ready(*pending.popleft())
-
-    @staticmethod
-    def _ready(batch: list[ChunkPlan], read: Future) -> Iterator[tuple[ChunkPlan, bytes | bytearray | memoryview,
-                                                                      Callable[[], None]]]:
-        for plan, (data, release) in zip(batch, read.result()):
-            yield plan, data, release
+        for batch, read in in_order(self.ahead, self._read, self._reads(), READ_AHEAD):
+            for plan, (data, release) in zip(batch, read):
+                yield plan, data, release
 
 
 @dataclass
@@ -433,8 +453,8 @@ class ChunkWriter:
 
 def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progress: Progress,
                  should_stop: StopCheck, threads: int, *, sequential: FullReader | None) -> list[dict[str, Any]]:
-    """Hand every planned chunk to the pool, return the entries in plan order. A `sequential` read (a
-    full's, in volume order) stays on this thread; the scattered reads of a differential run on the
+    """Hand every planned chunk to the pool, return the entries in plan order. A full's chunks come
+    from its `sequential` reader, in volume order; the scattered reads of a differential run on the
     pool, several at once, as a disk serves them best."""
     total = sum(n for plan in plans for _, n in plan.spans)
     if sequential is not None:
@@ -442,23 +462,16 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
                 for plan, data, release in sequential.chunks())
     else:
         jobs = ((plan, functools.partial(writer.entry_of_volume, fd, plan)) for plan in plans)
-    pending: deque[Future] = deque()
-    entries: list[dict[str, Any]] = []
+
+    def counted(jobs: Iterable[tuple[ChunkPlan, Callable[[], dict[str, Any]]]]) -> Iterator[Callable[[], dict[str, Any]]]:
+        for plan, work in jobs:
+            writer.tally.bytes_read += sum(n for _, n in plan.spans)
+            on_progress(writer.tally.bytes_read, total)
+            yield work
+
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
-        try:
-            for plan, work in jobs:
-                if should_stop():
-                    raise BackupCancelled("backup cancelled")
-                pending.append(pool.submit(work))
-                writer.tally.bytes_read += sum(n for _, n in plan.spans)
-                while len(pending) > threads * IN_FLIGHT_PER_THREAD:
-                    entries.append(pending.popleft().result())
-                on_progress(writer.tally.bytes_read, total)
-            entries.extend(future.result() for future in pending)
-        finally:
-            for future in pending:
-                future.cancel()
-    return entries
+        return [entry for _, entry in in_order(pool, operator.call, until_stopped(counted(jobs), should_stop),
+                                               threads * IN_FLIGHT_PER_THREAD)]
 
 
 def tiled(entries: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
@@ -541,22 +554,9 @@ def bounded_map(work: Callable[[Item], Any], items: list[Item], threads: int, sh
                 after_each: Callable[[Item, Any], None]) -> None:
     """Run `work` on every item in a pool with a few in flight, calling `after_each(item, result)`
     here in item order; stop with BackupCancelled when `should_stop()` turns true."""
-    pending: deque[tuple[Item, Future]] = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="backup") as pool:
-        try:
-            for item in items:
-                if should_stop():
-                    raise BackupCancelled("cancelled")
-                pending.append((item, pool.submit(work, item)))
-                while len(pending) > threads * IN_FLIGHT_PER_THREAD:
-                    done, future = pending.popleft()
-                    after_each(done, future.result())
-            while pending:
-                done, future = pending.popleft()
-                after_each(done, future.result())
-        finally:
-            for _, future in pending:
-                future.cancel()
+        for item, result in in_order(pool, work, until_stopped(items, should_stop), threads * IN_FLIGHT_PER_THREAD):
+            after_each(item, result)
 
 
 def prepare_destination(fd: int, size: int) -> bool:
