@@ -1,30 +1,38 @@
 """Backups into a chunk store, with real files and the real reflink backend on a loop-mounted XFS."""
 
 import hashlib
+import itertools
 import os
 import random
+import subprocess
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing
-from tests.support import damage_chunk, sha256_of, write_at
+from tests.support import damage_chunk, need_binary, sha256_of, write_at
 from workers.san import backup
+from workers.san.backend import align_and_merge
 from workers.san.backup import (
     DIGEST,
     MAX_PIECES,
+    ChunkPlan,
     ChunkWriter,
     FullReader,
     Tally,
+    advised_ahead,
     backup_volume,
     check_chunks_stored,
     chunk_digest,
     collect_garbage,
+    cut_around,
     intersect,
     plan_full,
     restore_volume,
     retention_keep,
+    untouched,
     verify_backup,
 )
 from workers.san.chunks import LocalStore, chunk_relpath
@@ -193,6 +201,48 @@ def test_differential_follows_a_grown_volume(store: LocalStore, tmp_path: Path) 
     assert shrunk["bytes_read"] == 0 and len(shrunk["chunks"]) == 3
     restore_volume(store, shrunk, str(restored))
     assert sha256_of(restored) == sha256_of(source)
+
+
+def test_cutting_around_changes_keeps_exactly_what_no_change_covers() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, 4000), rng.randint(0, 30)))
+        bounds = [0, *cuts, 4000]
+        entries = [{"offset": lo, "length": hi - lo, "digest": f"{lo:064x}", "stored": 1}
+                   for lo, hi in itertools.pairwise(bounds)]
+        changed = align_and_merge([(start, rng.randint(1, 300)) for start in rng.sample(range(4000), rng.randint(0, 12))],
+                                  1, 4000)
+        cut = cut_around(entries, changed)
+        covered = {byte for offset, length in changed for byte in range(offset, offset + length)}
+        kept = [byte for entry in cut for byte in range(entry["offset"], entry["offset"] + entry["length"])]
+        assert kept == sorted(set(range(4000)) - covered)
+        assert cut == [piece for entry in entries for piece in untouched(entry, changed)]
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of the file in the page cache, as util-linux's fincore counts them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return int(out)
+
+
+def test_a_differential_asks_the_kernel_for_its_ranges_a_window_ahead(tmp_path: Path) -> None:
+    need_binary("fincore")
+    source = tmp_path / "volume.img"
+    source.write_bytes(os.urandom(8 * MiB))
+    piece = 64 * 1024
+    plans = [ChunkPlan(cell * MiB, piece, [(cell * MiB, piece)]) for cell in range(8)]
+    with open(source, "rb") as volume:
+        os.fsync(volume.fileno())
+        os.posix_fadvise(volume.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert resident_bytes(source) == 0
+        handed = advised_ahead(volume.fileno(), plans, 3 * piece)
+        first = next(handed)
+        deadline = time.monotonic() + 10
+        while resident_bytes(source) < 3 * piece and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_bytes(source) == 3 * piece  # the window, nothing read past it
+        assert [first, *handed] == plans
 
 
 def test_a_differential_reads_only_the_changed_ranges_of_a_chunk(store: LocalStore, tmp_path: Path) -> None:

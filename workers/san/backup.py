@@ -79,6 +79,8 @@ READ_BATCH = 4
 # A full's reads run this many reads ahead of the pool on threads of their own, so the disk keeps reading
 # while the pool catches up: 2.4-2.8 s a 2 GiB full against 2.7-3.3 s reading one at a time (bench/README).
 READ_AHEAD = 2
+# A differential asks the kernel for this many bytes of its scattered ranges ahead of the pool's reads.
+ADVISE_AHEAD = 64 * 1024 * 1024
 # A differential reads a grid cell whole rather than leave more entries than this in it.
 MAX_PIECES = 16
 
@@ -168,6 +170,24 @@ def untouched(entry: dict[str, Any], changed: list[Range]) -> list[dict[str, Any
     return pieces
 
 
+def cut_around(entries: list[dict[str, Any]], changed: list[Range]) -> list[dict[str, Any]]:
+    """The pieces of the sorted, tiling `entries` that none of the sorted `changed` ranges covers.
+
+    Only the entries a change touches are cut (found by bisection); the rest are taken over by slices,
+    as a differential's few changes leave most of a parent's thousands of entries as they are."""
+    ends = [entry["offset"] + entry["length"] for entry in entries]
+    touched = sorted({index for offset, length in changed
+                      for index in range(bisect.bisect_right(ends, offset),
+                                         min(bisect.bisect_left(ends, offset + length) + 1, len(entries)))})
+    kept, after = [], 0
+    for index in touched:
+        kept.extend(entries[after:index])
+        kept.extend(untouched(entries[index], changed))
+        after = index + 1
+    kept.extend(entries[after:])
+    return kept
+
+
 def split_at_cells(ranges: list[Range], chunk_size: int) -> list[Range]:
     """`ranges` cut where the chunk grid cuts, so each part lies in one cell (and makes one chunk)."""
     parts = []
@@ -188,6 +208,10 @@ class ChunkPlan:
     offset: int
     length: int
     spans: list[Range]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(length for _, length in self.spans)
 
 
 def plans_for(fd: int, size: int, pieces: list[Range]) -> list[ChunkPlan]:
@@ -211,8 +235,9 @@ def plan_differential(fd: int, size: int, chunk_size: int, parent: dict[str, Any
     Bytes past the parent's end count as changed; a shrunk volume cuts the parent's entries at its end."""
     old_size = parent["volume_size"]
     changed = align_and_merge([*ranges, *([(old_size, size - old_size)] if size > old_size else [])], 1, size)
-    kept = [piece for entry in parent["chunks"] if entry["offset"] < size
-            for piece in untouched(piece_of(entry, 0, size), changed)]
+    entries = parent["chunks"] if size >= old_size else [
+        piece_of(entry, 0, size) for entry in parent["chunks"] if entry["offset"] < size]
+    kept = cut_around(entries, changed)
     fresh = split_at_cells(changed, chunk_size)
     per_cell = Counter(offset // chunk_size for offset in [*(e["offset"] for e in kept), *(o for o, _ in fresh)])
     crowded = {cell for cell, count in per_cell.items() if count > MAX_PIECES}
@@ -451,21 +476,37 @@ class ChunkWriter:
             release()
 
 
+def advised_ahead(fd: int, plans: list[ChunkPlan], window: int) -> Iterator[ChunkPlan]:
+    """`plans`, with the kernel asked (POSIX_FADV_WILLNEED) to read their spans up to `window` bytes
+    ahead of the plan handed out: the scattered reads of a differential then reach the disk all
+    queued at once, not a few at a time as the pool's threads ask, and the pool finds them cached."""
+    ahead = advised = 0  # plans[:ahead] are advised; `advised` bytes of them not handed out yet
+    for index, plan in enumerate(plans):
+        while ahead < len(plans) and (ahead <= index or advised < window):
+            for offset, length in plans[ahead].spans:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            advised += plans[ahead].data_bytes
+            ahead += 1
+        advised -= plan.data_bytes
+        yield plan
+
+
 def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progress: Progress,
                  should_stop: StopCheck, threads: int, *, sequential: FullReader | None) -> list[dict[str, Any]]:
     """Hand every planned chunk to the pool, return the entries in plan order. A full's chunks come
     from its `sequential` reader, in volume order; the scattered reads of a differential run on the
     pool, several at once, as a disk serves them best."""
-    total = sum(n for plan in plans for _, n in plan.spans)
+    total = sum(plan.data_bytes for plan in plans)
     if sequential is not None:
         jobs = ((plan, functools.partial(writer.entry_then_release, plan, data, release))
                 for plan, data, release in sequential.chunks())
     else:
-        jobs = ((plan, functools.partial(writer.entry_of_volume, fd, plan)) for plan in plans)
+        jobs = ((plan, functools.partial(writer.entry_of_volume, fd, plan))
+                for plan in advised_ahead(fd, plans, ADVISE_AHEAD))
 
     def counted(jobs: Iterable[tuple[ChunkPlan, Callable[[], dict[str, Any]]]]) -> Iterator[Callable[[], dict[str, Any]]]:
         for plan, work in jobs:
-            writer.tally.bytes_read += sum(n for _, n in plan.spans)
+            writer.tally.bytes_read += plan.data_bytes
             on_progress(writer.tally.bytes_read, total)
             yield work
 
