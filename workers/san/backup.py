@@ -15,7 +15,8 @@ needs its own manifest only. Holes (SEEK_DATA/SEEK_HOLE) are never read.
 A small pool hashes, compresses and stores (blake3 and zstandard release the GIL). A full's
 sequential reads run in volume order on reader threads, a few reads ahead of the pool, with
 O_DIRECT in batches of neighbouring chunks into a few reused buffers where the file allows it
-(FullReader); a differential's scattered reads run on the pool, several at once.
+(FullReader); a differential's scattered reads run on the pool, several at once, the kernel asked
+for them a window ahead (advised_ahead).
 
 A manifest is the backup: it is published last, atomically, after the chunks it names are
 durable. A cancelled or failed backup leaves no manifest, only chunks nobody references, which
@@ -495,7 +496,7 @@ def run_pipeline(fd: int, plans: list[ChunkPlan], writer: ChunkWriter, on_progre
                  should_stop: StopCheck, threads: int, *, sequential: FullReader | None) -> list[dict[str, Any]]:
     """Hand every planned chunk to the pool, return the entries in plan order. A full's chunks come
     from its `sequential` reader, in volume order; the scattered reads of a differential run on the
-    pool, several at once, as a disk serves them best."""
+    pool, several at once and asked of the kernel ahead, as a disk serves them best."""
     total = sum(plan.data_bytes for plan in plans)
     if sequential is not None:
         jobs = ((plan, functools.partial(writer.entry_then_release, plan, data, release))
