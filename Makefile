@@ -8,7 +8,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make pkg-config git \
 	libvirt-clients libvirt-dev libxml2-utils \
 	qemu-system-x86 qemu-utils qemu-block-extra \
 	tgt lvm2 thin-provisioning-tools xfsprogs btrfs-progs e2fsprogs fdisk parted \
-	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux dosfstools mtools \
+	busybox-static linux-image-amd64 cpio kmod iproute2 util-linux util-linux-extra dosfstools mtools \
 	openssh-server openssh-client zstd dnsmasq-base dnsmasq-utils debootstrap chromium
 
 .PHONY: setup run test test-fast bench bench-clone bench-migrate bench-ha

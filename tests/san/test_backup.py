@@ -4,15 +4,15 @@ import hashlib
 import itertools
 import os
 import random
-import subprocess
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from errors import BackupCancelled, BackupMismatch, ChunkCorrupt, ChunkMissing
+from lab.processes import wait_until
 from tests.support import damage_chunk, need_binary, sha256_of, write_at
+from workers.command import output
 from workers.san import backup
 from workers.san.backend import align_and_merge
 from workers.san.backup import (
@@ -220,10 +220,8 @@ def test_cutting_around_changes_keeps_exactly_what_no_change_covers() -> None:
 
 
 def resident_bytes(path: Path) -> int:
-    """Bytes of the file in the page cache, as util-linux's fincore counts them."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         check=True, capture_output=True, text=True).stdout
-    return int(out)
+    """Bytes of the file in the page cache, as fincore (util-linux-extra) counts them."""
+    return int(output(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)]))
 
 
 def test_a_differential_asks_the_kernel_for_its_ranges_a_window_ahead(tmp_path: Path) -> None:
@@ -238,9 +236,8 @@ def test_a_differential_asks_the_kernel_for_its_ranges_a_window_ahead(tmp_path: 
         assert resident_bytes(source) == 0
         handed = advised_ahead(volume.fileno(), plans, 3 * piece)
         first = next(handed)
-        deadline = time.monotonic() + 10
-        while resident_bytes(source) < 3 * piece and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: resident_bytes(source) >= 3 * piece, 10, "the advised window in the page cache",
+                   interval=0.01)
         assert resident_bytes(source) == 3 * piece  # the window, nothing read past it
         assert [first, *handed] == plans
 
